@@ -1,0 +1,14 @@
+"""`simpletuner cache` (not built yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="configuration file (TOML, JSON, config.env)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print("simpletuner cache is not available yet in this version.")
+    return 1

@@ -1,0 +1,1 @@
+"""One typed configuration: the schema, and loading it from files and the command line."""

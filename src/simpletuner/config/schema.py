@@ -1,0 +1,234 @@
+"""The schema: the single source of truth for every option.
+
+Names follow SimpleTuner's, so existing `config.json` and `multidatabackend.json`
+files work. Where SimpleTuner's default is poor we pick a better one and the
+option's help says so. Every field carries a description: `simpletuner options`
+and docs/OPTIONS.md are generated from these classes.
+
+Adding an option: add one field here, with a description, then run
+`python -m simpletuner.commands.options --write-docs` to refresh docs/OPTIONS.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelFamily = Literal["legacy", "sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "kolors", "deepfloyd"]
+ModelType = Literal["full", "lora", "deepfloyd-full", "deepfloyd-lora", "deepfloyd-stage2", "deepfloyd-stage2-lora"]
+ResolutionType = Literal["pixel", "area", "pixel_area"]
+CropStyle = Literal["center", "centre", "random", "corner"]
+CropAspect = Literal["square", "preserve", "closest", "random"]
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv"]
+MixedPrecision = Literal["bf16", "fp16", "no"]
+
+
+class StrictModel(BaseModel):
+    """Base for every configuration model: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ParquetOptions(StrictModel):
+    """Where captions and sizes live in a parquet / jsonl / csv metadata file."""
+
+    path: str = Field(description="Metadata file (parquet, jsonl or csv), local or s3://.")
+    filename_column: str = Field("id", description="Column holding the image's file name or relative path.")
+    caption_column: str = Field("caption", description="Column holding the caption.")
+    fallback_caption_column: str | None = Field(None, description="Column used where the caption column is empty.")
+    identifier_includes_extension: bool = Field(
+        False, description="The filename column includes the file extension."
+    )
+    width_column: str | None = Field(None, description="Column with the image width, if known.")
+    height_column: str | None = Field(None, description="Column with the image height, if known.")
+
+
+class DatasetConfig(StrictModel):
+    """One entry of `multidatabackend.json` (or one `[[datasets]]` table in TOML)."""
+
+    id: str = Field(description="Unique name of the dataset; also names its caches.")
+    type: Literal["local", "aws"] = Field("local", description="Where the files live: a local folder or S3.")
+    dataset_type: Literal["image", "text_embeds", "conditioning"] = Field(
+        "image", description="image: training images; text_embeds: where text embeddings are cached; "
+        "conditioning: masks or ControlNet inputs paired with an image dataset."
+    )
+    default: bool = Field(False, description="The text_embeds dataset used by image datasets that name none.")
+    disabled: bool = Field(False, description="Skip this entry entirely.")
+    instance_data_dir: str | None = Field(None, description="Local folder of images (type=local).")
+    aws_bucket_name: str | None = Field(None, description="S3 bucket (type=aws).")
+    aws_region_name: str | None = Field(None, description="S3 region; falls back to AWS_REGION / AWS_DEFAULT_REGION.")
+    aws_endpoint_url: str | None = Field(None, description="S3-compatible endpoint URL; falls back to AWS_ENDPOINT_URL.")
+    aws_access_key_id: str | None = Field(None, description="S3 access key; falls back to AWS_ACCESS_KEY_ID.")
+    aws_secret_access_key: str | None = Field(
+        None, description="S3 secret key; falls back to AWS_SECRET_ACCESS_KEY."
+    )
+    aws_data_prefix: str = Field("", description="Key prefix of the images inside the bucket.")
+    caption_strategy: CaptionStrategy = Field(
+        "filename", description="Where captions come from: the file name, a .txt beside each image, "
+        "the instance_prompt, or a parquet/jsonl/csv metadata file (parquet options)."
+    )
+    instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt, or a prefix.")
+    prepend_instance_prompt: bool = Field(False, description="Put instance_prompt before every caption.")
+    only_instance_prompt: bool = Field(False, description="Use instance_prompt as every caption.")
+    caption_filter_list: str | list[str] | None = Field(
+        None, description="Strings, regular expressions or s/x/y/ substitutions removed from captions: "
+        "a list, or a path to a text file with one per line."
+    )
+    missing_caption: Literal["error", "filename"] = Field(
+        "error", description="A missing caption (empty .txt, no metadata row) is an error, or falls back "
+        "to the file name. SimpleTuner silently trains on an empty caption; we never do."
+    )
+    parquet: ParquetOptions | None = Field(None, description="Metadata file options for parquet/jsonl/csv captions.")
+    resolution: float | None = Field(None, description="Target resolution; defaults to the training resolution. "
+                                     "Pixels of the shorter side (pixel), megapixels (area), or pixels whose "
+                                     "square gives the area (pixel_area).")
+    resolution_type: ResolutionType | None = Field(None, description="How resolution is read; defaults to the "
+                                                    "training resolution_type.")
+    minimum_image_size: float | None = Field(None, description="Skip images smaller than this (same unit as resolution).")
+    maximum_image_size: float | None = Field(None, description="Images larger than this are first downsampled "
+                                             "to target_downsample_size.")
+    target_downsample_size: float | None = Field(None, description="Size that images above maximum_image_size "
+                                                 "are downsampled to before cropping.")
+    prevent_upscaling: bool = Field(False, description="Never upscale: images smaller than the target are skipped "
+                                    "(reported) instead of enlarged.")
+    crop: bool = Field(False, description="Crop to the bucket's aspect instead of resizing to it.")
+    crop_style: CropStyle = Field("random", description="Where crops are taken.")
+    crop_aspect: CropAspect = Field("square", description="Aspect of crops: square, the image's own (preserve), "
+                                    "the closest of crop_aspect_buckets, or a random one of them.")
+    crop_aspect_buckets: list[float] | None = Field(None, description="Aspect ratios (width/height) for "
+                                                    "crop_aspect closest or random.")
+    small_bucket_policy: Literal["merge", "drop"] = Field(
+        "merge", description="A bucket with fewer images than a batch: merge into the nearest bucket that can "
+        "take it, or drop it (reported)."
+    )
+    cache_dir_vae: str | None = Field(None, description="Where this dataset's latents are cached (local or s3://). "
+                                      "Defaults to <cache_dir>/vae/<id>.")
+    cache_dir: str | None = Field(None, description="Cache directory of this dataset (text_embeds datasets: the "
+                                  "text embedding cache; image datasets: the index).")
+    text_embeds: str | None = Field(None, description="id of the text_embeds dataset this image dataset uses.")
+    repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch (0 = seen once).")
+    probability: float = Field(1.0, ge=0, description="Relative weight when sampling among datasets.")
+    disable_after_epoch_step: int | None = Field(None, ge=0, description="Stop sampling this dataset after this "
+                                                 "many steps.")
+    is_regularisation_data: bool = Field(False, description="Prior-preservation images (predicted by the "
+                                         "frozen base model).")
+    conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
+    conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
+                                                                    "dataset holds.")
+    vae_cache_clear_each_epoch: bool = Field(False, description="Re-encode latents every epoch (for random crops).")
+    skip_file_discovery: str = Field("", description="Accepted for compatibility; discovery is incremental here.")
+
+    @model_validator(mode="after")
+    def _check_location(self) -> "DatasetConfig":
+        if self.disabled or self.dataset_type == "text_embeds":
+            return self
+        if self.type == "local" and not self.instance_data_dir:
+            raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
+        if self.type == "aws" and not self.aws_bucket_name:
+            raise ValueError(f"dataset {self.id!r}: type 'aws' needs aws_bucket_name")
+        if self.caption_strategy in ("parquet", "jsonl", "csv") and self.parquet is None:
+            raise ValueError(f"dataset {self.id!r}: caption_strategy {self.caption_strategy!r} needs parquet options")
+        if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
+            raise ValueError(f"dataset {self.id!r}: caption_strategy 'instanceprompt' needs instance_prompt")
+        return self
+
+    def location(self) -> str:
+        """The dataset's root as a URL-like string: a folder or s3://bucket/prefix."""
+        if self.type == "aws":
+            prefix = self.aws_data_prefix.strip("/")
+            return f"s3://{self.aws_bucket_name}/{prefix}" if prefix else f"s3://{self.aws_bucket_name}"
+        return str(self.instance_data_dir)
+
+
+class TrainingConfig(StrictModel):
+    """Training options (SimpleTuner's config.json keys, without the leading `--`)."""
+
+    # model
+    model_family: ModelFamily = Field(description="Architecture: legacy (= SD 1.x/2.x), sd1x, sd2x, sdxl, sd3, "
+                                      "flux, pixart_sigma, kolors, deepfloyd.")
+    model_type: ModelType = Field("lora", description="What trains: LoRA/LyCORIS adapter or the full model.")
+    pretrained_model_name_or_path: str = Field(description="Hub id or local diffusers folder of the base model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
+    pretrained_vae_model_name_or_path: str | None = Field(None, description="A separate VAE (e.g. an fp16-fix VAE).")
+    # adapters
+    lora_type: Literal["standard", "lycoris"] = Field("standard", description="standard: peft LoRA; lycoris: "
+                                                      "LyCORIS (LoKr, LoHa, ...) from lycoris_config.")
+    lora_rank: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float | None = Field(None, description="LoRA alpha; defaults to lora_rank (scale 1).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside LoRA layers.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
+    lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
+    # data
+    data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
+                                            "[[datasets]] tables in a TOML configuration.")
+    resolution: float = Field(1024, gt=0, description="Default training resolution of datasets.")
+    resolution_type: ResolutionType = Field("pixel_area", description="How resolution is read. SimpleTuner "
+                                            "defaults to pixel; pixel_area keeps the pixel count of a square of "
+                                            "that side for every aspect, which matches how models were trained.")
+    minimum_image_size: float | None = Field(None, description="Default minimum_image_size of datasets.")
+    caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
+                                               "empty caption (keeps classifier-free guidance working).")
+    data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
+        "auto-weighting", description="How datasets are chosen: weighted by size x probability, or uniformly."
+    )
+    cache_dir: str = Field("cache", description="Root of the caches (index, latents, text embeddings).")
+    # optimisation
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "sine"] = Field(
+        "constant_with_warmup", description="Learning-rate schedule. SimpleTuner defaults to sine; a constant "
+        "rate after warm-up is the safer default for adapters.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr_num_cycles: float = Field(1, gt=0, description="Cycles of cosine_with_restarts and sine.")
+    lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree"] = Field(
+        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed.")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables). SimpleTuner uses 2.0.")
+    train_batch_size: int = Field(1, ge=1, description="Samples per step per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
+    max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser updates.")
+    num_train_epochs: int | None = Field(None, ge=1, description="Stop after this many epochs (if no max_train_steps).")
+    seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
+    mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    # objective
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = Field(
+        None, description="Override the model's own prediction type.")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5 is usual).")
+    noise_offset: float = Field(0.0, ge=0, description="Noise offset strength.")
+    noise_offset_probability: float = Field(0.25, ge=0, le=1, description="Share of steps with noise offset.")
+    input_perturbation: float = Field(0.0, ge=0, description="Input perturbation strength.")
+    loss_type: Literal["l2", "huber", "smooth_l1"] = Field("l2", description="Loss function.")
+    huber_c: float = Field(0.1, gt=0, description="Huber loss threshold.")
+    rescale_betas_zero_snr: bool = Field(False, description="Zero-terminal-SNR beta rescaling (v-prediction).")
+    training_scheduler_timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+        "trailing", description="Timestep spacing of the training scheduler.")
+    # checkpoints
+    output_dir: str = Field("output/models", description="Where checkpoints, validation images and the model go.")
+    checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every this many steps.")
+    checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
+    # validation
+    validation_steps: int = Field(100, ge=1, description="Sample validation images every this many steps.")
+    validation_prompt: str | None = Field(None, description="Prompt for validation images.")
+    user_prompt_library: str | None = Field(None, description="JSON file of name -> prompt for validation.")
+    validation_negative_prompt: str = Field("blurry, cropped, ugly", description="Negative prompt for validation.")
+    validation_guidance: float = Field(7.5, ge=0, description="Guidance scale for validation.")
+    validation_num_inference_steps: int = Field(30, ge=1, description="Sampling steps for validation.")
+    validation_seed: int = Field(42, description="Seed of validation images.")
+    validation_resolution: str | None = Field(None, description="Resolutions, e.g. '1024' or '1024x768,768x1024'.")
+    validation_noise_scheduler: str | None = Field(None, description="Scheduler for validation (default: the model's).")
+    disable_validation: bool = Field(False, description="Never sample validation images.")
+    # tracking
+    report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker.")
+    tracker_project_name: str = Field("simpletuner", description="Tracker project name.")
+    tracker_run_name: str | None = Field(None, description="Tracker run name.")
+    logging_dir: str = Field("logs", description="Log directory, relative to output_dir.")

@@ -1,0 +1,39 @@
+"""Logging: quiet by default, talkative with SIMPLETUNER_LOG_LEVEL=DEBUG.
+
+`SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL` sets the level of the per-step timing
+logger (`simpletuner.train.loop`) on its own, as in SimpleTuner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+ROOT = "simpletuner"
+LOOP_LOGGER = "simpletuner.train.loop"
+
+
+def _level(variable: str, default: str) -> int:
+    name = os.environ.get(variable, default).upper()
+    level = logging.getLevelName(name)
+    return level if isinstance(level, int) else logging.getLevelName(default)
+
+
+def setup_logging() -> None:
+    """Configure the `simpletuner` loggers from the environment (idempotent)."""
+    root = logging.getLogger(ROOT)
+    root.setLevel(_level("SIMPLETUNER_LOG_LEVEL", "WARNING"))
+    if not any(getattr(h, "_simpletuner", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._simpletuner = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+    loop_level = os.environ.get("SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL")
+    if loop_level:
+        logging.getLogger(LOOP_LOGGER).setLevel(_level("SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL", "WARNING"))
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the `simpletuner` namespace."""
+    return logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}")
