@@ -1,0 +1,1 @@
+"""The road of the data: storage -> index -> captions -> buckets -> sampler."""
