@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ModelFamily = Literal["legacy", "sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "kolors", "deepfloyd"]
 ModelType = Literal["full", "lora", "deepfloyd-full", "deepfloyd-lora", "deepfloyd-stage2", "deepfloyd-stage2-lora"]
@@ -23,6 +23,8 @@ CropStyle = Literal["center", "centre", "random", "corner"]
 CropAspect = Literal["square", "preserve", "closest", "random"]
 CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
+Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "nf4-bnb"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 
 class StrictModel(BaseModel):
@@ -153,6 +155,34 @@ class TrainingConfig(StrictModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
     pretrained_vae_model_name_or_path: str | None = Field(None, description="A separate VAE (e.g. an fp16-fix VAE).")
+    pretrained_unet_model_name_or_path: str | None = Field(None, description="A separate UNet (Hub id or folder) "
+                                                           "replacing the base model's.")
+    pretrained_unet_subfolder: str = Field("unet", description="Subfolder of the separate UNet ('none' for a flat folder).")
+    pretrained_transformer_model_name_or_path: str | None = Field(None, description="A separate transformer (Hub id "
+                                                                  "or folder) replacing the base model's.")
+    pretrained_transformer_subfolder: str = Field("transformer", description="Subfolder of the separate transformer "
+                                                  "('none' for a flat folder).")
+    pretrained_t5_model_name_or_path: str | None = Field(None, description="Where to load the T5 text encoder from "
+                                                         "(shared between Flux/SD3/PixArt checkpoints).")
+    base_model_precision: Precision = Field("no_change", description="Quantise the frozen base model (LoRA/LyCORIS "
+                                            "training): optimum-quanto int8/int4/int2/fp8, or bitsandbytes nf4.")
+    base_model_default_dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of the base model's weights "
+                                                              "that are not quantised.")
+    text_encoder_1_precision: Precision = Field("no_change", description="Quantise text encoder 1.")
+    text_encoder_2_precision: Precision = Field("no_change", description="Quantise text encoder 2.")
+    text_encoder_3_precision: Precision = Field("no_change", description="Quantise text encoder 3.")
+    text_encoder_4_precision: Precision = Field("no_change", description="Quantise text encoder 4.")
+    quantize_via: Literal["cpu", "accelerator"] = Field("accelerator", description="Where quantisation runs: the "
+                                                        "accelerator is fast, the CPU needs less device memory.")
+    vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
+                                                                  "encoding latents (default: the model's).")
+    vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
+    vae_enable_tiling: bool = Field(False, description="Tiled VAE encoding (very large images, little memory).")
+    vae_enable_slicing: bool = Field(False, description="Sliced VAE encoding (one image at a time inside a batch).")
+    tokenizer_max_length: int | None = Field(None, ge=1, description="Token length of T5 prompts (default: the "
+                                             "model's). Changing it changes the cached embeddings.")
+    t5_padding: Literal["zero", "unmodified"] = Field("unmodified", description="Flux/SD3: zero the T5 embeddings of "
+                                                      "padding tokens, or keep them as the encoder produced them.")
     # adapters
     lora_type: Literal["standard", "lycoris"] = Field("standard", description="standard: peft LoRA; lycoris: "
                                                       "LyCORIS (LoKr, LoHa, ...) from lycoris_config.")
@@ -160,6 +190,22 @@ class TrainingConfig(StrictModel):
     lora_alpha: float | None = Field(None, description="LoRA alpha; defaults to lora_rank (scale 1).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside LoRA layers.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    lora_init_type: Literal["default", "gaussian", "loftq", "olora", "pissa"] = Field(
+        "default", description="How LoRA weights start (peft's init_lora_weights).")
+    init_lokr_norm: float | None = Field(None, gt=0, description="LyCORIS LoKr: perturbed-normal initialisation "
+                                         "scale (1e-4 to 1e-2).")
+    flux_lora_target: Literal["mmdit", "context", "context+ffs", "all", "all+ffs", "ai-toolkit", "tiny", "nano"] = (
+        Field("all", description="Flux, standard LoRA: which layers get adapters (all: every attention layer, "
+              "no feed-forward; all+ffs: also feed-forward; mmdit: no text-input layers; context: text attention "
+              "only; tiny/nano: two/one blocks)."))
+    controlnet: bool = Field(False, description="Train a ControlNet on conditioning datasets (conditioning_data).")
+    controlnet_model_name_or_path: str | None = Field(None, description="Start the ControlNet from these weights "
+                                                      "(default: initialised from the base model).")
+    layer_freeze_strategy: Literal["none", "bitfit"] = Field("none", description="bitfit: train only the biases "
+                                                             "(model_type=full).")
+    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL).")
+    text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoder(s); default: "
+                                          "learning_rate.")
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
     # data
@@ -170,6 +216,13 @@ class TrainingConfig(StrictModel):
                                             "defaults to pixel; pixel_area keeps the pixel count of a square of "
                                             "that side for every aspect, which matches how models were trained.")
     minimum_image_size: float | None = Field(None, description="Default minimum_image_size of datasets.")
+    maximum_image_size: float | None = Field(None, description="Default maximum_image_size of datasets.")
+    target_downsample_size: float | None = Field(None, description="Default target_downsample_size of datasets.")
+    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Decimal places of aspect-ratio "
+                                               "buckets (default: exact bucket sizes).")
+    aspect_bucket_alignment: Literal[8, 16, 32, 64] | None = Field(None, description="Bucket sides are multiples "
+                                                                   "of this (default: the model's; 64, or 8 for "
+                                                                   "DeepFloyd).")
     caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
                                                "empty caption (keeps classifier-free guidance working).")
     data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
@@ -185,6 +238,10 @@ class TrainingConfig(StrictModel):
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     lr_num_cycles: float = Field(1, gt=0, description="Cycles of cosine_with_restarts and sine.")
     lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
+    lr_end: float = Field(4e-7, ge=0, description="Final learning rate of polynomial schedules; floor of sine and "
+                          "cosine.")
+    lr_scale: bool = Field(False, description="Multiply learning_rate by processes x batch size x accumulation.")
+    lr_scale_sqrt: bool = Field(False, description="With lr_scale: use the square root of that product.")
     optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree"] = Field(
         "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed.")
     adam_beta1: float = Field(0.9, description="AdamW beta1.")
@@ -192,6 +249,9 @@ class TrainingConfig(StrictModel):
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables). SimpleTuner uses 2.0.")
+    grad_clip_method: Literal["norm", "value"] = Field("norm", description="norm: scale the whole gradient to "
+                                                       "max_grad_norm; value: clip each element. SimpleTuner "
+                                                       "defaults to value; norm is the standard, better-tested one.")
     train_batch_size: int = Field(1, ge=1, description="Samples per step per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser updates.")
@@ -199,6 +259,15 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    # EMA
+    use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
+    ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
+    ema_update_interval: int | None = Field(None, ge=1, description="Update the EMA every this many steps "
+                                            "(default: every step).")
+    ema_device: Literal["cpu", "accelerator"] = Field("cpu", description="Where the EMA weights live.")
+    ema_validation: Literal["none", "ema_only", "comparison"] = Field("comparison", description="Validation "
+                                                                      "images from the EMA weights: none, only, or "
+                                                                      "beside the trained weights.")
     # objective
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = Field(
         None, description="Override the model's own prediction type.")
@@ -209,8 +278,48 @@ class TrainingConfig(StrictModel):
     loss_type: Literal["l2", "huber", "smooth_l1"] = Field("l2", description="Loss function.")
     huber_c: float = Field(0.1, gt=0, description="Huber loss threshold.")
     rescale_betas_zero_snr: bool = Field(False, description="Zero-terminal-SNR beta rescaling (v-prediction).")
-    training_scheduler_timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+    training_scheduler_timestep_spacing: TimestepSpacing = Field(
         "trailing", description="Timestep spacing of the training scheduler.")
+    inference_scheduler_timestep_spacing: TimestepSpacing = Field(
+        "trailing", description="Timestep spacing of the validation scheduler.")
+    input_perturbation_steps: int = Field(0, ge=0, description="Apply input perturbation only over the first N "
+                                          "steps, decaying linearly (0: always).")
+    timestep_bias_strategy: Literal["earlier", "later", "range", "none"] = Field(
+        "none", description="Bias timestep sampling towards earlier or later timesteps, or a range.")
+    timestep_bias_multiplier: float = Field(1.0, gt=0, description="Weight of the biased timesteps.")
+    timestep_bias_begin: int = Field(0, ge=0, description="First timestep of timestep_bias_strategy=range.")
+    timestep_bias_end: int = Field(1000, ge=0, description="Last timestep of timestep_bias_strategy=range.")
+    timestep_bias_portion: float = Field(0.25, ge=0, le=1, description="Share of timesteps biased (earlier/later).")
+    refiner_training: bool = Field(False, description="Train on the last refiner_training_strength of the schedule "
+                                   "(SDXL refiner, or a second-stage expert).")
+    refiner_training_strength: float = Field(0.2, gt=0, le=1, description="Share of the schedule, at its end, that "
+                                             "the refiner learns (0.2: timesteps 199-0).")
+    refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
+                                                   "base model of an expert pair).")
+    data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
+    flow_sigmoid_scale: float = Field(1.0, gt=0, description="Flow matching: scale of logit-normal (sigmoid) "
+                                      "timestep sampling.")
+    flow_use_uniform_schedule: bool = Field(False, description="Flow matching: sample timesteps uniformly.")
+    flow_use_beta_schedule: bool = Field(False, description="Flow matching: sample timesteps from a beta "
+                                         "distribution.")
+    flow_beta_schedule_alpha: float = Field(2.0, gt=0, description="Alpha of the flow-matching beta schedule.")
+    flow_beta_schedule_beta: float = Field(2.0, gt=0, description="Beta of the flow-matching beta schedule.")
+    flow_schedule_shift: float = Field(3.0, ge=0, description="Flow matching: shift of the timestep schedule "
+                                       "(0 disables; higher favours composition over fine detail).")
+    flow_schedule_auto_shift: bool = Field(False, description="Flow matching: shift by image resolution, as Flux "
+                                           "inference does.")
+    flux_fast_schedule: bool = Field(False, description="Flux schnell: train on the schedule it was distilled with.")
+    flux_guidance_mode: Literal["constant", "random-range"] = Field("constant", description="Flux guidance input "
+                                                                    "during training.")
+    flux_guidance_value: float = Field(1.0, ge=0, description="Flux guidance for flux_guidance_mode=constant "
+                                       "(1.0 keeps dev's guidance distillation).")
+    flux_guidance_min: float = Field(0.0, ge=0, description="Lowest guidance of flux_guidance_mode=random-range.")
+    flux_guidance_max: float = Field(4.0, ge=0, description="Highest guidance of flux_guidance_mode=random-range.")
+    flux_attention_masked_training: bool = Field(False, description="Flux: mask padding tokens in attention.")
+    sd3_clip_uncond_behaviour: Literal["empty_string", "zero"] = Field(
+        "empty_string", description="SD3 caption dropout: CLIP embeddings of the empty caption, or zeros.")
+    sd3_t5_uncond_behaviour: Literal["empty_string", "zero"] | None = Field(
+        None, description="SD3 caption dropout for T5 (default: as sd3_clip_uncond_behaviour).")
     # checkpoints
     output_dir: str = Field("output/models", description="Where checkpoints, validation images and the model go.")
     checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every this many steps.")
@@ -225,10 +334,40 @@ class TrainingConfig(StrictModel):
     validation_num_inference_steps: int = Field(30, ge=1, description="Sampling steps for validation.")
     validation_seed: int = Field(42, description="Seed of validation images.")
     validation_resolution: str | None = Field(None, description="Resolutions, e.g. '1024' or '1024x768,768x1024'.")
-    validation_noise_scheduler: str | None = Field(None, description="Scheduler for validation (default: the model's).")
+    validation_noise_scheduler: Literal["ddim", "ddpm", "euler", "euler-a", "unipc", "dpm++"] | None = Field(
+        None, description="Scheduler for validation (default: the model's).")
+    num_validation_images: int = Field(1, ge=1, description="Images per validation prompt.")
+    validation_guidance_rescale: float = Field(0.0, ge=0, le=1, description="Guidance rescale for validation "
+                                               "(0.7 for zero-terminal-SNR models).")
+    validation_guidance_real: float = Field(1.0, ge=1, description="Flux: real classifier-free guidance for "
+                                            "validation (1.0: none).")
+    validation_no_cfg_until_timestep: int = Field(2, ge=0, description="Flux with real guidance: skip guidance on "
+                                                  "the first N steps.")
+    validation_randomize: bool = Field(False, description="Random seeds for validation images.")
+    validation_on_startup: bool = Field(False, description="Sample validation images before the first step.")
+    validation_torch_compile: bool = Field(False, description="torch.compile the validation pipeline.")
+    validation_lycoris_strength: float = Field(1.0, ge=0, description="LyCORIS multiplier for validation images.")
+    validation_disable_unconditional: bool = Field(False, description="Skip the unconditional (empty prompt) "
+                                                   "validation image.")
     disable_validation: bool = Field(False, description="Never sample validation images.")
+    # publishing
+    push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (hub_model_id).")
+    push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint.")
+    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora.")
+    model_card_note: str | None = Field(None, description="Text put at the top of the model card.")
+    model_card_safe_for_work: bool = Field(False, description="Leave out the not-for-all-audiences tag.")
+    webhook_config: str | None = Field(None, description="JSON file with a webhook (url, webhook_type "
+                                       "discord|raw) that hears about progress and errors.")
+    webhook_reporting_interval: int | None = Field(None, ge=1, description="Steps between progress reports to raw "
+                                                   "webhooks.")
     # tracking
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker.")
     tracker_project_name: str = Field("simpletuner", description="Tracker project name.")
     tracker_run_name: str | None = Field(None, description="Tracker run name.")
     logging_dir: str = Field("logs", description="Log directory, relative to output_dir.")
+
+    @field_validator("num_train_epochs", "max_train_steps", mode="before")
+    @classmethod
+    def _zero_means_unset(cls, value: object) -> object:
+        # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
+        return None if value in (0, "0") else value
