@@ -198,6 +198,9 @@ class TrainingConfig(StrictModel):
         Field("all", description="Flux, standard LoRA: which layers get adapters (all: every attention layer, "
               "no feed-forward; all+ffs: also feed-forward; mmdit: no text-input layers; context: text attention "
               "only; tiny/nano: two/one blocks)."))
+    unet_lora_target: Literal["attention", "attention+ffs"] = Field("attention", description="UNet models, "
+                                                                    "standard LoRA: adapt the attention "
+                                                                    "projections, or also the feed-forward layers.")
     controlnet: bool = Field(False, description="Train a ControlNet on conditioning datasets (conditioning_data).")
     controlnet_model_name_or_path: str | None = Field(None, description="Start the ControlNet from these weights "
                                                       "(default: initialised from the base model).")
@@ -225,6 +228,8 @@ class TrainingConfig(StrictModel):
                                                                    "DeepFloyd).")
     caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
                                                "empty caption (keeps classifier-free guidance working).")
+    caption_dropout_size_conditioning: bool = Field(True, description="SDXL-style models: a dropped caption "
+                                                    "also zeroes the size/crop (refiner: aesthetic) conditioning.")
     data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
         "auto-weighting", description="How datasets are chosen: weighted by size x probability, or uniformly."
     )
