@@ -1,0 +1,1 @@
+"""Training: what trains, how it is optimised, checkpointed, tracked and looped."""

@@ -1,0 +1,97 @@
+"""Optimisers: build the one the configuration names, from the package that provides it.
+
+Parameters with fewer than two dimensions (biases, norm scales, DoRA magnitudes) get no weight
+decay. Optional optimisers are imported only when chosen; a missing package is a UserError that
+says what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from simpletuner.config.schema import TrainingConfig
+from simpletuner.errors import UserError
+
+# optimizer name -> (module to import, pip package that provides it)
+_PACKAGES = {
+    "adamw8bit": ("bitsandbytes", "bitsandbytes"),
+    "adafactor": ("transformers.optimization", "transformers"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "lion": ("lion_pytorch", "lion-pytorch"),
+    "adamw_schedulefree": ("schedulefree", "schedulefree"),
+}
+
+
+def parameter_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split into a decayed group (matrices) and an undecayed one (vectors)."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise UserError("nothing to train: no parameter requires a gradient (check model_type and the LoRA targets)")
+    decayed = [p for p in trainable if p.ndim >= 2]
+    undecayed = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _import(optimizer: str) -> Any:
+    module, package = _PACKAGES[optimizer]
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UserError(
+            f"optimizer={optimizer!r} needs the {package!r} package, which is not installed: "
+            f"`pip install {package}`, or choose optimizer='adamw' ({error})"
+        ) from error
+
+
+def build_optimizer(
+    params: nn.Module | Iterable[nn.Parameter], cfg: TrainingConfig, device_type: str
+) -> torch.optim.Optimizer:
+    """The optimiser named by `cfg.optimizer` over the trainable parameters of `params`.
+
+    `device_type` is where the parameters live ("cuda", "cpu", "mps"): AdamW is fused on CUDA.
+    Schedule-free AdamW keeps its own warm-up (cfg.lr_warmup_steps) and must be switched with
+    `set_train_mode` around validation and export.
+    """
+    groups = parameter_groups(params, cfg.adam_weight_decay)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    lr = cfg.learning_rate
+    name = cfg.optimizer
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, fused=device_type == "cuda")
+    module = _import(name)
+    if name == "adamw8bit":
+        return module.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon)
+    if name == "adafactor":
+        # A fixed learning rate driven by our LR scheduler, not Adafactor's own relative step.
+        return module.Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    if name == "prodigy":
+        return module.Prodigy(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, safeguard_warmup=True,
+                              use_bias_correction=True)
+    if name == "lion":
+        return module.Lion(groups, lr=lr, betas=betas)
+    if name == "adamw_schedulefree":
+        optimizer = module.AdamWScheduleFree(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon,
+                                             warmup_steps=cfg.lr_warmup_steps)
+        optimizer.train()
+        return optimizer
+    raise UserError(f"optimizer={name!r} is unknown; accepted: adamw, {', '.join(_PACKAGES)}")
+
+
+def set_train_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:
+    """Switch optimisers that keep two sets of weights (schedule-free) between training and evaluation.
+
+    Call with training=False before validation, sampling or exporting weights, and with True
+    before the next step. A no-op for every other optimiser.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimisers
+    switch = getattr(inner, "train" if training else "eval", None)
+    if callable(switch):
+        switch()

@@ -1,0 +1,105 @@
+import importlib.util
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from simpletuner.config.schema import TrainingConfig
+from simpletuner.errors import UserError
+from simpletuner.train.optim import build_optimizer, parameter_groups, set_train_mode
+
+PACKAGES = {
+    "adamw8bit": "bitsandbytes",
+    "adafactor": "transformers",
+    "prodigy": "prodigyopt",
+    "lion": "lion_pytorch",
+    "adamw_schedulefree": "schedulefree",
+}
+
+
+def _cfg(**options) -> TrainingConfig:
+    return TrainingConfig(model_family="sd1x", pretrained_model_name_or_path="unused", **options)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+
+
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 5) -> list[float]:
+    data = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = model(data).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_no_weight_decay_on_vectors():
+    model = _model()
+    decayed, undecayed = parameter_groups(model, 0.01)
+    assert decayed["weight_decay"] == 0.01 and undecayed["weight_decay"] == 0.0
+    assert {p.ndim for p in decayed["params"]} == {2}
+    assert len(undecayed["params"]) == 4  # two biases, the norm's weight and bias
+
+
+def test_frozen_parameters_are_left_out():
+    model = _model()
+    model[0].requires_grad_(False)
+    groups = parameter_groups(model, 0.01)
+    assert sum(len(g["params"]) for g in groups) == 4
+
+
+def test_nothing_to_train_is_a_user_error():
+    model = _model().requires_grad_(False)
+    with pytest.raises(UserError, match="nothing to train"):
+        build_optimizer(model, _cfg(), "cpu")
+
+
+def test_adamw_uses_the_configuration():
+    cfg = _cfg(learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, adam_weight_decay=0.1)
+    optimizer = build_optimizer(_model(), cfg, "cpu")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 1e-6, 0.1)
+    assert not group["fused"]
+
+
+@pytest.mark.parametrize("name", ["adamw", *PACKAGES])
+def test_each_optimizer_trains_or_names_its_package(name):
+    model = _model()
+    cfg = _cfg(optimizer=name, learning_rate=1.0 if name == "prodigy" else 1e-2)
+    if importlib.util.find_spec(PACKAGES.get(name, "torch")) is None:
+        with pytest.raises(UserError, match=f"pip install {PACKAGES[name].replace('_', '-')}"):
+            build_optimizer(model, cfg, "cpu")
+        return
+    optimizer = build_optimizer(model, cfg, "cpu")
+    losses = _train(model, optimizer, steps=8)
+    assert losses[-1] < losses[0]
+
+
+def test_missing_package_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # makes `import lion_pytorch` fail
+    with pytest.raises(UserError, match=r"optimizer='lion' needs the 'lion-pytorch' package.*pip install lion-pytorch"):
+        build_optimizer(_model(), _cfg(optimizer="lion"), "cpu")
+
+
+def test_schedulefree_switches_weights_for_evaluation():
+    model = _model()
+    optimizer = build_optimizer(model, _cfg(optimizer="adamw_schedulefree", learning_rate=1e-2), "cpu")
+    _train(model, optimizer, steps=3)
+    training_weights = model[0].weight.detach().clone()
+    set_train_mode(optimizer, False)
+    assert not torch.equal(model[0].weight, training_weights)
+    set_train_mode(optimizer, True)
+    torch.testing.assert_close(model[0].weight, training_weights)
+
+
+def test_set_train_mode_ignores_ordinary_optimizers():
+    optimizer = build_optimizer(_model(), _cfg(), "cpu")
+    set_train_mode(optimizer, False)
+    set_train_mode(optimizer, True)
