@@ -46,3 +46,4 @@ class SampleRef:
     dataset_id: str
     path: str
     bucket: tuple[int, int]  # target (width, height)
+    record: int = -1  # position in the dataset's index (BucketAssignment.plan(record) gives its plan)

@@ -1,0 +1,310 @@
+"""Batches from several datasets: one bucket of one dataset per batch, deterministic, resumable.
+
+What an epoch is. For each dataset, an epoch is (1 + repeats) passes over its
+usable images: each pass is shuffled within buckets, the passes of a bucket are
+chained and cut into batches, and the batches are shuffled. Batches are dealt to
+ranks in groups of `world_size` (rank r takes the r-th batch of each group), so
+ranks see disjoint batches and take the same number of steps. The sampler's epoch
+interleaves the datasets' epochs and ends when every dataset that takes part is
+exhausted: a dataset takes part while its probability is above zero and, with
+disable_after_epoch_step, only during the first that many (optimiser) steps of
+each epoch. So probability and data_backend_sampling shape *when* a dataset is
+sampled during the epoch, not how much of it is seen.
+
+Interleaving: at every step the next dataset is drawn among those with batches
+left, with weight len(images) * (1 + repeats) * probability (auto-weighting) or
+probability alone (uniform, as SimpleTuner). This is done in one vectorised pass:
+each dataset's batches get exponential arrival times at rate = its weight and the
+merged order of arrivals is exactly that step-by-step draw.
+
+Trimming: a bucket's (images * (1 + repeats)) mod batch_size samples, and a
+dataset's (batches mod world_size) batches, are left out of an epoch; which ones
+changes every epoch. The count is in `trimmed_samples` and logged as a warning.
+
+Resume: the state is (seed, epoch, step) and a few checks. Everything else is
+rebuilt from the seed, so a resumed sampler yields exactly the batches the
+uninterrupted one would have. Memory stays at a few integers per image (numpy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from simpletuner.data.buckets import BucketAssignment
+from simpletuner.data.records import SampleRef
+from simpletuner.errors import ConfigError, DataError
+from simpletuner.log import get_logger
+
+if TYPE_CHECKING:
+    from simpletuner.config.schema import DatasetConfig, TrainingConfig
+
+logger = get_logger(__name__)
+
+_STATE_VERSION = 1
+_SAMPLING = ("auto-weighting", "uniform")
+
+
+@dataclass(frozen=True)
+class SamplerDataset:
+    """One dataset as the sampler sees it: its buckets and how often to draw from it."""
+
+    dataset_id: str
+    assignment: BucketAssignment
+    repeats: int = 0
+    probability: float = 1.0
+    disable_after_epoch_step: int | None = None
+
+    @classmethod
+    def from_config(cls, config: DatasetConfig, assignment: BucketAssignment) -> SamplerDataset:
+        return cls(config.id, assignment, config.repeats, config.probability, config.disable_after_epoch_step)
+
+
+@dataclass
+class _DatasetEpoch:
+    """One dataset's batches for one epoch, already shuffled and trimmed to whole rank groups."""
+
+    passes: np.ndarray  # (1 + repeats, images) record positions; each pass shuffled within buckets
+    batch_bucket: np.ndarray  # bucket of each batch
+    batch_start: np.ndarray  # first position of each batch in its bucket's chained passes
+    trimmed: int  # samples left out this epoch
+
+
+@dataclass
+class _EpochPlan:
+    epoch: int
+    datasets: list[_DatasetEpoch]
+    step_dataset: np.ndarray  # which dataset each step draws from
+    step_group: np.ndarray  # which group of world_size batches of that dataset
+
+    @property
+    def steps(self) -> int:
+        return int(self.step_dataset.shape[0])
+
+
+class MultiDatasetSampler:
+    """Yields lists of `batch_size` SampleRefs for this rank, forever, epoch after epoch."""
+
+    def __init__(
+        self,
+        datasets: Sequence[SamplerDataset],
+        batch_size: int,
+        *,
+        seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        sampling: str = "auto-weighting",
+        gradient_accumulation_steps: int = 1,
+    ) -> None:
+        _check_arguments(datasets, batch_size, rank, world_size, sampling, gradient_accumulation_steps)
+        self.datasets = list(datasets)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.sampling, self.accumulation = sampling, gradient_accumulation_steps
+        self.seed = 0 if seed is None else int(seed)
+        self.epoch, self.step = 0, 0
+        self.trimmed_samples: dict[str, int] = {}
+        self._plan: _EpochPlan | None = None
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_config(
+        cls, training: TrainingConfig, datasets: Sequence[SamplerDataset], rank: int = 0, world_size: int = 1
+    ) -> MultiDatasetSampler:
+        return cls(
+            datasets,
+            training.train_batch_size,
+            seed=training.seed,
+            rank=rank,
+            world_size=world_size,
+            sampling=training.data_backend_sampling,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
+        )
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[list[SampleRef]]:
+        return self
+
+    def __next__(self) -> list[SampleRef]:
+        plan = self._current_plan()
+        if self.step >= plan.steps:
+            self.epoch, self.step = self.epoch + 1, 0
+            plan = self._current_plan()
+        batch = self._batch(plan, self.step)
+        self.step += 1
+        return batch
+
+    @property
+    def steps_in_epoch(self) -> int:
+        """Steps (batches per rank) in the current epoch."""
+        return self._current_plan().steps
+
+    def _current_plan(self) -> _EpochPlan:
+        if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = self._plan_epoch(self.epoch)
+            if self._plan.steps == 0:
+                raise DataError(self._empty_epoch_message())
+        return self._plan
+
+    def _batch(self, plan: _EpochPlan, step: int) -> list[SampleRef]:
+        index = int(plan.step_dataset[step])
+        dataset, epoch = self.datasets[index], plan.datasets[index]
+        assignment = dataset.assignment
+        batch = int(plan.step_group[step]) * self.world_size + self.rank
+        bucket = int(epoch.batch_bucket[batch])
+        images = int(assignment.bucket_offsets[bucket + 1] - assignment.bucket_offsets[bucket])
+        chained = int(epoch.batch_start[batch]) + np.arange(self.batch_size)
+        records = epoch.passes[chained // images, int(assignment.bucket_offsets[bucket]) + chained % images]
+        size = assignment.buckets[bucket]
+        return [
+            SampleRef(dataset.dataset_id, assignment.records[record].path, size, record)
+            for record in records.tolist()
+        ]
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_epoch(self, epoch: int) -> _EpochPlan:
+        epochs = [self._dataset_epoch(dataset, epoch) for dataset in self.datasets]
+        for dataset, planned in zip(self.datasets, epochs):
+            self._report_trim(dataset, planned)
+        rng = np.random.default_rng([self.seed % 2**64, epoch, 0])
+        step_dataset, step_group = self._interleave(epochs, rng)
+        return _EpochPlan(epoch, epochs, step_dataset, step_group)
+
+    def _dataset_epoch(self, dataset: SamplerDataset, epoch: int) -> _DatasetEpoch:
+        assignment = dataset.assignment
+        rng = np.random.default_rng([self.seed % 2**64, epoch, _stable_int(dataset.dataset_id)])
+        counts, offsets = assignment.bucket_counts(), assignment.bucket_offsets
+        passes = np.empty((1 + dataset.repeats, len(assignment)), dtype=assignment.order.dtype)
+        for chain in passes:
+            for bucket, (start, stop) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+                chain[start:stop] = assignment.order[start + rng.permutation(stop - start)]
+        chained = counts * (1 + dataset.repeats)
+        batches_per_bucket = chained // self.batch_size
+        total = int(batches_per_bucket.sum())
+        first = np.repeat(np.cumsum(batches_per_bucket) - batches_per_bucket, batches_per_bucket)
+        batch_bucket = np.repeat(np.arange(len(counts), dtype=np.int32), batches_per_bucket)
+        batch_start = (np.arange(total, dtype=np.int64) - first) * self.batch_size
+        kept = rng.permutation(total)[: total - total % self.world_size]
+        trimmed = int((chained % self.batch_size).sum()) + (total - len(kept)) * self.batch_size
+        return _DatasetEpoch(passes, batch_bucket[kept], batch_start[kept], trimmed)
+
+    def _interleave(self, epochs: list[_DatasetEpoch], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        taking_part = [
+            (index, len(planned.batch_bucket) // self.world_size)
+            for index, planned in enumerate(epochs)
+            if self._weight(self.datasets[index]) > 0 and len(planned.batch_bucket) >= self.world_size
+        ]
+        labels, groups, arrivals = [], [], []
+        for index, count in taking_part:
+            labels.append(np.full(count, index, dtype=np.int32))
+            groups.append(np.arange(count, dtype=np.int64))
+            arrivals.append(np.cumsum(rng.exponential(1.0 / self._weight(self.datasets[index]), count)))
+        if not taking_part:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        order = np.argsort(np.concatenate(arrivals), kind="stable")
+        step_dataset, step_group = np.concatenate(labels)[order], np.concatenate(groups)[order]
+        return self._apply_cutoffs(step_dataset, step_group)
+
+    def _apply_cutoffs(self, step_dataset: np.ndarray, step_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Drop a dataset's steps from its cutoff on; earlier cutoffs first, so later positions settle."""
+        cutoffs = sorted(
+            (dataset.disable_after_epoch_step * self.accumulation, index)
+            for index, dataset in enumerate(self.datasets)
+            if dataset.disable_after_epoch_step is not None
+        )
+        for cutoff, index in cutoffs:
+            late = (step_dataset == index) & (np.arange(len(step_dataset)) >= cutoff)
+            step_dataset, step_group = step_dataset[~late], step_group[~late]
+        return step_dataset, step_group
+
+    def _weight(self, dataset: SamplerDataset) -> float:
+        if self.sampling == "uniform":
+            return float(dataset.probability)
+        return len(dataset.assignment) * (1 + dataset.repeats) * float(dataset.probability)
+
+    def _report_trim(self, dataset: SamplerDataset, planned: _DatasetEpoch) -> None:
+        self.trimmed_samples[dataset.dataset_id] = planned.trimmed
+        if planned.trimmed and dataset.dataset_id not in self._warned:
+            self._warned.add(dataset.dataset_id)
+            per_epoch = len(dataset.assignment) * (1 + dataset.repeats)
+            logger.warning(
+                "dataset %r: %d of %d samples per epoch are left out so that every batch is full "
+                "(batch size %d) and %d rank(s) get equal batches; a different set each epoch",
+                dataset.dataset_id, planned.trimmed, per_epoch, self.batch_size, self.world_size,
+            )
+
+    def _empty_epoch_message(self) -> str:
+        lines = [f"no dataset yields a batch: batch size {self.batch_size}, {self.world_size} rank(s)"]
+        for dataset in self.datasets:
+            counts = dataset.assignment.bucket_counts() * (1 + dataset.repeats)
+            batches = int((counts // self.batch_size).sum())
+            lines.append(
+                f"  - {dataset.dataset_id!r}: {len(dataset.assignment)} image(s), repeats {dataset.repeats}, "
+                f"probability {dataset.probability:g}, {batches} full batch(es) per epoch"
+            )
+        lines.append("lower train_batch_size, raise repeats or probability, or add images")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small: where this rank is (seed, epoch, step) and what to check on resume."""
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "datasets": {d.dataset_id: len(d.assignment) for d in self.datasets},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the saved sampler stopped (same rank, world size and batch size)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigError(f"sampler state version {state.get('version')!r} is not {_STATE_VERSION}")
+        for key in ("world_size", "batch_size", "rank"):
+            if state[key] != getattr(self, key):
+                raise ConfigError(
+                    f"sampler state was saved with {key} {state[key]}, this run has {getattr(self, key)}: "
+                    "resume with the same number of processes and train_batch_size"
+                )
+        current = {d.dataset_id: len(d.assignment) for d in self.datasets}
+        if state["datasets"] != current:
+            logger.warning(
+                "datasets changed since the checkpoint (%s, now %s): the resumed batches differ from the "
+                "uninterrupted run's", state["datasets"], current,
+            )
+        self.seed, self.epoch, self.step = int(state["seed"]), int(state["epoch"]), int(state["step"])
+        self._plan = None
+
+
+def _check_arguments(
+    datasets: Sequence[SamplerDataset], batch_size: int, rank: int, world_size: int, sampling: str, accumulation: int
+) -> None:
+    if not datasets:
+        raise DataError("no image dataset to sample from")
+    ids = [d.dataset_id for d in datasets]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"dataset ids must be unique, got {ids}")
+    if batch_size < 1 or accumulation < 1:
+        raise ConfigError(
+            f"train_batch_size and gradient_accumulation_steps must be at least 1, got {batch_size}, {accumulation}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if sampling not in _SAMPLING:
+        raise ConfigError(f"data_backend_sampling {sampling!r} is not one of {', '.join(_SAMPLING)}")
+    for d in datasets:
+        if d.repeats < 0 or d.probability < 0:
+            raise ConfigError(f"dataset {d.dataset_id!r}: repeats and probability must be >= 0")
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
