@@ -1,0 +1,132 @@
+"""`simpletuner config check`: what loading cannot see (local paths) and a short summary.
+
+No network: a Hub model id is accepted as written; only values that are, or look like,
+local paths (start with / . ~, or exist) are checked on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simpletuner.config.load import Settings
+from simpletuner.config.references import latent_cache_for, text_cache_for
+from simpletuner.config.schema import DatasetConfig, TrainingConfig
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+
+
+def looks_local(value: str) -> bool:
+    """Whether a model reference is meant as a local path rather than a Hub id."""
+    return value.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(value))
+
+
+def _model_problem(option: str, value: str | None, want_file: bool = False) -> str | None:
+    if not value:
+        return None
+    if looks_local(value):
+        path = Path(value).expanduser()
+        if not path.exists():
+            return f"{option}: {value!r} does not exist"
+        if not os.access(path, os.R_OK):
+            return f"{option}: {value!r} is not readable"
+        return None
+    if want_file:
+        return f"{option}: file {value!r} does not exist"
+    if not _HUB_ID.match(value):
+        return f"{option}: {value!r} is neither an existing local path nor a Hub id like org/model"
+    return None
+
+
+def _training_problems(training: TrainingConfig) -> list[str]:
+    models = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
+              "pretrained_unet_model_name_or_path", "pretrained_transformer_model_name_or_path",
+              "pretrained_t5_model_name_or_path", "controlnet_model_name_or_path", "init_lora"]
+    files = ["lycoris_config", "user_prompt_library", "webhook_config"]
+    problems = [_model_problem(name, getattr(training, name)) for name in models]
+    problems += [_model_problem(name, getattr(training, name), want_file=True) for name in files]
+    if training.model_type == "lora" and training.lora_type == "lycoris" and not training.lycoris_config:
+        problems.append("lora_type is lycoris: set lycoris_config to a JSON file with the LyCORIS algorithm")
+    return [p for p in problems if p]
+
+
+def _dataset_problems(dataset: DatasetConfig) -> list[str]:
+    if dataset.type != "local" or dataset.dataset_type == "text_embeds" or not dataset.instance_data_dir:
+        return []
+    path = Path(dataset.instance_data_dir)
+    name = f"dataset {dataset.id!r}: instance_data_dir {str(path)!r}"
+    if not path.exists():
+        return [f"{name} does not exist"]
+    if not path.is_dir():
+        return [f"{name} is not a folder"]
+    if not os.access(path, os.R_OK | os.X_OK):
+        return [f"{name} is not readable"]
+    return []
+
+
+def _resolution(dataset: DatasetConfig, training: TrainingConfig) -> str:
+    value = dataset.resolution if dataset.resolution is not None else training.resolution
+    kind = dataset.resolution_type or training.resolution_type
+    return f"{value:g} ({kind})"
+
+
+def _dataset_line(dataset: DatasetConfig, settings: Settings) -> str:
+    training = settings.training
+    if dataset.dataset_type == "text_embeds":
+        where = dataset.location() if dataset.type == "aws" else dataset.cache_dir or f"{training.cache_dir}/text/{dataset.id}"
+        return f"  {dataset.id} [text_embeds{', default' if dataset.default else ''}]: {where}"
+    line = f"  {dataset.id} [{dataset.dataset_type}]: {dataset.location()} at {_resolution(dataset, training)}"
+    if dataset.dataset_type == "image":
+        text = text_cache_for(dataset, settings.all_datasets, training)
+        line += f"\n      text embeds: {text.location} ({text.reason}); latents: {latent_cache_for(dataset, training)}"
+    return line
+
+
+def check_settings(settings: Settings) -> CheckReport:
+    """Local paths exist and are readable; every image dataset has a text-embed cache; a summary."""
+    training = settings.training
+    report = CheckReport()
+    report.problems += _training_problems(training)
+    for dataset in settings.datasets:
+        report.problems += _dataset_problems(dataset)
+        if dataset.dataset_type == "image" and not dataset.text_embeds:
+            choice = text_cache_for(dataset, settings.all_datasets, training)
+            if choice.dataset_id is None:
+                report.notes.append(f"dataset {dataset.id!r} has no text_embeds dataset: text embeddings will be "
+                                    f"cached under {choice.location}")
+        if dataset.type == "aws":
+            report.notes.append(f"dataset {dataset.id!r} is on S3 ({dataset.location()}): not checked (no network)")
+    report.summary = _summary(settings)
+    return report
+
+
+def _summary(settings: Settings) -> list[str]:
+    training = settings.training
+    adapter = f"{training.model_type}"
+    if training.model_type == "lora":
+        adapter += f" ({training.lora_type}, rank {training.lora_rank})"
+    steps = (f"{training.max_train_steps} steps" if training.max_train_steps else
+             f"{training.num_train_epochs} epochs" if training.num_train_epochs else "no max_train_steps or "
+             "num_train_epochs set")
+    lines = [
+        f"configuration: {settings.config_path or '(command line)'}",
+        f"model: {training.model_family}, {adapter}",
+        f"base model: {training.pretrained_model_name_or_path}",
+        f"training: batch {training.train_batch_size} x accumulation {training.gradient_accumulation_steps}, "
+        f"learning rate {training.learning_rate:g} ({training.lr_scheduler}), {steps}, {training.mixed_precision}",
+        f"datasets: {settings.datasets_path}",
+    ]
+    lines += [_dataset_line(d, settings) for d in settings.datasets]
+    if settings.disabled_datasets:
+        lines.append(f"  disabled: {', '.join(d.id for d in settings.disabled_datasets)}")
+    lines += [f"cache: {training.cache_dir}", f"output: {training.output_dir}"]
+    return lines

@@ -1,0 +1,312 @@
+"""SimpleTuner compatibility: its other spellings, its options we do not support, its env-file names.
+
+Every SimpleTuner option is either in the schema, renamed here (`ALIASES`), turned
+into schema options (`translate_legacy`), ignored with a warning because it cannot
+change what is trained (`IGNORED`), or reported as unsupported (`UNSUPPORTED`),
+never dropped in silence. An unsupported option set to its "off" value (false,
+empty, SimpleTuner's default) asks for nothing we lack, so it is ignored with a
+warning too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from simpletuner.errors import ConfigError
+
+OFF_VALUES = (None, False, "", "false", "False", "FALSE", "0", 0, "no", "none", "None", "off")
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    reason: str
+    harmless: tuple[Any, ...] = OFF_VALUES  # values that ask for nothing we lack
+
+    def is_harmless(self, value: Any) -> bool:
+        return any(value == h and type(value) is type(h) for h in self.harmless)
+
+
+def _off_or(*values: Any) -> tuple[Any, ...]:
+    return OFF_VALUES + values
+
+
+# SimpleTuner spelling -> our field name (same meaning).
+ALIASES: dict[str, str] = {
+    "validation_disable": "disable_validation",
+    "min_snr_gamma": "snr_gamma",
+}
+DATASET_ALIASES: dict[str, str] = {
+    "disable": "disabled",
+    "is_regularization_data": "is_regularisation_data",
+}
+# (field, SimpleTuner value) -> our value.
+VALUE_ALIASES: dict[tuple[str, str], str] = {
+    ("caption_strategy", "instance_prompt"): "instanceprompt",
+}
+# Hints for values SimpleTuner accepts and we do not.
+VALUE_HINTS: dict[tuple[str, str], str] = {
+    ("optimizer", "adamw_bf16"): "SimpleTuner's bf16 AdamW: use optimizer=adamw with mixed_precision=bf16",
+    ("optimizer", "optimi-adamw"): "use optimizer=adamw",
+    ("optimizer", "optimi-lion"): "use optimizer=lion",
+    ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
+    ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
+    ("report_to", "all"): "use tensorboard or wandb",
+    ("base_model_precision", "int8-torchao"): "torchao is not supported: use int8-quanto",
+    ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
+    ("model_family", "hunyuan_dit"): "Hunyuan DiT is not supported",
+    ("model_family", "auraflow"): "AuraFlow is not supported",
+    ("model_family", "smoldit"): "SmolDiT is not supported",
+}
+
+# Options that cannot change what is trained: SimpleTuner's own worker pools, logging and
+# debugging switches. Accepted with a warning.
+IGNORED: dict[str, str] = {
+    "disable_benchmark": "we run no start-up benchmark",
+    "write_batch_size": "cache writers size their own batches",
+    "read_batch_size": "cache readers size their own batches",
+    "image_processing_batch_size": "image workers size their own batches",
+    "max_workers": "worker pools size themselves",
+    "aspect_bucket_worker_count": "worker pools size themselves",
+    "enable_multiprocessing": "worker pools choose threads or processes themselves",
+    "torch_num_threads": "set OMP_NUM_THREADS instead",
+    "aws_max_pool_connections": "the S3 client sizes its own pool",
+    "metadata_update_interval": "the index is saved incrementally",
+    "print_filenames": "failing files are always reported by name",
+    "print_sampler_statistics": "use `simpletuner scan` for dataset statistics",
+    "debug_aspect_buckets": "use SIMPLETUNER_LOG_LEVEL=DEBUG",
+    "debug_dataset_loader": "use SIMPLETUNER_LOG_LEVEL=DEBUG",
+    "local_rank": "ranks come from the launcher (accelerate or torchrun)",
+    "set_grads_to_none": "gradients are always set to None",
+    "keep_vae_loaded": "the VAE is loaded only while caching",
+    "ema_foreach_disable": "EMA updates always use foreach kernels",
+    "ema_cpu_only": "use ema_device=cpu",
+    "preserve_data_backend_cache": "the index is incremental and always kept",
+    "override_dataset_config": "caches are keyed by their settings, so changed settings never reuse stale entries",
+    "skip_file_discovery": "discovery is incremental",
+    "cache_clear_validation_prompts": "text-embed caches are keyed by the prompt",
+    "vae_cache_scan_behaviour": "latent caches are keyed by crop and size; mismatches are misses",
+    "disable_bucket_pruning": "small buckets follow the dataset's small_bucket_policy",
+    "allow_tf32": "TF32 matmuls are enabled on CUDA",
+    "pure_bf16": "the dtype follows mixed_precision and base_model_precision",
+    "accelerator_cache_clear_interval": "device memory is managed by PyTorch",
+    "seed_for_each_device": "every process derives its own seed from seed",
+    "non_ema_revision": "revision is used",
+}
+DATASET_IGNORED: dict[str, str] = {
+    "preserve_data_backend_cache": "the index is incremental and always kept",
+    "skip_file_discovery": "discovery is incremental",
+    "write_batch_size": "cache writers size their own batches",
+    "read_batch_size": "cache readers size their own batches",
+    "text_encoder_batch_size": "text encoding sizes its own batches",
+    "hash_filenames": "cache entries are always named by a hash of their settings",
+    "scan_for_errors": "unreadable images are always reported and skipped",
+    "metadata_backend": "sizes come from the index or the parquet options",
+}
+
+UNSUPPORTED: dict[str, Unsupported] = {
+    "model_flavour": Unsupported("choose the checkpoint with pretrained_model_name_or_path"),
+    "hidream_use_load_balancing_loss": Unsupported("HiDream is not supported"),
+    "hidream_load_balancing_loss_weight": Unsupported("HiDream is not supported"),
+    "ltx_train_mode": Unsupported("video models are not supported", _off_or("i2v")),
+    "ltx_i2v_prob": Unsupported("video models are not supported"),
+    "ltx_protect_first_frame": Unsupported("video models are not supported"),
+    "ltx_partial_noise_fraction": Unsupported("video models are not supported"),
+    "framerate": Unsupported("video models are not supported"),
+    "validation_num_video_frames": Unsupported("video models are not supported"),
+    "sana_complex_human_instruction": Unsupported("Sana is not supported"),
+    "use_soft_min_snr": Unsupported("use snr_gamma (min-SNR weighting)"),
+    "soft_min_snr_sigma_data": Unsupported("use snr_gamma (min-SNR weighting)"),
+    "snr_weight": Unsupported("prediction_type=sample loss mixing is not supported", _off_or(1, 1.0, "1", "1.0")),
+    "disable_segmented_timestep_sampling": Unsupported("timesteps are sampled independently per sample"),
+    "vae_cache_ondemand": Unsupported("latents are always cached before training"),
+    "compress_disk_cache": Unsupported("the cache store chooses its own encoding"),
+    "aspect_bucket_disable_rebuild": Unsupported("buckets are rebuilt only when their inputs change"),
+    "ignore_missing_files": Unsupported("missing files are always reported"),
+    "delete_unwanted_images": Unsupported("source data is never deleted; small images are skipped and reported"),
+    "delete_problematic_images": Unsupported("source data is never deleted; broken images are skipped and reported"),
+    "cache_dir_text": Unsupported("set cache_dir (the cache root) or a text_embeds dataset's cache_dir"),
+    "cache_dir_vae": Unsupported("set cache_dir (the cache root) or a dataset's cache_dir_vae"),
+    "caption_strategy": Unsupported("set caption_strategy on each dataset entry"),
+    "instance_prompt": Unsupported("set instance_prompt on each dataset entry"),
+    "prepend_instance_prompt": Unsupported("set prepend_instance_prompt on each dataset entry"),
+    "only_instance_prompt": Unsupported("set only_instance_prompt on each dataset entry"),
+    "parquet_caption_column": Unsupported("set parquet.caption_column on each dataset entry"),
+    "parquet_filename_column": Unsupported("set parquet.filename_column on each dataset entry"),
+    "dataloader_prefetch": Unsupported("the loader always prefetches"),
+    "dataloader_prefetch_qlen": Unsupported("the loader always prefetches"),
+    "ignore_final_epochs": Unsupported("set max_train_steps alone to train by steps"),
+    "gradient_checkpointing_interval": Unsupported("gradient_checkpointing covers every block"),
+    "distillation_method": Unsupported("distillation is not supported"),
+    "distillation_config": Unsupported("distillation is not supported"),
+    "offload_during_startup": Unsupported("components are loaded when needed"),
+    "offload_param_path": Unsupported("DeepSpeed NVMe offload is configured in the DeepSpeed config"),
+    "optimizer_config": Unsupported("use the optimiser options (adam_beta1, adam_weight_decay, ...)"),
+    "optimizer_cpu_offload_method": Unsupported("optimiser CPU offload is not supported", _off_or("none")),
+    "optimizer_offload_gradients": Unsupported("optimiser CPU offload is not supported"),
+    "fuse_optimizer": Unsupported("fused AdamW is used on CUDA automatically"),
+    "optimizer_beta1": Unsupported("use adam_beta1"),
+    "optimizer_beta2": Unsupported("use adam_beta2"),
+    "optimizer_release_gradients": Unsupported("not supported"),
+    "prodigy_steps": Unsupported("not supported"),
+    "gradient_precision": Unsupported("gradients follow the trained weights' dtype", _off_or("unmodified")),
+    "quantize_activations": Unsupported("activation quantisation is not supported"),
+    "attention_mechanism": Unsupported("attention uses PyTorch SDPA", _off_or("diffusers")),
+    "sageattention_usage": Unsupported("attention uses PyTorch SDPA", _off_or("inference")),
+    "enable_xformers_memory_efficient_attention": Unsupported("attention uses PyTorch SDPA"),
+    "unet_attention_slice": Unsupported("attention uses PyTorch SDPA"),
+    "evaluation_type": Unsupported("CLIP evaluation is not supported", _off_or("none")),
+    "eval_dataset_pooling": Unsupported("evaluation sets are not supported"),
+    "pretrained_evaluation_model_name_or_path": Unsupported("CLIP evaluation is not supported",
+                                                           _off_or("openai/clip-vit-large-patch14-336")),
+    "eval_steps_interval": Unsupported("evaluation sets are not supported"),
+    "eval_timesteps": Unsupported("evaluation sets are not supported", _off_or(28, "28")),
+    "num_eval_images": Unsupported("evaluation sets are not supported", _off_or(4, "4")),
+    "eval_dataset_id": Unsupported("evaluation sets are not supported"),
+    "validation_seed_source": Unsupported("validation seeds use a CPU generator", _off_or("cpu")),
+    "validation_torch_compile_mode": Unsupported("validation_torch_compile uses the default mode",
+                                                 _off_or("default", "max-autotune")),
+    "validation_guidance_skip_layers": Unsupported("skip-layer guidance is not supported"),
+    "validation_guidance_skip_layers_start": Unsupported("skip-layer guidance is not supported", _off_or(0.01)),
+    "validation_guidance_skip_layers_stop": Unsupported("skip-layer guidance is not supported", _off_or(0.2)),
+    "validation_guidance_skip_scale": Unsupported("skip-layer guidance is not supported", _off_or(2.8)),
+    "validation_using_datasets": Unsupported("img2img validation from datasets is not supported"),
+    "validation_prompt_library": Unsupported("SimpleTuner's built-in prompt library is not included; "
+                                             "use user_prompt_library"),
+    "tracker_image_layout": Unsupported("validation images are logged one by one", _off_or("gallery")),
+    "enable_watermark": Unsupported("validation images are never watermarked"),
+    "disable_tf32": Unsupported("TF32 is always enabled on CUDA"),
+    "fully_unload_text_encoder": Unsupported("text encoders are unloaded after caching"),
+    "freeze_encoder_before": Unsupported("partial text-encoder freezing is not supported", _off_or(12, "12")),
+    "freeze_encoder_after": Unsupported("partial text-encoder freezing is not supported", _off_or(17, "17")),
+    "freeze_encoder_strategy": Unsupported("partial text-encoder freezing is not supported", _off_or("after")),
+    "freeze_encoder": Unsupported("text encoders are frozen unless train_text_encoder",
+                                  (None, True, "true", "True")),
+    "save_text_encoder": Unsupported("trained text encoders are always saved"),
+    "text_encoder_limit": Unsupported("text-encoder training runs for the whole run", _off_or(25, "25")),
+    "sdxl_refiner_uses_full_range": Unsupported("use refiner_training_strength=1.0"),
+    "i_know_what_i_am_doing": Unsupported("safety checks cannot be turned off"),
+    "hunyuan_dit": Unsupported("Hunyuan DiT is not supported"),
+    "smoldit": Unsupported("SmolDiT is not supported"),
+    "aura_flow": Unsupported("AuraFlow is not supported"),
+    "use_8bit_adam": Unsupported("use optimizer=adamw8bit"),
+    "use_adafactor_optimizer": Unsupported("use optimizer=adafactor"),
+    "use_prodigy_optimizer": Unsupported("use optimizer=prodigy"),
+    "use_dadapt_optimizer": Unsupported("D-Adaptation is not supported"),
+    "adam_bfloat16": Unsupported("use optimizer=adamw with mixed_precision=bf16"),
+    "disable_compel": Unsupported("prompt weighting (compel) is not supported", (None, True, "true", "True")),
+}
+DATASET_UNSUPPORTED: dict[str, Unsupported] = {
+    "image_embeds": Unsupported("latents go to the dataset's cache_dir_vae"),
+    "conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
+    "cache_dir_conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
+    "conditioning": Unsupported("conditioning images are not generated: add a conditioning dataset"),
+    "source_dataset_id": Unsupported("link conditioning data with conditioning_data on the image dataset"),
+    "ignore_epochs": Unsupported("every dataset counts towards epochs"),
+    "minimum_aspect_ratio": Unsupported("aspect-ratio filters are not supported"),
+    "maximum_aspect_ratio": Unsupported("aspect-ratio filters are not supported"),
+    "max_num_samples": Unsupported("sample limits are not supported"),
+    "text_cache_ondemand": Unsupported("text embeddings are always cached before training"),
+    "text_cache_disable": Unsupported("text embeddings are always cached"),
+    "huggingface": Unsupported("Hugging Face datasets are not supported: use type local or aws"),
+    "config": Unsupported("Hugging Face datasets are not supported: use type local or aws"),
+    "audio": Unsupported("audio datasets are not supported"),
+    "video": Unsupported("video datasets are not supported"),
+    "cache_file_suffix": Unsupported("cache entries are named by a hash of their settings"),
+}
+
+# config.env variable -> option, as SimpleTuner's env-file loader maps them.
+ENV_NAMES: dict[str, str] = {
+    "RESUME_CHECKPOINT": "resume_from_checkpoint", "DATALOADER_CONFIG": "data_backend_config",
+    "ASPECT_BUCKET_ROUNDING": "aspect_bucket_rounding", "TRAINING_SEED": "seed", "USE_EMA": "use_ema",
+    "EMA_DECAY": "ema_decay", "USE_XFORMERS": "enable_xformers_memory_efficient_attention",
+    "MINIMUM_RESOLUTION": "minimum_image_size", "OUTPUT_DIR": "output_dir", "USE_DORA": "use_dora",
+    "LORA_TYPE": "lora_type", "LORA_RANK": "lora_rank", "LORA_ALPHA": "lora_alpha",
+    "LYCORIS_CONFIG": "lycoris_config", "PUSH_TO_HUB": "push_to_hub",
+    "PUSH_CHECKPOINTS": "push_checkpoints_to_hub", "MAX_NUM_STEPS": "max_train_steps",
+    "NUM_EPOCHS": "num_train_epochs", "CHECKPOINTING_STEPS": "checkpointing_steps",
+    "CHECKPOINTING_LIMIT": "checkpoints_total_limit", "HUB_MODEL_NAME": "hub_model_id",
+    "MODEL_CARD_SAFE_FOR_WORK": "model_card_safe_for_work", "TRACKER_PROJECT_NAME": "tracker_project_name",
+    "TRACKER_RUN_NAME": "tracker_run_name", "MODEL_TYPE": "model_type",
+    "MODEL_NAME": "pretrained_model_name_or_path", "MODEL_FAMILY": "model_family",
+    "TRAIN_BATCH_SIZE": "train_batch_size", "USE_GRADIENT_CHECKPOINTING": "gradient_checkpointing",
+    "CAPTION_DROPOUT_PROBABILITY": "caption_dropout_probability", "RESOLUTION_TYPE": "resolution_type",
+    "RESOLUTION": "resolution", "VALIDATION_SEED": "validation_seed", "VALIDATION_STEPS": "validation_steps",
+    "VALIDATION_RESOLUTION": "validation_resolution", "VALIDATION_GUIDANCE": "validation_guidance",
+    "VALIDATION_GUIDANCE_RESCALE": "validation_guidance_rescale",
+    "VALIDATION_NUM_INFERENCE_STEPS": "validation_num_inference_steps", "VALIDATION_PROMPT": "validation_prompt",
+    "ALLOW_TF32": "allow_tf32", "MIXED_PRECISION": "mixed_precision", "OPTIMIZER": "optimizer",
+    "LEARNING_RATE": "learning_rate", "LR_SCHEDULE": "lr_scheduler", "LR_WARMUP_STEPS": "lr_warmup_steps",
+    "BASE_MODEL_PRECISION": "base_model_precision", "VALIDATION_TORCH_COMPILE": "validation_torch_compile",
+    "VALIDATION_GUIDANCE_REAL": "validation_guidance_real",
+    "VALIDATION_NO_CFG_UNTIL_TIMESTEP": "validation_no_cfg_until_timestep",
+    "TRAINING_SCHEDULER_TIMESTEP_SPACING": "training_scheduler_timestep_spacing",
+    "INFERENCE_SCHEDULER_TIMESTEP_SPACING": "inference_scheduler_timestep_spacing",
+    "GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps", "LR_END": "lr_end",
+    "FLUX_GUIDANCE_VALUE": "flux_guidance_value", "FLUX_LORA_TARGET": "flux_lora_target",
+    "VALIDATION_NEGATIVE_PROMPT": "validation_negative_prompt",
+    "METADATA_UPDATE_INTERVAL": "metadata_update_interval", "READ_BATCH_SIZE": "read_batch_size",
+    "WRITE_BATCH_SIZE": "write_batch_size", "AWS_MAX_POOL_CONNECTIONS": "aws_max_pool_connections",
+    "TORCH_NUM_THREADS": "torch_num_threads", "IMAGE_PROCESSING_BATCH_SIZE": "image_processing_batch_size",
+    "MAX_WORKERS": "max_workers", "VAE_BATCH_SIZE": "vae_batch_size", "MIN_SNR_GAMMA": "snr_gamma",
+    "DELETE_ERRORED_IMAGES": "delete_problematic_images", "DELETE_SMALL_IMAGES": "delete_unwanted_images",
+    "INSTANCE_PROMPT": "instance_prompt", "PURE_BF16": "pure_bf16", "CONTROLNET": "controlnet",
+    "USE_BITFIT": "use_bitfit",
+    "STABLE_DIFFUSION_3": "sd3", "STABLE_DIFFUSION_LEGACY": "legacy", "PIXART_SIGMA": "pixart_sigma",
+    "KOLORS": "kolors", "FLUX": "flux", "HUNYUAN_DIT": "hunyuan_dit",
+}
+# Variables holding more `--key=value` arguments.
+ENV_ARGUMENT_LISTS = ("TRAINER_EXTRA_ARGS", "DEBUG_EXTRA_ARGS")
+# Variables for the launcher or the process environment, not for training. SimpleTuner's
+# loader skips them too; we say so.
+ENV_LAUNCHER: dict[str, str] = {
+    "TRAINING_NUM_PROCESSES": "start several processes with `accelerate launch --num_processes N` or torchrun",
+    "TRAINING_NUM_MACHINES": "set machines with `accelerate launch --num_machines N`",
+    "TRAINING_DYNAMO_BACKEND": "set with `accelerate launch --dynamo_backend`",
+    "TRAINER_DYNAMO_BACKEND": "set with `accelerate launch --dynamo_backend`",
+    "ACCELERATE_EXTRA_ARGS": "pass these to `accelerate launch` yourself",
+    "TOKENIZERS_PARALLELISM": "set it in the environment",
+    "MIXED_PRECISION_ACCELERATE": "set with `accelerate launch --mixed_precision`",
+}
+
+# Old SimpleTuner switches that named the model family.
+FAMILY_SWITCHES: dict[str, str] = {
+    "sd3": "sd3", "flux": "flux", "pixart_sigma": "pixart_sigma", "kolors": "kolors", "legacy": "legacy",
+    "sdxl": "sdxl",
+}
+
+
+def _is_on(value: Any) -> bool:
+    return not any(value == off and type(value) is type(off) for off in OFF_VALUES)
+
+
+def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """Rewrite old SimpleTuner switches in place into schema options; returns warnings."""
+    warnings: list[str] = []
+    for switch, family in FAMILY_SWITCHES.items():
+        if switch not in values:
+            continue
+        where = sources.pop(switch, "")
+        if _is_on(values.pop(switch)):
+            given = values.get("model_family")
+            if given not in (None, family):
+                raise ConfigError(f"{where}: {switch}=true asks for model_family {family!r}, but model_family is "
+                                  f"{given!r}: keep only model_family")
+            values["model_family"] = family
+            sources.setdefault("model_family", where)
+    if "offset_noise" in values:
+        # SimpleTuner applies noise_offset (default 0.1) only under --offset_noise.
+        where = sources.pop("offset_noise", "")
+        if _is_on(values.pop("offset_noise")):
+            values.setdefault("noise_offset", 0.1)
+            sources.setdefault("noise_offset", where)
+        elif values.get("noise_offset") not in (None, 0, "0", 0.0):
+            warnings.append(f"{where}: offset_noise is off, so noise_offset={values['noise_offset']} is not used "
+                            "(as in SimpleTuner); set noise_offset alone to use it")
+            values["noise_offset"] = 0.0
+    if "use_bitfit" in values:
+        where = sources.pop("use_bitfit", "")
+        if _is_on(values.pop("use_bitfit")):
+            values["layer_freeze_strategy"] = "bitfit"
+            sources.setdefault("layer_freeze_strategy", where)
+    return warnings

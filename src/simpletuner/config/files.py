@@ -1,0 +1,182 @@
+"""Reading configuration files (TOML, JSON, SimpleTuner's config.json and config.env) into raw options.
+
+Nothing here knows the schema: a file becomes `{option: value}` plus where each option
+came from, so later errors can name the file (and the line, for config.env).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any
+
+from simpletuner.config.arguments import parse_arguments
+from simpletuner.config.compat import ENV_ARGUMENT_LISTS, ENV_LAUNCHER, ENV_NAMES
+from simpletuner.errors import ConfigError
+
+
+@dataclass
+class RawConfig:
+    """Options as written, before validation."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # option -> "file", "file:line" or "command line"
+    datasets: list[Any] | None = None  # [[datasets]] tables of a TOML file
+    path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def update(self, values: dict[str, Any], origin: str) -> None:
+        for key, value in values.items():
+            self.values[key] = value
+            self.sources[key] = origin
+
+
+def config_format(path: Path) -> str:
+    """'toml', 'json' or 'env', from the file name (or its first character when that says nothing)."""
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return "toml"
+    if suffix == ".json":
+        return "json"
+    if suffix == ".env" or path.name.endswith(".env") or path.name.startswith(".env"):
+        return "env"
+    head = _read_text(path).lstrip()[:1]
+    return "json" if head == "{" else "toml" if head == "[" else "env"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; give the configuration file (config.toml, config.json, config.env)")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read configuration file {path}: {error}") from None
+
+
+def read_config_file(path: str | Path) -> RawConfig:
+    """Read one configuration file of any supported form."""
+    path = Path(path).expanduser()
+    kind = config_format(path)
+    reader = {"toml": _read_toml, "json": _read_json, "env": _read_env}[kind]
+    raw = reader(path)
+    raw.path = path
+    return raw
+
+
+def _strip_dashes(key: Any) -> str:
+    return str(key)[2:] if str(key).startswith("--") else str(key)
+
+
+def _read_json(path: Path) -> RawConfig:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    if isinstance(data, list):
+        raise ConfigError(f"{path} holds a list, like a dataset file (multidatabackend.json); a configuration is "
+                          "an object of options. Point data_backend_config at the dataset file instead.")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a configuration is a JSON object of options, not {type(data).__name__}")
+    raw = RawConfig()
+    raw.update({_strip_dashes(k): v for k, v in data.items()}, str(path))
+    return raw
+
+
+def _read_toml(path: Path) -> RawConfig:
+    try:
+        data = tomllib.loads(_read_text(path))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    raw = RawConfig()
+    datasets = data.pop("datasets", None)
+    if datasets is not None and not isinstance(datasets, list):
+        raise ConfigError(f"{path}: datasets must be [[datasets]] tables (a list of entries), not "
+                          f"{type(datasets).__name__}")
+    raw.datasets = datasets
+    raw.update({_strip_dashes(k): v for k, v in data.items()}, str(path))
+    return raw
+
+
+# config.env ---------------------------------------------------------------------------------
+
+_ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*(\+?=)(.*)$")
+_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _env_value(text: str, known: dict[str, str], where: str, used: set[str]) -> str:
+    """The value of one assignment, as a shell would see it (quotes, comments, $VAR)."""
+    if "$(" in text or "`" in text:
+        raise ConfigError(f"{where}: shell commands and arithmetic ($(...), `...`) are not evaluated; "
+                          "write the value itself")
+    if not text.lstrip().startswith("'"):
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1) or match.group(2)
+            used.add(name)
+            return known.get(name, os.environ.get(name, ""))
+
+        text = _REFERENCE.sub(substitute, text)
+    try:
+        words = shlex.split(text, comments=True, posix=True)
+    except ValueError as error:
+        raise ConfigError(f"{where}: cannot read the value ({error}): {text.strip()}") from None
+    return " ".join(words)
+
+
+def _read_env_assignments(path: Path) -> tuple[list[tuple[str, str, str]], set[str]]:
+    """[(variable, value, 'file:line')] in file order, and the variables that others refer to."""
+    assignments: list[tuple[str, str, str]] = []
+    known: dict[str, str] = {}
+    used: set[str] = set()
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        match = _ASSIGNMENT.match(stripped)
+        if not match:
+            raise ConfigError(f"{where}: not an assignment: {stripped!r}; config.env holds lines like "
+                              "export KEY=value (or KEY=value)")
+        name, operator, text = match.groups()
+        value = _env_value(text, known, where, used)
+        if operator == "+=" and known.get(name):
+            value = f"{known[name]} {value}".strip()
+        known[name] = value
+        assignments.append((name, value, where))
+    return assignments, used
+
+
+def _env_option(name: str) -> str | None:
+    if name in ENV_NAMES:
+        return ENV_NAMES[name]
+    from simpletuner.config.schema import TrainingConfig
+
+    lowered = name.lower()
+    return lowered if lowered in TrainingConfig.model_fields else None
+
+
+def _read_env(path: Path) -> RawConfig:
+    assignments, used = _read_env_assignments(path)
+    raw = RawConfig()
+    final = {name: (value, where) for name, value, where in assignments}  # the last assignment wins
+    for name, (value, where) in final.items():
+        if name in ENV_ARGUMENT_LISTS:
+            raw.update(parse_arguments(shlex.split(value), f"{where} ({name})"), f"{where} ({name})")
+        elif (option := _env_option(name)) is not None:
+            raw.update({option: value}, f"{where} ({name})")
+        elif name in ENV_LAUNCHER:
+            raw.warnings.append(f"{where}: {name} is a launcher setting and is not read here: {ENV_LAUNCHER[name]}")
+        elif name not in used:  # a helper only other lines refer to is fine
+            choices = list(ENV_NAMES) + list(ENV_ARGUMENT_LISTS)
+            close = get_close_matches(name, choices, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else (
+                "; variables are SimpleTuner's (MODEL_NAME, LEARNING_RATE, ...) or an option name in capitals")
+            raise ConfigError(f"{where}: unknown setting {name}{hint}")
+    return raw

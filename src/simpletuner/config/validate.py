@@ -1,0 +1,186 @@
+"""Raw options -> a schema model, or one ConfigError that lists every problem a person can fix.
+
+Order of business for each key: SimpleTuner's other spellings are renamed; keys that
+cannot change training are ignored with a warning; unsupported SimpleTuner options are
+errors (unless set to their "off" value); any other unknown key is an error naming the
+closest valid names. Values are converted the way a person means them (strings from
+env files and the command line, numbers where text is expected), then pydantic checks
+them and its complaints are rewritten as sentences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from simpletuner.config import types
+from simpletuner.config.compat import VALUE_ALIASES, VALUE_HINTS, Unsupported
+
+Model = TypeVar("Model", bound=BaseModel)
+
+_NULL_WORDS = {"none", "null"}
+
+
+@dataclass
+class Compat:
+    """How one kind of entry (training options or dataset entries) treats foreign keys."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+    unsupported: dict[str, Unsupported] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """A validated model, or the problems that stop it; warnings either way."""
+
+    model: BaseModel | None
+    problems: list[str]
+    warnings: list[str]
+
+
+def suggest(name: str, candidates: list[str]) -> str:
+    """'; did you mean a or b?' for close names, else ''."""
+    close = get_close_matches(name, candidates, n=3, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in candidates}
+        close = [lowered[name.lower()]] if name.lower() in lowered else []
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _where(sources: dict[str, str], key: str, default: str) -> str:
+    return sources.get(key, default)
+
+
+def _rename_aliases(values: dict[str, Any], sources: dict[str, str], compat: Compat, origin: str,
+                    problems: list[str]) -> None:
+    for old, new in compat.aliases.items():
+        if old not in values:
+            continue
+        if new in values:
+            problems.append(f"{old} and {new} are the same option, given twice ({_where(sources, old, origin)}); "
+                            f"keep {new}")
+            values.pop(old)
+            continue
+        values[new] = values.pop(old)
+        if old in sources:
+            sources[new] = sources.pop(old)
+
+
+def _foreign_keys(values: dict[str, Any], sources: dict[str, str], model: type[BaseModel], compat: Compat,
+                  origin: str, problems: list[str], warnings: list[str]) -> None:
+    known = list(model.model_fields)
+    for key in [k for k in values if k not in model.model_fields]:
+        value = values.pop(key)
+        where = _where(sources, key, origin)
+        if key in compat.ignored:
+            warnings.append(f"ignored: {key} ({compat.ignored[key]}) in {where}")
+        elif key in compat.unsupported:
+            rule = compat.unsupported[key]
+            if rule.is_harmless(value):
+                warnings.append(f"ignored: {key}={value!r} (unsupported: {rule.reason}; this value asks for "
+                                f"nothing) in {where}")
+            else:
+                problems.append(f"unsupported: {key} ({rule.reason}) in {where}")
+        else:
+            hint = suggest(key, known + list(compat.aliases)) or "; `simpletuner options` lists every option"
+            problems.append(f"unknown option {key!r} in {where}{hint}")
+
+
+def _convert(name: str, value: Any, annotation: Any) -> tuple[bool, Any]:
+    """(keep, value): values as a person means them; keep=False drops the key (use the default)."""
+    allowed = types.choices(annotation)
+    if value is None and not types.accepts_none(annotation):
+        return False, None  # SimpleTuner writes null for "the default"
+    if isinstance(value, str):
+        if value.strip() == "" and types.accepts_none(annotation):
+            return True, None
+        if (value.strip().lower() in _NULL_WORDS and types.accepts_none(annotation)
+                and not types.accepts(annotation, str)):
+            return True, None
+        value = VALUE_ALIASES.get((name, value), value)
+        if allowed and value not in allowed:
+            for choice in allowed:  # "64" for 64, "LoRA" for "lora"
+                if str(choice).lower() == value.strip().lower():
+                    return True, choice
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (types.accepts(annotation, str) and not types.accepts(annotation, int)
+                and not types.accepts(annotation, float) and not allowed):
+            return True, str(value)
+    return True, value
+
+
+def _prepare(values: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    prepared: dict[str, Any] = {}
+    for key, value in values.items():
+        keep, converted = _convert(key, value, model.model_fields[key].annotation)
+        if keep:
+            prepared[key] = converted
+    return prepared
+
+
+def _range_text(message: str) -> str:
+    return message.replace("Input should be ", "must be ").replace("Input should have ", "must have ")
+
+
+def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, str], origin: str) -> str:
+    """One pydantic error as a sentence: the key, what was given, what is accepted, where."""
+    loc = [str(part) for part in error.get("loc", ())]
+    key = ".".join(loc)
+    top = loc[0] if loc else ""
+    where = _where(sources, top, origin)
+    kind = error["type"]
+    given = error.get("input")
+    annotation = model.model_fields[top].annotation if top in model.model_fields else None
+    if kind == "missing":
+        allowed = types.choices(annotation) if annotation is not None else []
+        accepted = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
+        if len(loc) > 1:
+            return f"{key}: missing required option in {where}; set {loc[-1]}{accepted}"
+        return (f"missing required option {key}{accepted}: set {key} in the configuration file or pass "
+                f"--{key} VALUE")
+    if kind == "extra_forbidden":
+        parent = model.model_fields[top].annotation if top in model.model_fields else None
+        nested = types.is_model(parent) if parent is not None else None
+        hint = suggest(loc[-1], list(nested.model_fields)) if nested else ""
+        return f"unknown option {key!r} in {where}{hint}"
+    if kind in ("literal_error", "enum"):
+        allowed = [str(c) for c in types.choices(annotation)] if annotation is not None else []
+        hint = VALUE_HINTS.get((top, str(given)))
+        close = suggest(str(given), allowed)
+        return (f"{key}: {given!r} is not accepted (from {where}); accepted: {', '.join(allowed)}"
+                f"{close}{'; ' + hint if hint else ''}")
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{key}: {given!r} is not a boolean (from {where}); accepted: true or false"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{key}: {given!r} is not a whole number (from {where})"
+    if kind in ("float_parsing", "float_type"):
+        return f"{key}: {given!r} is not a number (from {where})"
+    if kind in ("string_type",):
+        return f"{key}: {given!r} is not text (from {where})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"{key}: {given!r} is out of range (from {where}); {_range_text(error['msg'])}"
+    if kind == "value_error" and not loc:
+        return f"{error['msg'].removeprefix('Value error, ')} (in {origin})"
+    expected = _range_text(error["msg"])
+    return f"{key}: {given!r} is not accepted (from {where}); {expected}" if key else f"{expected} (in {origin})"
+
+
+def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str], compat: Compat,
+             origin: str) -> Outcome:
+    """Check `values` against `model`; `origin` names the file for keys without a recorded source."""
+    values, sources = dict(values), dict(sources)
+    problems: list[str] = []
+    warnings: list[str] = []
+    _rename_aliases(values, sources, compat, origin, problems)
+    _foreign_keys(values, sources, model, compat, origin, problems, warnings)
+    prepared = _prepare(values, model)
+    try:
+        instance = model.model_validate(prepared)
+    except ValidationError as error:
+        problems.extend(explain(e, model, sources, origin) for e in error.errors(include_url=False))
+        return Outcome(None, problems, warnings)
+    return Outcome(None if problems else instance, problems, warnings)
