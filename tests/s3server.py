@@ -31,7 +31,7 @@ class S3Server:
                                  client_kwargs={"region_name": REGION}, skip_instance_cache=True)
 
     def make_bucket(self, name: str) -> None:
-        self.filesystem().mkdir(name)
+        self.filesystem().call_s3("create_bucket", Bucket=name)
 
     def put(self, bucket: str, files: dict[str, bytes]) -> None:
         fs = self.filesystem()
@@ -41,8 +41,11 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines in test output
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
