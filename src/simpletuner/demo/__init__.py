@@ -1,0 +1,1 @@
+"""The demo: a tiny LoRA trained on procedural images, on CPU, in minutes."""
