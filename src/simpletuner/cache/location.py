@@ -144,3 +144,42 @@ class Location:
 
     def download(self, name: str, local_file: str) -> None:
         self.fs.get_file(self._remote_path(name), local_file)
+
+
+def storage_options_for(url: str, dataset: Any = None) -> dict[str, Any]:
+    """fsspec options for a cache URL: S3 keys, endpoint and region from a dataset's aws_* fields.
+
+    Unset fields fall back to the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...).
+    """
+    if not url.startswith("s3://"):
+        return {}
+    env = os.environ
+
+    def pick(field: str, *variables: str) -> str | None:
+        value = getattr(dataset, field, None) if dataset is not None else None
+        return value or next((env[v] for v in variables if env.get(v)), None)
+
+    options: dict[str, Any] = {"skip_instance_cache": True, "client_kwargs": {}}
+    key = pick("aws_access_key_id", "AWS_ACCESS_KEY_ID")
+    secret = pick("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        options.update(key=key, secret=secret)
+    endpoint = pick("aws_endpoint_url", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    region = pick("aws_region_name", "AWS_REGION", "AWS_DEFAULT_REGION")
+    if region:
+        options["client_kwargs"]["region_name"] = region
+    return options
+
+
+def inside(child: str, parent: str) -> bool:
+    """Whether location `child` is `parent` or lies under it (local paths resolved, URLs compared)."""
+    if is_remote(child) != is_remote(parent):
+        return False
+    if is_remote(child):
+        a, b = child.rstrip("/"), parent.rstrip("/")
+    else:
+        a = os.path.realpath(os.path.expanduser(child.removeprefix("file://")))
+        b = os.path.realpath(os.path.expanduser(parent.removeprefix("file://")))
+    return a == b or a.startswith(b.rstrip("/") + "/")
