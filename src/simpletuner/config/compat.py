@@ -95,7 +95,6 @@ IGNORED: dict[str, str] = {
 }
 DATASET_IGNORED: dict[str, str] = {
     "preserve_data_backend_cache": "the index is incremental and always kept",
-    "skip_file_discovery": "discovery is incremental",
     "write_batch_size": "cache writers size their own batches",
     "read_batch_size": "cache readers size their own batches",
     "text_encoder_batch_size": "text encoding sizes its own batches",
@@ -213,6 +212,7 @@ DATASET_UNSUPPORTED: dict[str, Unsupported] = {
     "audio": Unsupported("audio datasets are not supported"),
     "video": Unsupported("video datasets are not supported"),
     "cache_file_suffix": Unsupported("cache entries are named by a hash of their settings"),
+    "conditioning_image_embed_batch_size": Unsupported("conditioning image embeddings are not supported"),
 }
 
 # config.env variable -> option, as SimpleTuner's env-file loader maps them.
@@ -267,6 +267,14 @@ ENV_LAUNCHER: dict[str, str] = {
     "ACCELERATE_EXTRA_ARGS": "pass these to `accelerate launch` yourself",
     "TOKENIZERS_PARALLELISM": "set it in the environment",
     "MIXED_PRECISION_ACCELERATE": "set with `accelerate launch --mixed_precision`",
+    "SIMPLETUNER_LOG_LEVEL": "set it in the environment",
+    "SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL": "set it in the environment",
+    "CUDA_VISIBLE_DEVICES": "set it in the environment",
+    "PYTORCH_CUDA_ALLOC_CONF": "set it in the environment",
+    "HF_HOME": "set it in the environment",
+    "HF_HUB_ENABLE_HF_TRANSFER": "set it in the environment",
+    "DISABLE_UPDATES": "SimpleTuner's train.sh setting; there is nothing to update",
+    "TRAINING_NUM_WORKERS_DATALOADER": "data loader workers size themselves",
 }
 
 # Old SimpleTuner switches that named the model family.
