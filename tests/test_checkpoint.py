@@ -1,0 +1,272 @@
+import json
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from simpletuner.config.schema import DatasetConfig, TrainingConfig
+from simpletuner.errors import UserError
+from simpletuner.train.checkpoint import (
+    Processes,
+    Progress,
+    check_compatible,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    run_identity,
+    save_checkpoint,
+)
+from simpletuner.train.ema import EMA
+from simpletuner.train.optim import build_optimizer
+from simpletuner.train.schedules import build_lr_scheduler
+
+DATA = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+TOTAL_STEPS = 12
+
+
+def _cfg(**options) -> TrainingConfig:
+    base = dict(model_family="sd1x", pretrained_model_name_or_path="tiny", learning_rate=1e-2,
+                lr_scheduler="cosine", lr_warmup_steps=3, use_ema=True)
+    return TrainingConfig(**{**base, **options})
+
+
+class ToySampler:
+    """Draws batches in an order shuffled by python's and numpy's global RNG, like a real sampler."""
+
+    def __init__(self, size: int, batch: int) -> None:
+        self.size, self.batch, self.order, self.position = size, batch, [], 0
+
+    def next_batch(self) -> torch.Tensor:
+        if self.position + self.batch > len(self.order):
+            self.order = [int(i) for i in np.random.permutation(self.size)]
+            random.shuffle(self.order)
+            self.position = 0
+        picked = self.order[self.position: self.position + self.batch]
+        self.position += self.batch
+        return DATA[picked]
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.position = list(state["order"]), state["position"]
+
+
+class Run:
+    """Everything a training run holds, built fresh from a seed."""
+
+    def __init__(self, cfg: TrainingConfig, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.2), nn.GELU(), nn.Linear(16, 1))
+        # a frozen parameter is not saved: like pretrained weights, it is the same in every run
+        self.model[0].bias.data = torch.linspace(-1, 1, 16)
+        self.model[0].bias.requires_grad_(False)
+        self.optimizer = build_optimizer(self.model, cfg, "cpu")
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg, TOTAL_STEPS)
+        self.ema = EMA(self.model.parameters(), decay=0.9)
+        self.sampler = ToySampler(len(DATA), batch=8)
+
+    def train(self, first_step: int, last_step: int) -> list[float]:
+        losses = []
+        for step in range(first_step, last_step + 1):
+            batch = self.sampler.next_batch()
+            noise = torch.randn_like(batch)  # draws from the global torch RNG, as the trainer will
+            loss = (self.model(batch + 0.1 * noise) - batch.sum(1, keepdim=True)).pow(2).mean()
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+            self.ema.update(step)
+            losses.append(loss.item())
+        return losses
+
+    def save(self, output_dir: Path, step: int, cfg: TrainingConfig, **kwargs) -> Path:
+        return save_checkpoint(output_dir, Progress(step=step, epoch=0), modules={"model": self.model},
+                               states=self.states(), rank_states={"sampler": self.sampler}, config=cfg,
+                               identity=run_identity(cfg), **kwargs)
+
+    def load(self, path: Path, cfg: TrainingConfig) -> Progress:
+        return load_checkpoint(path, modules={"model": self.model}, states=self.states(),
+                               rank_states={"sampler": self.sampler}, identity=run_identity(cfg))
+
+    def states(self) -> dict:
+        return {"optimizer": self.optimizer, "lr_scheduler": self.scheduler, "ema": self.ema}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = _cfg()
+    half = TOTAL_STEPS // 2
+    _seed_everything(7)
+    straight = Run(cfg, seed=1)
+    straight_losses = straight.train(1, TOTAL_STEPS)
+
+    _seed_everything(7)
+    first = Run(cfg, seed=1)
+    losses = first.train(1, half)
+    saved = first.save(tmp_path, half, cfg)
+    del first
+    _seed_everything(123)  # the resumed process starts from other random states and weights
+    resumed = Run(cfg, seed=99)
+    progress = resumed.load(saved, cfg)
+    assert progress == Progress(step=half, epoch=0)
+    losses += resumed.train(progress.step + 1, TOTAL_STEPS)
+
+    assert losses == straight_losses
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(straight.ema.shadow, resumed.ema.shadow))
+    assert resumed.scheduler.get_last_lr() == straight.scheduler.get_last_lr()
+
+
+def test_layout_and_metadata(tmp_path):
+    cfg = _cfg()
+    run = Run(cfg, seed=1)
+    run.train(1, 2)
+    extra = []
+    path = run.save(tmp_path, 2, cfg, write_extra=lambda folder: extra.append(folder) or
+                    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"x"))
+    assert path == tmp_path / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "ema.pt", "lr_scheduler.pt", "meta.json", "model.safetensors", "optimizer.pt",
+        "pytorch_lora_weights.safetensors", "rank-00000.pt"]
+    assert extra[0].name.startswith(".tmp-")  # extras are written before the folder is sealed
+    meta = json.loads((path / "meta.json").read_text())
+    assert (meta["step"], meta["epoch"], meta["world_size"]) == (2, 0, 1)
+    assert meta["identity"]["lora_rank"] == 16 and len(meta["fingerprint"]) == 16
+    assert json.loads((path / "config.json").read_text())["lr_scheduler"] == "cosine"
+    from safetensors.torch import load_file
+    assert set(load_file(path / "model.safetensors")) == {"0.weight", "3.weight", "3.bias"}
+    assert list((tmp_path / "checkpoints").iterdir()) == [path]
+
+
+def test_rotation_keeps_the_newest(tmp_path):
+    cfg = _cfg()
+    run = Run(cfg, seed=1)
+    for step in (1, 2, 3):
+        run.save(tmp_path, step, cfg, total_limit=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000003"]
+
+
+def test_a_failed_save_leaves_earlier_checkpoints_and_is_cleaned_later(tmp_path):
+    cfg = _cfg()
+    run = Run(cfg, seed=1)
+    run.save(tmp_path, 1, cfg, total_limit=1)
+
+    def crash(folder: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run.save(tmp_path, 2, cfg, total_limit=1, write_extra=crash)
+    assert (tmp_path / "checkpoints" / ".tmp-step-000002").is_dir()
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoints" / "step-000001"
+    run.save(tmp_path, 3, cfg, total_limit=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    cfg = _cfg()
+    run = Run(cfg, seed=1)
+    first = run.save(tmp_path, 5, cfg)
+    run.train(1, 1)
+    again = run.save(tmp_path, 5, cfg)
+    assert first == again and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000005"]
+    fresh = Run(cfg, seed=2)
+    fresh.load(again, cfg)
+    assert torch.equal(fresh.model[0].weight, run.model[0].weight)
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(tmp_path, None) is None
+    assert resolve_resume(tmp_path, "latest") is None
+    root = tmp_path / "checkpoints"
+    for name in ("step-999999", "step-1000000", "step-000005"):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text("{}")
+    (root / "step-2000000").mkdir()  # incomplete: no meta.json
+    (root / ".tmp-step-3000000").mkdir()
+    assert resolve_resume(tmp_path, "latest") == root / "step-1000000"
+    assert resolve_resume(tmp_path, "step-000005") == root / "step-000005"
+    assert resolve_resume(tmp_path, str(root / "step-999999")) == root / "step-999999"
+    with pytest.raises(UserError, match=r"not a complete checkpoint \(no meta.json\)"):
+        resolve_resume(tmp_path, "step-2000000")
+    with pytest.raises(UserError, match=r"'step-42': no such checkpoint folder.*step-000005, step-999999"):
+        resolve_resume(tmp_path, "step-42")
+
+
+def test_another_configuration_is_refused_before_loading(tmp_path):
+    cfg = _cfg()
+    path = Run(cfg, seed=1).save(tmp_path, 1, cfg)
+    other = _cfg(lora_rank=8, resolution=512)
+    with pytest.raises(UserError, match=r"(?s)different configuration.*lora_rank: checkpoint has 16, this run 8"
+                                        r".*resolution: checkpoint has 1024(.0)?, this run 512(.0)?"):
+        check_compatible(path, run_identity(other))
+    with pytest.raises(UserError, match="number of processes: checkpoint has 1, this run 2"):
+        check_compatible(path, run_identity(cfg), world_size=2)
+    check_compatible(path, run_identity(_cfg(learning_rate=5e-3)), world_size=1)  # harmless change
+
+
+def test_identity_covers_datasets_without_credentials():
+    cfg = _cfg()
+    one = DatasetConfig(id="a", type="aws", aws_bucket_name="bucket", aws_secret_access_key="s3cret")
+    rotated = one.model_copy(update={"aws_secret_access_key": "other"})
+    resized = one.model_copy(update={"resolution": 512})
+    assert run_identity(cfg, [one]) == run_identity(cfg, [rotated])
+    assert run_identity(cfg, [one])["datasets"] != run_identity(cfg, [resized])["datasets"]
+    assert run_identity(cfg, [one])["dataset_ids"] == ["a"]
+    assert "s3cret" not in json.dumps(run_identity(cfg, [one]))
+
+
+def test_weights_of_another_shape_are_refused(tmp_path):
+    cfg = _cfg()
+    path = Run(cfg, seed=1).save(tmp_path, 1, cfg)
+    other = Run(cfg, seed=1)
+    other.model[3] = nn.Linear(16, 2)
+    with pytest.raises(UserError, match=r"do not fit the model being trained: 2 of another shape \(e.g. 3.bias, 3.weight\)"):
+        load_checkpoint(path, modules={"model": other.model}, states={})
+
+
+def test_every_rank_writes_its_state_and_rank_0_seals(tmp_path):
+    cfg = _cfg()
+    barrier = threading.Barrier(2)
+    runs = [Run(cfg, seed=1), Run(cfg, seed=1)]
+    for rank, run in enumerate(runs):
+        run.sampler.position = 10 + rank
+    results, errors = {}, []
+
+    def save(rank: int) -> None:
+        try:
+            processes = Processes(rank=rank, world_size=2, barrier=barrier.wait)
+            results[rank] = save_checkpoint(tmp_path, Progress(4, 1), modules={"model": runs[rank].model},
+                                            states=runs[rank].states(), processes=processes,
+                                            rank_states={"sampler": runs[rank].sampler})
+        except Exception as error:  # surfaced below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=save, args=(rank,)) for rank in range(2)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert not errors
+    assert results[0] == results[1] == tmp_path / "checkpoints" / "step-000004"
+    assert {"rank-00000.pt", "rank-00001.pt"} <= {p.name for p in results[0].iterdir()}
+    for rank in range(2):
+        fresh = Run(cfg, seed=3)
+        load_checkpoint(results[0], modules={"model": fresh.model}, states={},
+                        rank_states={"sampler": fresh.sampler}, processes=Processes(rank=rank, world_size=2))
+        assert fresh.sampler.position == 10 + rank
+
+
+def test_processes_from_an_accelerator():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    processes = Processes.from_accelerator(accelerator)
+    assert (processes.rank, processes.world_size, processes.is_main) == (0, 1, True)
+    processes.barrier()
