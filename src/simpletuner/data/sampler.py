@@ -131,16 +131,15 @@ class MultiDatasetSampler:
 
     def __next__(self) -> list[SampleRef]:
         plan = self._current_plan()
-        if self.step >= plan.steps:
-            self.epoch, self.step = self.epoch + 1, 0
-            plan = self._current_plan()
         batch = self._batch(plan, self.step)
         self.step += 1
+        if self.step == plan.steps:  # the next epoch's plan is built when its first batch is asked for
+            self.epoch, self.step = self.epoch + 1, 0
         return batch
 
     @property
     def steps_in_epoch(self) -> int:
-        """Steps (batches per rank) in the current epoch."""
+        """Steps (batches per rank) in the current epoch; `step` counts those already taken."""
         return self._current_plan().steps
 
     def _current_plan(self) -> _EpochPlan:
