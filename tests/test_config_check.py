@@ -120,3 +120,11 @@ def test_check_and_options_import_no_heavy_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+def test_missing_parquet_and_filter_files_are_reported(tmp_path):
+    path = _setup(tmp_path, datasets=[{"id": "photos", "instance_data_dir": "images", "caption_strategy": "parquet",
+                                       "parquet": {"path": "nope.parquet"}, "caption_filter_list": "nope.txt"}])
+    problems = check_settings(load_settings(path)).problems
+    assert any("parquet.path" in p and "nope.parquet" in p and "does not exist" in p for p in problems)
+    assert any("caption_filter_list" in p and "nope.txt" in p for p in problems)

@@ -212,3 +212,9 @@ def test_duplicate_dataset_ids(tmp_path):
 ])
 def test_dataset_references_must_resolve(tmp_path, entries, phrase):
     assert phrase in _error(_with_datasets(tmp_path, entries))
+
+
+def test_bare_flag_for_an_option_that_takes_a_value():
+    message = _error(None, ["--model_family", "sdxl", "--pretrained_model_name_or_path", "a/b", "--lora_rank",
+                            "--use_ema"])
+    assert "lora_rank: true is not accepted (from command line)" in message and "--lora_rank VALUE" in message

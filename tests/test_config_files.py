@@ -235,3 +235,32 @@ def test_dataset_entry_spellings_and_string_values(tmp_path):
     (dataset,) = settings.datasets
     assert (dataset.crop, dataset.repeats, dataset.caption_strategy, dataset.disabled) == (
         False, 3, "instanceprompt", False)
+
+
+def test_local_dataset_paths_resolved_beside_the_dataset_file_and_s3_left_alone(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "captions.parquet").write_bytes(b"")
+    (tmp_path / "data" / "filters.txt").write_text("watermark\n")
+    entries = [
+        {"id": "local", "instance_data_dir": "images", "caption_strategy": "parquet",
+         "parquet": {"path": "data/captions.parquet"}, "caption_filter_list": "data/filters.txt"},
+        {"id": "bucket", "type": "aws", "aws_bucket_name": "photos", "aws_data_prefix": "set1/",
+         "caption_strategy": "parquet", "parquet": {"path": "meta/captions.parquet"}},
+    ]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(entries))
+    monkeypatch.chdir("/")
+    local, bucket = load_settings(_write(tmp_path, "toml", OPTIONS)).datasets
+    assert local.parquet.path == str((tmp_path / "data" / "captions.parquet").resolve())
+    assert local.caption_filter_list == str((tmp_path / "data" / "filters.txt").resolve())
+    assert bucket.parquet.path == "meta/captions.parquet"
+    assert bucket.location() == "s3://photos/set1"
+
+
+def test_training_files_beside_the_config_become_absolute(tmp_path):
+    _dataset_files(tmp_path)
+    (tmp_path / "lycoris.json").write_text('{"algo": "lokr"}')
+    config = load_settings(_write(tmp_path, "toml", {**OPTIONS, "lora_type": "lycoris",
+                                                     "lycoris_config": "lycoris.json"})).training
+    assert config.lycoris_config == str((tmp_path / "lycoris.json").resolve())
+    assert config.pretrained_model_name_or_path == OPTIONS["pretrained_model_name_or_path"]  # a Hub id stays

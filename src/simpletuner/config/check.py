@@ -59,18 +59,30 @@ def _training_problems(training: TrainingConfig) -> list[str]:
     return [p for p in problems if p]
 
 
-def _dataset_problems(dataset: DatasetConfig) -> list[str]:
-    if dataset.type != "local" or dataset.dataset_type == "text_embeds" or not dataset.instance_data_dir:
-        return []
-    path = Path(dataset.instance_data_dir)
-    name = f"dataset {dataset.id!r}: instance_data_dir {str(path)!r}"
+def _path_problem(name: str, value: str, folder: bool) -> str | None:
+    path = Path(value)
     if not path.exists():
-        return [f"{name} does not exist"]
-    if not path.is_dir():
-        return [f"{name} is not a folder"]
-    if not os.access(path, os.R_OK | os.X_OK):
-        return [f"{name} is not readable"]
-    return []
+        return f"{name} {value!r} does not exist"
+    if folder != path.is_dir():
+        return f"{name} {value!r} is not a {'folder' if folder else 'file'}"
+    if not os.access(path, os.R_OK | (os.X_OK if folder else 0)):
+        return f"{name} {value!r} is not readable"
+    return None
+
+
+def _dataset_problems(dataset: DatasetConfig) -> list[str]:
+    """Local sources exist and are readable (paths were made absolute by loading)."""
+    if dataset.type != "local" or dataset.dataset_type == "text_embeds":
+        return []
+    name = f"dataset {dataset.id!r}:"
+    problems = []
+    if dataset.instance_data_dir:
+        problems.append(_path_problem(f"{name} instance_data_dir", dataset.instance_data_dir, folder=True))
+    if dataset.parquet is not None and "://" not in dataset.parquet.path:
+        problems.append(_path_problem(f"{name} parquet.path", dataset.parquet.path, folder=False))
+    if isinstance(dataset.caption_filter_list, str) and "://" not in dataset.caption_filter_list:
+        problems.append(_path_problem(f"{name} caption_filter_list", dataset.caption_filter_list, folder=False))
+    return [p for p in problems if p]
 
 
 def _resolution(dataset: DatasetConfig, training: TrainingConfig) -> str:

@@ -7,8 +7,12 @@ Precedence: command-line overrides > the configuration file > the schema's defau
 Datasets come from the file named by `data_backend_config` (SimpleTuner's
 multidatabackend.json; a relative path is looked up beside the configuration file first,
 then in the working directory, as SimpleTuner does), or from `[[datasets]]` tables in a
-TOML configuration. Relative `instance_data_dir`s are resolved the same way, against the
-dataset file's folder, so loaded datasets always carry absolute local paths.
+TOML configuration. A local dataset's relative paths (instance_data_dir, parquet.path, a
+caption_filter_list file) are resolved the same way against the dataset file's folder, so
+loaded datasets carry absolute local paths. Training options naming files or model folders
+(TRAINING_PATHS) become absolute when they exist beside the configuration file; otherwise
+they stay as written (a Hub id, or a path from the working directory). Cache and output
+folders stay as written: relative to the working directory, as in SimpleTuner.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ def _training(raw: RawConfig) -> tuple[TrainingConfig, list[str]]:
     outcome = validate(TrainingConfig, raw.values, raw.sources, TRAINING_COMPAT, origin)
     _fail(outcome.problems, _subject(raw))
     assert isinstance(outcome.model, TrainingConfig)
-    return outcome.model, raw.warnings + outcome.warnings
+    training = _with_config_relative_paths(outcome.model, raw.path.parent if raw.path else None)
+    return training, raw.warnings + outcome.warnings
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainingConfig:
@@ -127,10 +132,45 @@ def _entry_name(entry: Any, index: int) -> str:
     return f"dataset entry {index + 1}"
 
 
-def _with_local_path(dataset: DatasetConfig, base_dir: Path) -> DatasetConfig:
-    if dataset.type != "local" or not dataset.instance_data_dir:
-        return dataset
-    return dataset.model_copy(update={"instance_data_dir": str(resolve_beside(dataset.instance_data_dir, base_dir))})
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _with_local_paths(dataset: DatasetConfig, base_dir: Path) -> DatasetConfig:
+    """Relative local paths of a dataset entry made absolute (see `resolve_beside`)."""
+    if dataset.type != "local":
+        return dataset  # an S3 dataset's paths live in its bucket
+    update: dict[str, Any] = {}
+    if dataset.instance_data_dir:
+        update["instance_data_dir"] = str(resolve_beside(dataset.instance_data_dir, base_dir))
+    if dataset.parquet is not None and not _is_url(dataset.parquet.path):
+        update["parquet"] = dataset.parquet.model_copy(
+            update={"path": str(resolve_beside(dataset.parquet.path, base_dir))})
+    if isinstance(dataset.caption_filter_list, str) and not _is_url(dataset.caption_filter_list):
+        update["caption_filter_list"] = str(resolve_beside(dataset.caption_filter_list, base_dir))
+    return dataset.model_copy(update=update) if update else dataset
+
+
+# Options naming files or model folders; relative ones found beside the configuration file become absolute
+# (otherwise they stay as written: a Hub id, or a path from the working directory).
+TRAINING_PATHS = (
+    "pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "pretrained_unet_model_name_or_path",
+    "pretrained_transformer_model_name_or_path", "pretrained_t5_model_name_or_path",
+    "controlnet_model_name_or_path", "init_lora", "lycoris_config", "user_prompt_library", "webhook_config",
+)
+
+
+def _with_config_relative_paths(training: TrainingConfig, base_dir: Path | None) -> TrainingConfig:
+    if base_dir is None:
+        return training
+    update = {}
+    for name in TRAINING_PATHS:
+        value = getattr(training, name, None)
+        if isinstance(value, str) and value and not _is_url(value) and not Path(value).expanduser().is_absolute():
+            candidate = base_dir / value
+            if candidate.exists():
+                update[name] = str(candidate.resolve())
+    return training.model_copy(update=update) if update else training
 
 
 def parse_datasets(entries: list[Any], origin: Path) -> tuple[list[DatasetConfig], list[str]]:
@@ -147,7 +187,7 @@ def parse_datasets(entries: list[Any], origin: Path) -> tuple[list[DatasetConfig
         problems.extend(outcome.problems)
         warnings.extend(outcome.warnings)
         if isinstance(outcome.model, DatasetConfig):
-            datasets.append(_with_local_path(outcome.model, origin.parent))
+            datasets.append(_with_local_paths(outcome.model, origin.parent))
     _fail(problems, f"dataset file {origin}")
     if not datasets:
         raise ConfigError(f"{origin}: no dataset entries; add at least one image dataset")

@@ -113,13 +113,24 @@ def _convert(name: str, value: Any, annotation: Any) -> tuple[bool, Any]:
     return True, value
 
 
-def _prepare(values: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+def _prepare(values: dict[str, Any], sources: dict[str, str], model: type[BaseModel], origin: str,
+             problems: list[str]) -> dict[str, Any]:
     prepared: dict[str, Any] = {}
     for key, value in values.items():
-        keep, converted = _convert(key, value, model.model_fields[key].annotation)
+        annotation = model.model_fields[key].annotation
+        if isinstance(value, bool) and not types.accepts(annotation, bool) and value not in types.choices(annotation):
+            # pydantic would read true as 1; a bare --flag for a valued option is a mistake.
+            problems.append(f"{key}: {json_word(value)} is not accepted (from {_where(sources, key, origin)}); "
+                            f"it takes a value of type {types.type_name(annotation)}, e.g. --{key} VALUE")
+            continue
+        keep, converted = _convert(key, value, annotation)
         if keep:
             prepared[key] = converted
     return prepared
+
+
+def json_word(value: bool) -> str:
+    return "true" if value else "false"
 
 
 def _range_text(message: str) -> str:
@@ -177,10 +188,11 @@ def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str]
     warnings: list[str] = []
     _rename_aliases(values, sources, compat, origin, problems)
     _foreign_keys(values, sources, model, compat, origin, problems, warnings)
-    prepared = _prepare(values, model)
+    prepared = _prepare(values, sources, model, origin, problems)
     try:
         instance = model.model_validate(prepared)
     except ValidationError as error:
-        problems.extend(explain(e, model, sources, origin) for e in error.errors(include_url=False))
+        problems.extend(explain(e, model, sources, origin) for e in error.errors(include_url=False)
+                        if not (e["type"] == "missing" and e["loc"] and e["loc"][0] in values))
         return Outcome(None, problems, warnings)
     return Outcome(None if problems else instance, problems, warnings)
