@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -410,3 +411,29 @@ def test_from_config_falls_back_to_training_and_takes_the_family_alignment():
 def test_from_config_rejects_bad_combinations_naming_the_dataset(kw, fragment):
     with pytest.raises(ConfigError, match=f"dataset 'photos': .*{re.escape(fragment)}"):
         BucketSettings.from_config(dataset(**kw), training(), alignment=64)
+
+
+class ColumnView(Sequence):
+    """A columnar index view: hands over sizes as one array, records only on demand."""
+
+    def __init__(self, recs: list[ImageRecord]) -> None:
+        self.recs, self.reads = recs, 0
+
+    def __len__(self) -> int:
+        return len(self.recs)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.recs[i]
+
+    def sizes(self) -> np.ndarray:
+        return np.array([(r.width, r.height) for r in self.recs])
+
+
+def test_a_columnar_view_is_not_walked_record_by_record():
+    recs = records([(1024, 1024)] * 8 + [(1536, 1024)] * 8)
+    view = ColumnView(recs)
+    result = assign_buckets(view, pixel(512), 4, seed=0)
+    assert view.reads == 0
+    assert result.table() == assign_buckets(recs, pixel(512), 4, seed=0).table()
+    assert result.plan(9) == plan_image(1536, 1024, pixel(512))

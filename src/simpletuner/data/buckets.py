@@ -437,6 +437,10 @@ def assign_buckets(
     take it, it is dropped and counted under "small bucket". The sampler deals whole
     batches to ranks, so a bucket needs no more than one batch whatever the world size.
 
+    `records` may be any sequence (a view over a columnar index, say); one that has a
+    `sizes()` method returning an (n, 2) array of widths and heights is not walked
+    record by record, which matters at millions of images.
+
     `upstream` holds the index's own skips (unreadable files...): they only feed the
     DataError raised when no image is usable, which explains every excluded group.
     """
@@ -458,8 +462,7 @@ class _Builder:
         self, records: Sequence[ImageRecord], settings: BucketSettings, seed: int | None, dataset_id: str
     ) -> None:
         self.records, self.settings, self.seed, self.dataset_id = records, settings, seed, dataset_id
-        sizes = np.fromiter(((r.width, r.height) for r in records), dtype=np.dtype((np.int64, 2)), count=len(records))
-        sizes = sizes.reshape(-1, 2)
+        sizes = _record_sizes(records)
         if settings.is_random:
             self.key_sizes, self.record_key = sizes, np.arange(len(records), dtype=np.int64)
         else:
@@ -590,6 +593,15 @@ class _Builder:
             skipped=self.skipped,
             merges=tuple(self.merges),
         )
+
+
+def _record_sizes(records: Sequence[ImageRecord]) -> np.ndarray:
+    """(n, 2) widths and heights; a columnar index view may hand them over as `sizes()`."""
+    sizes = getattr(records, "sizes", None)
+    if callable(sizes):
+        return np.asarray(sizes(), dtype=np.int64).reshape(len(records), 2)
+    flat = np.fromiter((side for r in records for side in (r.width, r.height)), np.int64, count=2 * len(records))
+    return flat.reshape(-1, 2)
 
 
 def _bucket_distance(source: tuple[int, int], target: tuple[int, int]) -> tuple[float, float, tuple[int, int]]:
