@@ -451,3 +451,15 @@ def test_loss_parity_with_a_plain_diffusers_step(tiny, kind, options):
                                     hidden, added)
     assert torch.isfinite(ours)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_half_precision_frozen_base_takes_fp32_inputs(tiny):
+    family = get_family("sdxl")
+    cfg = config(tiny["sdxl"], "sdxl")
+    components = family.load(cfg, DTypePolicy(denoiser=torch.bfloat16))
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = family.text_outputs(components, CAPTIONS[:2])
+    with torch.no_grad():
+        loss = training_loss(family, components, family.objective(cfg, components), sdxl_batch(latents, text),
+                             _fixed_draw(latents))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

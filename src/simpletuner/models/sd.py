@@ -71,7 +71,8 @@ class StableDiffusionFamily(ModelFamily):
     def predict(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         unet = components["unet"]
-        return unet(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"], return_dict=False)[0]
+        return unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=text["prompt_embeds"].to(unet.dtype),
+                    return_dict=False)[0]
 
     def pipeline(self, components: Components) -> DiffusionPipeline:
         from diffusers import StableDiffusionPipeline

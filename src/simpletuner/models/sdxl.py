@@ -134,9 +134,10 @@ class SDXLFamily(ModelFamily):
     def predict(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         unet = components["unet"]
-        added = {"text_embeds": text["pooled_prompt_embeds"],
-                 "time_ids": self.time_ids(components, noisy_latents, batch).to(text["prompt_embeds"].dtype)}
-        return unet(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"],
+        dtype = unet.dtype  # a frozen half-precision base under LoRA takes half-precision inputs
+        added = {"text_embeds": text["pooled_prompt_embeds"].to(dtype),
+                 "time_ids": self.time_ids(components, noisy_latents, batch).to(dtype)}
+        return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=text["prompt_embeds"].to(dtype),
                     added_cond_kwargs=added, return_dict=False)[0]
 
     # ------------------------------------------------------------ pipelines
