@@ -128,3 +128,14 @@ def test_missing_parquet_and_filter_files_are_reported(tmp_path):
     problems = check_settings(load_settings(path)).problems
     assert any("parquet.path" in p and "nope.parquet" in p and "does not exist" in p for p in problems)
     assert any("caption_filter_list" in p and "nope.txt" in p for p in problems)
+
+
+def test_conditioning_pairs_and_unpaired_conditioning_is_noted(tmp_path):
+    (tmp_path / "masks").mkdir()
+    entries = [{"id": "photos", "instance_data_dir": "images", "conditioning_data": "masks"},
+               {"id": "masks", "instance_data_dir": "masks", "dataset_type": "conditioning", "conditioning_type": "mask"},
+               {"id": "edges", "instance_data_dir": "masks", "dataset_type": "conditioning"}]
+    report = check_settings(load_settings(_setup(tmp_path, datasets=entries)))
+    assert report.problems == []
+    assert any("'edges' is paired with no image dataset" in note for note in report.notes)
+    assert not any("'masks' is paired" in note for note in report.notes)

@@ -218,3 +218,9 @@ def test_bare_flag_for_an_option_that_takes_a_value():
     message = _error(None, ["--model_family", "sdxl", "--pretrained_model_name_or_path", "a/b", "--lora_rank",
                             "--use_ema"])
     assert "lora_rank: true is not accepted (from command line)" in message and "--lora_rank VALUE" in message
+
+
+def test_union_value_error_is_said_once(tmp_path):
+    message = _error(_with_datasets(tmp_path, [{**IMAGES, "caption_filter_list": {"x": 1}}]))
+    assert message.count("caption_filter_list") == 1
+    assert "it takes text or list of text" in message

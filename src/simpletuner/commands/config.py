@@ -12,12 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check",
+        usage="simpletuner config check FILE [--key value ...]",
         help="validate a configuration and its dataset file, and print a summary",
         description="Validate a configuration (TOML, JSON, SimpleTuner config.json or config.env) and its "
         "datasets: options, dataset references, local paths. Options given after FILE as --key value "
         "override the file. No network is used: Hub model ids are accepted as written.",
     )
-    check.add_argument("file", help="configuration file")
+    check.add_argument("file", metavar="FILE", help="configuration file")
 
 
 def run(args: argparse.Namespace) -> int:

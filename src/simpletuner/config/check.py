@@ -115,6 +115,10 @@ def check_settings(settings: Settings) -> CheckReport:
             if choice.dataset_id is None:
                 report.notes.append(f"dataset {dataset.id!r} has no text_embeds dataset: text embeddings will be "
                                     f"cached under {choice.location}")
+        if dataset.dataset_type == "conditioning" and not any(
+                d.conditioning_data == dataset.id for d in settings.datasets):
+            report.notes.append(f"conditioning dataset {dataset.id!r} is paired with no image dataset "
+                                "(set conditioning_data on the image dataset)")
         if dataset.type == "aws":
             report.notes.append(f"dataset {dataset.id!r} is on S3 ({dataset.location()}): not checked (no network)")
     report.summary = _summary(settings)

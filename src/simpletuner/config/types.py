@@ -36,6 +36,12 @@ def accepts_none(annotation: Any) -> bool:
     return accepts(annotation, type(None))
 
 
+def is_union_of_values(annotation: Any) -> bool:
+    """A union of several plain types (e.g. text or list of text), not counting None or models."""
+    members = [m for m in _flatten(annotation) if m is not type(None)]
+    return len(members) > 1 and not any(isinstance(m, type) and issubclass(m, BaseModel) for m in members)
+
+
 def is_model(annotation: Any) -> type[BaseModel] | None:
     for member in _flatten(annotation):
         if isinstance(member, type) and issubclass(member, BaseModel):

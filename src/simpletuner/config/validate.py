@@ -180,6 +180,26 @@ def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, st
     return f"{key}: {given!r} is not accepted (from {where}); {expected}" if key else f"{expected} (in {origin})"
 
 
+def _explain_all(error: ValidationError, model: type[BaseModel], values: dict[str, Any], sources: dict[str, str],
+                 origin: str) -> list[str]:
+    messages: list[str] = []
+    unions_done: set[str] = set()
+    for item in error.errors(include_url=False):
+        top = str(item["loc"][0]) if item["loc"] else ""
+        if item["type"] == "missing" and top in values:
+            continue  # already reported as a bad value
+        field_info = model.model_fields.get(top)
+        if field_info is not None and len(item["loc"]) > 1 and types.is_union_of_values(field_info.annotation):
+            # pydantic reports each member of a union (str, list[str]...): say it once.
+            if top not in unions_done:
+                unions_done.add(top)
+                messages.append(f"{top}: {values.get(top)!r} is not accepted (from {_where(sources, top, origin)}); "
+                                f"it takes {types.type_name(field_info.annotation)}")
+            continue
+        messages.append(explain(item, model, sources, origin))
+    return messages
+
+
 def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str], compat: Compat,
              origin: str) -> Outcome:
     """Check `values` against `model`; `origin` names the file for keys without a recorded source."""
@@ -192,7 +212,6 @@ def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str]
     try:
         instance = model.model_validate(prepared)
     except ValidationError as error:
-        problems.extend(explain(e, model, sources, origin) for e in error.errors(include_url=False)
-                        if not (e["type"] == "missing" and e["loc"] and e["loc"][0] in values))
+        problems.extend(_explain_all(error, model, values, sources, origin))
         return Outcome(None, problems, warnings)
     return Outcome(None if problems else instance, problems, warnings)
