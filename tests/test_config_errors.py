@@ -224,3 +224,11 @@ def test_union_value_error_is_said_once(tmp_path):
     message = _error(_with_datasets(tmp_path, [{**IMAGES, "caption_filter_list": {"x": 1}}]))
     assert message.count("caption_filter_list") == 1
     assert "it takes text or list of text" in message
+
+
+def test_dataset_nested_parquet_problems(tmp_path):
+    message = _error(_with_datasets(tmp_path, [{**IMAGES, "caption_strategy": "parquet",
+                                                "parquet": {"caption_colum": "text"}}]))
+    assert "missing required option parquet.path" in message
+    assert "unknown option 'parquet.caption_colum'" in message and "did you mean caption_column" in message
+    assert "--parquet" not in message  # dataset entries are not set from the command line

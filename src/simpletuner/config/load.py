@@ -36,7 +36,7 @@ from simpletuner.log import get_logger
 
 logger = get_logger(__name__)
 
-TRAINING_COMPAT = Compat(ALIASES, IGNORED, UNSUPPORTED)
+TRAINING_COMPAT = Compat(ALIASES, IGNORED, UNSUPPORTED, command_line=True)
 DATASET_COMPAT = Compat(DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED)
 DEFAULT_DATASET_FILE = "multidatabackend.json"
 

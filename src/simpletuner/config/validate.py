@@ -31,6 +31,7 @@ class Compat:
     aliases: dict[str, str] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, Unsupported] = field(default_factory=dict)
+    command_line: bool = False  # whether --key VALUE can supply a missing option
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _prepare(values: dict[str, Any], sources: dict[str, str], model: type[BaseMo
         annotation = model.model_fields[key].annotation
         if isinstance(value, bool) and not types.accepts(annotation, bool) and value not in types.choices(annotation):
             # pydantic would read true as 1; a bare --flag for a valued option is a mistake.
-            problems.append(f"{key}: {json_word(value)} is not accepted (from {_where(sources, key, origin)}); "
+            problems.append(f"{key}: {'true' if value else 'false'} is not accepted (from {_where(sources, key, origin)}); "
                             f"it takes a value of type {types.type_name(annotation)}, e.g. --{key} VALUE")
             continue
         keep, converted = _convert(key, value, annotation)
@@ -129,15 +130,27 @@ def _prepare(values: dict[str, Any], sources: dict[str, str], model: type[BaseMo
     return prepared
 
 
-def json_word(value: bool) -> str:
-    return "true" if value else "false"
-
-
 def _range_text(message: str) -> str:
     return message.replace("Input should be ", "must be ").replace("Input should have ", "must have ")
 
 
-def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, str], origin: str) -> str:
+def _missing(key: str, annotation: Any, where: str, command_line: bool) -> str:
+    allowed = types.choices(annotation) if annotation is not None else []
+    accepted = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
+    if command_line and "." not in key:
+        return (f"missing required option {key}{accepted}: set {key} in the configuration file or pass "
+                f"--{key} VALUE")
+    return f"missing required option {key}{accepted} in {where}: set it"
+
+
+def _unknown_nested(key: str, annotation: Any, where: str) -> str:
+    nested = types.is_model(annotation) if annotation is not None else None
+    hint = suggest(key.rsplit(".", 1)[-1], list(nested.model_fields)) if nested else ""
+    return f"unknown option {key!r} in {where}{hint}"
+
+
+def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, str], origin: str,
+            command_line: bool = False) -> str:
     """One pydantic error as a sentence: the key, what was given, what is accepted, where."""
     loc = [str(part) for part in error.get("loc", ())]
     key = ".".join(loc)
@@ -147,17 +160,9 @@ def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, st
     given = error.get("input")
     annotation = model.model_fields[top].annotation if top in model.model_fields else None
     if kind == "missing":
-        allowed = types.choices(annotation) if annotation is not None else []
-        accepted = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
-        if len(loc) > 1:
-            return f"{key}: missing required option in {where}; set {loc[-1]}{accepted}"
-        return (f"missing required option {key}{accepted}: set {key} in the configuration file or pass "
-                f"--{key} VALUE")
+        return _missing(key, annotation, where, command_line)
     if kind == "extra_forbidden":
-        parent = model.model_fields[top].annotation if top in model.model_fields else None
-        nested = types.is_model(parent) if parent is not None else None
-        hint = suggest(loc[-1], list(nested.model_fields)) if nested else ""
-        return f"unknown option {key!r} in {where}{hint}"
+        return _unknown_nested(key, annotation, where)
     if kind in ("literal_error", "enum"):
         allowed = [str(c) for c in types.choices(annotation)] if annotation is not None else []
         hint = VALUE_HINTS.get((top, str(given)))
@@ -181,13 +186,13 @@ def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, st
 
 
 def _explain_all(error: ValidationError, model: type[BaseModel], values: dict[str, Any], sources: dict[str, str],
-                 origin: str) -> list[str]:
+                 origin: str, command_line: bool) -> list[str]:
     messages: list[str] = []
     unions_done: set[str] = set()
     for item in error.errors(include_url=False):
         top = str(item["loc"][0]) if item["loc"] else ""
-        if item["type"] == "missing" and top in values:
-            continue  # already reported as a bad value
+        if item["type"] == "missing" and len(item["loc"]) == 1 and top in values:
+            continue  # given, but already reported as a bad value
         field_info = model.model_fields.get(top)
         if field_info is not None and len(item["loc"]) > 1 and types.is_union_of_values(field_info.annotation):
             # pydantic reports each member of a union (str, list[str]...): say it once.
@@ -196,7 +201,7 @@ def _explain_all(error: ValidationError, model: type[BaseModel], values: dict[st
                 messages.append(f"{top}: {values.get(top)!r} is not accepted (from {_where(sources, top, origin)}); "
                                 f"it takes {types.type_name(field_info.annotation)}")
             continue
-        messages.append(explain(item, model, sources, origin))
+        messages.append(explain(item, model, sources, origin, command_line))
     return messages
 
 
@@ -212,6 +217,6 @@ def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str]
     try:
         instance = model.model_validate(prepared)
     except ValidationError as error:
-        problems.extend(_explain_all(error, model, values, sources, origin))
+        problems.extend(_explain_all(error, model, values, sources, origin, compat.command_line))
         return Outcome(None, problems, warnings)
     return Outcome(None if problems else instance, problems, warnings)
