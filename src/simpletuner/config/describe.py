@@ -129,7 +129,13 @@ def render_markdown() -> str:
              f"Generated from `src/simpletuner/config/schema.py` by `{DOCS_COMMAND}`; do not edit by hand.", "",
              "Booleans may be written as true/false (any case), yes/no, on/off or 1/0. Configuration files: TOML, "
              "JSON, SimpleTuner's config.json (keys with or without `--`) and config.env; `--key value` on the "
-             "command line overrides them. `simpletuner config check FILE` validates a configuration.", ""]
+             "command line overrides them. `simpletuner config check FILE` validates a configuration.", "",
+             "Paths: `data_backend_config` and a local dataset's `instance_data_dir`, `parquet.path` and "
+             "`caption_filter_list` are looked up beside the file that names them first, then in the working "
+             "directory (SimpleTuner's habit). Model and file options (`pretrained_*`, `init_lora`, "
+             "`lycoris_config`, ...) are used beside the configuration file when they exist there, otherwise as "
+             "written: a Hub id such as `stabilityai/stable-diffusion-xl-base-1.0`, or a path from the working "
+             "directory. Cache and output folders are relative to the working directory.", ""]
     for section in SECTIONS:
         lines += [f"## {section.title}", "", section.intro, ""]
         lines += _table(options(section.model, section.prefix))
