@@ -264,3 +264,11 @@ def test_training_files_beside_the_config_become_absolute(tmp_path):
                                                      "lycoris_config": "lycoris.json"})).training
     assert config.lycoris_config == str((tmp_path / "lycoris.json").resolve())
     assert config.pretrained_model_name_or_path == OPTIONS["pretrained_model_name_or_path"]  # a Hub id stays
+
+
+def test_env_argument_lists_win_over_variables_as_in_simpletuner(tmp_path):
+    path = tmp_path / "config.env"
+    path.write_text('export TRAINER_EXTRA_ARGS="--learning_rate=5e-5"\nexport MODEL_FAMILY=sdxl\n'
+                    'export MODEL_NAME=a/b\nexport LEARNING_RATE=1e-3\n')
+    assert load_config(path).learning_rate == 5e-5
+    assert load_config(path, ["--learning_rate", "2e-6"]).learning_rate == 2e-6

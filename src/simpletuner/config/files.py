@@ -166,7 +166,9 @@ def _read_env(path: Path) -> RawConfig:
     assignments, used = _read_env_assignments(path)
     raw = RawConfig()
     final = {name: (value, where) for name, value, where in assignments}  # the last assignment wins
-    for name, (value, where) in final.items():
+    # Argument lists come last, as SimpleTuner appends them after the mapped variables.
+    ordered = sorted(final.items(), key=lambda item: item[0] in ENV_ARGUMENT_LISTS)
+    for name, (value, where) in ordered:
         if name in ENV_ARGUMENT_LISTS:
             raw.update(parse_arguments(shlex.split(value), f"{where} ({name})"), f"{where} ({name})")
         elif (option := _env_option(name)) is not None:
