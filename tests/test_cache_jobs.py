@@ -303,6 +303,8 @@ def test_real_tiny_vae_through_the_job(dataset, tmp_path):
     assert entry["mean"].shape == (4, side // 2, side // 2) and torch.all(entry["std"] > 0)
     latent = sample_latent(entry, torch.Generator().manual_seed(0))
     assert latent.shape == entry["mean"].shape and not torch.equal(latent, entry["mean"])
+    pair = latent_entry((entry["mean"], entry["std"]))
+    assert pair["mean"] is entry["mean"] and pair["std"] is entry["std"]
 
 
 TORCHRUN_SCRIPT = textwrap.dedent(

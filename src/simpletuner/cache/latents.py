@@ -88,7 +88,11 @@ def sample_latent(entry: dict[str, "torch.Tensor"], generator: "torch.Generator 
 
 
 def latent_entry(distribution: Any) -> dict[str, "torch.Tensor"]:
-    """{"mean", "std"} of a diffusers DiagonalGaussianDistribution (`vae.encode(x).latent_dist`)."""
+    """{"mean", "std"} of a diffusers DiagonalGaussianDistribution (`vae.encode(x).latent_dist`),
+    or of a (mean, std) pair such as `ModelFamily.encode_images` returns."""
+    if isinstance(distribution, (tuple, list)):
+        mean, std = distribution
+        return {"mean": mean, "std": std}
     return {"mean": distribution.mean, "std": distribution.std}
 
 
