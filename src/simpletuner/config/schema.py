@@ -150,7 +150,8 @@ class TrainingConfig(StrictModel):
     # model
     model_family: ModelFamily = Field(description="Architecture: legacy (= SD 1.x/2.x), sd1x, sd2x, sdxl, sd3, "
                                       "flux, pixart_sigma, kolors, deepfloyd.")
-    model_type: ModelType = Field("lora", description="What trains: LoRA/LyCORIS adapter or the full model.")
+    model_type: ModelType = Field("lora", description="What trains: LoRA/LyCORIS adapter or the full model. "
+                                  "SimpleTuner defaults to full; an adapter is the safer start.")
     pretrained_model_name_or_path: str = Field(description="Hub id or local diffusers folder of the base model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
@@ -188,7 +189,8 @@ class TrainingConfig(StrictModel):
                                                       "LyCORIS (LoKr, LoHa, ...) from lycoris_config.")
     lora_rank: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: float | None = Field(None, description="LoRA alpha; defaults to lora_rank (scale 1).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside LoRA layers.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside LoRA layers (SimpleTuner: 0.1; "
+                                "peft and most trainers use none).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     lora_init_type: Literal["default", "gaussian", "loftq", "olora", "pissa"] = Field(
         "default", description="How LoRA weights start (peft's init_lora_weights).")
@@ -227,7 +229,8 @@ class TrainingConfig(StrictModel):
                                                                    "of this (default: the model's; 64, or 8 for "
                                                                    "DeepFloyd).")
     caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
-                                               "empty caption (keeps classifier-free guidance working).")
+                                               "empty caption (keeps classifier-free guidance working). "
+                                               "SimpleTuner defaults to 0.")
     caption_dropout_size_conditioning: bool = Field(True, description="SDXL-style models: a dropped caption "
                                                     "also zeroes the size/crop (refiner: aesthetic) conditioning.")
     data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
@@ -235,7 +238,8 @@ class TrainingConfig(StrictModel):
     )
     cache_dir: str = Field("cache", description="Root of the caches (index, latents, text embeddings).")
     # optimisation
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate. SimpleTuner's 4e-7 suits only "
+                                 "full fine-tuning; 1e-4 suits LoRA.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial", "sine"] = Field(
         "constant_with_warmup", description="Learning-rate schedule. SimpleTuner defaults to sine; a constant "
