@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from simpletuner.config import types
 from simpletuner.config.compat import (
-    ALIASES, DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED, IGNORED, UNSUPPORTED,
+    ALIASES, DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED, FAMILY_SWITCHES, IGNORED, UNSUPPORTED,
 )
 from simpletuner.config.schema import DatasetConfig, ParquetOptions, TrainingConfig
 
@@ -112,6 +112,11 @@ def _compat_lists() -> list[str]:
     lines = ["## SimpleTuner options", "",
              "Other spellings accepted: " + ", ".join(f"`{a}` = `{b}`" for a, b in {**ALIASES, **DATASET_ALIASES}.items())
              + ".", "",
+             "Old switches translated: " + ", ".join(f"`{k}=true`" for k in FAMILY_SWITCHES)
+             + " set `model_family`; `offset_noise=true` sets `noise_offset` to 0.1 unless given (without it "
+             "SimpleTuner ignores `noise_offset`, and so do we, with a warning); `use_bitfit=true` sets "
+             "`layer_freeze_strategy=bitfit`. config.env variables take SimpleTuner's names (MODEL_NAME, "
+             "LEARNING_RATE, ...) or an option's name in capitals; TRAINER_EXTRA_ARGS holds more `--key=value`.", "",
              "Accepted and ignored, with a warning (they cannot change what is trained):", ""]
     for name, reason in sorted({**IGNORED, **{f"{k} (dataset)": v for k, v in DATASET_IGNORED.items()}}.items()):
         lines.append(f"- `{name}`: {reason}")
