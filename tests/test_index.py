@@ -7,7 +7,7 @@ from PIL import Image
 
 from simpletuner.config.schema import DatasetConfig
 from simpletuner.data.index import (INDEX_FILE, ImageIndex, PathTable, load_index, read_header, scan_dataset,
-                                    skipped_groups, too_small, update_index)
+                                    skipped_groups, update_index)
 from simpletuner.data.storage import DatasetStorage, FileEntry, WritableLocation
 
 
@@ -78,7 +78,7 @@ def test_sizes_come_from_headers_with_exif_orientation(dataset, tmp_path):
 def test_every_skip_reason_is_recorded_with_examples(dataset, tmp_path):
     result = _scan(dataset, tmp_path / "cache")
     groups = {group.reason: group for group in skipped_groups(result.index, examples=5)}
-    paths = {reason: sorted(example.split(" (")[0] for example in group.examples) for reason, group in groups.items()}
+    paths = {reason: sorted(example.split(": ")[0] for example in group.examples) for reason, group in groups.items()}
     assert paths == {
         "zero_byte": ["bad/empty.jpg"],
         "unreadable": ["bad/dangling.jpg"],
@@ -88,20 +88,6 @@ def test_every_skip_reason_is_recorded_with_examples(dataset, tmp_path):
     assert result.files_found == 18 and int(result.index.usable.sum()) == 10
     assert any("No such file" in example for example in groups["unreadable"].examples)
     assert any("end-of-image" in example for example in groups["truncated"].examples)
-
-
-def test_too_small_is_judged_in_the_resolution_unit(dataset, tmp_path):
-    index = _scan(dataset, tmp_path / "cache").index
-    mask = too_small(index.width, index.height, 30, "pixel")
-    groups = {group.reason: group for group in skipped_groups(index, {"too_small": mask}, examples=10)}
-    assert sorted(e.split(" (")[0] for e in groups["too_small"].examples) == sorted([
-        "ok/bitmap.bmp", "ok/big_header.jpg", "ok/drawing.png", "ok/png_named.jpg", "ok/scan.tiff",
-        "ok/transposed.webp", "ok/web.webp"])
-    width, height = np.array([1000, 2000, 512]), np.array([1000, 500, 512])
-    assert too_small(width, height, 0.9, "area").tolist() == [False, False, True]
-    assert too_small(width, height, 1000, "pixel_area").tolist() == [False, False, True]
-    assert too_small(width, height, 600, "pixel").tolist() == [False, True, True]
-    assert too_small(width, height, None, "pixel").tolist() == [False, False, False]
 
 
 def test_index_lives_in_the_cache_and_rescans_reopen_nothing(dataset, tmp_path):

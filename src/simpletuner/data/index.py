@@ -6,9 +6,10 @@ and updated incrementally: new or changed files (size or mtime) are read,
 deleted ones dropped, unchanged ones reused without being opened.
 
 Files that cannot be used are kept in the index with a reason (zero_byte,
-unreadable, undecodable, truncated) so a scan can say why; `too_small` depends
-on the dataset settings and is computed on top of the index (see `too_small`).
-An `unreadable` entry (an I/O error, maybe passing) is read again next time.
+unreadable, undecodable, truncated) so a scan can say why. Images too small for
+the dataset's settings are judged later, by `simpletuner.data.buckets` (the
+settings may change; the index stays valid). An `unreadable` entry (an I/O
+error, maybe passing) is read again next time.
 
 Format: one `.npz` holding columns (numpy arrays) and the paths as one
 NUL-separated UTF-8 blob: compact for 20k or 10M entries, written atomically.
@@ -43,13 +44,11 @@ INDEX_FILE = "image_index.npz"
 # status codes persisted in the index
 OK, ZERO_BYTE, UNREADABLE, UNDECODABLE, TRUNCATED = range(5)
 REASONS = {ZERO_BYTE: "zero_byte", UNREADABLE: "unreadable", UNDECODABLE: "undecodable", TRUNCATED: "truncated"}
-TOO_SMALL = "too_small"
 REASON_HELP = {
-    "zero_byte": "empty files (0 bytes)",
-    "unreadable": "could not be read (permissions or I/O errors; read again on the next scan)",
-    "undecodable": "not an image Pillow can read, or a corrupt header",
-    "truncated": "the file ends before the image does (incomplete download or copy)",
-    TOO_SMALL: "smaller than minimum_image_size",
+    "zero_byte": "empty files: re-copy or remove them",
+    "unreadable": "could not be read (permissions, broken links, I/O errors); tried again on the next scan",
+    "undecodable": "not an image Pillow can read, or a corrupt header: re-export them",
+    "truncated": "the file ends before the image does (an incomplete download or copy): re-copy them",
 }
 
 HEAD_BYTES = 1 << 16
@@ -176,7 +175,7 @@ def read_header(storage: DatasetStorage, entry: FileEntry) -> HeaderResult:
     from PIL import UnidentifiedImageError
 
     if entry.size == 0:
-        return HeaderResult(ZERO_BYTE, detail="0 bytes")
+        return HeaderResult(ZERO_BYTE)
     try:
         head, tail = _read_head_and_tail(storage, entry)
         problem = _tail_problem("WEBP", entry.size, head, tail) if head[8:12] == b"WEBP" else ""
@@ -432,22 +431,6 @@ def scan_dataset(storage: DatasetStorage, cache: WritableLocation, workers: int 
 # --------------------------------------------------------------------------- reporting
 
 
-def too_small(width: np.ndarray, height: np.ndarray, minimum: float | None, resolution_type: str) -> np.ndarray:
-    """Rows below `minimum_image_size`, read in the dataset's resolution unit.
-
-    pixel: the shorter side in pixels; area: megapixels; pixel_area: the side of a square of equal area.
-    """
-    width = np.asarray(width, dtype=np.float64)
-    height = np.asarray(height, dtype=np.float64)
-    if not minimum:
-        return np.zeros(width.shape, dtype=bool)
-    if resolution_type == "pixel":
-        return np.minimum(width, height) < minimum
-    if resolution_type == "area":
-        return width * height / 1e6 < minimum
-    return width * height < minimum * minimum
-
-
 @dataclass
 class SkipGroup:
     reason: str
@@ -464,14 +447,9 @@ def skipped_groups(index: ImageIndex, extra: dict[str, np.ndarray] | None = None
         if len(rows):
             shown = [_example(index, row) for row in rows[:examples]]
             groups.append(SkipGroup(reason, len(rows), shown))
-    for reason, mask in (extra or {}).items():
-        rows = np.flatnonzero(index.usable & mask)
-        if len(rows):
-            shown = [f"{index.paths[row]} ({index.width[row]}x{index.height[row]})" for row in rows[:examples]]
-            groups.append(SkipGroup(reason, len(rows), shown))
     return groups
 
 
 def _example(index: ImageIndex, row: int) -> str:
     detail = index.details.get(int(row))
-    return f"{index.paths[row]} ({detail})" if detail else index.paths[row]
+    return f"{index.paths[row]}: {detail}" if detail else index.paths[row]
