@@ -122,6 +122,11 @@ def load(tiny, kind: str, family: str | None = None, **options):
     return family, family.load(cfg, FP32), cfg
 
 
+def latent_size(family, components, size: int = 32) -> tuple[int, int]:
+    side = size // family.vae_scale_factor(components)
+    return side, side
+
+
 def pixels(batch: int = 2, size: int = 32, seed: int = 5) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand((batch, 3, size, size), generator=generator) * 2 - 1
@@ -192,12 +197,18 @@ def test_prediction_type_comes_from_the_model_unless_overridden(tiny):
 
 
 def test_separate_vae_replaces_the_models_vae(tiny, tmp_path):
-    other = _tiny_vae(seed=99)
+    from diffusers import AutoencoderKL
+
+    other = AutoencoderKL.from_pretrained(tiny["sd1x"], subfolder="vae")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.5)
     other.save_pretrained(tmp_path / "flat_vae")
-    for location in (tmp_path / "flat_vae", tiny["sdxl"]):
+    second = _copy(tiny["sd1x"], tmp_path)  # a whole model folder: its vae subfolder is taken
+    other.save_pretrained(second / "vae")
+    for location in (tmp_path / "flat_vae", second):
         _, components, _ = load(tiny, "sd1x", pretrained_vae_model_name_or_path=str(location))
-        expected = other if location.name == "flat_vae" else _tiny_vae()
-        for got, want in zip(components["vae"].state_dict().values(), expected.state_dict().values()):
+        for got, want in zip(components["vae"].state_dict().values(), other.state_dict().values()):
             torch.testing.assert_close(got, want)
 
 
@@ -266,7 +277,9 @@ def test_sdxl_text_outputs_match_encode_prompt(tiny):
         family, components, _ = load(tiny, kind)
         ours = family.text_outputs(components, CAPTIONS)
         embeds, _, pooled, _ = family.pipeline(components).encode_prompt(CAPTIONS, do_classifier_free_guidance=False)
-        assert ours["prompt_embeds"].shape == (3, 77, 64 if kind == "sdxl" else 32)
+        widths = [components[name].config.hidden_size for name in ("text_encoder", "text_encoder_2")
+                  if components.get(name) is not None]
+        assert ours["prompt_embeds"].shape == (3, 77, sum(widths))
         torch.testing.assert_close(ours["prompt_embeds"], embeds, rtol=0, atol=0)
         torch.testing.assert_close(ours["pooled_prompt_embeds"], pooled, rtol=0, atol=0)
 
@@ -284,7 +297,7 @@ def test_latent_distribution_and_scaled_draw_match_the_vae(tiny):
     expected = distribution.sample(generator=torch.Generator().manual_seed(3)) * vae.config.scaling_factor
     torch.testing.assert_close(drawn, expected)
     torch.testing.assert_close(family.unscale_latents(components, drawn), expected / vae.config.scaling_factor)
-    assert family.vae_scale_factor(components) == 2 and mean.shape == (2, 4, 16, 16)
+    assert mean.shape == (2, 4, *[32 // family.vae_scale_factor(components)] * 2)
 
 
 def test_sample_conditioning_from_a_plan_uses_sdxl_order():
@@ -309,7 +322,7 @@ def sdxl_batch(latents: torch.Tensor, text: dict) -> dict:
 
 def test_time_ids_and_the_refiner_variant(tiny):
     family, components, _ = load(tiny, "sdxl")
-    latents = torch.zeros(2, 4, 16, 16)
+    latents = torch.zeros(2, 4, *latent_size(family, components))
     batch = sdxl_batch(latents, {})
     assert family.time_ids(components, latents, batch).tolist() == [[40, 48, 4, 8, 32, 32]] * 2
     del batch["target_size"]  # falls back to the latents' size in pixels
@@ -324,7 +337,7 @@ def test_sdxl_caption_dropout_zeroes_text_and_size_conditioning(tiny):
     family, components, _ = load(tiny, "sdxl")
     text = family.text_outputs(components, CAPTIONS[:2])
     empty = family.text_outputs(components, [""])
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(2, 4, *latent_size(family, components), generator=torch.Generator().manual_seed(0))
     keep = torch.tensor([True, False])
     dropped_text, dropped_batch = family.drop_captions(components, text, empty, keep, sdxl_batch(latents, text))
     assert torch.equal(dropped_text["prompt_embeds"][0], text["prompt_embeds"][0])
@@ -457,7 +470,7 @@ def test_half_precision_frozen_base_takes_fp32_inputs(tiny):
     family = get_family("sdxl")
     cfg = config(tiny["sdxl"], "sdxl")
     components = family.load(cfg, DTypePolicy(denoiser=torch.bfloat16))
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(2, 4, *latent_size(family, components), generator=torch.Generator().manual_seed(0))
     text = family.text_outputs(components, CAPTIONS[:2])
     with torch.no_grad():
         loss = training_loss(family, components, family.objective(cfg, components), sdxl_batch(latents, text),

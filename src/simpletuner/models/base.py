@@ -152,7 +152,7 @@ class ModelFamily(ABC):
             modules[spec.name] = self._load_component(cfg, spec, index, dtypes)
         modules.update(self._override_components(cfg, dtypes))
         settings = self.settings_from(cfg, index, modules)
-        noise_scheduler = self._noise_scheduler(modules["scheduler"])
+        noise_scheduler = self._noise_scheduler(modules["scheduler"], cfg.training_scheduler_timestep_spacing)
         return Components(modules=modules, noise_scheduler=noise_scheduler, source=source,
                           pipeline_class=index["_class_name"], settings=settings)
 
@@ -167,7 +167,7 @@ class ModelFamily(ABC):
                 "Set model_family to match the model, or point pretrained_model_name_or_path at a "
                 f"{self.name} model."
             )
-        present = [name for name, value in index.items() if not name.startswith("_") and _declared(value)]
+        present = [name for name, value in index.items() if not name.startswith("_") and declared(value)]
         missing = [spec.name for spec in self.component_specs if spec.required and spec.name not in present]
         if missing:
             raise UserError(
@@ -193,7 +193,7 @@ class ModelFamily(ABC):
 
     def _load_component(self, cfg: TrainingConfig, spec: ComponentSpec, index: Mapping[str, Any],
                         dtypes: DTypePolicy) -> Any:
-        if not _declared(index.get(spec.name)):
+        if not declared(index.get(spec.name)):
             return None
         source = cfg.pretrained_model_name_or_path
         kwargs: dict[str, Any] = {"subfolder": spec.name, "revision": cfg.revision,
@@ -231,10 +231,11 @@ class ModelFamily(ABC):
         return dtypes.denoiser
 
     @staticmethod
-    def _noise_scheduler(scheduler: Any) -> Any:
+    def _noise_scheduler(scheduler: Any, timestep_spacing: str) -> Any:
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=False)
+        return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=False,
+                                         timestep_spacing=timestep_spacing)
 
     # ------------------------------------------------------------ declared facts
     def check_resolution(self, width: int, height: int) -> None:
@@ -348,7 +349,7 @@ class ModelFamily(ABC):
 
 
 # ---------------------------------------------------------------- loading helpers
-def _declared(value: Any) -> bool:
+def declared(value: Any) -> bool:
     """model_index.json lists absent components as [null, null]."""
     return isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None and value[1] is not None
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from simpletuner.models.base import Components, ComponentSpec, ModelFamily
+from simpletuner.errors import UserError
+from simpletuner.models.base import Components, ComponentSpec, ModelFamily, declared
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, tokenize, unet_preset_name
 
 if TYPE_CHECKING:
@@ -64,6 +65,14 @@ class SDXLFamily(ModelFamily):
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
+
+    def check_model_index(self, source: str, index: Mapping[str, Any]) -> None:
+        super().check_model_index(source, index)
+        if not index.get("requires_aesthetics_score", False):
+            missing = [name for name in ("text_encoder", "tokenizer") if not declared(index.get(name))]
+            if missing:
+                raise UserError(f"{source}: the model lacks {', '.join(missing)}, which an SDXL base model needs "
+                                "(only the refiner, with requires_aesthetics_score, goes without)")
 
     def settings_from(self, cfg: TrainingConfig, index: Mapping[str, Any], modules: Mapping[str, Any]) -> dict:
         settings = super().settings_from(cfg, index, modules)
@@ -166,7 +175,5 @@ class SDXLRefinerFamily(SDXLFamily):
     def check_model_index(self, source: str, index: Mapping[str, Any]) -> None:
         super().check_model_index(source, index)
         if not index.get("requires_aesthetics_score", False):
-            from simpletuner.errors import UserError
-
             raise UserError(f"{source}: not an SDXL refiner (model_index.json has no requires_aesthetics_score: "
                             "true); use model_family 'sdxl' for a base model")
