@@ -22,7 +22,6 @@ from simpletuner.errors import ConfigError, UserError
 from simpletuner.models.base import DTypePolicy, read_model_index
 from simpletuner.models.registry import family_names, get_family
 from simpletuner.models.sd import SD1Family, SD2Family, StableDiffusionFamily
-from simpletuner.models.sdxl import SDXLFamily
 from simpletuner.train.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
@@ -222,6 +221,12 @@ def test_wrong_family_is_named(tiny):
         get_family("sd1x").load(config(tiny["sdxl"], "sd1x"), FP32)
 
 
+def test_sdxl_family_serves_base_and_refiner(tiny):
+    from simpletuner.models.sdxl import SDXLFamily
+
+    assert type(get_family("sdxl")) is SDXLFamily and isinstance(get_family("sdxl_refiner"), SDXLFamily)
+
+
 def test_refiner_by_name_rejects_a_base_model(tiny):
     with pytest.raises(UserError, match="not an SDXL refiner"):
         get_family("sdxl_refiner").load(config(tiny["sdxl"], "sdxl"), FP32)
@@ -239,6 +244,10 @@ def test_missing_component_is_named(tiny, tmp_path):
     index["text_encoder_2"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match=r"lacks text_encoder_2, which model_family 'sdxl' needs \(model_index"):
+        get_family("sdxl").load(config(folder, "sdxl"), FP32)
+    index["text_encoder_2"], index["text_encoder"] = index["text_encoder"], [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="lacks text_encoder, which an SDXL base model needs"):
         get_family("sdxl").load(config(folder, "sdxl"), FP32)
 
 
