@@ -406,8 +406,10 @@ class BucketAssignment:
 
     def plans(self) -> Iterator[tuple[int, ImagePlan]]:
         """(record position, plan) of every usable image, bucket by bucket."""
-        for record in self.order.tolist():
-            yield record, self.plan(record)
+        chunk = 1 << 16
+        for start in range(0, len(self.order), chunk):
+            for record in self.order[start : start + chunk].tolist():
+                yield record, self.plan(record)
 
     def table(self) -> list[BucketRow]:
         """The bucket table: target size, images, full batches."""
@@ -463,11 +465,11 @@ class _Builder:
     ) -> None:
         self.records, self.settings, self.seed, self.dataset_id = records, settings, seed, dataset_id
         sizes = _record_sizes(records)
+        self.index_dtype = np.int32 if len(records) < 2**31 else np.int64
         if settings.is_random:
-            self.key_sizes, self.record_key = sizes, np.arange(len(records), dtype=np.int64)
+            self.key_sizes, self.record_key = sizes, np.arange(len(records), dtype=self.index_dtype)
         else:
-            self.key_sizes, inverse = np.unique(sizes, axis=0, return_inverse=True)
-            self.record_key = inverse.reshape(-1).astype(np.int64)
+            self.key_sizes, self.record_key = _distinct_sizes(sizes, self.index_dtype)
         keys = len(self.key_sizes)
         self.plans = np.zeros((keys, _PLAN_COLUMNS), dtype=np.int32)
         self.key_skip = np.full(keys, -1, dtype=np.int16)  # index into self.kinds
@@ -480,8 +482,10 @@ class _Builder:
         return image_seed(self.seed, self.records[key].path) if self.settings.is_random else None
 
     def plan_all(self) -> None:
-        for key, (width, height) in enumerate(self.key_sizes.tolist()):
-            self.store(key, plan_image(width, height, self.settings, self.key_seed(key)))
+        chunk = 1 << 16  # a million keys as Python lists would cost more than the arrays they index
+        for start in range(0, len(self.key_sizes), chunk):
+            for key, (width, height) in enumerate(self.key_sizes[start : start + chunk].tolist(), start):
+                self.store(key, plan_image(width, height, self.settings, self.key_seed(key)))
 
     def store(self, key: int, result: ImagePlan | Skip) -> None:
         if isinstance(result, Skip):
@@ -573,15 +577,14 @@ class _Builder:
         ranked = sorted(range(len(targets)), key=lambda i: (targets[i, 0] / targets[i, 1], targets[i, 0] * targets[i, 1]))
         rank_of = np.empty(len(targets), dtype=np.int64)
         rank_of[ranked] = np.arange(len(targets))
-        bucket_of_key = np.full(len(self.key_sizes), -1, dtype=np.int64)
+        bucket_of_key = np.full(len(self.key_sizes), -1, dtype=np.int32)
         bucket_of_key[keys] = rank_of[inverse]
         buckets = tuple((int(targets[i, 0]), int(targets[i, 1])) for i in ranked)
         record_bucket = bucket_of_key[self.record_key]
-        usable = np.flatnonzero(record_bucket >= 0)
-        index_dtype = np.int32 if len(self.records) < 2**31 else np.int64
-        order = usable[np.argsort(record_bucket[usable], kind="stable")].astype(index_dtype)
-        counts = np.bincount(record_bucket[usable], minlength=len(buckets))
-        record_plan = np.where(record_bucket >= 0, self.record_key, -1).astype(index_dtype)
+        counts = np.bincount(record_bucket + 1, minlength=len(buckets) + 1)  # slot 0: excluded records
+        order = np.argsort(record_bucket, kind="stable")[counts[0]:].astype(self.index_dtype)
+        record_plan = np.where(record_bucket >= 0, self.record_key, self.record_key.dtype.type(-1))
+        counts = counts[1:]
         return BucketAssignment(
             records=self.records,
             batch_size=batch_size,
@@ -595,11 +598,28 @@ class _Builder:
         )
 
 
+def _distinct_sizes(sizes: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct (width, height) rows sorted, each record's row), a chunk at a time to spare memory."""
+    chunk = 1 << 20
+    codes = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(sizes), chunk):
+        codes = [np.unique(np.concatenate([codes[0], _size_codes(sizes[start : start + chunk])]))]
+    distinct = codes[0]
+    record_key = np.empty(len(sizes), dtype=dtype)
+    for start in range(0, len(sizes), chunk):
+        record_key[start : start + chunk] = np.searchsorted(distinct, _size_codes(sizes[start : start + chunk]))
+    return np.stack([distinct >> 32, distinct & 0xFFFFFFFF], axis=1), record_key
+
+
+def _size_codes(sizes: np.ndarray) -> np.ndarray:
+    return (sizes[:, 0].astype(np.int64) << 32) | sizes[:, 1].astype(np.int64)
+
+
 def _record_sizes(records: Sequence[ImageRecord]) -> np.ndarray:
     """(n, 2) widths and heights; a columnar index view may hand them over as `sizes()`."""
     sizes = getattr(records, "sizes", None)
     if callable(sizes):
-        return np.asarray(sizes(), dtype=np.int64).reshape(len(records), 2)
+        return np.asarray(sizes()).reshape(len(records), 2)
     flat = np.fromiter((side for r in records for side in (r.width, r.height)), np.int64, count=2 * len(records))
     return flat.reshape(-1, 2)
 

@@ -66,20 +66,28 @@ class SamplerDataset:
 
 @dataclass
 class _DatasetEpoch:
-    """One dataset's batches for one epoch, already shuffled and trimmed to whole rank groups."""
+    """One dataset's batches for one epoch, already shuffled and trimmed to whole rank groups.
+
+    Batches are numbered bucket by bucket (bucket 0's first, then bucket 1's...);
+    `batch_order` is the shuffled sequence of those numbers.
+    """
 
     passes: np.ndarray  # (1 + repeats, images) record positions; each pass shuffled within buckets
-    batch_bucket: np.ndarray  # bucket of each batch
-    batch_start: np.ndarray  # first position of each batch in its bucket's chained passes
+    batch_order: np.ndarray  # shuffled batch numbers, len a multiple of world_size
+    first_batch: np.ndarray  # number of each bucket's first batch
     trimmed: int  # samples left out this epoch
+
+    def locate(self, number: int, batch_size: int) -> tuple[int, int]:
+        """(bucket, first position in the bucket's chained passes) of a batch number."""
+        bucket = int(np.searchsorted(self.first_batch, number, side="right")) - 1
+        return bucket, (number - int(self.first_batch[bucket])) * batch_size
 
 
 @dataclass
 class _EpochPlan:
     epoch: int
     datasets: list[_DatasetEpoch]
-    step_dataset: np.ndarray  # which dataset each step draws from
-    step_group: np.ndarray  # which group of world_size batches of that dataset
+    step_dataset: np.ndarray  # which dataset each step draws from (its next group of world_size batches)
 
     @property
     def steps(self) -> int:
@@ -108,6 +116,7 @@ class MultiDatasetSampler:
         self.epoch, self.step = 0, 0
         self.trimmed_samples: dict[str, int] = {}
         self._plan: _EpochPlan | None = None
+        self._taken = np.zeros(len(self.datasets), dtype=np.int64)
         self._warned: set[str] = set()
 
     @classmethod
@@ -144,19 +153,23 @@ class MultiDatasetSampler:
 
     def _current_plan(self) -> _EpochPlan:
         if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = None  # let the old plan go before the new one is built
             self._plan = self._plan_epoch(self.epoch)
             if self._plan.steps == 0:
                 raise DataError(self._empty_epoch_message())
+            # groups each dataset has handed out before `step` (non-zero after a resume)
+            self._taken = np.bincount(self._plan.step_dataset[: self.step], minlength=len(self.datasets))
         return self._plan
 
     def _batch(self, plan: _EpochPlan, step: int) -> list[SampleRef]:
         index = int(plan.step_dataset[step])
         dataset, epoch = self.datasets[index], plan.datasets[index]
+        group = int(self._taken[index])
+        self._taken[index] += 1
+        bucket, start = epoch.locate(int(epoch.batch_order[group * self.world_size + self.rank]), self.batch_size)
         assignment = dataset.assignment
-        batch = int(plan.step_group[step]) * self.world_size + self.rank
-        bucket = int(epoch.batch_bucket[batch])
         images = int(assignment.bucket_offsets[bucket + 1] - assignment.bucket_offsets[bucket])
-        chained = int(epoch.batch_start[batch]) + np.arange(self.batch_size)
+        chained = start + np.arange(self.batch_size)
         records = epoch.passes[chained // images, int(assignment.bucket_offsets[bucket]) + chained % images]
         size = assignment.buckets[bucket]
         return [
@@ -171,45 +184,47 @@ class MultiDatasetSampler:
         for dataset, planned in zip(self.datasets, epochs):
             self._report_trim(dataset, planned)
         rng = np.random.default_rng([self.seed % 2**64, epoch, 0])
-        step_dataset, step_group = self._interleave(epochs, rng)
-        return _EpochPlan(epoch, epochs, step_dataset, step_group)
+        return _EpochPlan(epoch, epochs, self._apply_cutoffs(self._interleave(epochs, rng)))
 
     def _dataset_epoch(self, dataset: SamplerDataset, epoch: int) -> _DatasetEpoch:
         assignment = dataset.assignment
         rng = np.random.default_rng([self.seed % 2**64, epoch, _stable_int(dataset.dataset_id)])
-        counts, offsets = assignment.bucket_counts(), assignment.bucket_offsets
+        offsets = assignment.bucket_offsets.tolist()
         passes = np.empty((1 + dataset.repeats, len(assignment)), dtype=assignment.order.dtype)
         for chain in passes:
-            for bucket, (start, stop) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+            for start, stop in zip(offsets[:-1], offsets[1:]):
                 chain[start:stop] = assignment.order[start + rng.permutation(stop - start)]
-        chained = counts * (1 + dataset.repeats)
-        batches_per_bucket = chained // self.batch_size
-        total = int(batches_per_bucket.sum())
-        first = np.repeat(np.cumsum(batches_per_bucket) - batches_per_bucket, batches_per_bucket)
-        batch_bucket = np.repeat(np.arange(len(counts), dtype=np.int32), batches_per_bucket)
-        batch_start = (np.arange(total, dtype=np.int64) - first) * self.batch_size
-        kept = rng.permutation(total)[: total - total % self.world_size]
-        trimmed = int((chained % self.batch_size).sum()) + (total - len(kept)) * self.batch_size
-        return _DatasetEpoch(passes, batch_bucket[kept], batch_start[kept], trimmed)
+        chained = assignment.bucket_counts() * (1 + dataset.repeats)
+        per_bucket = chained // self.batch_size
+        total = int(per_bucket.sum())
+        batch_order = np.arange(total, dtype=np.int32 if total < 2**31 else np.int64)
+        rng.shuffle(batch_order)
+        kept = total - total % self.world_size
+        trimmed = int((chained % self.batch_size).sum()) + (total - kept) * self.batch_size
+        return _DatasetEpoch(passes, batch_order[:kept], np.cumsum(per_bucket) - per_bucket, trimmed)
 
-    def _interleave(self, epochs: list[_DatasetEpoch], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _interleave(self, epochs: list[_DatasetEpoch], rng: np.random.Generator) -> np.ndarray:
+        """Which dataset each step draws from: merged exponential arrivals, one per group of batches."""
+        label = np.int16 if len(self.datasets) < 2**15 else np.int32
         taking_part = [
-            (index, len(planned.batch_bucket) // self.world_size)
+            (index, len(planned.batch_order) // self.world_size)
             for index, planned in enumerate(epochs)
-            if self._weight(self.datasets[index]) > 0 and len(planned.batch_bucket) >= self.world_size
+            if self._weight(self.datasets[index]) > 0 and len(planned.batch_order) > 0
         ]
-        labels, groups, arrivals = [], [], []
+        if len(taking_part) <= 1:
+            return np.full(taking_part[0][1] if taking_part else 0, taking_part[0][0] if taking_part else 0, label)
+        counts = [count for _, count in taking_part]
+        arrivals = np.empty(sum(counts), dtype=np.float64)
+        start = 0
         for index, count in taking_part:
-            labels.append(np.full(count, index, dtype=np.int32))
-            groups.append(np.arange(count, dtype=np.int64))
-            arrivals.append(np.cumsum(rng.exponential(1.0 / self._weight(self.datasets[index]), count)))
-        if not taking_part:
-            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-        order = np.argsort(np.concatenate(arrivals), kind="stable")
-        step_dataset, step_group = np.concatenate(labels)[order], np.concatenate(groups)[order]
-        return self._apply_cutoffs(step_dataset, step_group)
+            rate = self._weight(self.datasets[index])
+            np.cumsum(rng.exponential(1.0 / rate, count), out=arrivals[start : start + count])
+            start += count
+        order = np.argsort(arrivals, kind="stable")
+        del arrivals
+        return np.repeat(np.array([index for index, _ in taking_part], dtype=label), counts)[order]
 
-    def _apply_cutoffs(self, step_dataset: np.ndarray, step_group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _apply_cutoffs(self, step_dataset: np.ndarray) -> np.ndarray:
         """Drop a dataset's steps from its cutoff on; earlier cutoffs first, so later positions settle."""
         cutoffs = sorted(
             (dataset.disable_after_epoch_step * self.accumulation, index)
@@ -217,9 +232,9 @@ class MultiDatasetSampler:
             if dataset.disable_after_epoch_step is not None
         )
         for cutoff, index in cutoffs:
-            late = (step_dataset == index) & (np.arange(len(step_dataset)) >= cutoff)
-            step_dataset, step_group = step_dataset[~late], step_group[~late]
-        return step_dataset, step_group
+            tail = step_dataset[cutoff:]
+            step_dataset = np.concatenate([step_dataset[:cutoff], tail[tail != index]])
+        return step_dataset
 
     def _weight(self, dataset: SamplerDataset) -> float:
         if self.sampling == "uniform":
