@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
-    from simpletuner.train.objectives import Objective
+    from simpletuner.train.objectives import TrainingObjective
 
 logger = get_logger(__name__)
 
@@ -289,7 +289,7 @@ class ModelFamily(ABC):
         return self.scale_latents(components, sample)
 
     # ------------------------------------------------------------ training
-    def objective(self, cfg: TrainingConfig, components: Components) -> Objective:
+    def objective(self, cfg: TrainingConfig, components: Components) -> TrainingObjective:
         """The run's objective: the model's schedule with the configured options applied."""
         from simpletuner.train.objectives import Objective, refiner_timestep_range
 

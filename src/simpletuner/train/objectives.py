@@ -12,7 +12,7 @@ Conventions: `alphas_cumprod` is the DDPM cumulative product of (1 - beta) over
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -249,6 +249,18 @@ class NoiseDraw:
     perturbation: Tensor | None = None  # already scaled; added to the noise that builds x_t only
 
 
+class TrainingObjective(Protocol):
+    """What `training_loss` needs from an objective; a flow-matching objective provides the same."""
+
+    def draw(self, latents: Tensor, generator: torch.Generator | None = None) -> NoiseDraw: ...
+
+    def noisy_latents(self, latents: Tensor, draw: NoiseDraw) -> Tensor: ...
+
+    def target(self, latents: Tensor, draw: NoiseDraw) -> Tensor: ...
+
+    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor: ...
+
+
 @dataclass(frozen=True, eq=False)
 class Objective:
     """A DDPM objective (epsilon / v / sample) with its schedule, sampling and loss settings."""
@@ -324,7 +336,7 @@ class Objective:
         return weighted_mean(elementwise, self.loss_weights(timesteps))
 
 
-def training_loss(family: ModelFamily, components: Components, objective: Objective,
+def training_loss(family: ModelFamily, components: Components, objective: TrainingObjective,
                   batch: Mapping[str, Any], draw: NoiseDraw) -> Tensor:
     """The loss of one training step.
 
