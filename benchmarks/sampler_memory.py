@@ -191,13 +191,15 @@ def main() -> int:
     if args.json:
         print(json.dumps(figures))
         return 0
-    table = ["| figure | value |", "|---|---|", *(f"| {label} | {fmt.format(figures[key])} |" for key, label, fmt in ROWS)]
+    rows = (f"| {label} | {fmt.format(figures[key])} |" for key, label, fmt in ROWS)
+    table = ["| figure | value |", "|---|---|", *rows]
     print("\n".join(table))
     if args.record:
         header = (f"\n## Sampler and index memory, {args.images:,} images, batch size {args.batch_size}, "
                   f"{args.world_size} rank(s) ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
                   f"- machine: {platform.node()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, "
-                  f"numpy {np.__version__}\n- command: `python benchmarks/sampler_memory.py {' '.join(sys.argv[1:])}`\n\n")
+                  f"numpy {np.__version__}\n"
+                  f"- command: `python benchmarks/sampler_memory.py {' '.join(sys.argv[1:])}`\n\n")
         with RESULTS.open("a") as results:
             results.write(header + "\n".join(table) + "\n")
     return 0 if figures["peak_rss_delta_mb"] < 1024 else 1

@@ -272,8 +272,9 @@ def test_plan_for_target_properties(width, height, s, tw, th):
 )
 def test_nothing_is_lost_silently(sizes, s, minimum, batch, policy):
     kind = s.resolution_type
-    s = BucketSettings(**{**s.__dict__, "small_bucket_policy": policy,
-                          "minimum_image_size": None if minimum is None else (minimum / 1000 if kind == "area" else minimum)})
+    if minimum is not None and kind == "area":
+        minimum = minimum / 1000  # megapixels
+    s = BucketSettings(**{**s.__dict__, "small_bucket_policy": policy, "minimum_image_size": minimum})
     recs = records(sizes)
     try:
         result = assign_buckets(recs, s, batch, seed=3)

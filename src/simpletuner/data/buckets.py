@@ -533,7 +533,8 @@ class _Builder:
             for key, plan in zip(keys.tolist(), replans):
                 self.store(key, plan)
             self.merges.append(BucketMerge(source, target, count))
-            logger.info("dataset %r: bucket %dx%d (%d images) merged into %dx%d", self.dataset_id, *source, count, *target)
+            logger.info("dataset %r: bucket %dx%d (%d images) merged into %dx%d",
+                        self.dataset_id, *source, count, *target)
             return True
         return False
 
@@ -545,7 +546,9 @@ class _Builder:
         keys = self.keys_of(source)
         why = f"bucket {source[0]}x{source[1]} has {count} image(s) < batch size {batch_size}"
         if merged:
-            why += "; no other bucket could take them" + (" without upscaling" if self.settings.prevent_upscaling else "")
+            why += "; no other bucket could take them"
+            if self.settings.prevent_upscaling:
+                why += " without upscaling"
         records = np.flatnonzero(np.isin(self.record_key, keys))
         for record in records[: self.skipped.max_examples].tolist():
             self.skipped.add(SMALL_BUCKET, 0, f"{self.records[record].path}: {why}")
@@ -574,7 +577,8 @@ class _Builder:
     def finish(self, batch_size: int) -> BucketAssignment:
         self.report_plan_skips()
         keys, targets, inverse = self.usable_targets()
-        ranked = sorted(range(len(targets)), key=lambda i: (targets[i, 0] / targets[i, 1], targets[i, 0] * targets[i, 1]))
+        # buckets from the tallest to the widest, smaller areas first
+        ranked = sorted(range(len(targets)), key=lambda i: (targets[i, 0] / targets[i, 1], targets[i].prod()))
         rank_of = np.empty(len(targets), dtype=np.int64)
         rank_of[ranked] = np.arange(len(targets))
         bucket_of_key = np.full(len(self.key_sizes), -1, dtype=np.int32)
