@@ -222,7 +222,9 @@ class Manifest:
         halves = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
         hi, lo = halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)
         if len(hi) > 1 and not (np.all(hi[1:] > hi[:-1])):
-            order = np.lexsort((lo, hi))
+            order = np.argsort(hi)
+            if not np.all(hi[order][1:] > hi[order][:-1]):  # shared high halves: order by both
+                order = np.lexsort((lo, hi))
             hi, lo = hi[order], lo[order]
             cols = [c[order] for c in cols]
             keep = np.ones(len(hi), bool)
@@ -238,7 +240,7 @@ class Manifest:
 
     def find(self, key: str) -> int:
         """Row of `key`, or -1."""
-        hi, lo = _split_key(key)
+        hi, lo = map(np.uint64, _split_key(key))  # numpy scalars: a Python int above 2**63 is slow
         i = int(np.searchsorted(self.hi, hi))
         while i < len(self.hi) and self.hi[i] == hi:
             if self.lo[i] == lo:
