@@ -1,5 +1,5 @@
 import importlib.util
-import sys
+import logging
 
 import pytest
 from PIL import Image
@@ -58,10 +58,17 @@ def test_other_processes_and_none_log_nothing(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
-def test_missing_tensorboard_falls_back_to_none(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec then reports it missing
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else True)
-    assert choose_backend("tensorboard") is None
+def test_missing_tensorboard_falls_back_to_none(tmp_path, monkeypatch, caplog):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real_find_spec(name))
+    logger = logging.getLogger("simpletuner")  # may not propagate to the root (setup_logging)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="simpletuner"):
+            assert open_tracker(_cfg(tmp_path, report_to="tensorboard")).name is None
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "pip install tensorboard" in caplog.text
 
 
 def test_wandb_missing_is_a_clear_error(monkeypatch):
