@@ -1,0 +1,327 @@
+"""Training-step throughput, memory and model FLOPs utilisation: our step against diffusers' example loop.
+
+    python benchmarks/train_step.py --model sdxl --mode lora --batch 4 --resolution 1024 --record
+
+Builds the denoiser at its published size with random weights (benchmarks/architectures.py), feeds it
+batches shaped as the latent and text caches give them, and times `--steps` optimiser steps after
+`--warmup` steps, for our step (benchmarks/our_step.py: SimpleTuner's family, objective, optimiser,
+plus the `--levers`) and then, in the same process, for the plain diffusers training step
+(benchmarks/steps.py). Reports seconds/step, samples/s, peak memory, achieved TFLOP/s and MFU
+(analytic FLOPs; formula in benchmarks/flops.py), and the ratio of samples/s (ours / reference).
+`--record` appends the table to benchmarks/RESULTS.md with date, device, versions and the command.
+`--tiny --device cpu` runs the same code on tiny configurations: a check of the harness, not a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds_per_step: float | None = None
+    samples_per_second: float | None = None
+    peak_memory_gib: float | None = None  # CUDA only: torch.cuda.max_memory_allocated
+    achieved_tflops: float | None = None
+    mfu: float | None = None
+    trainable_parameters: int = 0
+    last_loss: float | None = None
+    error: str | None = None  # "out of memory", or the failure's message
+
+
+@dataclass
+class BenchmarkReport:
+    command: str
+    model: str
+    mode: str
+    batch: int
+    resolution: int
+    tiny: bool
+    device: str
+    levers: list[str]
+    gradient_checkpointing: bool
+    forward_tflop_per_sample: float
+    step_tflop: float
+    peak_tflops: float | None
+    date: str
+    versions: dict[str, str]
+    ours: StepResult
+    reference: StepResult | None = None
+    ratio: float | None = None  # samples/s, ours / reference
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from benchmarks.architectures import ARCHITECTURES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(ARCHITECTURES))
+    p.add_argument("--mode", choices=("lora", "full"), default="lora")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="pixels per side (default: the model's native; 64 with --tiny)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, autotuning, compile)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--tiny", action="store_true", help="tiny configurations: checks the harness, measures nothing real")
+    p.add_argument("--levers", default="default", help="levers of our step: all, none, default, a comma list, "
+                   "or e.g. 'all,-compile' (see benchmarks/our_step.py)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="in both steps (+1 forward in the FLOPs)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--no-reference", action="store_true", help="skip the diffusers reference step")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for MFU (default: 989.4, the bf16 dense datasheet figure, on H100/H200)")
+    p.add_argument("--record", action="store_true", help="append the result to RESULTS.md")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where --record appends (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.reset()
+
+
+def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tflops: float | None, name: str) -> StepResult:
+    """Build a step, run `warmup` steps, then time `steps` steps between two device synchronisations.
+
+    Peak memory covers everything from the build on (weights, optimiser state, activations).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from benchmarks.flops import mfu
+
+    device = work.device
+    _free(device)
+    result = StepResult(name)
+    prepared = None
+    try:
+        prepared = build(work)
+        result.name = prepared.name
+        result.trainable_parameters = prepared.trainable_parameters
+        with tqdm(total=warmup + steps, desc=prepared.name, unit="step", leave=False, file=sys.stderr) as bar:
+            for _ in range(warmup):
+                prepared.run_step()
+                bar.update()
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                prepared.run_step()
+                bar.update()
+            result.last_loss = prepared.last_loss()  # reads back from the device: the step has finished
+            _sync(device)
+            elapsed = time.perf_counter() - start
+    except torch.OutOfMemoryError:
+        result.error = "out of memory"
+        return result
+    finally:
+        del prepared
+        if device.type == "cuda":
+            result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        _free(device)
+    result.seconds_per_step = elapsed / steps
+    result.samples_per_second = work.batch / result.seconds_per_step
+    result.achieved_tflops = step_flops / result.seconds_per_step / 1e12
+    result.mfu = mfu(step_flops, result.seconds_per_step, peak_tflops)
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import torch
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "peft": peft.__version__}
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run(args: argparse.Namespace, command: str) -> BenchmarkReport:
+    import torch
+
+    from benchmarks.architectures import check_resolution, get_architecture
+    from benchmarks.flops import forward_flops, peak_tflops_for, training_factor
+    from benchmarks.our_step import build_our_step, parse_levers
+    from benchmarks.steps import Workload, build_reference_step
+    from simpletuner.errors import UserError
+
+    arch = get_architecture(args.model)
+    resolution = args.resolution or (64 if args.tiny else arch.default_resolution)
+    check_resolution(arch, resolution)
+    for name in ("batch", "steps", "lora_rank"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.warmup < 0:
+        raise UserError(f"--warmup {args.warmup}: must be 0 or more")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu (with --tiny)")
+    levers = parse_levers(args.levers)
+    work = Workload(arch, args.mode, args.batch, resolution, args.tiny, device,
+                    args.gradient_checkpointing, args.lora_rank)
+    forward = forward_flops(arch, batch=1, resolution=resolution, tiny=args.tiny)
+    step_flops = forward * args.batch * training_factor(args.mode, args.gradient_checkpointing)
+    device_name = _device_name(device)
+    peak = args.peak_tflops or (peak_tflops_for(device_name) if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer, loss) as any trainer sets
+        torch.backends.cudnn.allow_tf32 = True
+    measured = dict(warmup=args.warmup, steps=args.steps, step_flops=step_flops, peak_tflops=peak)
+    ours = measure(lambda w: build_our_step(w, levers), work, name="simpletuner", **measured)
+    reference = None
+    if not args.no_reference:
+        reference = measure(build_reference_step, work, name="diffusers example", **measured)
+    ratio = None
+    if reference and ours.samples_per_second and reference.samples_per_second:
+        ratio = ours.samples_per_second / reference.samples_per_second
+    from benchmarks.our_step import registered_family
+
+    notes = []
+    if registered_family(arch) is None:
+        notes.append(f"{arch.name}: SimpleTuner family not registered yet; our step used the benchmark's "
+                     "placeholder loss (benchmarks/our_step.py)")
+    import importlib.util
+
+    if importlib.util.find_spec("simpletuner.train.adapters") is None:
+        notes.append("LoRA injected by the benchmark (peft): simpletuner.train.adapters is not there")
+    return BenchmarkReport(
+        command=command, model=arch.name, mode=args.mode, batch=args.batch, resolution=resolution, tiny=args.tiny,
+        device=device_name, levers=list(levers), gradient_checkpointing=args.gradient_checkpointing,
+        forward_tflop_per_sample=forward / 1e12, step_tflop=step_flops / 1e12, peak_tflops=peak,
+        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), versions=_versions(),
+        ours=ours, reference=reference, ratio=ratio, notes=notes,
+    )
+
+
+# --- output ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def table(report: BenchmarkReport) -> str:
+    """The result as a Markdown table (printed and recorded alike)."""
+    rows = ["| step | s/step | samples/s | peak memory (GiB) | TFLOP/s | MFU | trainable params |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for result in filter(None, (report.ours, report.reference)):
+        if result.error:
+            rows.append(f"| {result.name} | {result.error} | | {_fmt(result.peak_memory_gib, '.1f')} | | | |")
+            continue
+        mfu = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}%"
+        rows.append(
+            f"| {result.name} | {_fmt(result.seconds_per_step, '.4f')} | {_fmt(result.samples_per_second, '.2f')} | "
+            f"{_fmt(result.peak_memory_gib, '.1f')} | {_fmt(result.achieved_tflops, '.3g')} | {mfu} | "
+            f"{result.trainable_parameters:,} |"
+        )
+    if report.ratio is not None:
+        rows.append(f"\nours / reference, samples/s: **{report.ratio:.2f}x**")
+    return "\n".join(rows)
+
+
+def _flop(tflop: float) -> str:
+    return f"{tflop:.3f} TFLOP" if tflop >= 0.1 else f"{tflop * 1e3:.3f} GFLOP"
+
+
+def describe(report: BenchmarkReport) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
+    peak = "n/a (no peak known for this device)" if report.peak_tflops is None else f"{report.peak_tflops:g} TFLOP/s"
+    size = " (tiny configuration: a harness check, not a measurement)" if report.tiny else ""
+    lines = [
+        f"## Training step: {report.model} {report.mode}, {report.resolution}px, batch {report.batch}{size}",
+        "",
+        f"- date: {report.date}; device: {report.device}",
+        f"- software: {versions}",
+        f"- command: `{report.command}`",
+        f"- our levers: {', '.join(report.levers) or 'none'}; gradient checkpointing: "
+        f"{'on' if report.gradient_checkpointing else 'off'}",
+        f"- analytic FLOPs: forward {_flop(report.forward_tflop_per_sample)}/sample, step {_flop(report.step_tflop)}; "
+        f"MFU against peak {peak}",
+        *(f"- note: {note}" for note in report.notes),
+        "",
+        table(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def record(report: BenchmarkReport, path: Path) -> None:
+    """Append the report to `path` (created with a title if missing); never rewrites what is there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = not path.exists()
+    with path.open("a", encoding="utf-8") as handle:
+        if fresh:
+            handle.write("# Benchmark results\n")
+        handle.write("\n" + describe(report))
+
+
+def main(argv: list[str] | None = None) -> BenchmarkReport:
+    """Run the benchmark and print its table; returns the report (the test suite reads it)."""
+    from simpletuner.log import setup_logging
+
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = "python benchmarks/train_step.py " + shlex.join(argv)
+    report = run(args, command)
+    print(describe(report))
+    if args.record:
+        record(report, args.results)
+        print(f"recorded in {args.results}")
+    return report
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from simpletuner.errors import UserError
+
+    try:
+        report = main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failed = [r for r in (report.ours, report.reference) if r is not None and r.error]
+    return 1 if failed else 0
+
+
+def as_dict(report: BenchmarkReport) -> dict:
+    return asdict(report)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

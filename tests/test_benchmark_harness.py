@@ -1,0 +1,163 @@
+"""The training-step benchmark harness, checked on the CPU at tiny size (not a measurement).
+
+Full-size checks use the meta device: the published configurations build with their published
+parameter counts, and the analytic FLOPs reproduce the issue's anchors.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import train_step  # noqa: E402
+from benchmarks.architectures import ARCHITECTURES, build_model, make_batch, pack_flux_latents, unpack_flux_latents  # noqa: E402
+from benchmarks.flops import (  # noqa: E402
+    flux_forward_flops_closed_form, forward_flops, mfu, training_factor, training_flops,
+)
+from benchmarks.our_step import LEVERS, _compile_blocks, parse_levers  # noqa: E402
+from simpletuner.errors import UserError  # noqa: E402
+
+PUBLISHED_PARAMETERS = {  # denoiser parameter counts of the released checkpoints
+    "sd15": 859_520_964,
+    "sdxl": 2_567_463_684,
+    "sd3": 2_028_328_000,
+    "flux": 11_901_408_320,
+    "pixart": 610_856_096,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_full_size_configurations_have_the_published_parameter_counts(name):
+    model = build_model(ARCHITECTURES[name], tiny=False, device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+
+
+def test_forward_flops_match_the_anchors_at_full_size():
+    sdxl = forward_flops("sdxl", batch=1, resolution=1024)
+    flux = forward_flops("flux", batch=1, resolution=1024)
+    assert sdxl / 1e12 == pytest.approx(6.76, rel=0.02)
+    assert flux / 1e12 == pytest.approx(74.4, rel=0.02)
+    # the hand-derived Flux formula and the counted one agree to a hundredth of a percent
+    assert flux_forward_flops_closed_form(1024, 512) == pytest.approx(flux, rel=1e-4)
+    assert forward_flops("sdxl", batch=3, resolution=1024) == 3 * sdxl
+
+
+def test_training_flops_factors():
+    assert training_factor("full") == 3
+    assert training_factor("lora") == 2
+    assert training_factor("lora", gradient_checkpointing=True) == 3
+    assert training_factor("full", gradient_checkpointing=True) == 4
+    fwd = forward_flops("sd15", batch=2, resolution=512)
+    assert training_flops("sd15", mode="lora", batch=2, resolution=512) == 2 * fwd
+    assert mfu(989.4e12 * 0.5, 1.0, 989.4) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, None) is None
+    with pytest.raises(ValueError):
+        training_factor("lokr")
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_tiny_inputs_run_through_the_denoiser(name):
+    arch = ARCHITECTURES[name]
+    model = build_model(arch, tiny=True, device="cpu", dtype=torch.float32)
+    batch = make_batch(arch, batch=2, resolution=64, tiny=True, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        out = arch.call(model, batch["latents"], timesteps, batch)
+    assert out.shape == batch["latents"].shape
+    assert torch.isfinite(out).all()
+
+
+def test_flux_packing_round_trips():
+    latents = torch.randn(2, 16, 8, 6)
+    packed = pack_flux_latents(latents)
+    assert packed.shape == (2, 4 * 3, 64)
+    assert torch.equal(unpack_flux_latents(packed, 8, 6), latents)
+
+
+def test_levers_parse():
+    assert parse_levers("all") == LEVERS
+    assert parse_levers("none") == ()
+    assert parse_levers("all,-compile") == tuple(lever for lever in LEVERS if lever != "compile")
+    assert parse_levers("prefetch,flash") == ("flash", "prefetch")
+    with pytest.raises(UserError, match="unknown lever 'turbo'"):
+        parse_levers("all,turbo")
+
+
+def test_compile_lever_compiles_every_repeated_block():
+    arch = ARCHITECTURES["sdxl"]
+    model = build_model(arch, tiny=True, device="cpu", dtype=torch.float32)
+    _compile_blocks(model, arch)
+    blocks = [m for m in model.modules() if type(m).__name__ in arch.block_classes]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    others = [m for m in model.modules() if type(m).__name__ == "Transformer2DModel"]
+    assert others and all(m._compiled_call_impl is None for m in others)
+
+
+def _check(report, mode="lora"):
+    assert report.mode == mode
+    for result in (report.ours, report.reference):
+        assert result.error is None
+        assert result.seconds_per_step > 0 and math.isfinite(result.seconds_per_step)
+        assert result.samples_per_second == pytest.approx(report.batch / result.seconds_per_step)
+        assert result.achieved_tflops > 0 and math.isfinite(result.achieved_tflops)
+        assert result.mfu is not None and 0 < result.mfu < 1  # against the 1 TFLOP/s peak passed below
+        assert math.isfinite(result.last_loss)
+        assert result.trainable_parameters > 0
+    assert report.ratio == pytest.approx(report.ours.samples_per_second / report.reference.samples_per_second)
+    assert report.ours.trainable_parameters == report.reference.trainable_parameters
+
+
+COMMON = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--peak-tflops", "1"]
+
+
+def test_sd15_lora_tiny_on_cpu_records_both_steps(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    argv = ["--model", "sd15", "--mode", "lora", "--batch", "2", *COMMON, "--levers", "all,-compile",
+            "--record", "--results", str(results)]
+    report = train_step.main(argv)
+    _check(report)
+    assert report.ours.trainable_parameters == report.reference.trainable_parameters
+    assert report.forward_tflop_per_sample * 1e12 == forward_flops("sd15", batch=1, resolution=64, tiny=True)
+    printed = capsys.readouterr().out
+    assert "| simpletuner |" in printed and "| diffusers example |" in printed and "ours / reference" in printed
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n")
+    assert "python benchmarks/train_step.py --model sd15 --mode lora --batch 2 --tiny" in text
+    assert f"torch {torch.__version__}" in text and "diffusers " in text
+    train_step.record(report, results)  # appends, never rewrites
+    assert results.read_text().count("## Training step: sd15 lora, 64px, batch 2") == 2
+
+
+def test_flux_tiny_on_cpu_lora_and_full():
+    lora = train_step.main(["--model", "flux", "--mode", "lora", *COMMON, "--levers", "none"])
+    _check(lora)
+    full = train_step.main(["--model", "flux", "--mode", "full", *COMMON, "--levers", "all,-compile"])
+    _check(full, mode="full")
+    assert full.ours.trainable_parameters == sum(
+        p.numel() for p in build_model(ARCHITECTURES["flux"], tiny=True, device="meta", dtype=torch.float32).parameters()
+    )
+    assert full.step_tflop == pytest.approx(1.5 * lora.step_tflop)  # factor 3 against 2
+
+
+def test_bad_input_is_a_user_error():
+    with pytest.raises(UserError, match="--resolution 100"):
+        train_step.main(["--model", "sdxl", "--resolution", "100", "--tiny", "--device", "cpu"])
+    assert train_step.cli(["--model", "sd15", "--tiny", "--device", "cpu", "--batch", "0"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["sdxl", "flux", "pixart"])
+def test_tiny_on_cuda_with_every_lever(name):
+    report = train_step.main(["--model", name, "--tiny", "--device", "cuda", "--steps", "3", "--warmup", "3",
+                              "--levers", "all", "--peak-tflops", "1000"])
+    for result in (report.ours, report.reference):
+        assert result.error is None
+        assert result.seconds_per_step > 0 and result.peak_memory_gib > 0
+        assert math.isfinite(result.last_loss)
