@@ -270,3 +270,70 @@ def test_processes_from_an_accelerator():
     processes = Processes.from_accelerator(accelerator)
     assert (processes.rank, processes.world_size, processes.is_main) == (0, 1, True)
     processes.barrier()
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, sys
+import torch
+from accelerate import Accelerator
+from simpletuner.train.checkpoint import Processes, Progress, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+class Position:
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return {"position": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["position"]
+
+
+out = sys.argv[1]
+accelerator = Accelerator(cpu=True)
+processes = Processes.from_accelerator(accelerator)
+rank = processes.rank
+torch.manual_seed(0)
+model = accelerator.prepare(torch.nn.Linear(3, 1))
+optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters()))
+accelerator.backward(model(torch.randn(4, 3) + rank).pow(2).mean())  # each rank its own data, DDP averages
+optimizer.step()
+torch.manual_seed(100 + rank)
+for step in (1, 2, 3):
+    save_checkpoint(out, Progress(step, 0), modules={"model": accelerator.unwrap_model(model)},
+                    states={"optimizer": optimizer}, rank_states={"sampler": Position(10 * step + rank)},
+                    processes=processes, total_limit=2)
+after_save = torch.rand(3).tolist()
+torch.manual_seed(999)
+sampler = Position(-1)
+progress = load_checkpoint(list_checkpoints(out)[-1], modules={"model": accelerator.unwrap_model(model)},
+                           states={"optimizer": optimizer}, rank_states={"sampler": sampler}, processes=processes)
+result = {"step": progress.step, "sampler": sampler.value, "after_save": after_save, "after_load": torch.rand(3).tolist(),
+          "weight": accelerator.unwrap_model(model).weight.tolist()}
+with open(f"{out}/result-{rank}.json", "w") as handle:
+    json.dump(result, handle)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_resume_their_own_state(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((out / f"result-{rank}.json").read_text()) for rank in range(2)]
+    assert [p.name for p in list_checkpoints(out)] == ["step-000002", "step-000003"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert {"rank-00000.pt", "rank-00001.pt"} <= {p.name for p in (out / "checkpoints" / "step-000003").iterdir()}
+    for rank, result in enumerate(results):
+        assert (result["step"], result["sampler"]) == (3, 30 + rank)
+        assert result["after_load"] == result["after_save"]  # each rank's own RNG came back
+    assert results[0]["after_load"] != results[1]["after_load"]
+    assert results[0]["weight"] == results[1]["weight"]
