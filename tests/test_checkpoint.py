@@ -337,3 +337,14 @@ def test_two_processes_save_and_resume_their_own_state(tmp_path):
         assert result["after_load"] == result["after_save"]  # each rank's own RNG came back
     assert results[0]["after_load"] != results[1]["after_load"]
     assert results[0]["weight"] == results[1]["weight"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_is_restored(tmp_path):
+    model = nn.Linear(2, 2).cuda()
+    path = save_checkpoint(tmp_path, Progress(1, 0), modules={"model": model}, states={})
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed_all(12345)
+    load_checkpoint(path, modules={"model": model}, states={})
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

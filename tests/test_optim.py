@@ -103,3 +103,14 @@ def test_set_train_mode_ignores_ordinary_optimizers():
     optimizer = build_optimizer(_model(), _cfg(), "cpu")
     set_train_mode(optimizer, False)
     set_train_mode(optimizer, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adamw_is_fused_on_cuda():
+    model = _model().cuda()
+    optimizer = build_optimizer(model, _cfg(), "cuda")
+    assert optimizer.param_groups[0]["fused"]
+    loss = model(torch.randn(4, 4, device="cuda")).pow(2).mean()
+    loss.backward()
+    optimizer.step()
