@@ -40,7 +40,8 @@ def _pipeline(seed: int = 0):
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                                 num_hidden_layers=2, vocab_size=100, max_position_embeddings=16))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=_unet(seed),
-                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
+                                   feature_extractor=None,
                                    requires_safety_checker=False)
 
 

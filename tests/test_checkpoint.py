@@ -229,7 +229,8 @@ def test_weights_of_another_shape_are_refused(tmp_path):
     path = Run(cfg, seed=1).save(tmp_path, 1, cfg)
     other = Run(cfg, seed=1)
     other.model[3] = nn.Linear(16, 2)
-    with pytest.raises(UserError, match=r"do not fit the model being trained: 2 of another shape \(e.g. 3.bias, 3.weight\)"):
+    expected = r"do not fit the model being trained: 2 of another shape \(e.g. 3.bias, 3.weight\)"
+    with pytest.raises(UserError, match=expected):
         load_checkpoint(path, modules={"model": other.model}, states={})
 
 
@@ -309,7 +310,8 @@ torch.manual_seed(999)
 sampler = Position(-1)
 progress = load_checkpoint(list_checkpoints(out)[-1], modules={"model": accelerator.unwrap_model(model)},
                            states={"optimizer": optimizer}, rank_states={"sampler": sampler}, processes=processes)
-result = {"step": progress.step, "sampler": sampler.value, "after_save": after_save, "after_load": torch.rand(3).tolist(),
+result = {"step": progress.step, "sampler": sampler.value, "after_save": after_save,
+          "after_load": torch.rand(3).tolist(),
           "weight": accelerator.unwrap_model(model).weight.tolist()}
 with open(f"{out}/result-{rank}.json", "w") as handle:
     json.dump(result, handle)

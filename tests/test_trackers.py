@@ -60,7 +60,8 @@ def test_other_processes_and_none_log_nothing(tmp_path):
 
 def test_missing_tensorboard_falls_back_to_none(tmp_path, monkeypatch, caplog):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real_find_spec(name))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: None if name == "tensorboard" else real_find_spec(name))
     logger = logging.getLogger("simpletuner")  # may not propagate to the root (setup_logging)
     logger.addHandler(caplog.handler)
     try:
