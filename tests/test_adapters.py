@@ -170,3 +170,19 @@ def test_lycoris_needs_a_config(tmp_path):
     bad.write_text('{"factor": 4}')
     with pytest.raises(ConfigError, match="must be a JSON object with an 'algo' key"):
         prepare_trainable(_unet(), _cfg(lora_type="lycoris", lycoris_config=str(bad)), TARGETS)
+
+
+@pytest.mark.parametrize("kind", ["lora", "lycoris"])
+def test_checkpoints_restore_the_adapter(tmp_path, kind):
+    from simpletuner.train.checkpoint import Progress, load_checkpoint, save_checkpoint
+
+    cfg = _cfg(use_dora=True) if kind == "lora" else _lycoris_cfg(tmp_path)
+    unet = _unet()
+    trained = prepare_trainable(unet, cfg, TARGETS)
+    _train_a_little(trained.parameters())
+    path = save_checkpoint(tmp_path / "run", Progress(1, 0), modules={"unet": trained.module}, states={})
+    fresh = _unet()
+    restored = prepare_trainable(fresh, cfg, TARGETS)
+    assert not torch.allclose(_predict(fresh), _predict(unet))
+    load_checkpoint(path, modules={"unet": restored.module}, states={})
+    torch.testing.assert_close(_predict(fresh), _predict(unet), rtol=0, atol=0)
