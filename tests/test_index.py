@@ -192,3 +192,17 @@ def test_listing_passed_in_is_used_as_is(dataset, tmp_path):
     result = scan_dataset(storage, WritableLocation(str(tmp_path / "c")), listing=listing)
     assert result.files_found == 10 and result.index.usable.all()
     assert isinstance(listing[0], FileEntry)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(("fmt", "save"), [("JPEG", {}), ("JPEG", {"progressive": True, "icc_profile": b"i" * 3000}),
+                                           ("PNG", {}), ("WEBP", {}), ("WEBP", {"lossless": True}), ("TIFF", {})])
+def test_header_size_matches_pillow_after_exif_transpose(tmp_path, fmt, save, orientation):
+    from PIL import ImageOps
+
+    data = _image(37, 21, fmt, exif=_exif(orientation), **save)
+    path = _put(tmp_path / "d", f"image.{fmt.lower()}", data)
+    storage = DatasetStorage(str(path.parent))
+    result = read_header(storage, storage.list_images()[0])
+    assert (result.width, result.height) == ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
+    assert result.status == 0, result.detail

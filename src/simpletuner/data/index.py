@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -121,6 +122,90 @@ def _tail_problem(format_name: str, size: int, head: bytes, tail: bytes) -> str:
     return ""
 
 
+# --- fast paths for the common formats: Pillow's parsers cost ~100 us per JPEG, these ~10 us.
+# Each returns (format, width, height, orientation) or None to let Pillow decide.
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """Tag 0x0112 of IFD0 in a TIFF/EXIF block (1 when absent or unreadable, as Pillow treats it)."""
+    if tiff[:6] == b"Exif\0\0":
+        tiff = tiff[6:]
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    try:
+        offset = struct.unpack_from(order + "I", tiff, 4)[0]
+        count = struct.unpack_from(order + "H", tiff, offset)[0]
+        for entry in range(offset + 2, offset + 2 + 12 * count, 12):
+            tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+            if tag == 0x0112 and kind == 3:
+                return int(struct.unpack_from(order + "H", tiff, entry + 8)[0])
+    except struct.error:
+        return 1
+    return 1
+
+
+def _jpeg_header(head: bytes) -> tuple[str, int, int, int] | None:
+    """Walk the JPEG segments up to the start of scan: size from SOF, orientation from the first Exif APP1."""
+    pos, end, size, orientation, seen_exif = 2, len(head), None, 1, False
+    while pos + 4 <= end:
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        length = (head[pos + 2] << 8) | head[pos + 3]
+        if marker == 0xDA:  # start of scan: the header is complete
+            return ("JPEG", size[0], size[1], orientation) if size else None
+        if length < 2:
+            return None
+        if marker == 0xE1 and not seen_exif and head[pos + 4:pos + 10] == b"Exif\0\0":
+            seen_exif = True
+            orientation = _exif_orientation(head[pos + 10:pos + 2 + length])
+        elif marker in _JPEG_SOF and pos + 9 <= end:
+            height, width = struct.unpack_from(">HH", head, pos + 5)
+            if not (height and width):
+                return None  # height given later by a DNL marker: Pillow's business
+            size = (width, height)
+        pos += 2 + length
+    return None  # the header goes on past `head`: let Pillow read the whole file
+
+
+def _png_header(head: bytes) -> tuple[str, int, int, int] | None:
+    """IHDR (with its CRC checked) for the size; chunks up to IDAT for an eXIf orientation."""
+    if len(head) < 33 or head[12:16] != b"IHDR" or zlib.crc32(head[12:29]) != struct.unpack_from(">I", head, 29)[0]:
+        return None
+    width, height = struct.unpack_from(">II", head, 16)
+    pos, orientation = 8, 1
+    while pos + 8 <= len(head):
+        length = struct.unpack_from(">I", head, pos)[0]
+        kind = head[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            return "PNG", width, height, orientation
+        if kind == b"eXIf":
+            orientation = _exif_orientation(head[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    return None
+
+
+def _fast_header(head: bytes) -> tuple[str, int, int, int] | None:
+    if head[:3] == b"\xff\xd8\xff":
+        return _jpeg_header(head)
+    if head[:8] == _PNG_SIGNATURE:
+        return _png_header(head)
+    if head[8:12] == b"WEBP":
+        size = _webp_size(head)
+        return ("WEBP", size[0], size[1], 1) if size else None
+    return None
+
+
 def _webp_size(head: bytes) -> tuple[int, int] | None:
     """A WebP's size from its first chunk (Pillow's WebP plugin needs the whole file to open it).
 
@@ -181,16 +266,18 @@ def read_header(storage: DatasetStorage, entry: FileEntry) -> HeaderResult:
         problem = _tail_problem("WEBP", entry.size, head, tail) if head[8:12] == b"WEBP" else ""
         if problem:
             return HeaderResult(TRUNCATED, detail=problem)
-        webp = _webp_size(head)
-        if webp is not None:
-            width, height = webp
+        fast = _fast_header(head)
+        if fast is not None:
+            format_name, width, height, orientation = fast
         else:
             hint = _FORMAT_HINTS.get(os.path.splitext(entry.path)[1].lower())
             image, head = _open_header(storage, entry, head, hint)
-            width, height = image.size
-            if _orientation(image) in _SWAPPING_ORIENTATIONS:
-                width, height = height, width
-            problem = _tail_problem(image.format or "", entry.size, head, tail)
+            format_name, (width, height), orientation = image.format or "", image.size, _orientation(image)
+            if format_name == "TIFF":  # some Pillow versions report TIFF sizes already oriented: use the tags
+                width, height = (int(image.tag_v2.get(tag, side)) for tag, side in ((256, width), (257, height)))
+        if orientation in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
+        problem = _tail_problem(format_name, entry.size, head, tail)
     except _ReadFailed as failure:
         error = failure.__cause__
         return HeaderResult(UNREADABLE, detail=f"{type(error).__name__}: {error}")
@@ -356,12 +443,18 @@ def _show_progress(count: int) -> bool:
     return count >= 2000 and sys.stderr.isatty()
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _read_all(storage: DatasetStorage, entries: list[FileEntry], workers: int | None) -> list[HeaderResult]:
     from tqdm import tqdm
 
     if not entries:
         return []
-    workers = workers or (min(8, (os.cpu_count() or 1) + 2) if storage.is_local else 32)
+    # local reads from the page cache are CPU-bound under the GIL: one thread per core overlaps the syscalls;
+    # remote reads wait on the network: many requests in flight
+    workers = workers or (min(4, _usable_cores()) if storage.is_local else 32)
     chunk = 256 if storage.is_local else 8
     chunks = [entries[i:i + chunk] for i in range(0, len(entries), chunk)]
     results: list[HeaderResult] = []
