@@ -28,86 +28,10 @@ FP32 = DTypePolicy()
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse, oil painting"]
 
 
-# ---------------------------------------------------------------- tiny models (until testing.tiny lands)
-def _tiny_tokenizer():
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for char in sorted(ByteLevel.alphabet()):
-            vocab[char + suffix] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def _tiny_text_encoder(with_projection: bool, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                            num_hidden_layers=3, num_attention_heads=4, vocab_size=514, max_position_embeddings=77,
-                            projection_dim=32, hidden_act="gelu")
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
-
-
-def _tiny_unet(cross_attention_dim: int, time_ids: int = 0, linear_projection: bool = False):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(1)
-    extra = {}
-    if time_ids:
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                     projection_class_embeddings_input_dim=8 * time_ids + 32)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4), norm_num_groups=32,
-        use_linear_projection=linear_projection, **extra,
-    ).eval()
-
-
-def _tiny_vae(seed: int = 2):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=32, sample_size=32, scaling_factor=0.5).eval()
-
-
-def build_tiny(kind: str, folder: Path) -> Path:
-    """Save a tiny random pipeline of `kind` (sd1x, sd2x, sdxl, sdxl_refiner) to `folder`."""
-    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline)
-
-    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    if kind in ("sd1x", "sd2x"):
-        prediction = "v_prediction" if kind == "sd2x" else "epsilon"
-        pipe = StableDiffusionPipeline(
-            vae=_tiny_vae(), text_encoder=_tiny_text_encoder(False, 3), tokenizer=_tiny_tokenizer(),
-            unet=_tiny_unet(32, linear_projection=kind == "sd2x"),
-            scheduler=DDIMScheduler(prediction_type=prediction, clip_sample=False, **schedule),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    elif kind == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=_tiny_vae(), text_encoder=_tiny_text_encoder(False, 3), text_encoder_2=_tiny_text_encoder(True, 4),
-            tokenizer=_tiny_tokenizer(), tokenizer_2=_tiny_tokenizer(), unet=_tiny_unet(64, time_ids=6),
-            scheduler=EulerDiscreteScheduler(**schedule), add_watermarker=False)
-    elif kind == "sdxl_refiner":
-        pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=_tiny_vae(), text_encoder=None, text_encoder_2=_tiny_text_encoder(True, 4), tokenizer=None,
-            tokenizer_2=_tiny_tokenizer(), unet=_tiny_unet(32, time_ids=5), scheduler=EulerDiscreteScheduler(**schedule),
-            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
-    else:
-        raise ValueError(kind)
-    pipe.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_sd")
-    return {kind: build_tiny(kind, root / kind) for kind in ("sd1x", "sd2x", "sdxl", "sdxl_refiner")}
+def tiny(tiny_model) -> dict[str, Path]:
+    """The shared tiny pipelines (simpletuner.testing.tiny) of the families under test."""
+    return {kind: tiny_model(kind) for kind in ("sd1x", "sd2x", "sdxl", "sdxl_refiner")}
 
 
 def config(path: Path | str, family: str, **options) -> TrainingConfig:
