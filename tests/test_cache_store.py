@@ -256,3 +256,28 @@ def test_manifest_lookup_handles_shared_64_bit_prefixes():
         assert row >= 0 and manifest.key_at(row) == f"{low:032x}"
     assert manifest.find(f"{4:032x}") == -1
     assert list(manifest.contains_many([f"{i:032x}" for i in range(5)])) == [False, True, True, True, False]
+
+
+DTYPE_NAMES = ["bfloat16", "float16", "float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
+
+
+def test_entries_round_trip_any_shapes_and_dtypes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from simpletuner.cache.store import decode_entry, encode_entry
+
+    tensor = st.tuples(st.sampled_from(DTYPE_NAMES), st.lists(st.integers(0, 5), max_size=4), st.integers(0, 2**16))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.dictionaries(st.text(min_size=1, max_size=12), tensor, max_size=5))
+    def round_trip(spec):
+        tensors = {}
+        for name, (dtype, shape, seed) in spec.items():
+            values = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 50
+            tensors[name] = values > 0 if dtype == "bool" else values.to(getattr(torch, dtype))
+        data = b"".join(bytes(piece) for piece in encode_entry(key(7), tensors))
+        assert len(data) % 64 == 0
+        assert_same(decode_entry(data, 0), tensors)
+
+    round_trip()

@@ -139,6 +139,9 @@ def decode_entry(buffer: Any, offset: int) -> dict[str, "torch.Tensor"]:
     header, data_start = parse_entry_header(buffer, offset)
     out = {}
     for name, dtype, shape, rel, nbytes in header["tensors"]:
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=_torch_dtype(dtype))
+            continue
         raw = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=data_start + rel).copy()
         out[name] = torch.from_numpy(raw).view(_torch_dtype(dtype)).reshape(shape)
     return out
