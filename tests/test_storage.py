@@ -211,3 +211,9 @@ def test_retry_policy_gives_up_on_permanent_errors_and_succeeds_after_transient_
 
 def test_file_entry_is_plain_data():
     assert FileEntry("a.jpg", 3, 1.5) == FileEntry("a.jpg", 3, 1.5)
+
+
+def test_s3_missing_bucket_is_a_data_error(s3_server):
+    dataset = DatasetConfig(id="s3", **s3_server.dataset_fields("no-such-bucket", "x"))
+    with pytest.raises(DataError, match=r"cannot list s3://no-such-bucket/x .*check aws_bucket_name"):
+        DatasetStorage.from_config(dataset).list_images()

@@ -146,7 +146,7 @@ def _s3_options(dataset: "DatasetConfig | None") -> dict[str, Any]:
         # our RetryPolicy owns retries (botocore's and s3fs's are set to one attempt): no multiplied backoffs
         "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}},
         "client_kwargs": {},
-        "skip_instance_cache": True,
+        "use_listings_cache": False,  # a rescan must see the bucket as it is now
     }
     if key and secret:
         options.update(key=key, secret=secret)
@@ -255,7 +255,13 @@ class DatasetStorage:
 
         if self.is_local:
             return _walk_local(self._root, keep)
-        found = self._remote(lambda: self._fs.find(self._root, detail=True), f"listing {self.url}")
+        try:
+            found = self._remote(lambda: self._fs.find(self._root, detail=True), f"listing {self.url}")
+        except (FileNotFoundError, PermissionError) as error:
+            endpoint = self._fs.client_kwargs.get("endpoint_url") or getattr(self._fs, "endpoint_url", None)
+            raise DataError(f"cannot list {self.url} ({type(error).__name__}: {error}); check aws_bucket_name, "
+                            f"aws_data_prefix, the keys and aws_endpoint_url (now {endpoint or 'AWS default'})"
+                            ) from error
         prefix = self._root + "/" if self._root else ""
         entries = []
         for name, info in found.items():
