@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from simpletuner.config.schema import DatasetConfig
-from simpletuner.data.index import (INDEX_FILE, ImageIndex, PathTable, load_index, read_header, scan_dataset,
+from simpletuner.data.index import (INDEX_FILE, OK, TRUNCATED, ImageIndex, PathTable, load_index, read_header, scan_dataset,
                                     skipped_groups, update_index)
 from simpletuner.data.storage import DatasetStorage, FileEntry, WritableLocation
 
@@ -205,4 +205,20 @@ def test_header_size_matches_pillow_after_exif_transpose(tmp_path, fmt, save, or
     storage = DatasetStorage(str(path.parent))
     result = read_header(storage, storage.list_images()[0])
     assert (result.width, result.height) == ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size
-    assert result.status == 0, result.detail
+    assert result.status == OK, result.detail
+
+
+def test_phone_trailers_after_a_jpeg_are_not_truncation(tmp_path):
+    photo = _image(40, 30, "JPEG")
+    root = tmp_path / "d"
+    _put(root, "samsung.jpg", photo + os.urandom(10_000) + b"\x00\x00SEFT")
+    xmp = b"\xff\xe1" + (len(b"http://ns.adobe.com/xap/1.0/\0<x GCamera:MotionPhoto='1'/>") + 2).to_bytes(2, "big")
+    motion = photo[:2] + xmp + b"http://ns.adobe.com/xap/1.0/\0<x GCamera:MotionPhoto='1'/>" + photo[2:]
+    _put(root, "motion.jpg", motion + os.urandom(20_000))  # the appended video
+    _put(root, "cut.jpg", photo + os.urandom(10_000))  # no declaration: judged truncated
+    _put(root, "garbage_after.png", _image(9, 9, "PNG") + b"\0" * 100)
+    storage = DatasetStorage(str(root))
+    results = {entry.path: read_header(storage, entry) for entry in storage.list_images()}
+    assert {path: result.status for path, result in results.items()} == {
+        "samsung.jpg": OK, "motion.jpg": OK, "cut.jpg": TRUNCATED, "garbage_after.png": OK}
+    assert (results["motion.jpg"].width, results["motion.jpg"].height) == (40, 30)

@@ -103,13 +103,22 @@ def _orientation(image) -> int:
     return 1
 
 
+# Phones append data after a JPEG's end: Google/Android motion photos (a video, declared in the XMP
+# header) and Samsung's trailer (ending in "SEFT"). Such files are whole, not truncated.
+_TRAILER_DECLARATIONS = (b"MotionPhoto", b"MicroVideo", b"Container:Directory")
+
+
+def _declares_trailer(head: bytes, tail: bytes) -> bool:
+    return b"SEFT" in tail[-16:] or any(mark in head for mark in _TRAILER_DECLARATIONS)
+
+
 def _tail_problem(format_name: str, size: int, head: bytes, tail: bytes) -> str:
     """Why the file looks cut short, judged from its last bytes and header fields ('' if fine)."""
     if format_name in ("JPEG", "MPO"):
-        if b"\xff\xd9" not in tail:
+        if b"\xff\xd9" not in tail and not _declares_trailer(head, tail):
             return "no JPEG end-of-image marker in the last bytes"
     elif format_name == "PNG":
-        if b"IEND" not in tail[-64:]:
+        if b"IEND" not in tail:
             return "no PNG IEND chunk at the end"
     elif format_name == "WEBP" and len(head) >= 8:
         riff_size = struct.unpack("<I", head[4:8])[0] + 8
@@ -238,8 +247,12 @@ def _parse(head: bytes, hint: str | None):
 
 def _open_header(storage: DatasetStorage, entry: FileEntry, head: bytes, hint: str | None):
     """(image, head) parsed from the first bytes, or from the whole file when its header is longer."""
+    from PIL import UnidentifiedImageError
+
     try:
         return _parse(head, hint), head
+    except UnidentifiedImageError:
+        raise  # no format recognises the start of the file: more bytes will not help
     except (OSError, SyntaxError, struct.error, EOFError):
         if len(head) >= entry.size:
             raise
