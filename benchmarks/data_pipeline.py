@@ -104,8 +104,9 @@ def figure_scan_rate(root: Path, cache: Path, images: int, repeats: int = 3) -> 
         assert result.read == images and int(result.index.usable.sum()) == images, "every synthetic image is usable"
     seconds = sorted(times)[len(times) // 2]
     rate = images / seconds
+    runs = ", ".join(f"{t:.2f}" for t in times)
     return Figure("index scan (fresh)", rate, "images/s", ">= 5,000 images/s", rate >= 5000,
-                  f"{images} files; median of {repeats}: {seconds:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)} s)")
+                  f"{images} files; median of {repeats}: {seconds:.2f} s (runs {runs} s)")
 
 
 def figure_rescan(root: Path, cache: Path, images: int) -> Figure:

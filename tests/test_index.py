@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from simpletuner.config.schema import DatasetConfig
-from simpletuner.data.index import (INDEX_FILE, OK, TRUNCATED, ImageIndex, PathTable, load_index, read_header, scan_dataset,
-                                    skipped_groups, update_index)
+from simpletuner.data.index import (INDEX_FILE, OK, TRUNCATED, ImageIndex, PathTable, load_index, read_header,
+                                    scan_dataset, skipped_groups, update_index)
 from simpletuner.data.storage import DatasetStorage, FileEntry, WritableLocation
 
 
