@@ -217,3 +217,15 @@ def test_s3_missing_bucket_is_a_data_error(s3_server):
     dataset = DatasetConfig(id="s3", **s3_server.dataset_fields("no-such-bucket", "x"))
     with pytest.raises(DataError, match=r"cannot list s3://no-such-bucket/x .*check aws_bucket_name"):
         DatasetStorage.from_config(dataset).list_images()
+
+
+def test_s3_without_credentials_is_a_data_error(s3_server, monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fields = s3_server.dataset_fields("storage-tests", "set")
+    del fields["aws_access_key_id"], fields["aws_secret_access_key"]
+    with pytest.raises(DataError, match=r"cannot list s3://storage-tests/set \(NoCredentialsError"):
+        DatasetStorage.from_config(DatasetConfig(id="anon", **fields)).list_images()

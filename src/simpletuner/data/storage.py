@@ -134,6 +134,12 @@ def is_transient(error: BaseException) -> bool:
 # --------------------------------------------------------------------------- filesystems
 
 
+def _is_storage_error(error: BaseException) -> bool:
+    """An error of the storage service or its client (not a bug of ours)."""
+    module = type(error).__module__ or ""
+    return isinstance(error, OSError) or module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs"))
+
+
 def _s3_options(dataset: "DatasetConfig | None") -> dict[str, Any]:
     """s3fs options from the dataset's aws_* fields, falling back to the environment."""
     env = os.environ
@@ -257,8 +263,10 @@ class DatasetStorage:
             return _walk_local(self._root, keep)
         try:
             found = self._remote(lambda: self._fs.find(self._root, detail=True), f"listing {self.url}")
-        except (FileNotFoundError, PermissionError) as error:
-            endpoint = self._fs.client_kwargs.get("endpoint_url") or getattr(self._fs, "endpoint_url", None)
+        except Exception as error:  # noqa: BLE001 - S3 client errors become an explanation; bugs pass through
+            if not _is_storage_error(error):
+                raise
+            endpoint = getattr(self._fs, "endpoint_url", None) or self._fs.client_kwargs.get("endpoint_url")
             raise DataError(f"cannot list {self.url} ({type(error).__name__}: {error}); check aws_bucket_name, "
                             f"aws_data_prefix, the keys and aws_endpoint_url (now {endpoint or 'AWS default'})"
                             ) from error
