@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simpletuner.cache.store import MANIFEST, Segment, TensorStore
+from simpletuner.cache.format import MANIFEST, Segment
+from simpletuner.cache.store import TensorStore
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NOTES = (

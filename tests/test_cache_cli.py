@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from simpletuner.cache.store import SHARDS, TensorStore
+from simpletuner.cache.format import SHARDS
+from simpletuner.cache.store import TensorStore
 from simpletuner.cli import main
 
 

@@ -4,7 +4,9 @@ import torch
 
 from s3server import ACCESS_KEY, REGION, SECRET_KEY
 from simpletuner.cache.keys import EncoderIdentity
-from simpletuner.cache.store import SHARDS, TensorStore, collect_garbage, prune, verify
+from simpletuner.cache.format import SHARDS
+from simpletuner.cache.maintenance import collect_garbage, prune, verify
+from simpletuner.cache.store import TensorStore
 from simpletuner.cache.text import cache_texts
 
 

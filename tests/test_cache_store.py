@@ -9,17 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from simpletuner.cache.store import (
-    MANIFEST,
-    SHARDS,
-    Manifest,
-    Segment,
-    TensorStore,
-    collect_garbage,
-    prune,
-    repair,
-    verify,
-)
+from simpletuner.cache.format import MANIFEST, SHARDS, Manifest, Segment, decode_entry, encode_entry
+from simpletuner.cache.maintenance import collect_garbage, prune, repair, verify
+from simpletuner.cache.store import TensorStore
 
 
 def key(i: int) -> str:
@@ -265,7 +257,6 @@ def test_entries_round_trip_any_shapes_and_dtypes():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from simpletuner.cache.store import decode_entry, encode_entry
 
     tensor = st.tuples(st.sampled_from(DTYPE_NAMES), st.lists(st.integers(0, 5), max_size=4), st.integers(0, 2**16))
 

@@ -109,7 +109,7 @@ def cache_targets(settings: "Settings") -> list[CacheTarget]:
 
 def _exists(location: str, storage_options: dict[str, Any]) -> bool:
     from simpletuner.cache.location import Location
-    from simpletuner.cache.store import MANIFEST, SHARDS
+    from simpletuner.cache.format import MANIFEST, SHARDS
 
     place = Location(location, storage_options)
     return bool(place.list(MANIFEST) or place.list(SHARDS))
@@ -118,9 +118,9 @@ def _exists(location: str, storage_options: dict[str, Any]) -> bool:
 def verify_command(config: str | None, overrides: list[str], stores: list[str], repair: bool) -> int:
     """Verify the configuration's stores and/or the given locations; 0 when all are sound."""
     from simpletuner.cache.location import storage_options_for
+    from simpletuner.cache.maintenance import repair as repair_store
+    from simpletuner.cache.maintenance import verify
     from simpletuner.cache.store import TensorStore
-    from simpletuner.cache.store import repair as repair_store
-    from simpletuner.cache.store import verify
     from simpletuner.errors import UserError
 
     targets = cache_targets(_load(config, overrides)) if config else []
@@ -145,7 +145,8 @@ def verify_command(config: str | None, overrides: list[str], stores: list[str], 
 
 def prune_command(settings: "Settings", dry_run: bool = False) -> int:
     """Remove stores under cache_dir that no dataset of the configuration uses, then dead entries."""
-    from simpletuner.cache.store import TensorStore, prune
+    from simpletuner.cache.maintenance import prune
+    from simpletuner.cache.store import TensorStore
 
     targets = cache_targets(settings)
     for folder in unused_stores(settings, targets):
@@ -199,7 +200,7 @@ def _remove_store(folder: str) -> None:
     import os
     import shutil
 
-    from simpletuner.cache.store import FAILURES, MANIFEST, SHARDS
+    from simpletuner.cache.format import FAILURES, MANIFEST, SHARDS
 
     for sub in (MANIFEST, SHARDS, FAILURES):  # manifest first: a half-removed store reads as empty
         shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
