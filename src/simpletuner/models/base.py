@@ -314,6 +314,10 @@ class ModelFamily(ABC):
 
         return {key: select_per_sample(keep, value, empty_text[key]) for key, value in text.items()}, dict(batch)
 
+    def text_cache_settings(self, cfg: TrainingConfig) -> dict[str, Any]:
+        """Every option that changes `text_outputs`, for the text cache's key (families add theirs)."""
+        return {"text_max_length": self.text_max_length, "tokenizer_max_length": cfg.tokenizer_max_length}
+
     def sample_conditioning(self, plan: ImagePlan) -> dict[str, Tensor]:
         """Per-sample conditioning tensors (no batch dim) that the collate stacks into the batch."""
         return {}
