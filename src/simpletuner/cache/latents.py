@@ -151,8 +151,9 @@ def cache_latents(
 ) -> CacheSummary:
     """Encode the items' images the store lacks (batched by target size) and store their entries.
 
-    `encode_fn(pixels)` gets a (B, 3, H, W) float32 tensor in [-1, 1] and returns
-    {"mean": (B, ...), "std": (B, ...)} (see `latent_entry`). A file that fails to
+    `encode_fn(pixels)` gets a (B, 3, H, W) float32 CPU tensor in [-1, 1] (it moves
+    it to its device and dtype) and returns {"mean": (B, ...), "std": (B, ...)} (see
+    `latent_entry`); out-of-memory errors halve the batch. A file that fails to
     open or decode is recorded and skipped. `job_options` go to `run_cache_job`
     (rank, world_size, num_workers, progress, shard_entries, ...).
     """

@@ -100,7 +100,7 @@ def cache_targets(settings: "Settings") -> list[CacheTarget]:
                for (kind, location), (users, owner) in by_location.items()]
     for target in targets:
         for dataset in datasets:
-            if dataset.dataset_type == "image" and inside(target.location, dataset.location()):
+            if dataset.dataset_type != "text_embeds" and inside(target.location, dataset.location()):
                 raise ConfigError(f"the {target.kind} cache of dataset(s) {', '.join(target.users)} is "
                                   f"{target.location!r}, inside dataset {dataset.id!r} ({dataset.location()}); "
                                   "caches never go inside a dataset: set cache_dir_vae / cache_dir elsewhere")
