@@ -40,6 +40,7 @@ class StepResult:
     mfu: float | None = None
     trainable_parameters: int = 0
     last_loss: float | None = None
+    host_syncs_per_step: float | None = None  # CUDA only, counted on extra untimed steps
     error: str | None = None  # "out of memory", or the failure's message
 
 
@@ -136,6 +137,8 @@ def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tfl
             result.last_loss = prepared.last_loss()  # reads back from the device: the step has finished
             _sync(device)
             elapsed = time.perf_counter() - start
+        if device.type == "cuda":
+            result.host_syncs_per_step = count_host_syncs(prepared.run_step, steps=2)
     except torch.OutOfMemoryError:
         result.error = "out of memory"
         return result
@@ -149,6 +152,23 @@ def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tfl
     result.achieved_tflops = step_flops / result.seconds_per_step / 1e12
     result.mfu = mfu(step_flops, result.seconds_per_step, peak_tflops)
     return result
+
+
+def count_host_syncs(run_step, *, steps: int) -> float:
+    """Host synchronisations per step, as torch.cuda's sync debug mode reports them (untimed steps)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                run_step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def _versions() -> dict[str, str]:
@@ -239,16 +259,17 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(report: BenchmarkReport) -> str:
     """The result as a Markdown table (printed and recorded alike)."""
-    rows = ["| step | s/step | samples/s | peak memory (GiB) | TFLOP/s | MFU | trainable params |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| step | s/step | samples/s | peak memory (GiB) | TFLOP/s | MFU | host syncs/step | trainable params |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for result in filter(None, (report.ours, report.reference)):
         if result.error:
-            rows.append(f"| {result.name} | {result.error} | | {_fmt(result.peak_memory_gib, '.1f')} | | | |")
+            rows.append(f"| {result.name} | {result.error} | | {_fmt(result.peak_memory_gib, '.1f')} | | | | |")
             continue
         mfu = "n/a" if result.mfu is None else f"{100 * result.mfu:.1f}%"
         rows.append(
             f"| {result.name} | {_fmt(result.seconds_per_step, '.4f')} | {_fmt(result.samples_per_second, '.2f')} | "
             f"{_fmt(result.peak_memory_gib, '.1f')} | {_fmt(result.achieved_tflops, '.3g')} | {mfu} | "
+            f"{_fmt(result.host_syncs_per_step, 'g')} | "
             f"{result.trainable_parameters:,} |"
         )
     if report.ratio is not None:

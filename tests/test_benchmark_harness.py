@@ -161,3 +161,5 @@ def test_tiny_on_cuda_with_every_lever(name):
         assert result.error is None
         assert result.seconds_per_step > 0 and result.peak_memory_gib > 0
         assert math.isfinite(result.last_loss)
+    assert report.ours.host_syncs_per_step == 0  # the no_sync and prefetch levers
+    assert report.reference.host_syncs_per_step > 0  # loss.item() every step
