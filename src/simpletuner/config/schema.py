@@ -374,6 +374,9 @@ class TrainingConfig(StrictModel):
     tracker_project_name: str = Field("simpletuner", description="Tracker project name.")
     tracker_run_name: str | None = Field(None, description="Tracker run name.")
     logging_dir: str = Field("logs", description="Log directory, relative to output_dir.")
+    logging_steps: int = Field(10, ge=1, description="Read the loss and grad norm from the device, log them and "
+                               "update the progress bar every this many steps (the step never waits for the host "
+                               "in between).")
 
     @field_validator("num_train_epochs", "max_train_steps", mode="before")
     @classmethod
