@@ -68,8 +68,10 @@ class DTypePolicy:
         A full fine-tune keeps fp32 master weights; under LoRA the frozen denoiser and the
         text encoders take base_model_default_dtype; the VAE takes vae_dtype (default: fp32).
         """
+        from simpletuner.config.schema import trains_adapter
+
         frozen = _DTYPES[cfg.base_model_default_dtype]
-        denoiser = torch.float32 if cfg.model_type == "full" else frozen
+        denoiser = frozen if trains_adapter(cfg) else torch.float32
         vae = torch.float32 if cfg.vae_dtype == "default" else _DTYPES[cfg.vae_dtype]
         text = torch.float32 if cfg.train_text_encoder else frozen
         return cls(denoiser=denoiser, vae=vae, text_encoders=text)
@@ -135,6 +137,7 @@ class ModelFamily(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]] = ()  # model_index.json _class_name values accepted
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = ()
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
+    lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -221,6 +224,12 @@ class ModelFamily(ABC):
             overrides["unet"] = _from_pretrained(specs["unet"].load_class(), path, "unet",
                                                  torch_dtype=dtypes.denoiser, local_files_only=_local_only(path),
                                                  subfolder=subfolder)
+        if cfg.pretrained_transformer_model_name_or_path and "transformer" in specs:
+            path = cfg.pretrained_transformer_model_name_or_path
+            subfolder = None if cfg.pretrained_transformer_subfolder == "none" else cfg.pretrained_transformer_subfolder
+            overrides["transformer"] = _from_pretrained(specs["transformer"].load_class(), path, "transformer",
+                                                        torch_dtype=dtypes.denoiser,
+                                                        local_files_only=_local_only(path), subfolder=subfolder)
         return overrides
 
     def _dtype_of(self, name: str, dtypes: DTypePolicy) -> torch.dtype:
@@ -254,6 +263,10 @@ class ModelFamily(ABC):
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return next(iter(self.adapter_presets))
+
+    def default_resolution(self, cfg: TrainingConfig) -> int:
+        """The native resolution for this run (pixels); a family whose variants differ answers per cfg."""
+        return self.native_resolution
 
     # ------------------------------------------------------------ latents
     def vae_scale_factor(self, components: Components) -> int:
@@ -322,6 +335,15 @@ class ModelFamily(ABC):
         """Per-sample conditioning tensors (no batch dim) that the collate stacks into the batch."""
         return {}
 
+    def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
+                          generator: torch.Generator | None = None) -> dict[str, Any]:
+        """The batch with any per-step random conditioning added, drawn after the latents.
+
+        Called once per step before `training_loss` (e.g. DeepFloyd stage II's noise-augmented
+        low-resolution image). With a generator, pass one on the latents' device. Default: unchanged.
+        """
+        return dict(batch)
+
     @abstractmethod
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
         """Encode captions: exactly what the text cache stores, batched on dim 0."""
@@ -341,6 +363,17 @@ class ModelFamily(ABC):
     @abstractmethod
     def pipeline(self, components: Components) -> DiffusionPipeline:
         """A diffusers pipeline over these components (validation, export), with the run's scheduler."""
+
+    def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
+                      generator: torch.Generator, init_image: Any = None) -> list[Any]:
+        """Validation images (PIL) for one prompt at one size; families add their pipeline's options.
+
+        `init_image` is a training image of this size, for img2img families (the refiner).
+        """
+        return pipeline(prompt=prompt, negative_prompt=cfg.validation_negative_prompt, width=width, height=height,
+                        num_inference_steps=cfg.validation_num_inference_steps,
+                        guidance_scale=cfg.validation_guidance, generator=generator,
+                        num_images_per_prompt=cfg.num_validation_images).images
 
     def inference_scheduler(self, components: Components) -> Any:
         """The model's own scheduler class, configured with the run's prediction type and schedule options."""

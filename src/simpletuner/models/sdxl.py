@@ -166,6 +166,23 @@ class SDXLFamily(ModelFamily):
             return StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True)
         return StableDiffusionXLPipeline(**parts)
 
+    def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
+                      generator: torch.Generator, init_image: Any = None) -> list[Any]:
+        """The refiner validates img2img: it refines a training image of this size."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        if not isinstance(pipeline, StableDiffusionXLImg2ImgPipeline):
+            return super().sample_images(pipeline, cfg, prompt, width, height, generator, init_image)
+        if init_image is None:
+            raise UserError("refiner validation needs an input image; the datasets gave none of this size")
+        strength = cfg.refiner_training_strength if cfg.refiner_training else 0.3
+        strength = max(strength, 1.0 / cfg.validation_num_inference_steps)  # at least one denoising step
+        return pipeline(prompt=prompt, negative_prompt=cfg.validation_negative_prompt, image=init_image,
+                        strength=strength,
+                        num_inference_steps=cfg.validation_num_inference_steps,
+                        guidance_scale=cfg.validation_guidance, generator=generator,
+                        num_images_per_prompt=cfg.num_validation_images).images
+
 
 class SDXLRefinerFamily(SDXLFamily):
     """The SDXL refiner by name ("sdxl_refiner"): as sdxl, and it must be a refiner."""

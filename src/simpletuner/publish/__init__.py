@@ -1,0 +1,1 @@
+"""What leaves a run: the trained weights in the formats users load."""

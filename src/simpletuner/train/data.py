@@ -1,0 +1,213 @@
+"""The training side of the data road: scanned datasets -> cached entries -> batches.
+
+`TrainingData.prepare` scans every image dataset (the index and buckets of
+`simpletuner scan`), resolves captions, and keys each image's latent entry and
+each caption's text entry with the family's encoder identities. `ensure_cached`
+encodes what the stores lack; `batch` turns a sampler batch into the tensors a
+training step needs.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from simpletuner.cache.keys import EMPTY_CAPTION, EncoderIdentity, text_key
+from simpletuner.errors import DataError
+from simpletuner.log import get_logger
+
+if TYPE_CHECKING:
+    from simpletuner.cache.jobs import CacheSummary
+    from simpletuner.cache.store import TensorStore
+    from simpletuner.config.load import Settings
+    from simpletuner.data.buckets import BucketAssignment
+    from simpletuner.data.records import SampleRef
+    from simpletuner.models.base import Components, ModelFamily
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class DatasetData:
+    """One image dataset, ready to train: its buckets, captions, latent keys and store."""
+
+    dataset_id: str
+    location: str
+    storage_options: dict[str, Any]
+    assignment: BucketAssignment
+    captions: dict[int, list[str]]  # record index -> its captions (read once, here)
+    latent_keys: dict[int, str]  # record index -> latent entry key
+    latent_store: TensorStore
+    text_store: TensorStore
+
+
+@dataclass
+class TrainingData:
+    """Every dataset of a run plus the text-encoder identity that keys caption entries."""
+
+    datasets: dict[str, DatasetData]
+    latent_identity: EncoderIdentity
+    text_identity: EncoderIdentity
+    scan_report: str
+
+    @classmethod
+    def prepare(cls, settings: Settings, family: ModelFamily, components: Components) -> TrainingData:
+        """Scan the datasets and key their cache entries; reads sources only, writes only indexes."""
+        from simpletuner.cache.latents import latent_items
+        from simpletuner.cache.location import storage_options_for
+        from simpletuner.commands.scan import scan_settings
+        from simpletuner.config.references import latent_cache_for, text_cache_for
+        from simpletuner.data.captions import CaptionResolver
+        from simpletuner.data.storage import DatasetStorage
+        from simpletuner.train.encoders import latent_identity, text_identity
+
+        report = io.StringIO()
+        scans = {scan.dataset_id: scan for scan in scan_settings(settings, report)}
+        vae_id = latent_identity(family, components, settings.training)
+        text_id = text_identity(family, components, settings.training)
+        prepared: dict[str, DatasetData] = {}
+        for dataset in settings.datasets:
+            scan = scans.get(dataset.id)
+            if dataset.dataset_type != "image" or scan is None or scan.assignment is None:
+                continue
+            assignment = scan.assignment
+            indices = [int(i) for i in assignment.order.tolist()]
+            records = [assignment.records[i] for i in indices]
+            items = latent_items(dataset.location(), records, [assignment.plan(i) for i in indices], vae_id)
+            resolver = CaptionResolver.from_config(dataset, DatasetStorage.from_config(dataset))
+            latent_location = latent_cache_for(dataset, settings.training)
+            text_location = text_cache_for(dataset, settings.datasets, settings.training).location
+            prepared[dataset.id] = DatasetData(
+                dataset_id=dataset.id,
+                location=dataset.location(),
+                storage_options=storage_options_for(dataset.location(), dataset if dataset.type == "aws" else None),
+                assignment=assignment,
+                captions={index: resolver.candidates(record.path) for index, record in zip(indices, records)},
+                latent_keys={index: item.key for index, item in zip(indices, items)},
+                latent_store=_open_store(latent_location, dataset),
+                text_store=_open_store(text_location, None),
+            )
+        if not prepared:
+            raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
+        return cls(prepared, vae_id, text_id, report.getvalue())
+
+    # ---------------------------------------------------------------- caching
+    def ensure_cached(self, family: ModelFamily, components: Components, *, vae_batch_size: int,
+                      progress: bool = True) -> list[CacheSummary]:
+        """Encode every latent and caption entry the stores lack (each rank a disjoint part)."""
+        from simpletuner.cache.latents import LatentItem, cache_latents
+        from simpletuner.cache.text import cache_texts
+
+        summaries = []
+        for data in self.datasets.values():
+            items = [LatentItem(key, _join(data.location, data.assignment.records[index].path),
+                                data.assignment.plan(index)) for index, key in data.latent_keys.items()]
+            summaries.append(cache_latents(items, data.latent_store, _latent_encoder(family, components),
+                                           batch_size=vae_batch_size, storage_options=data.storage_options,
+                                           progress=progress))
+            failed = {failure.key for failure in summaries[-1].failed}
+            if failed:
+                self._drop_failed(data, failed)
+            captions = [caption for candidates in data.captions.values() for caption in candidates]
+            summaries.append(cache_texts(captions, data.text_store, _text_encoder(family, components),
+                                         self.text_identity, progress=progress))
+        return summaries
+
+    def _drop_failed(self, data: DatasetData, failed: set[str]) -> None:
+        """Images that failed to encode are reported by the cache job; here they leave training."""
+        for index in [index for index, key in data.latent_keys.items() if key in failed]:
+            del data.latent_keys[index]
+        if not data.latent_keys:
+            raise DataError(f"dataset {data.dataset_id!r}: every image failed to encode (see the report above)")
+
+    def stores(self) -> list[TensorStore]:
+        return [store for data in self.datasets.values() for store in (data.latent_store, data.text_store)]
+
+    # ---------------------------------------------------------------- batches
+    def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
+              caption_rng: random.Random) -> dict[str, Any]:
+        """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning."""
+        means, stds, texts, conditioning = [], [], [], []
+        for ref in refs:
+            data = self.datasets[ref.dataset_id]
+            entry = data.latent_store.get(_latent_key(data, ref))
+            means.append(entry["mean"])
+            stds.append(entry["std"])
+            candidates = data.captions[ref.record]
+            caption = candidates[0] if len(candidates) == 1 else caption_rng.choice(candidates)
+            texts.append(data.text_store.get(text_key(caption, self.text_identity)))
+            conditioning.append(family.sample_conditioning(data.assignment.plan(ref.record)))
+        batch: dict[str, Any] = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
+                                 "text": _stack_entries(texts)}
+        if conditioning and conditioning[0]:
+            batch.update(_stack_entries(conditioning))
+        return batch
+
+    def empty_text(self) -> dict[str, torch.Tensor]:
+        """Text outputs of the empty caption (batch of one), for caption dropout."""
+        store = next(iter(self.datasets.values())).text_store
+        entry = store.get(text_key(EMPTY_CAPTION, self.text_identity))
+        return {name: tensor.unsqueeze(0) for name, tensor in entry.items()}
+
+
+def training_image(data: DatasetData, index: int) -> Any:
+    """A training image as it is trained (resized and cropped), as a PIL image."""
+    from PIL import Image
+
+    from simpletuner.cache.latents import load_pixels
+
+    path = _join(data.location, data.assignment.records[index].path)
+    pixels = load_pixels(path, data.assignment.plan(index), storage_options=data.storage_options)
+    array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(array)
+
+
+def _latent_key(data: DatasetData, ref: SampleRef) -> str:
+    key = data.latent_keys.get(ref.record)
+    if key is not None:
+        return key
+    # the image failed to encode (reported when caching): a sibling of its bucket stands in
+    target = data.assignment.plan(ref.record).target_size
+    return next(key for index, key in data.latent_keys.items()
+                if data.assignment.plan(index).target_size == target)
+
+
+def _stack_entries(entries: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+
+
+def _join(location: str, path: str) -> str:
+    import os
+
+    if "://" in location:
+        return f"{location.rstrip('/')}/{path}"
+    return os.path.join(location, *path.split("/"))
+
+
+def _open_store(location: str, dataset: Any) -> TensorStore:
+    from simpletuner.cache.location import storage_options_for
+    from simpletuner.cache.store import TensorStore
+
+    return TensorStore(location, storage_options=storage_options_for(location, dataset))
+
+
+def _latent_encoder(family: ModelFamily, components: Components):
+    def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            mean, std = family.encode_images(components, pixels)
+        return {"mean": mean.float().cpu(), "std": std.float().cpu()}
+
+    return encode
+
+
+def _text_encoder(family: ModelFamily, components: Components):
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            outputs = family.text_outputs(components, captions)
+        return {name: tensor.cpu() for name, tensor in outputs.items()}
+
+    return encode

@@ -1,0 +1,175 @@
+"""Everything a run needs, built once, in an order that fails fast.
+
+Checks that need no model (output directory, resume compatibility, validation
+settings) run before anything long; then the model loads, the datasets are
+scanned and cached, and the trainable part, optimiser, schedule, sampler, EMA
+and tracker are built. The trainer never branches on a family's name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from simpletuner.errors import UserError
+from simpletuner.log import get_logger
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from simpletuner.config.load import Settings
+    from simpletuner.data.sampler import MultiDatasetSampler
+    from simpletuner.models.base import Components, ModelFamily
+    from simpletuner.train.adapters import Trained
+    from simpletuner.train.checkpoint import Processes
+    from simpletuner.train.data import TrainingData
+    from simpletuner.train.ema import EMA
+    from simpletuner.train.trackers import Tracker
+    from simpletuner.validate import ValidationPlan
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Run:
+    """The live objects of one training run."""
+
+    settings: Settings
+    accelerator: Accelerator
+    processes: Processes
+    family: ModelFamily
+    components: Components
+    data: TrainingData
+    trained: Trained
+    optimizer: Any
+    lr_scheduler: Any
+    sampler: MultiDatasetSampler
+    objective: Any
+    ema: EMA | None
+    tracker: Tracker
+    validation: ValidationPlan | None
+    identity: dict[str, Any]
+    total_steps: int
+    resume_from: Path | None
+    init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
+
+    @property
+    def cfg(self):
+        return self.settings.training
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """Create output_dir if needed and prove it writable, before any long work."""
+    path = Path(output_dir)
+    probe = path / f".write-test-{uuid.uuid4().hex}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"output_dir {output_dir!r} is not writable ({error.strerror or error}); "
+                        "choose a folder you can write to") from error
+    return path
+
+
+def make_accelerator(settings: Settings) -> Accelerator:
+    from accelerate import Accelerator
+
+    cfg = settings.training
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                       gradient_accumulation_steps=1)  # accumulation is counted by the trainer itself
+
+
+def build_run(settings: Settings, accelerator: Accelerator) -> Run:
+    """Build a run; raises UserError for bad input before the long work starts."""
+    from simpletuner.models.registry import get_family
+    from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
+    from simpletuner.validate import validation_plan
+
+    cfg = settings.training
+    check_output_dir(cfg.output_dir)
+    family = get_family(cfg.model_family)
+    validation = validation_plan(cfg, family)
+    identity = run_identity(cfg, settings.datasets)
+    resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resume_from is not None:
+        check_compatible(resume_from, identity, accelerator.num_processes)
+    if cfg.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+    components = family.load(cfg).to(accelerator.device)
+    data = _prepare_data(settings, family, components, accelerator)
+    return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
+                           Processes.from_accelerator(accelerator))
+
+
+def _prepare_data(settings: Settings, family: ModelFamily, components: Components,
+                  accelerator: Accelerator) -> TrainingData:
+    from simpletuner.train.data import TrainingData
+
+    data = TrainingData.prepare(settings, family, components)
+    if accelerator.is_main_process:
+        print(data.scan_report, end="", flush=True)
+    for summary in data.ensure_cached(family, components, vae_batch_size=settings.training.vae_batch_size,
+                                      progress=accelerator.is_main_process):
+        if accelerator.is_main_process:
+            print(summary, flush=True)
+    return data
+
+
+def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
+                    data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
+                    resume_from: Path | None, processes: Processes) -> Run:
+    from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
+    from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
+    from simpletuner.train.ema import EMA
+    from simpletuner.train.optim import build_optimizer
+    from simpletuner.train.schedules import build_lr_scheduler
+    from simpletuner.train.trackers import open_tracker
+
+    cfg = settings.training
+    denoiser = family.denoiser(components)
+    trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
+                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
+    trained.module.to(accelerator.device)
+    if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    sampler = MultiDatasetSampler.from_config(
+        cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
+              if d.id in data.datasets],
+        rank=accelerator.process_index, world_size=accelerator.num_processes)
+    total_steps = _total_steps(cfg, sampler.steps_in_epoch)
+    optimizer = accelerator.prepare_optimizer(build_optimizer(trained.parameters(), cfg, accelerator.device.type))
+    lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
+    ema = None
+    if cfg.use_ema:
+        ema = EMA(trained.parameters(), cfg.ema_decay, update_every=cfg.ema_update_interval or 1,
+                  device="cpu" if cfg.ema_device == "cpu" else None)
+    tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
+                           run_config=cfg.model_dump(mode="json"))
+    return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
+               sampler, family.objective(cfg, components), ema, tracker, validation, identity, total_steps,
+               resume_from)
+
+
+def _total_steps(cfg: Any, batches_per_epoch: int) -> int:
+    """Optimiser updates of the run: max_train_steps, or num_train_epochs of the sampler's epochs."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    epochs = cfg.num_train_epochs or 1
+    return max(1, epochs * batches_per_epoch // cfg.gradient_accumulation_steps)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
