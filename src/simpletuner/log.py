@@ -29,6 +29,9 @@ def setup_logging() -> None:
         handler._simpletuner = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
+    if root.level > logging.INFO:  # the libraries' own chatter follows our quiet default
+        for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(variable, "error")
     loop_level = os.environ.get("SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL")
     if loop_level:
         logging.getLogger(LOOP_LOGGER).setLevel(_level("SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL", "WARNING"))
