@@ -31,7 +31,8 @@ TEXT = EncoderIdentity("tiny/clip", "text_encoder", "float32", settings={"max_le
 class PoolingVAE:
     """A deterministic stand-in encoder (8x average pooling) that counts what it encodes."""
 
-    def __init__(self, fail_above: int | None = None, error: type = torch.OutOfMemoryError, stop_after: int | None = None):
+    def __init__(self, fail_above: int | None = None, error: type = torch.OutOfMemoryError,
+                 stop_after: int | None = None):
         self.calls, self.samples, self.fail_above, self.error, self.stop_after = [], 0, fail_above, error, stop_after
 
     def __call__(self, pixels: torch.Tensor) -> dict:

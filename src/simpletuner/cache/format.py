@@ -173,7 +173,8 @@ class Segment:
         shard, offset, length, crc = take("<u4", n, 4), take("<u8", n, 8), take("<u8", n, 8), take("<u4", n, 4)
         if pos != len(data) - 4:
             raise ValueError("manifest segment has the wrong size")
-        return cls(name, meta["shards"], meta.get("writer", ""), meta.get("replaces", []), keys, shard, offset, length, crc)
+        return cls(name, meta["shards"], meta.get("writer", ""), meta.get("replaces", []),
+                   keys, shard, offset, length, crc)
 
 
 class Manifest:

@@ -2,7 +2,10 @@
 
 This is the cache's own small seam over storage. Local folders get temporary
 names renamed into place (atomic on POSIX) and memory-mapped reads; remote
-locations get whole-object PUTs (atomic on S3) and ranged GETs.
+locations get whole-object PUTs (atomic on S3) and ranged GETs, each retried on
+transient errors with the storage layer's `RetryPolicy`. (The storage layer's
+`WritableLocation` has no listing, deletion, ranged reads or file uploads, which a
+store needs; this module is the one place to change if it grows them.)
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class Location:
             self.protocol = root.split("://", 1)[0]
             self.root = root.rstrip("/")
             self._bare = self.fs._strip_protocol(self.root)
+            from simpletuner.data.storage import RetryPolicy
+
+            self._retry = RetryPolicy()
         else:
             self.fs = None
             self.root = str(Path(root.removeprefix("file://")).absolute())
@@ -45,6 +51,12 @@ class Location:
 
     def _remote_path(self, name: str) -> str:
         return f"{self._bare}/{name}"
+
+    def _call(self, method: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        """`self.fs.<method>(<remote path of name>, ...)`, retried on transient errors."""
+        operation = getattr(self.fs, method)
+        path = self._remote_path(name)
+        return self._retry.call(lambda: operation(path, *args, **kwargs), f"{method} {self.root}/{name}")
 
     def local_path(self, name: str) -> str | None:
         """A path the OS can open (and memory-map), or None for a remote location."""
@@ -65,7 +77,7 @@ class Location:
         path = self._remote_path(folder)
         self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(path, detail=True)
+            entries = self._call("ls", folder, detail=True)
         except FileNotFoundError:
             return {}
         return {e["name"].rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e["type"] == "file"}
@@ -74,26 +86,26 @@ class Location:
         if not self.remote:
             with open(os.path.join(self.root, name), "rb") as f:
                 return f.read()
-        return self.fs.cat_file(self._remote_path(name))
+        return self._call("cat_file", name)
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         if not self.remote:
             with open(os.path.join(self.root, name), "rb") as f:
                 f.seek(start)
                 return f.read(end - start)
-        return self.fs.cat_file(self._remote_path(name), start=start, end=end)
+        return self._call("cat_file", name, start=start, end=end)
 
     def mtime(self, name: str) -> float:
         if not self.remote:
             return os.stat(os.path.join(self.root, name)).st_mtime
-        info = self.fs.info(self._remote_path(name))
+        info = self._call("info", name)
         modified = info.get("LastModified") or info.get("mtime")
         return modified.timestamp() if hasattr(modified, "timestamp") else float(modified or 0)
 
     def write_bytes_atomic(self, name: str, data: bytes) -> None:
         """Readers see the old file or the whole new one, never a part."""
         if self.remote:
-            self.fs.pipe_file(self._remote_path(name), data)
+            self._call("pipe_file", name, data)
             return
         final = os.path.join(self.root, name)
         folder, base = os.path.split(final)
@@ -108,7 +120,7 @@ class Location:
     def put_file_atomic(self, local_file: str, name: str) -> None:
         """Move a finished local file to `name`; the file appears whole or not at all."""
         if self.remote:
-            self.fs.put_file(local_file, self._remote_path(name))
+            self._retry.call(lambda: self.fs.put_file(local_file, self._remote_path(name)), f"put {self.root}/{name}")
             os.remove(local_file)
             return
         final = os.path.join(self.root, name)
@@ -135,7 +147,7 @@ class Location:
         """Remove a file; False if it was already gone."""
         try:
             if self.remote:
-                self.fs.rm_file(self._remote_path(name))
+                self._call("rm_file", name)
             else:
                 os.remove(os.path.join(self.root, name))
             return True
@@ -143,7 +155,7 @@ class Location:
             return False
 
     def download(self, name: str, local_file: str) -> None:
-        self.fs.get_file(self._remote_path(name), local_file)
+        self._retry.call(lambda: self.fs.get_file(self._remote_path(name), local_file), f"get {self.root}/{name}")
 
 
 def storage_options_for(url: str, dataset: Any = None) -> dict[str, Any]:
