@@ -56,6 +56,8 @@ IDENTITY_KEYS = (
     "unet_lora_target", "flux_lora_target", "lycoris_config", "train_text_encoder", "refiner_training",
     "optimizer", "use_ema", "resolution", "resolution_type", "train_batch_size",
 )
+# dataset options that say where caches live, not what trains: a moved cache resumes
+_WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
 _SECRET = re.compile(r"secret|access_key|token|password", re.IGNORECASE)
 
 
@@ -104,7 +106,8 @@ def run_identity(cfg: Any, datasets: Sequence[Any] = ()) -> dict[str, Any]:
     enter as ids plus one hash of their settings, credentials left out.
     """
     identity = {key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS}
-    entries = [_without_secrets(_jsonable(d)) for d in datasets]
+    entries = [{k: v for k, v in _without_secrets(_jsonable(d)).items() if k not in _WHERE_NOT_WHAT}
+               for d in datasets]
     identity["dataset_ids"] = [e.get("id") for e in entries]
     identity["datasets"] = _digest(entries)[:16]
     return identity

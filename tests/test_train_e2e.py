@@ -1,0 +1,122 @@
+"""End-to-end runs of `simpletuner train` on tiny models: outputs load in diffusers, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import metrics, write_run
+
+from simpletuner.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _sample(pipeline, size: int, **kwargs) -> torch.Tensor:
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    return pipeline("a red circle on a blue background", num_inference_steps=2, height=size, width=size,
+                    generator=generator, output_type="pt", **kwargs).images
+
+
+@pytest.mark.parametrize("family", ["sd1x", "sdxl"])
+def test_lora_run_writes_a_lora_that_diffusers_loads(tmp_path: Path, tiny_model, family: str) -> None:
+    from diffusers import DiffusionPipeline
+
+    model = tiny_model(family)
+    config = write_run(tmp_path, model, family, report_to="tensorboard")
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    lora = output / "pytorch_lora_weights.safetensors"
+    weights = load_file(lora)
+    assert weights and all(key.startswith("unet.") for key in weights)
+    assert any("lora" in key for key in weights)
+    size = 64 if family == "sdxl" else 32
+    for step in (0, 4):  # the base model's images are kept beside the trained ones
+        assert (output / "validation" / f"step-{step}" / f"validation-{size}x{size}-0.png").is_file()
+    losses = metrics(output)
+    assert sorted(losses) == [1, 2, 3, 4] and all(loss == loss for loss in losses.values())
+    assert list((output / "logs").rglob("events.out.tfevents.*")), "TensorBoard logged nothing"
+
+    pipeline = DiffusionPipeline.from_pretrained(model)
+    if family == "sdxl":
+        pipeline.watermark = None
+    before = _sample(pipeline, size)
+    pipeline.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors")
+    after = _sample(pipeline, size)
+    assert torch.isfinite(after).all()
+    assert not torch.equal(before, after), "the trained LoRA did not change the model's output"
+
+
+def test_full_v_prediction_run_writes_a_pipeline_folder(tmp_path: Path, tiny_model) -> None:
+    from diffusers import DiffusionPipeline
+
+    model = tiny_model("sd2x")
+    config = write_run(tmp_path, model, "sd2x", model_type="full", learning_rate=1e-4)
+    assert main(["train", str(config)]) == 0
+    folder = tmp_path / "output" / "pipeline"
+    pipeline = DiffusionPipeline.from_pretrained(folder)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    original = DiffusionPipeline.from_pretrained(model)
+    trained_weights = dict(pipeline.unet.named_parameters())
+    changed = [name for name, p in original.unet.named_parameters() if not torch.equal(p, trained_weights[name])]
+    assert changed, "full fine-tuning changed no UNet weight"
+    assert torch.isfinite(_sample(pipeline, 32)).all()
+
+
+def test_refiner_lora_validates_img2img(tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("sdxl_refiner")
+    config = write_run(tmp_path, model, "sdxl_refiner", max_train_steps=2, validation_steps=2)
+    assert main(["train", str(config)]) == 0
+    assert (tmp_path / "output" / "validation" / "step-2" / "validation-64x64-0.png").is_file()
+    assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resume_continues_exactly(tmp_path: Path, tiny_model) -> None:
+    """2N steps straight == N steps, a checkpoint, a fresh process state, and N more steps."""
+    model = tiny_model("sd1x")
+    straight = write_run(tmp_path / "straight", model, "sd1x", lora_dropout=0.1, caption_dropout_probability=0.3,
+                         noise_offset=0.05, disable_validation=True, max_train_steps=6, checkpointing_steps=3)
+    assert main(["train", str(straight)]) == 0
+    full = metrics(tmp_path / "straight" / "output")
+
+    resumed_root = tmp_path / "resumed"
+    resumed = write_run(resumed_root, model, "sd1x", dataset=tmp_path / "straight" / "dataset", lora_dropout=0.1,
+                        caption_dropout_probability=0.3, noise_offset=0.05, disable_validation=True,
+                        max_train_steps=6, checkpointing_steps=3, resume_from_checkpoint="latest")
+    checkpoint = tmp_path / "straight" / "output" / "checkpoints" / "step-000003"
+    shutil.copytree(checkpoint, resumed_root / "output" / "checkpoints" / "step-000003")
+    assert main(["train", str(resumed)]) == 0
+    second_half = metrics(resumed_root / "output")
+    assert sorted(second_half) == [4, 5, 6]
+    assert all(second_half[step] == full[step] for step in (4, 5, 6)), (second_half, full)
+    final_a = load_file(tmp_path / "straight" / "output" / "pytorch_lora_weights.safetensors")
+    final_b = load_file(resumed_root / "output" / "pytorch_lora_weights.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+
+
+def test_rerun_hits_every_cache_entry(tmp_path: Path, tiny_model, capsys) -> None:
+    model = tiny_model("sd1x")
+    config = write_run(tmp_path, model, "sd1x", max_train_steps=1, disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "second")]) == 0
+    out = capsys.readouterr().out
+    assert "latents: 12 unique, 12 already cached, 0 encoded" in out
+    assert "0 encoded" in out.split("text:")[1].splitlines()[0]
+
+
+def test_checkpoint_rotation_keeps_the_newest(tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("sd1x")
+    config = write_run(tmp_path, model, "sd1x", max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2,
+                       disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    names = sorted(p.name for p in (tmp_path / "output" / "checkpoints").iterdir())
+    assert names == ["step-000004", "step-000005"]
+    meta = json.loads((tmp_path / "output" / "checkpoints" / "step-000005" / "meta.json").read_text())
+    assert meta["step"] == 5
