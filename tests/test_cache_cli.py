@@ -61,20 +61,37 @@ def test_verify_accepts_overrides(tmp_path, capsys):
     assert "3 entries" in capsys.readouterr().out
 
 
-def test_prune_removes_stores_of_datasets_no_longer_configured(tmp_path, capsys):
-    config = write_config(tmp_path)
-    fill(tmp_path / "cache" / "vae" / "pics")
+def real_config(tmp_path, tiny_model):
+    """A configuration over a tiny SDXL model and a small procedural dataset."""
+    from train_helpers import write_run
+
+    return str(write_run(tmp_path, tiny_model("sdxl"), "sdxl", images=6))
+
+
+def test_cache_encodes_once_and_prune_removes_what_is_no_longer_used(tmp_path, tiny_model, capsys):
+    config = real_config(tmp_path, tiny_model)
+    assert main(["cache", config]) == 0
+    out = capsys.readouterr().out
+    assert "latents: 6 unique, 0 already cached, 6 encoded" in out
+    assert main(["cache", config]) == 0
+    assert "latents: 6 unique, 6 already cached, 0 encoded" in capsys.readouterr().out
+
+    latents = tmp_path / "cache" / "vae" / "shapes"
+    fill(latents, n=3)  # entries no configuration reads (e.g. an old crop)
     gone = tmp_path / "cache" / "vae" / "gone"
     fill(gone)
     (tmp_path / "cache" / "vae" / "notastore").mkdir()
     assert main(["cache", "prune", config, "--dry-run"]) == 0
-    assert "would remove unused cache" in capsys.readouterr().out and gone.exists()
+    out = capsys.readouterr().out
+    assert "would remove unused cache" in out and gone.exists() and "would remove 3 of 9 entries" in out
     assert main(["cache", "prune", config]) == 0
     out = capsys.readouterr().out
     assert "removing unused cache" in out and str(gone) in out
     assert not gone.exists()
-    assert len(TensorStore(str(tmp_path / "cache" / "vae" / "pics"))) == 6
+    assert len(TensorStore(str(latents))) == 6
     assert (tmp_path / "cache" / "vae" / "notastore").exists()
+    assert main(["cache", config]) == 0
+    assert "6 already cached, 0 encoded" in capsys.readouterr().out
 
 
 def test_cache_inside_a_dataset_is_refused(tmp_path, capsys):
@@ -86,13 +103,6 @@ def test_cache_inside_a_dataset_is_refused(tmp_path, capsys):
     assert main(["cache", "verify", config]) == 2
     err = capsys.readouterr().err
     assert "inside dataset 'bad'" in err and "Traceback" not in err
-
-
-def test_encoding_path_says_it_is_not_wired_yet(tmp_path, capsys):
-    config = write_config(tmp_path)
-    assert main(["cache", config]) == 1
-    err = capsys.readouterr().err
-    assert "not wired yet" in err and os.path.join("vae", "pics") in err
 
 
 @pytest.mark.parametrize("argv", [["cache", "explode", "x.toml"], ["cache", "prune"], ["cache", "verify"]])

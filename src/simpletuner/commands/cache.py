@@ -1,6 +1,6 @@
 """`simpletuner cache [verify|prune] CONFIG [--key value ...]`: build, check and trim the caches.
 
-    simpletuner cache CONFIG            encode latents and text embeddings (see encode_caches)
+    simpletuner cache CONFIG            encode the latents and text embeddings the stores lack
     simpletuner cache verify CONFIG     check every shard and entry; --repair drops bad entries
     simpletuner cache verify --store L  check one cache location (folder or s3://)
     simpletuner cache prune CONFIG      remove caches the configuration no longer uses
@@ -153,15 +153,11 @@ def prune_command(settings: "Settings", dry_run: bool = False) -> int:
         print(f"{'would remove' if dry_run else 'removing'} unused cache {folder}")
         if not dry_run:
             _remove_store(folder)
-    for target in targets:
-        if not _exists(target.location, target.storage_options):
-            continue
+    present = [target for target in targets if _exists(target.location, target.storage_options)]
+    every_live = live_keys(settings) if present else {}
+    for target in present:
         store = TensorStore(target.location, storage_options=target.storage_options)
-        try:
-            keys = live_keys(settings, target)
-        except NotImplementedError as reason:
-            print(f"cache {target.location}: entries kept ({reason})")
-            continue
+        keys = every_live.get(store.url, set())
         dead = len(store) - int(store.contains_many(sorted(keys)).sum())
         if dry_run:
             print(f"cache {target.location}: would remove {dead} of {len(store)} entries")
@@ -208,26 +204,28 @@ def _remove_store(folder: str) -> None:
         os.rmdir(folder)
 
 
-def live_keys(settings: "Settings", target: CacheTarget) -> set[str]:
-    """Every key the configuration would read from `target`.
+def live_keys(settings: "Settings") -> dict[str, set[str]]:
+    """Store location -> every key the configuration reads from it (loads the model's encoders)."""
+    from simpletuner.models.registry import get_family
+    from simpletuner.train.data import TrainingData
 
-    To wire once model families expose their encoder identities: latent keys come
-    from each user dataset's index and plans (`cache.latents.latent_items`), text
-    keys from its captions (`cache.text.text_items`), both with the family's
-    `EncoderIdentity`.
-    """
-    raise NotImplementedError("entry-level pruning needs the model family's encoder identity, not wired yet")
+    family = get_family(settings.training.model_family)
+    data = TrainingData.prepare(settings, family, family.load(settings.training))
+    keys = data.live_keys()
+    for store in data.stores():
+        store.close()
+    return keys
 
 
 def encode_caches(settings: "Settings") -> int:
-    """Encode every dataset's latents and captions into its stores.
+    """Scan the datasets and encode every latent and caption the stores lack (what `train` does first)."""
+    from simpletuner.models.registry import get_family
+    from simpletuner.train.setup import make_accelerator, prepare_data
 
-    To wire once model families exist: for each CacheTarget, build items with
-    `latent_items` / `text_items` and run `cache_latents` / `cache_texts` with the
-    family's encoders as `encode_fn`.
-    """
-    print("simpletuner cache: encoding needs the model-family encoders and is not wired yet in this "
-          "version; `simpletuner cache verify` and `simpletuner cache prune` work.", file=sys.stderr)
-    for target in cache_targets(settings):
-        print(f"  {target.kind} cache for {', '.join(target.users)}: {target.location}", file=sys.stderr)
-    return 1
+    accelerator = make_accelerator(settings)
+    family = get_family(settings.training.model_family)
+    components = family.load(settings.training).to(accelerator.device)
+    data = prepare_data(settings, family, components, accelerator)
+    for store in data.stores():
+        store.close()
+    return 0

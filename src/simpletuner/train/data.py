@@ -124,6 +124,18 @@ class TrainingData:
         if not data.latent_keys:
             raise DataError(f"dataset {data.dataset_id!r}: every image failed to encode (see the report above)")
 
+    def live_keys(self) -> dict[str, set[str]]:
+        """Store location -> every key this configuration reads from it (for `cache prune`)."""
+        from simpletuner.cache.text import text_items
+
+        keys: dict[str, set[str]] = {}
+        for data in self.datasets.values():
+            keys.setdefault(data.latent_store.url, set()).update(data.latent_keys.values())
+            captions = [caption for candidates in data.captions.values() for caption in candidates]
+            keys.setdefault(data.text_store.url, set()).update(
+                item.key for item in text_items(captions, self.text_identity))
+        return keys
+
     def stores(self) -> list[TensorStore]:
         return [store for data in self.datasets.values() for store in (data.latent_store, data.text_store)]
 

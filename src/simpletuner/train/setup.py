@@ -108,13 +108,14 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
 
         set_seed(cfg.seed)
     components = family.load(cfg).to(accelerator.device)
-    data = _prepare_data(settings, family, components, accelerator)
+    data = prepare_data(settings, family, components, accelerator)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
                            Processes.from_accelerator(accelerator))
 
 
-def _prepare_data(settings: Settings, family: ModelFamily, components: Components,
-                  accelerator: Accelerator) -> TrainingData:
+def prepare_data(settings: Settings, family: ModelFamily, components: Components,
+                 accelerator: Accelerator) -> TrainingData:
+    """Scan the datasets (printing the report) and encode what the caches lack (printing summaries)."""
     from simpletuner.train.data import TrainingData
 
     data = TrainingData.prepare(settings, family, components)
