@@ -200,9 +200,10 @@ class TrainingConfig(StrictModel):
         Field("all", description="Flux, standard LoRA: which layers get adapters (all: every attention layer, "
               "no feed-forward; all+ffs: also feed-forward; mmdit: no text-input layers; context: text attention "
               "only; tiny/nano: two/one blocks)."))
-    unet_lora_target: Literal["attention", "attention+ffs"] = Field("attention", description="UNet models, "
-                                                                    "standard LoRA: adapt the attention "
-                                                                    "projections, or also the feed-forward layers.")
+    unet_lora_target: Literal["attention", "attention+ffs"] = Field("attention", description="UNet, SD3 "
+                                                                    "and PixArt models, standard LoRA: adapt the "
+                                                                    "attention projections, or also the "
+                                                                    "feed-forward layers.")
     controlnet: bool = Field(False, description="Train a ControlNet on conditioning datasets (conditioning_data).")
     controlnet_model_name_or_path: str | None = Field(None, description="Start the ControlNet from these weights "
                                                       "(default: initialised from the base model).")
@@ -308,7 +309,15 @@ class TrainingConfig(StrictModel):
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
     flow_sigmoid_scale: float = Field(1.0, gt=0, description="Flow matching: scale of logit-normal (sigmoid) "
                                       "timestep sampling.")
+    flow_sigmoid_mean: float = Field(0.0, description="Flow matching: mean of logit-normal (sigmoid) timestep "
+                                     "sampling (diffusers' logit_mean).")
     flow_use_uniform_schedule: bool = Field(False, description="Flow matching: sample timesteps uniformly.")
+    flow_use_mode_schedule: bool = Field(False, description="Flow matching: sample timesteps from the SD3 paper's "
+                                         "mode density (scale flow_mode_scale).")
+    flow_mode_scale: float = Field(1.29, description="Scale of flow_use_mode_schedule (diffusers' mode_scale).")
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "logit_normal", "cosmap"] = Field(
+        "none", description="Flow matching loss weight per sample: none; sigma_sqrt (sigma^-2) and cosmap as "
+        "diffusers' SD3 scripts; logit_normal (the logit-normal density at sigma, for uniform sampling).")
     flow_use_beta_schedule: bool = Field(False, description="Flow matching: sample timesteps from a beta "
                                          "distribution.")
     flow_beta_schedule_alpha: float = Field(2.0, gt=0, description="Alpha of the flow-matching beta schedule.")
