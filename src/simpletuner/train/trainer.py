@@ -43,14 +43,15 @@ def train(settings: Settings) -> TrainResult:
     accelerator = make_accelerator(settings)
     run = build_run(settings, accelerator)
     try:
-        return _train(run)
+        return run_training(run)
     finally:
         run.tracker.finish()
         for store in run.data.stores():
             store.close()
 
 
-def _train(run: Run) -> TrainResult:
+def run_training(run: Run) -> TrainResult:
+    """Resume if asked, then train to run.total_steps, checkpoint, validate and export."""
     from tqdm.auto import tqdm
 
     step = _resume(run)
