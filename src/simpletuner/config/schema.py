@@ -25,6 +25,12 @@ CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "
 MixedPrecision = Literal["bf16", "fp16", "no"]
 Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "nf4-bnb"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
+ADAPTER_MODEL_TYPES = ("lora", "deepfloyd-lora", "deepfloyd-stage2-lora")
+
+
+def trains_adapter(cfg: "TrainingConfig") -> bool:
+    """True when model_type trains an adapter (LoRA / LyCORIS) over a frozen base; False for the full model."""
+    return cfg.model_type in ADAPTER_MODEL_TYPES
 
 
 class StrictModel(BaseModel):
@@ -180,8 +186,9 @@ class TrainingConfig(StrictModel):
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
     vae_enable_tiling: bool = Field(False, description="Tiled VAE encoding (very large images, little memory).")
     vae_enable_slicing: bool = Field(False, description="Sliced VAE encoding (one image at a time inside a batch).")
-    tokenizer_max_length: int | None = Field(None, ge=1, description="Token length of T5 prompts (default: the "
-                                             "model's). Changing it changes the cached embeddings.")
+    tokenizer_max_length: int | None = Field(None, ge=1, description="Token length of T5 (and Kolors' ChatGLM) "
+                                             "prompts (default: the model family's, at most the tokenizer's). "
+                                             "Changing it changes the cached embeddings.")
     t5_padding: Literal["zero", "unmodified"] = Field("unmodified", description="Flux/SD3: zero the T5 embeddings of "
                                                       "padding tokens, or keep them as the encoder produced them.")
     # adapters
@@ -338,6 +345,9 @@ class TrainingConfig(StrictModel):
         "empty_string", description="SD3 caption dropout: CLIP embeddings of the empty caption, or zeros.")
     sd3_t5_uncond_behaviour: Literal["empty_string", "zero"] | None = Field(
         None, description="SD3 caption dropout for T5 (default: as sd3_clip_uncond_behaviour).")
+    deepfloyd_stage2_max_noise_level: int = Field(250, ge=0, le=999, description="DeepFloyd stage II: the "
+                                                  "low-resolution conditioning image is noised at a level drawn "
+                                                  "uniformly from 0 to this (its pipeline samples at 250).")
     # checkpoints
     output_dir: str = Field("output/models", description="Where checkpoints, validation images and the model go.")
     checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every this many steps.")
