@@ -20,6 +20,8 @@ FAMILIES: dict[str, str] = {
     "sd2x": "simpletuner.models.sd:SD2Family",
     "sdxl": "simpletuner.models.sdxl:SDXLFamily",
     "sdxl_refiner": "simpletuner.models.sdxl:SDXLRefinerFamily",
+    "sd3": "simpletuner.models.sd3:SD3Family",
+    "flux": "simpletuner.models.flux:FluxFamily",
 }
 
 
