@@ -22,6 +22,9 @@ FAMILIES: dict[str, str] = {
     "sdxl_refiner": "simpletuner.models.sdxl:SDXLRefinerFamily",
     "sd3": "simpletuner.models.sd3:SD3Family",
     "flux": "simpletuner.models.flux:FluxFamily",
+    "pixart_sigma": "simpletuner.models.pixart:PixArtSigmaFamily",
+    "kolors": "simpletuner.models.kolors:KolorsFamily",
+    "deepfloyd": "simpletuner.models.deepfloyd:DeepFloydFamily",
 }
 
 
