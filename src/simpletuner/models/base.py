@@ -50,6 +50,13 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "IFSuperResolutionPipeline": "deepfloyd (stage II)",
 }
 
+# validation_noise_scheduler -> diffusers class (epsilon / v-prediction families)
+VALIDATION_SCHEDULERS = {
+    "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "no": torch.float32}
 
 
@@ -192,6 +199,7 @@ class ModelFamily(ABC):
             "prediction_type": prediction,
             "rescale_betas_zero_snr": cfg.rescale_betas_zero_snr,
             "timestep_spacing": cfg.inference_scheduler_timestep_spacing,
+            "validation_scheduler": cfg.validation_noise_scheduler,
         }
 
     def _load_component(self, cfg: TrainingConfig, spec: ComponentSpec, index: Mapping[str, Any],
@@ -376,13 +384,18 @@ class ModelFamily(ABC):
                         num_images_per_prompt=cfg.num_validation_images).images
 
     def inference_scheduler(self, components: Components) -> Any:
-        """The model's own scheduler class, configured with the run's prediction type and schedule options."""
+        """The model's own scheduler class (or validation_noise_scheduler's), configured with the run's
+        prediction type and schedule options."""
+        import diffusers
+
         scheduler = components["scheduler"]
         settings = components.settings
         overrides = {"prediction_type": settings["prediction_type"], "timestep_spacing": settings["timestep_spacing"]}
         if settings["rescale_betas_zero_snr"]:
             overrides["rescale_betas_zero_snr"] = True
-        return type(scheduler).from_config(scheduler.config, **overrides)
+        chosen = settings.get("validation_scheduler")
+        scheduler_class = getattr(diffusers, VALIDATION_SCHEDULERS[chosen]) if chosen else type(scheduler)
+        return scheduler_class.from_config(scheduler.config, **overrides)
 
 
 # ---------------------------------------------------------------- loading helpers
