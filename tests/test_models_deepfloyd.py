@@ -72,6 +72,18 @@ def test_model_type_names_the_stage_and_what_trains(model_type):
     assert DTypePolicy.for_training(cfg).denoiser == (torch.bfloat16 if adapter else torch.float32)
 
 
+def test_deepfloyd_model_types_need_the_deepfloyd_family(tmp_path):
+    from simpletuner.config.load import load_config
+    from simpletuner.errors import ConfigError
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_family": "sdxl", "model_type": "deepfloyd-stage2-lora",
+                                "pretrained_model_name_or_path": "x"}))
+    with pytest.raises(ConfigError, match="'deepfloyd-stage2-lora' trains DeepFloyd IF and needs model_family "
+                                          "'deepfloyd'; for model_family 'sdxl' use 'full' or 'lora'"):
+        load_config(path)
+
+
 def test_default_resolution_of_a_plain_model_type_is_the_models_stage(tiny):
     family = get_family("deepfloyd")
     assert family.default_resolution(config(tiny["deepfloyd_if"], model_type="lora")) == 64

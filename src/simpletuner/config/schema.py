@@ -184,6 +184,8 @@ class TrainingConfig(StrictModel):
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
+    vae_cache_ondemand: bool = Field(False, description="Encode latents the cache lacks when a batch first needs "
+                                     "them, and store them, instead of caching every image before training.")
     vae_enable_tiling: bool = Field(False, description="Tiled VAE encoding (very large images, little memory).")
     vae_enable_slicing: bool = Field(False, description="Sliced VAE encoding (one image at a time inside a batch).")
     tokenizer_max_length: int | None = Field(None, ge=1, description="Token length of T5 (and Kolors' ChatGLM) "
@@ -402,3 +404,10 @@ class TrainingConfig(StrictModel):
     def _zero_means_unset(cls, value: object) -> object:
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
+
+    @model_validator(mode="after")
+    def _deepfloyd_model_types(self) -> "TrainingConfig":
+        if self.model_type.startswith("deepfloyd-") and self.model_family != "deepfloyd":
+            raise ValueError(f"model_type {self.model_type!r} trains DeepFloyd IF and needs model_family "
+                             f"'deepfloyd'; for model_family {self.model_family!r} use 'full' or 'lora'")
+        return self
