@@ -120,3 +120,13 @@ def test_checkpoint_rotation_keeps_the_newest(tmp_path: Path, tiny_model) -> Non
     assert names == ["step-000004", "step-000005"]
     meta = json.loads((tmp_path / "output" / "checkpoints" / "step-000005" / "meta.json").read_text())
     assert meta["step"] == 5
+
+
+def test_latents_encoded_on_demand_are_stored(tmp_path: Path, tiny_model, capsys) -> None:
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=2, disable_validation=True,
+                       vae_cache_ondemand=True)
+    assert main(["train", str(config)]) == 0
+    assert "latents:" not in capsys.readouterr().out  # no caching pass before training
+    assert main(["cache", str(config)]) == 0
+    # the 2 steps of batch 2 encoded 4 images on demand; caching now encodes only the other 8
+    assert "latents: 12 unique, 4 already cached, 8 encoded" in capsys.readouterr().out

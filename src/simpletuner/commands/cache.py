@@ -225,7 +225,6 @@ def encode_caches(settings: "Settings") -> int:
     accelerator = make_accelerator(settings)
     family = get_family(settings.training.model_family)
     components = family.load(settings.training).to(accelerator.device)
-    data = prepare_data(settings, family, components, accelerator)
-    for store in data.stores():
-        store.close()
+    settings.training.vae_cache_ondemand = False  # this command exists to cache everything now
+    prepare_data(settings, family, components, accelerator).close()
     return 0

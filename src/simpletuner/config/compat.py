@@ -118,7 +118,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "soft_min_snr_sigma_data": Unsupported("use snr_gamma (min-SNR weighting)"),
     "snr_weight": Unsupported("prediction_type=sample loss mixing is not supported", _off_or(1, 1.0, "1", "1.0")),
     "disable_segmented_timestep_sampling": Unsupported("timesteps are sampled independently per sample"),
-    "vae_cache_ondemand": Unsupported("latents are always cached before training"),
     "compress_disk_cache": Unsupported("the cache store chooses its own encoding"),
     "aspect_bucket_disable_rebuild": Unsupported("buckets are rebuilt only when their inputs change"),
     "ignore_missing_files": Unsupported("missing files are always reported"),

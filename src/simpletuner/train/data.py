@@ -21,7 +21,7 @@ from simpletuner.errors import DataError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
-    from simpletuner.cache.jobs import CacheSummary
+    from simpletuner.cache.jobs import CacheSummary, LazyCache
     from simpletuner.cache.store import TensorStore
     from simpletuner.config.load import Settings
     from simpletuner.data.buckets import BucketAssignment
@@ -43,6 +43,15 @@ class DatasetData:
     latent_keys: dict[int, str]  # record index -> latent entry key
     latent_store: TensorStore
     text_store: TensorStore
+    on_demand: LazyCache | None = None  # encodes missing latents when a batch needs them
+
+    def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
+        if self.on_demand is None:
+            return self.latent_store.get(_latent_key(self, ref))
+        from simpletuner.cache.latents import LatentItem
+
+        key, plan = self.latent_keys[ref.record], self.assignment.plan(ref.record)
+        return self.on_demand.get(LatentItem(key, _join(self.location, ref.path), plan).work())
 
 
 @dataclass
@@ -97,13 +106,23 @@ class TrainingData:
 
     # ---------------------------------------------------------------- caching
     def ensure_cached(self, family: ModelFamily, components: Components, *, vae_batch_size: int,
-                      progress: bool = True) -> list[CacheSummary]:
-        """Encode every latent and caption entry the stores lack (each rank a disjoint part)."""
-        from simpletuner.cache.latents import LatentItem, cache_latents
+                      progress: bool = True, on_demand: bool = False) -> list[CacheSummary]:
+        """Encode every latent and caption entry the stores lack (each rank a disjoint part).
+
+        With `on_demand`, latents are left to be encoded (and stored) when a batch first needs them.
+        """
+        from simpletuner.cache.latents import LatentItem, cache_latents, lazy_latents
         from simpletuner.cache.text import cache_texts
 
         summaries = []
         for data in self.datasets.values():
+            if on_demand:
+                data.on_demand = lazy_latents(data.latent_store, _latent_encoder(family, components),
+                                              data.storage_options)
+                summaries.append(cache_texts(_all_captions(data), data.text_store,
+                                             _text_encoder(family, components), self.text_identity,
+                                             progress=progress))
+                continue
             items = [LatentItem(key, _join(data.location, data.assignment.records[index].path),
                                 data.assignment.plan(index)) for index, key in data.latent_keys.items()]
             summaries.append(cache_latents(items, data.latent_store, _latent_encoder(family, components),
@@ -112,8 +131,7 @@ class TrainingData:
             failed = {failure.key for failure in summaries[-1].failed}
             if failed:
                 self._drop_failed(data, failed)
-            captions = [caption for candidates in data.captions.values() for caption in candidates]
-            summaries.append(cache_texts(captions, data.text_store, _text_encoder(family, components),
+            summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
         return summaries
 
@@ -131,13 +149,20 @@ class TrainingData:
         keys: dict[str, set[str]] = {}
         for data in self.datasets.values():
             keys.setdefault(data.latent_store.url, set()).update(data.latent_keys.values())
-            captions = [caption for candidates in data.captions.values() for caption in candidates]
             keys.setdefault(data.text_store.url, set()).update(
-                item.key for item in text_items(captions, self.text_identity))
+                item.key for item in text_items(_all_captions(data), self.text_identity))
         return keys
 
     def stores(self) -> list[TensorStore]:
         return [store for data in self.datasets.values() for store in (data.latent_store, data.text_store)]
+
+    def close(self) -> None:
+        """Commit latents encoded on demand and release the stores."""
+        for data in self.datasets.values():
+            if data.on_demand is not None:
+                data.on_demand.close()
+        for store in self.stores():
+            store.close()
 
     # ---------------------------------------------------------------- batches
     def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
@@ -146,7 +171,7 @@ class TrainingData:
         means, stds, texts, conditioning = [], [], [], []
         for ref in refs:
             data = self.datasets[ref.dataset_id]
-            entry = data.latent_store.get(_latent_key(data, ref))
+            entry = data.latent_entry(ref)
             means.append(entry["mean"])
             stds.append(entry["std"])
             candidates = data.captions[ref.record]
@@ -164,6 +189,10 @@ class TrainingData:
         store = next(iter(self.datasets.values())).text_store
         entry = store.get(text_key(EMPTY_CAPTION, self.text_identity))
         return {name: tensor.unsqueeze(0) for name, tensor in entry.items()}
+
+
+def _all_captions(data: DatasetData) -> list[str]:
+    return [caption for candidates in data.captions.values() for caption in candidates]
 
 
 def training_image(data: DatasetData, index: int) -> Any:

@@ -122,7 +122,8 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
     if accelerator.is_main_process:
         print(data.scan_report, end="", flush=True)
     for summary in data.ensure_cached(family, components, vae_batch_size=settings.training.vae_batch_size,
-                                      progress=accelerator.is_main_process):
+                                      progress=accelerator.is_main_process,
+                                      on_demand=settings.training.vae_cache_ondemand):
         if accelerator.is_main_process:
             print(summary, flush=True)
     return data

@@ -46,8 +46,7 @@ def train(settings: Settings) -> TrainResult:
         return run_training(run)
     finally:
         run.tracker.finish()
-        for store in run.data.stores():
-            store.close()
+        run.data.close()
 
 
 def run_training(run: Run) -> TrainResult:
