@@ -321,3 +321,26 @@ def test_loss_parity_with_a_plain_diffusers_step(tiny, kind, weighting, guidance
         reference = _reference_loss(components, images, CAPTIONS, noise, sigmas, weighting, 32, guidance)
     assert torch.isfinite(ours)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- end to end through the CLI
+@pytest.mark.slow
+def test_lora_run_writes_a_lora_that_the_flux_pipeline_loads(tmp_path, tiny):
+    from train_helpers import metrics, write_run
+
+    from simpletuner.cli import main
+
+    config = write_run(tmp_path, tiny["dev"], "flux", tokenizer_max_length=32, t5_padding="zero",
+                       flux_attention_masked_training=True, flux_guidance_mode="random-range",
+                       flow_schedule_auto_shift=True, flux_lora_target="all+ffs")
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    losses = metrics(output)
+    assert sorted(losses) == [1, 2, 3, 4] and all(loss == loss for loss in losses.values())
+    assert (output / "validation" / "step-4" / "validation-32x32-0.png").is_file()
+    pipeline = FluxPipeline.from_pretrained(tiny["dev"])
+    kwargs = dict(sample_kwargs("flux"), output_type="np")
+    before = pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipeline.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors")
+    after = pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (after == after).all() and not (before == after).all()

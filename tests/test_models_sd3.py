@@ -277,3 +277,25 @@ def test_loss_parity_with_a_plain_diffusers_step(tiny, weighting):
         reference = _reference_loss(components, images, CAPTIONS, noise, sigmas, weighting, 32)
     assert torch.isfinite(ours)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- end to end through the CLI
+@pytest.mark.slow
+def test_full_fine_tune_run_writes_an_sd3_pipeline_folder(tmp_path, tiny):
+    from diffusers import DiffusionPipeline
+    from train_helpers import metrics, write_run
+
+    from simpletuner.cli import main
+
+    config = write_run(tmp_path, tiny["sd3"], "sd3", model_type="full", learning_rate=1e-4, tokenizer_max_length=32,
+                       t5_padding="zero", flow_loss_weighting="cosmap")
+    assert main(["train", str(config)]) == 0
+    losses = metrics(tmp_path / "output")
+    assert sorted(losses) == [1, 2, 3, 4] and all(loss == loss for loss in losses.values())
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "output" / "pipeline")
+    assert type(pipeline).__name__ == "StableDiffusion3Pipeline"
+    original = DiffusionPipeline.from_pretrained(tiny["sd3"])
+    trained = dict(pipeline.transformer.named_parameters())
+    assert any(not torch.equal(p, trained[name]) for name, p in original.transformer.named_parameters())
+    images = pipeline(**sample_kwargs("sd3"), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and (images == images).all()
