@@ -87,6 +87,19 @@ def test_dev_and_schnell_are_told_apart_by_the_guidance_embedding(tiny):
     assert dev.settings["t5_max_length"] == 128  # clipped to the tiny tokenizer's model_max_length
 
 
+def test_schnell_without_the_fast_schedule_is_warned_about(tiny, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="simpletuner"):
+        load(tiny["schnell"])
+    assert any("flux_fast_schedule" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="simpletuner"):
+        _, components, cfg = load(tiny["schnell"], flux_fast_schedule=True)
+    assert not any("flux_fast_schedule" in record.getMessage() for record in caplog.records)
+    assert get_family("flux").objective(cfg, components).sampling == "schnell"
+
+
 def test_wrong_family_is_refused(tiny):
     with pytest.raises(UserError, match="StableDiffusion3Pipeline.*'flux'"):
         load(tiny["sd3"])

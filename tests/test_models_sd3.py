@@ -106,6 +106,23 @@ def test_separate_transformer_replaces_the_models(tiny, tmp_path):
         torch.testing.assert_close(got, want)
 
 
+def test_a_shared_t5_replaces_the_models(tiny, tmp_path):
+    from transformers import T5EncoderModel
+
+    other = T5EncoderModel.from_pretrained(tiny["sd3"], subfolder="text_encoder_3")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.1)
+    other.save_pretrained(tmp_path / "pixart_like" / "text_encoder")  # another family's layout
+    other.save_pretrained(tmp_path / "flat")
+    for location in (tmp_path / "pixart_like", tmp_path / "flat"):
+        family, components, cfg = load(tiny["sd3"], pretrained_t5_model_name_or_path=str(location))
+        for got, want in zip(components["text_encoder_3"].state_dict().values(), other.state_dict().values()):
+            torch.testing.assert_close(got, want)
+    # a different T5 gives different embeddings: it keys the text cache
+    assert family.text_cache_settings(cfg) != family.text_cache_settings(config(tiny["sd3"]))
+
+
 # ---------------------------------------------------------------- text
 @pytest.mark.parametrize("length", [None, 24])
 def test_text_outputs_equal_encode_prompt(tiny, length):

@@ -145,6 +145,7 @@ class ModelFamily(ABC):
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = ()
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
+    t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -232,6 +233,10 @@ class ModelFamily(ABC):
             overrides["unet"] = _from_pretrained(specs["unet"].load_class(), path, "unet",
                                                  torch_dtype=dtypes.denoiser, local_files_only=_local_only(path),
                                                  subfolder=subfolder)
+        if cfg.pretrained_t5_model_name_or_path and self.t5_component in specs:
+            path, name = cfg.pretrained_t5_model_name_or_path, self.t5_component
+            overrides[name] = _from_pretrained(specs[name].load_class(), path, name, torch_dtype=dtypes.text_encoders,
+                                               local_files_only=_local_only(path), subfolder=_t5_subfolder(path, name))
         if cfg.pretrained_transformer_model_name_or_path and "transformer" in specs:
             path = cfg.pretrained_transformer_model_name_or_path
             subfolder = None if cfg.pretrained_transformer_subfolder == "none" else cfg.pretrained_transformer_subfolder
@@ -453,6 +458,27 @@ def _scheduler_class(entry: Sequence[str]) -> Any:
 def _subfolder_of(path: str, name: str) -> str | None:
     """A separate component may be a whole model folder (use its subfolder) or the component alone."""
     return name if _is_local(path) and (Path(path) / name / "config.json").is_file() else None
+
+
+def _t5_subfolder(path: str, name: str) -> str | None:
+    """Where a shared T5 lies in a model folder: `name`, the folder itself, or its one T5 text_encoder* subfolder.
+
+    A Hub id is read at `name` (the same component name as in this family's layout).
+    """
+    if not _is_local(path):
+        return name
+    root = Path(path).expanduser()
+    if (root / name / "config.json").is_file():
+        return name
+    if (root / "config.json").is_file():
+        return None
+    for folder in sorted(root.glob("text_encoder*")):
+        try:
+            if json.loads((folder / "config.json").read_text()).get("model_type") == "t5":
+                return folder.name
+        except (OSError, json.JSONDecodeError):
+            continue
+    return name
 
 
 def _from_pretrained(loader: Any, source: str, name: str, **kwargs: Any) -> Any:

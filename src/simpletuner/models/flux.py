@@ -96,6 +96,7 @@ class FluxFamily(FlowMatchingFamily):
     name: ClassVar[str] = "flux"
     text_max_length: ClassVar[int] = 512  # dev; schnell 256
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
+    t5_component: ClassVar[str | None] = "text_encoder_2"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
         ComponentSpec("transformer", "diffusers:FluxTransformer2DModel"),
@@ -121,6 +122,9 @@ class FluxFamily(FlowMatchingFamily):
         if not guidance and cfg.flux_guidance_mode == "random-range":
             logger.warning("flux_guidance_mode=random-range has no effect: this transformer has no guidance "
                            "embedding (schnell-like)")
+        if not guidance and not cfg.flux_fast_schedule:
+            logger.warning("this Flux transformer has no guidance embedding (schnell-like): it was distilled on "
+                           "a few noise levels; consider flux_fast_schedule=true to train on them")
         settings.update(
             guidance_embeds=guidance,
             guidance_mode=cfg.flux_guidance_mode,

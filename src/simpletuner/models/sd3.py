@@ -74,6 +74,7 @@ class FlowMatchingFamily(ModelFamily):
     default_prediction_type: ClassVar[str] = "flow_matching"
     latent_channels: ClassVar[int] = 16
     t5_tokenizer: ClassVar[str] = "tokenizer_3"
+    t5_component: ClassVar[str | None] = "text_encoder_3"
 
     def denoiser_name(self) -> str:
         return "transformer"
@@ -92,7 +93,8 @@ class FlowMatchingFamily(ModelFamily):
         return t5_text_length(cfg, self.text_max_length, modules.get(self.t5_tokenizer))
 
     def text_cache_settings(self, cfg: TrainingConfig) -> dict[str, Any]:
-        return {**super().text_cache_settings(cfg), "t5_padding": cfg.t5_padding}
+        return {**super().text_cache_settings(cfg), "t5_padding": cfg.t5_padding,
+                "t5_model": cfg.pretrained_t5_model_name_or_path}
 
     @staticmethod
     def _noise_scheduler(scheduler: Any, timestep_spacing: str) -> Any:
