@@ -189,6 +189,45 @@ def test_sample_conditioning_is_height_width():
                                                                                                               1024]
 
 
+def test_lora_on_the_transformer_trains_and_exports_in_peft_format(tiny, tmp_path):
+    from diffusers import PixArtTransformer2DModel
+    from peft import PeftModel
+
+    from simpletuner.train.adapters import prepare_trainable
+
+    family = get_family("pixart_sigma")
+    cfg = config(tiny["pixart_sigma"], model_type="lora", lora_rank=2)
+    components = family.load(cfg, FP32)
+    trained = prepare_trainable(family.denoiser(components), cfg, family.adapter_targets(cfg),
+                                prefix=family.denoiser_name())
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"latents": latents, "text": family.text_outputs(components, CAPTIONS[:2])}
+    draw = NoiseDraw(noise=torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)),
+                     timesteps=torch.tensor([5, 900]))
+    training_loss(family, components, family.objective(cfg, components), batch, draw).backward()
+    assert trained.kind == "lora" and trained.parameters()
+    assert all("lora" in name for name, p in components["transformer"].named_parameters() if p.requires_grad)
+    assert sum(p.grad.abs().sum() for p in trained.parameters()) > 0
+
+    with torch.no_grad():  # a trained-looking adapter (lora_B starts at zero)
+        for parameter in trained.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+    written = family.save_lora(tmp_path / "lora", components, {"transformer": trained.model})
+    assert written.name == "adapter_model.safetensors" and (tmp_path / "lora" / "adapter_config.json").is_file()
+    base = PixArtTransformer2DModel.from_pretrained(tiny["pixart_sigma"], subfolder="transformer")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "lora")
+    inputs = dict(encoder_hidden_states=batch["text"]["prompt_embeds"],
+                  encoder_attention_mask=batch["text"]["prompt_attention_mask"], timestep=draw.timesteps,
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    with torch.no_grad():
+        ours = trained.model(latents, **inputs)[0]
+        theirs = loaded(latents, **inputs)[0]
+        plain = PixArtTransformer2DModel.from_pretrained(tiny["pixart_sigma"], subfolder="transformer")(
+            latents, **inputs)[0]
+    torch.testing.assert_close(theirs, ours)
+    assert not torch.allclose(plain, ours)
+
+
 # ---------------------------------------------------------------- pipelines and errors
 def test_pipeline_samples_two_steps_at_a_tiny_size(loaded):
     family, components, cfg = loaded

@@ -81,6 +81,7 @@ class DeepFloydFamily(ModelFamily):
     default_prediction_type: ClassVar[str] = "epsilon"
     latent_channels: ClassVar[int] = 3
     text_max_length: ClassVar[int] = 77
+    t5_component: ClassVar[str | None] = "text_encoder"  # what pretrained_t5_model_name_or_path replaces
     pipeline_classes: ClassVar[tuple[str, ...]] = tuple(STAGE_PIPELINES.values())
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
         ComponentSpec("unet", "diffusers:UNet2DConditionModel"),

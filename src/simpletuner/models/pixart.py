@@ -13,11 +13,13 @@ optional; the latents' size in pixels stands in).
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
 from simpletuner.models.t5_text import encode_t5, text_length
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def learned_variance_split(prediction: Tensor, channels: int) -> Tensor:
@@ -42,6 +46,7 @@ class PixArtSigmaFamily(ModelFamily):
     native_resolution: ClassVar[int] = 1024  # also released at 512 and 2048 px
     default_prediction_type: ClassVar[str] = "epsilon"
     text_max_length: ClassVar[int] = 300
+    t5_component: ClassVar[str | None] = "text_encoder"  # what pretrained_t5_model_name_or_path replaces
     pipeline_classes: ClassVar[tuple[str, ...]] = ("PixArtSigmaPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
         ComponentSpec("transformer", "diffusers:PixArtTransformer2DModel"),
@@ -103,6 +108,27 @@ class PixArtSigmaFamily(ModelFamily):
                                  encoder_attention_mask=text["prompt_attention_mask"], timestep=timesteps,
                                  added_cond_kwargs=added, return_dict=False)[0]
         return learned_variance_split(prediction, noisy_latents.shape[1])
+
+    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
+        """The transformer's adapter in peft's format (adapter_config.json, adapter_model.safetensors).
+
+        Neither PixArtSigmaPipeline nor its transformer has a diffusers LoRA loader; load it with
+        `pipe.transformer = peft.PeftModel.from_pretrained(pipe.transformer, directory)`.
+        """
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        unexpected = sorted(set(models) - {"transformer"})
+        if unexpected:
+            raise UserError(f"PixArt LoRA export takes the transformer's adapter only, not {', '.join(unexpected)}")
+        model = models["transformer"]
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model.peft_config["default"].save_pretrained(str(directory))
+        weights = {f"base_model.model.{key}": value.detach().contiguous()
+                   for key, value in get_peft_model_state_dict(model).items()}
+        save_file(weights, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+        return directory / PEFT_WEIGHTS
 
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:
