@@ -357,3 +357,16 @@ def test_lora_run_writes_a_lora_that_the_flux_pipeline_loads(tmp_path, tiny):
     pipeline.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors")
     after = pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert (after == after).all() and not (before == after).all()
+
+
+def test_half_precision_frozen_transformer_takes_fp32_inputs(tiny):
+    family = get_family("flux")
+    cfg = config(tiny["dev"], tokenizer_max_length=16, flux_attention_masked_training=True)
+    components = family.load(cfg, DTypePolicy(denoiser=torch.bfloat16))
+    latents, text = _inputs(family, components)
+    draw = NoiseDraw(noise=torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)),
+                     timesteps=torch.tensor([250.0, 750.0]))
+    with torch.no_grad():
+        loss = training_loss(family, components, family.objective(cfg, components),
+                             {"latents": latents, "text": text}, draw)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

@@ -316,3 +316,17 @@ def test_full_fine_tune_run_writes_an_sd3_pipeline_folder(tmp_path, tiny):
     assert any(not torch.equal(p, trained[name]) for name, p in original.transformer.named_parameters())
     images = pipeline(**sample_kwargs("sd3"), output_type="np").images
     assert images.shape == (1, 32, 32, 3) and (images == images).all()
+
+
+def test_half_precision_frozen_transformer_takes_fp32_inputs(tiny):
+    family = get_family("sd3")
+    cfg = config(tiny["sd3"], tokenizer_max_length=16)
+    components = family.load(cfg, DTypePolicy(denoiser=torch.bfloat16))
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = family.text_outputs(components, CAPTIONS[:2])
+    draw = NoiseDraw(noise=torch.randn(latents.shape, generator=torch.Generator().manual_seed(1)),
+                     timesteps=torch.tensor([250.0, 750.0]))
+    with torch.no_grad():
+        loss = training_loss(family, components, family.objective(cfg, components),
+                             {"latents": latents, "text": text}, draw)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
