@@ -373,6 +373,13 @@ class ModelFamily(ABC):
         """The module that trains (the UNet or transformer)."""
         return components[self.denoiser_name()]
 
+    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
+        """Write trained LoRA adapters (component name -> model carrying a peft adapter) where the family's
+        pipeline loads them: diffusers' pytorch_lora_weights.safetensors, through its save_lora_weights."""
+        from simpletuner.train.adapters import save_lora_weights
+
+        return save_lora_weights(directory, components.pipeline_class, models)
+
     @abstractmethod
     def pipeline(self, components: Components) -> DiffusionPipeline:
         """A diffusers pipeline over these components (validation, export), with the run's scheduler."""
