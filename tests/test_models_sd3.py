@@ -76,6 +76,15 @@ def test_load_reads_the_flow_scheduler_and_settings(tiny):
     assert isinstance(objective, FlowMatchingObjective) and objective.shift == cfg.flow_schedule_shift
 
 
+def test_ddpm_validation_schedulers_are_ignored_with_a_warning(tiny, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="simpletuner"):
+        family, components, _ = load(tiny["sd3"], validation_noise_scheduler="euler")
+    assert any("validation_noise_scheduler=euler is ignored" in r.getMessage() for r in caplog.records)
+    assert type(family.pipeline(components).scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
 def test_text_cache_settings_name_every_text_option():
     family = get_family("sd3")
     plain = family.text_cache_settings(config("x"))

@@ -83,6 +83,10 @@ class FlowMatchingFamily(ModelFamily):
         if cfg.prediction_type not in (None, "flow_matching"):
             raise UserError(f"prediction_type={cfg.prediction_type!r} does not suit model_family {self.name!r}, "
                             "which is trained by flow matching; leave prediction_type unset (or 'flow_matching')")
+        if cfg.validation_noise_scheduler:
+            logger.warning("validation_noise_scheduler=%s is ignored for model_family %r: its DDPM-family schedulers "
+                           "do not sample flow-matching models; validation uses the model's own scheduler",
+                           cfg.validation_noise_scheduler, self.name)
         return {
             "prediction_type": "flow_matching",
             "t5_max_length": self.t5_max_length(cfg, modules),
