@@ -117,6 +117,7 @@ def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], se
     keep = caption_keep_mask(latents.shape[0], run.cfg.caption_dropout_probability, cpu_generator).to(device)
     text, batch = run.family.drop_captions(run.components, text, empty_text, keep, raw)
     batch["latents"], batch["text"] = latents, text
+    batch = run.family.draw_conditioning(run.components, batch, generator)
     draw = run.objective.draw(latents, generator)
     return training_loss(run.family, run.components, run.objective, batch, draw)
 
