@@ -68,7 +68,7 @@ def validation_plan(cfg: TrainingConfig, family: ModelFamily) -> ValidationPlan 
         prompts.update({_slug(name): prompt for name, prompt in library.items()})
     if not prompts:
         return None
-    text = cfg.validation_resolution or str(family.native_resolution)
+    text = cfg.validation_resolution or str(family.default_resolution(cfg))
     return ValidationPlan(prompts, parse_resolutions(text, family.alignment), cfg.validation_seed)
 
 

@@ -30,10 +30,7 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
     if ema is not None:
         ema.copy_to()
     if trained.kind == "lora":
-        from simpletuner.train.adapters import save_lora_weights
-
-        written = save_lora_weights(output_dir, components.pipeline_class,
-                                    {family.denoiser_name(): trained.model})
+        written = family.save_lora(output_dir, components, {family.denoiser_name(): trained.model})
     elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
 
