@@ -1,7 +1,6 @@
 """`simpletuner cache verify|prune CONFIG` through the real CLI entry point."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ Adding an option: add one field here, with a description, then run
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator

@@ -8,7 +8,6 @@ and tracker are built. The trainer never branches on a family's name.
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +171,3 @@ def _total_steps(cfg: Any, batches_per_epoch: int) -> int:
     epochs = cfg.num_train_epochs or 1
     return max(1, epochs * batches_per_epoch // cfg.gradient_accumulation_steps)
 
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
