@@ -5,6 +5,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# as the CLI does by default: the libraries' warnings stay quiet (and their handlers, created at import
+# while some test captures stderr, never write to a stream that test has since closed)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
 from s3server import s3_server  # noqa: F401  (a moto S3 server on 127.0.0.1, session-scoped)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 ROOT = "simpletuner"
 LOOP_LOGGER = "simpletuner.train.loop"
@@ -19,12 +20,27 @@ def _level(variable: str, default: str) -> int:
     return level if isinstance(level, int) else logging.getLevelName(default)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced after set-up, e.g. by a test)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # the stream is always the current sys.stderr
+        pass
+
+
 def setup_logging() -> None:
     """Configure the `simpletuner` loggers from the environment (idempotent)."""
     root = logging.getLogger(ROOT)
     root.setLevel(_level("SIMPLETUNER_LOG_LEVEL", "WARNING"))
     if not any(getattr(h, "_simpletuner", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler._simpletuner = True  # type: ignore[attr-defined]
         root.addHandler(handler)

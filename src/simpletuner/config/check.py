@@ -14,6 +14,7 @@ from pathlib import Path
 from simpletuner.config.load import Settings
 from simpletuner.config.references import latent_cache_for, text_cache_for
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
+from simpletuner.config.unimplemented import unimplemented_problems
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -108,6 +109,7 @@ def check_settings(settings: Settings) -> CheckReport:
     training = settings.training
     report = CheckReport()
     report.problems += _training_problems(training)
+    report.problems += unimplemented_problems(training, settings.datasets)
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
         if dataset.dataset_type == "image" and not dataset.text_embeds:

@@ -90,11 +90,13 @@ def make_accelerator(settings: Settings) -> Accelerator:
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
+    from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.validate import validation_plan
 
     cfg = settings.training
+    check_implemented(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
@@ -107,9 +109,26 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
 
         set_seed(cfg.seed)
     components = family.load(cfg).to(accelerator.device)
+    _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
                            Processes.from_accelerator(accelerator))
+
+
+def _configure_vae(components: Components, cfg: Any) -> None:
+    vae = components.get("vae")
+    if vae is not None and cfg.vae_enable_tiling:
+        vae.enable_tiling()
+    if vae is not None and cfg.vae_enable_slicing:
+        vae.enable_slicing()
+
+
+def scaled_learning_rate(cfg: Any, processes: int) -> float:
+    """lr_scale: learning_rate x (processes x batch size x accumulation), or its square root with lr_scale_sqrt."""
+    if not cfg.lr_scale:
+        return cfg.learning_rate
+    factor = processes * cfg.train_batch_size * cfg.gradient_accumulation_steps
+    return cfg.learning_rate * (factor ** 0.5 if cfg.lr_scale_sqrt else factor)
 
 
 def prepare_data(settings: Settings, family: ModelFamily, components: Components,
@@ -139,6 +158,8 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     from simpletuner.train.trackers import open_tracker
 
     cfg = settings.training
+    if cfg.lr_scale:
+        cfg = cfg.model_copy(update={"learning_rate": scaled_learning_rate(cfg, accelerator.num_processes)})
     denoiser = family.denoiser(components)
     trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))

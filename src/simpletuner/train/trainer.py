@@ -151,10 +151,13 @@ def _all_reduce_gradients(run: Run) -> None:
 
 
 def _clip(run: Run) -> torch.Tensor:
+    """Clip as configured; returns the gradient norm (before clipping by norm) as a device tensor."""
     parameters = run.trained.parameters()
-    if run.cfg.max_grad_norm > 0:
+    if run.cfg.max_grad_norm > 0 and run.cfg.grad_clip_method == "norm":
         norm = run.accelerator.clip_grad_norm_(parameters, run.cfg.max_grad_norm)
         return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+    if run.cfg.max_grad_norm > 0:
+        run.accelerator.clip_grad_value_(parameters, run.cfg.max_grad_norm)
     grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros((), device=run.device)
 
