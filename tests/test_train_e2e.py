@@ -130,3 +130,23 @@ def test_latents_encoded_on_demand_are_stored(tmp_path: Path, tiny_model, capsys
     assert main(["cache", str(config)]) == 0
     # the 2 steps of batch 2 encoded 4 images on demand; caching now encodes only the other 8
     assert "latents: 12 unique, 4 already cached, 8 encoded" in capsys.readouterr().out
+
+
+def test_lycoris_lokr_run_writes_a_file_lycoris_loads(tmp_path: Path, tiny_model) -> None:
+    from diffusers import DiffusionPipeline
+    from lycoris import create_lycoris_from_weights
+
+    lycoris_config = tmp_path / "lokr.json"
+    lycoris_config.write_text(json.dumps({"algo": "lokr", "factor": 4, "linear_dim": 10000, "linear_alpha": 1}))
+    model = tiny_model("sd1x")
+    config = write_run(tmp_path, model, "sd1x", lora_type="lycoris", lycoris_config=str(lycoris_config),
+                       init_lokr_norm=1e-3, max_train_steps=2, disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    weights = tmp_path / "output" / "pytorch_lora_weights.safetensors"
+    assert any("lokr_w" in key for key in load_file(weights))
+    pipeline = DiffusionPipeline.from_pretrained(model)
+    before = _sample(pipeline, 32)
+    network, _ = create_lycoris_from_weights(1.0, str(weights), pipeline.unet)
+    network.merge_to()
+    after = _sample(pipeline, 32)
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
