@@ -1,15 +1,16 @@
 """Our training step, as the benchmark measures it: SimpleTuner's own pieces plus the speed levers.
 
 This is the one place where the benchmark meets SimpleTuner. What comes from the package:
-  * the model family (`simpletuner.models.registry.get_family`): its `predict`, its adapter targets,
-    its `objective` (`simpletuner.train.objectives.Objective`) and `training_loss`;
+  * the model family (`simpletuner.models.registry.get_family`): its `settings_from`, `objective`,
+    `draw_conditioning` and `predict`, with `simpletuner.train.objectives.training_loss`;
   * the dtype policy (`simpletuner.models.base.DTypePolicy.for_training`);
+  * what trains (`simpletuner.train.adapters.prepare_trainable`: full, or peft LoRA);
   * the optimiser (`simpletuner.train.optim.build_optimizer`: fused AdamW on CUDA).
-What is still benchmark-local, until the package has it (see `_attach_lora`, `_placeholder_loss`):
-  * LoRA injection falls back to peft `add_adapter` here while `simpletuner.train.adapters` is absent;
-  * the loss of families not registered yet (sd3, flux, pixart_sigma): sync-free flow matching /
-    epsilon written here, with the same arithmetic, until their `models/<family>.py` exists and
-    `family_batch` maps the cached batch to their `predict` inputs.
+What is benchmark-local: the family's `Components` are built around the bare denoiser with the
+release's scheduler (`family.load` would read a checkpoint; text and latents come from the cache),
+and `FAMILY_INPUTS` maps the cached batch to what SimpleTuner's collate hands `training_loss`.
+LoRA targets are the example scripts' (those of the reference), so the ratio compares the step, not the
+adapter; SimpleTuner's own presets differ for SD3 (image attention only) and Flux.
 
 Levers (each switchable, so before/after can be recorded):
   bf16_base      LoRA: frozen base in bf16 and trainable parameters in fp32 (off: all fp32 under autocast)
@@ -26,13 +27,14 @@ Levers (each switchable, so before/after can be recorded):
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from benchmarks.architectures import Architecture, build_model
 from benchmarks.steps import (
-    MAX_GRAD_NORM, BlockingFeed, add_lora, PrefetchFeed, PreparedStep, Workload, cpu_batches, trainable,
+    MAX_GRAD_NORM, BlockingFeed, PrefetchFeed, PreparedStep, Workload, cpu_batches, trainable,
 )
 
 LEVERS = ("bf16_base", "channels_last", "flash", "compile", "fused_adamw", "no_sync", "prefetch")
@@ -78,11 +80,11 @@ def training_config(work: Workload, levers: tuple[str, ...]) -> Any:
 
 
 def registered_family(arch: Architecture) -> Any | None:
-    """SimpleTuner's family for this architecture, or None while it is not in the registry yet."""
+    """SimpleTuner's family for this architecture, or None where the benchmark has no wiring for it."""
     from simpletuner.models.registry import FAMILIES, get_family
 
     name = FAMILY_OF[arch.name]
-    return get_family(name) if name in FAMILIES and name in FAMILY_BATCH else None
+    return get_family(name) if name in FAMILIES and name in FAMILY_INPUTS else None
 
 
 # --- cached batch -> the family's batch (what SimpleTuner's collate hands `training_loss`) -----------
@@ -101,28 +103,102 @@ def _sdxl_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-# Add sd3 / flux / pixart here when their families land: nothing else changes.
-FAMILY_BATCH: dict[str, Callable[[dict[str, torch.Tensor]], dict[str, Any]]] = {"sd1x": _sd_batch, "sdxl": _sdxl_batch}
+def _sd3_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    text = {"prompt_embeds": batch["encoder_hidden_states"], "pooled_prompt_embeds": batch["pooled"]}
+    return {"latents": batch["latents"], "text": text}
+
+
+def _flux_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The text cache also keeps T5's mask (all ones here: no padding); ids and guidance are the family's."""
+    embeds = batch["encoder_hidden_states"]
+    mask = torch.ones(embeds.shape[:2], device=embeds.device, dtype=torch.long)
+    text = {"prompt_embeds": embeds, "pooled_prompt_embeds": batch["pooled"], "attention_mask": mask}
+    return {"latents": batch["latents"], "text": text}
+
+
+def _pixart_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    text = {"prompt_embeds": batch["encoder_hidden_states"], "prompt_attention_mask": batch["encoder_attention_mask"]}
+    return {"latents": batch["latents"], "text": text}
+
+
+# --- what `family.load` would have read: the release's scheduler, the tokenizers' lengths ---------------
+
+
+@dataclass(frozen=True)
+class TokenizerLength:
+    """All `settings_from` reads of a tokenizer; the benchmark has none (text comes from the cache)."""
+
+    model_max_length: int
+
+
+def _sd_modules() -> dict[str, Any]:  # SD 1.5 and SDXL scheduler_config.json
+    from diffusers import DDPMScheduler
+
+    return {"scheduler": DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear")}
+
+
+def _sd3_modules() -> dict[str, Any]:  # stable-diffusion-3-medium-diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            "tokenizer": TokenizerLength(77)}
+
+
+def _flux_modules() -> dict[str, Any]:  # FLUX.1-dev
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+        max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)}
+
+
+def _pixart_modules() -> dict[str, Any]:  # PixArt-Sigma-XL-2-1024-MS
+    from diffusers import DPMSolverMultistepScheduler
+
+    return {"scheduler": DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                                     beta_schedule="linear", prediction_type="epsilon"),
+            "tokenizer": None}  # T5's length: the family's default (300)
+
+
+@dataclass(frozen=True)
+class FamilyInputs:
+    """How the benchmark stands in for a family's loaded checkpoint and collated batch."""
+
+    batch: Callable[[dict[str, torch.Tensor]], dict[str, Any]]  # cached batch -> family batch
+    modules: Callable[[], dict[str, Any]]  # the Components' modules besides the denoiser
+
+
+FAMILY_INPUTS: dict[str, FamilyInputs] = {
+    "sd1x": FamilyInputs(_sd_batch, _sd_modules),
+    "sdxl": FamilyInputs(_sdxl_batch, _sd_modules),
+    "sd3": FamilyInputs(_sd3_batch, _sd3_modules),
+    "flux": FamilyInputs(_flux_batch, _flux_modules),
+    "pixart_sigma": FamilyInputs(_pixart_batch, _pixart_modules),
+}
+
+
+def family_components(family: Any, model: torch.nn.Module, cfg: Any) -> Any:
+    """The `Components` `family.load(cfg)` would give, around the benchmark's bare denoiser."""
+    from simpletuner.models.base import Components
+
+    modules = {**FAMILY_INPUTS[family.name].modules(), family.denoiser_name(): model}
+    pipeline_class = family.pipeline_classes[0]
+    settings = family.settings_from(cfg, {"_class_name": pipeline_class}, modules)
+    noise_scheduler = family._noise_scheduler(modules["scheduler"], cfg.training_scheduler_timestep_spacing)
+    return Components(modules=modules, noise_scheduler=noise_scheduler, source="benchmark",
+                      pipeline_class=pipeline_class, settings=settings)
 
 
 # --- the model ------------------------------------------------------------------------------------------
 
 
 def _make_trainable(model: torch.nn.Module, cfg: Any, targets: list[str]) -> None:
-    """SimpleTuner's adapters module when present (full, or peft LoRA on the family's targets);
-    until it lands, the same peft LoRA injected here. Trainable parameters end in fp32 either way:
-    with a bf16 base, peft creates the adapters in bf16 and AdamW on bf16 weights loses updates."""
-    try:
-        from simpletuner.train.adapters import prepare_trainable
-    except ImportError:
-        prepare_trainable = None
-    if prepare_trainable is not None:
-        prepare_trainable(model, cfg, targets)
-    elif cfg.model_type == "full":
-        model.requires_grad_(True)
-    else:
-        model.requires_grad_(False)
-        add_lora(model, targets, cfg.lora_rank)
+    """SimpleTuner's `prepare_trainable` (full, or peft LoRA on `targets`). Trainable parameters end in
+    fp32: with a bf16 base, peft creates the adapters in bf16 and AdamW on bf16 weights loses updates."""
+    from simpletuner.train.adapters import prepare_trainable
+
+    prepare_trainable(model, cfg, targets)
     for param in trainable(model):
         param.data = param.data.float()
 
@@ -140,13 +216,12 @@ def _compile_blocks(model: torch.nn.Module, arch: Architecture) -> None:
             module.compile()
 
 
-def _build_model(work: Workload, levers: tuple[str, ...], family: Any, cfg: Any) -> torch.nn.Module:
+def _build_model(work: Workload, levers: tuple[str, ...], cfg: Any) -> torch.nn.Module:
     from simpletuner.models.base import DTypePolicy
 
     arch = work.arch
     model = build_model(arch, tiny=work.tiny, device=work.device, dtype=DTypePolicy.for_training(cfg).denoiser)
-    targets = family.adapter_targets(cfg) if family is not None else list(arch.lora_targets)
-    _make_trainable(model, cfg, targets)
+    _make_trainable(model, cfg, list(arch.lora_targets))
     if work.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if arch.is_unet and "channels_last" in levers:
@@ -173,60 +248,23 @@ def _optimizer(params: list[torch.nn.Parameter], cfg: Any, work: Workload, lever
 
 
 def _family_loss(family: Any, model: torch.nn.Module, cfg: Any, device: torch.device, sync_free: bool):
-    """SimpleTuner's `training_loss` over the family's `predict` and `objective`.
+    """SimpleTuner's `training_loss` over the family's `predict` and `objective`, as the trainer's step.
 
     sync_free: the objective's schedule tables live on the device; otherwise every step copies them
     from pageable host memory, and such a copy waits for the GPU's queue to drain.
     """
-    import dataclasses
-
-    from diffusers import DDPMScheduler
-
-    from simpletuner.models.base import Components
     from simpletuner.train.objectives import training_loss
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear")
-    modules = {family.denoiser_name(): model, "scheduler": scheduler}
-    index = {"_class_name": family.pipeline_classes[0]}
-    components = Components(modules=modules, noise_scheduler=scheduler, source="benchmark",
-                            pipeline_class=index["_class_name"], settings=family.settings_from(cfg, index, modules))
+    components = family_components(family, model, cfg)
     objective = family.objective(cfg, components)
     if sync_free:
-        objective = dataclasses.replace(objective, alphas_cumprod=objective.alphas_cumprod.to(device),
-                                        timestep_weights=objective.timestep_weights.to(device))
-    to_family_batch = FAMILY_BATCH[family.name]
+        objective = objective.to(device)
+    to_family_batch = FAMILY_INPUTS[family.name].batch
 
     def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        family_batch = to_family_batch(batch)
+        family_batch = family.draw_conditioning(components, to_family_batch(batch))
         draw = objective.draw(family_batch["latents"])
         return training_loss(family, components, objective, family_batch, draw)
-
-    return loss
-
-
-def _placeholder_loss(model: torch.nn.Module, arch: Architecture, device: torch.device):
-    """Sync-free loss for families SimpleTuner does not register yet (same arithmetic as theirs will be)."""
-    from simpletuner.train.objectives import add_noise, alphas_cumprod_from_betas
-
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
-    alphas_cumprod = alphas_cumprod_from_betas(betas).to(device)
-    shift = 3.0
-
-    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        latents = batch["latents"]
-        noise = torch.randn_like(latents)
-        bsz = latents.shape[0]
-        if arch.objective == "flow":
-            u = torch.rand(bsz, device=latents.device)
-            sigma = shift * u / (1 + (shift - 1) * u)
-            s = sigma.view(-1, 1, 1, 1).to(latents.dtype)
-            noisy, timesteps, target = (1 - s) * latents + s * noise, sigma * 1000, noise - latents
-        else:
-            timesteps = torch.randint(0, 1000, (bsz,), device=latents.device)
-            noisy, target = add_noise(alphas_cumprod, latents, noise, timesteps), noise
-        pred = arch.call(model, noisy, timesteps, batch)
-        return ((pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1).mean()
 
     return loss
 
@@ -252,13 +290,15 @@ def build_our_step(work: Workload, levers: tuple[str, ...]) -> PreparedStep:
     arch, device = work.arch, work.device
     cfg = training_config(work, levers)
     family = registered_family(arch)
-    model = _build_model(work, levers, family, cfg)
+    if family is None:
+        from simpletuner.errors import UserError
+
+        raise UserError(f"--model {arch.name}: no SimpleTuner family is wired for it in benchmarks/our_step.py "
+                        f"(FAMILY_INPUTS has {', '.join(FAMILY_INPUTS)})")
+    model = _build_model(work, levers, cfg)
     params = trainable(model)
     optimizer = _optimizer(params, cfg, work, levers)
-    if family is not None:
-        compute_loss = _family_loss(family, model, cfg, device, "no_sync" in levers)
-    else:
-        compute_loss = _placeholder_loss(model, arch, device)
+    compute_loss = _family_loss(family, model, cfg, device, "no_sync" in levers)
     pool = cpu_batches(work, pin="prefetch" in levers and device.type == "cuda")
     feed = (PrefetchFeed if "prefetch" in levers else BlockingFeed)(pool, device)
     attention = _attention_context(levers)

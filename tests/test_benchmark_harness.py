@@ -20,8 +20,14 @@ from benchmarks.architectures import ARCHITECTURES, build_model, make_batch, pac
 from benchmarks.flops import (  # noqa: E402
     flux_forward_flops_closed_form, forward_flops, mfu, training_factor, training_flops,
 )
-from benchmarks.our_step import LEVERS, _compile_blocks, parse_levers  # noqa: E402
+from benchmarks.our_step import (  # noqa: E402
+    FAMILY_INPUTS, FAMILY_OF, LEVERS, _compile_blocks, family_components, parse_levers, registered_family,
+    training_config,
+)
+from benchmarks.steps import Workload  # noqa: E402
 from simpletuner.errors import UserError  # noqa: E402
+from simpletuner.train.flow import FlowMatchingObjective  # noqa: E402
+from simpletuner.train.objectives import Objective, training_loss  # noqa: E402
 
 PUBLISHED_PARAMETERS = {  # denoiser parameter counts of the released checkpoints
     "sd15": 859_520_964,
@@ -143,6 +149,80 @@ def test_flux_tiny_on_cpu_lora_and_full():
         p.numel() for p in build_model(ARCHITECTURES["flux"], tiny=True, device="meta", dtype=torch.float32).parameters()
     )
     assert full.step_tflop == pytest.approx(1.5 * lora.step_tflop)  # factor 3 against 2
+
+
+@pytest.mark.parametrize("name", ["sd3", "pixart"])
+def test_sd3_and_pixart_tiny_on_cpu_run_our_family_step(name):
+    report = train_step.main(["--model", name, "--mode", "lora", "--batch", "2", *COMMON, "--levers", "all,-compile"])
+    _check(report)
+    assert not report.notes  # the family's own step, no benchmark stand-in
+
+
+def _tiny_work(name):
+    return Workload(ARCHITECTURES[name], "lora", batch=2, resolution=64, tiny=True, device=torch.device("cpu"))
+
+
+def test_every_architecture_is_wired_to_its_registered_family():
+    for name, arch in ARCHITECTURES.items():
+        family = registered_family(arch)
+        assert family is not None and family.name == FAMILY_OF[name]
+    assert set(FAMILY_INPUTS) == set(FAMILY_OF.values())
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
+def test_our_loss_is_the_denoiser_called_as_the_reference_calls_it(name):
+    """The family's predict over the mapped batch computes what the reference's direct call computes."""
+    arch = ARCHITECTURES[name]
+    family, cfg, components = _tiny_components(name)
+    model = components[family.denoiser_name()].eval()
+    objective = family.objective(cfg, components)
+    batch = make_batch(arch, batch=2, resolution=64, tiny=True, generator=torch.Generator().manual_seed(1))
+    if name == "flux":
+        batch["guidance"] = torch.full((2,), cfg.flux_guidance_value)  # the family's constant guidance
+    family_batch = FAMILY_INPUTS[family.name].batch(batch)
+    draw = objective.draw(batch["latents"], torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = training_loss(family, components, objective, family_batch, draw)
+        noisy = objective.noisy_latents(batch["latents"], draw)
+        pred = arch.call(model, noisy, draw.timesteps, batch)
+        expected = ((pred - objective.target(batch["latents"], draw)) ** 2).mean()
+    assert torch.isfinite(ours) and ours.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _tiny_components(name, device="cpu"):
+    work = _tiny_work(name)
+    cfg = training_config(work, levers=())
+    family = registered_family(work.arch)
+    model = build_model(work.arch, tiny=True, device=device, dtype=torch.float32)
+    return family, cfg, family_components(family, model, cfg)
+
+
+def test_family_components_carry_the_release_schedules():
+    _, _, sd3 = _tiny_components("sd3", device="meta")
+    assert sd3.settings["prediction_type"] == "flow_matching" and sd3.settings["clip_tokens"] == 77
+    _, _, flux = _tiny_components("flux", device="meta")
+    assert flux.settings["guidance_embeds"] is True and flux.noise_scheduler.config.use_dynamic_shifting
+    family, cfg, pixart = _tiny_components("pixart", device="meta")
+    objective = family.objective(cfg, pixart)
+    assert isinstance(objective, Objective) and objective.prediction_type == "epsilon"
+    assert objective.alphas_cumprod[0].item() == pytest.approx(1 - 1e-4)  # PixArt's linear betas from 1e-4
+
+
+def test_objectives_move_their_tables_to_a_device_once():
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    cpu = Objective(alphas_cumprod=torch.cumprod(1 - betas, 0), prediction_type="v_prediction",
+                    timestep_weights=torch.full((1000,), 1e-3), snr_gamma=5.0)
+    moved = cpu.to("meta")
+    assert moved.alphas_cumprod.device.type == "meta" and moved.timestep_weights.device.type == "meta"
+    assert (moved.prediction_type, moved.snr_gamma) == ("v_prediction", 5.0)
+    assert cpu.alphas_cumprod.device.type == "cpu"  # the original is left as it was
+    latents = torch.randn(2, 4, 8, 8)
+    same = cpu.to("cpu")
+    draw = same.draw(latents, torch.Generator().manual_seed(0))
+    assert torch.equal(draw.timesteps, cpu.draw(latents, torch.Generator().manual_seed(0)).timesteps)
+    assert torch.equal(same.target(latents, draw), cpu.target(latents, draw))
+    flow = FlowMatchingObjective(shift=3.0)
+    assert flow.to("meta") is flow  # nothing to move: sigmas are drawn on the latents' device
 
 
 def test_bad_input_is_a_user_error():

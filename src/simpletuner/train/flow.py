@@ -235,6 +235,10 @@ class FlowMatchingObjective:
             num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         )
 
+    def to(self, device: torch.device | str) -> FlowMatchingObjective:
+        """As `Objective.to`; flow matching keeps no tables (sigmas are drawn on the latents' device)."""
+        return self
+
     def sigmas_for(self, latents: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw shifted sigmas for a batch of [B, C, H, W] latents (the size sets the auto-shift)."""
         sigmas = sample_sigmas(latents.shape[0], self.sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,

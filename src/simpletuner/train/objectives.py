@@ -11,7 +11,7 @@ Conventions: `alphas_cumprod` is the DDPM cumulative product of (1 - beta) over
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
 
 import numpy as np
@@ -260,6 +260,8 @@ class TrainingObjective(Protocol):
 
     def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor: ...
 
+    def to(self, device: torch.device | str) -> TrainingObjective: ...
+
 
 @dataclass(frozen=True, eq=False)
 class Objective:
@@ -302,6 +304,12 @@ class Objective:
             noise_offset_probability=cfg.noise_offset_probability,
             input_perturbation=cfg.input_perturbation,
         )
+
+    def to(self, device: torch.device | str) -> Objective:
+        """This objective with its schedule tables on `device`: a step then copies nothing from the host
+        (on CUDA, a copy from pageable host memory waits for the device)."""
+        return replace(self, alphas_cumprod=self.alphas_cumprod.to(device),
+                       timestep_weights=self.timestep_weights.to(device))
 
     def draw(self, latents: Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
         """Draw noise, timesteps and input perturbation for a batch of latents.
