@@ -179,6 +179,8 @@ def test_our_loss_is_the_denoiser_called_as_the_reference_calls_it(name):
     batch = make_batch(arch, batch=2, resolution=64, tiny=True, generator=torch.Generator().manual_seed(1))
     if name == "flux":
         batch["guidance"] = torch.full((2,), cfg.flux_guidance_value)  # the family's constant guidance
+    if name == "pixart":
+        batch["encoder_attention_mask"][0, -3:] = 0  # padding: the mask must reach the transformer
     family_batch = FAMILY_INPUTS[family.name].batch(batch)
     draw = objective.draw(batch["latents"], torch.Generator().manual_seed(2))
     with torch.no_grad():
