@@ -181,7 +181,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
                            run_config=cfg.model_dump(mode="json"))
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
-               sampler, family.objective(cfg, components), ema, tracker, validation, identity, total_steps,
+               sampler, family.objective(cfg, components).to(accelerator.device), ema, tracker, validation, identity, total_steps,
                resume_from)
 
 
