@@ -10,8 +10,18 @@ import pytest
 # while some test captures stderr, never write to a stream that test has since closed)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: N workers on N cores; more threads than cores makes OpenMP spin and crawl
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from s3server import s3_server  # noqa: F401  (a moto S3 server on 127.0.0.1, session-scoped)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # ---- tiny models of every family (simpletuner.testing.tiny), shared by all tests ----------
