@@ -1,4 +1,4 @@
-"""Data pipeline figures: index scan rate and unchanged rescan time.
+"""Data pipeline figures: index scan rate, unchanged rescan, sampler memory, cache reads and manifest open.
 
     python benchmarks/data_pipeline.py [--images 20000] [--cores 2] [--record]
 
@@ -10,6 +10,10 @@ in the page cache, then measures with the process pinned to `--cores` CPUs:
   reads, truncation checks, saving the index). Target >= 5,000 images/s on 2 cores.
 - rescan: the same call on the unchanged dataset (listing, reuse, no file opened).
   Target < 2 s for 20,000 images.
+
+- sampler + index memory at 10 million entries (benchmarks/sampler_memory.py), < 1 GB.
+- cache: random reads of SDXL-size latents from a warm store (>= 3,000 samples/s) and opening a
+  1,000,000-entry manifest (< 2 s, < 300 MB), with benchmarks/cache_store.py's functions.
 
 Each figure is one function returning a `Figure`; `main()` runs them all, prints a
 table and, with --record, appends it with date, machine and command to
@@ -32,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simpletuner.data.index import scan_dataset
 from simpletuner.data.storage import DatasetStorage, WritableLocation
@@ -134,6 +141,27 @@ def figure_sampler_memory(images: int) -> Figure:
                   f"exact resume in {f['resume_s']:.1f} s")
 
 
+def figure_cache_reads(workdir: Path, entries: int = 4000, seconds: float = 5.0) -> Figure:
+    """Random reads of 4x128x128 bf16 mean+std entries from a warm store, one process."""
+    from benchmarks.cache_store import build_read_store, reads_one_process
+
+    root = str(workdir / "cache-reads")
+    rate = reads_one_process(root, build_read_store(root, entries), seconds)
+    return Figure("cache random reads (SDXL latents)", rate, "samples/s", ">= 3,000 samples/s", rate >= 3000,
+                  f"{entries} entries of 4x128x128 bf16 mean+std, 1 process")
+
+
+def figure_manifest_open(workdir: Path, entries: int = 1_000_000) -> Figure:
+    """Open a store whose manifest lists `entries` entries (1,000 per segment), in a fresh process."""
+    from benchmarks.cache_store import build_manifest, manifest_open
+
+    root = str(workdir / "manifest")
+    build_manifest(root, entries, 1000)
+    count, seconds, delta, _, _ = manifest_open(root)
+    return Figure("cache manifest open", seconds, "s", "< 2 s and < 300 MB", seconds < 2 and delta < 300,
+                  f"{count:,} entries: +{delta:.0f} MB resident")
+
+
 def run_figures(images: int, workdir: Path) -> list[Figure]:
     root, cache = workdir / "dataset", workdir / "cache"
     build_dataset(root, images)
@@ -179,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the dataset (default: a temp dir)")
     parser.add_argument("--sampler-images", type=int, default=10_000_000,
                         help="entries of the sampler/index memory figure (0 skips it)")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="skip the cache figures")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     cores = pin_cores(args.cores)
@@ -188,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = run_figures(args.images, workdir)
         if args.sampler_images:
             figures.append(figure_sampler_memory(args.sampler_images))
+        if args.cache:
+            figures += [figure_cache_reads(workdir), figure_manifest_open(workdir)]
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -195,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     if args.record:
         command = "python benchmarks/data_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = (f"\n## Data pipeline: index scan ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
+        date = f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        header = (f"\n## Data pipeline: scan, sampler memory, cache ({date})\n\n"
                   f"- machine: {machine()}, {cores}; load average {load:.1f} when it started (shared machine)\n"
                   f"- command: `{command.strip()}`\n\n")
         with RESULTS.open("a") as results:
