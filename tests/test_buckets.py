@@ -400,6 +400,15 @@ def test_from_config_falls_back_to_training_and_takes_the_family_alignment():
     assert s.crop_aspect_buckets == (1.0, 1.5)
 
 
+def test_unset_resolution_is_the_family_native_one():
+    assert BucketSettings.from_config(dataset(), training(), alignment=8, native_resolution=512).resolution == 512
+    area = BucketSettings.from_config(dataset(resolution_type="area"), training(), alignment=64,
+                                      native_resolution=1024)
+    assert (area.resolution, area.resolution_type) == (1.0, "area")
+    given = BucketSettings.from_config(dataset(), training(resolution=640), alignment=8, native_resolution=512)
+    assert given.resolution == 640
+
+
 @pytest.mark.parametrize(
     ("kw", "fragment"),
     [

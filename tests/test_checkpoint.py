@@ -202,7 +202,7 @@ def test_resolve_resume(tmp_path):
 
 
 def test_another_configuration_is_refused_before_loading(tmp_path):
-    cfg = _cfg()
+    cfg = _cfg(resolution=1024)
     path = Run(cfg, seed=1).save(tmp_path, 1, cfg)
     other = _cfg(lora_rank=8, resolution=512)
     with pytest.raises(UserError, match=r"(?s)different configuration.*lora_rank: checkpoint has 16, this run 8"
@@ -210,7 +210,7 @@ def test_another_configuration_is_refused_before_loading(tmp_path):
         check_compatible(path, run_identity(other))
     with pytest.raises(UserError, match="number of processes: checkpoint has 1, this run 2"):
         check_compatible(path, run_identity(cfg), world_size=2)
-    check_compatible(path, run_identity(_cfg(learning_rate=5e-3)), world_size=1)  # harmless change
+    check_compatible(path, run_identity(_cfg(resolution=1024, learning_rate=5e-3)), world_size=1)  # harmless
 
 
 def test_identity_covers_datasets_without_credentials():

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from simpletuner.data.buckets import BucketAssignment, SkipReport
     from simpletuner.data.index import ScanResult
     from simpletuner.data.storage import FileEntry
+    from simpletuner.models.base import ModelFamily
 
 ACCEPTS_OVERRIDES = True
 EXAMPLES = 3
@@ -164,13 +165,9 @@ def _print_skips(report: "SkipReport", out: TextIO) -> None:
         print(f"    {line}", file=out)
 
 
-def _alignment(training: "TrainingConfig") -> int:
+def _alignment(training: "TrainingConfig", family: "ModelFamily") -> int:
     """Bucket sides' multiple: the model family's requirement, or a coarser aspect_bucket_alignment."""
-    from simpletuner.models.registry import get_family
-
-    family = get_family(training.model_family).alignment
-    wanted = training.aspect_bucket_alignment or family
-    return max(family, wanted)
+    return max(family.alignment, training.aspect_bucket_alignment or family.alignment)
 
 
 def _assign(dataset: "DatasetConfig", training: "TrainingConfig", result: "ScanResult",
@@ -178,7 +175,11 @@ def _assign(dataset: "DatasetConfig", training: "TrainingConfig", result: "ScanR
     """The bucket table's source: the usable records planned and grouped by simpletuner.data.buckets."""
     from simpletuner.data.buckets import BucketSettings, assign_buckets
 
-    settings = BucketSettings.from_config(dataset, training, _alignment(training))
+    from simpletuner.models.registry import get_family
+
+    family = get_family(training.model_family)
+    settings = BucketSettings.from_config(dataset, training, _alignment(training, family),
+                                          family.default_resolution(training))
     return assign_buckets(result.index.records(), settings, training.train_batch_size, seed=training.seed,
                           dataset_id=dataset.id, upstream=upstream)
 

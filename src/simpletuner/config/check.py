@@ -88,6 +88,8 @@ def _dataset_problems(dataset: DatasetConfig) -> list[str]:
 
 def _resolution(dataset: DatasetConfig, training: TrainingConfig) -> str:
     value = dataset.resolution if dataset.resolution is not None else training.resolution
+    if value is None:
+        return "the model family's native resolution"
     kind = dataset.resolution_type or training.resolution_type
     return f"{value:g} ({kind})"
 

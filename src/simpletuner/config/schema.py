@@ -225,7 +225,9 @@ class TrainingConfig(StrictModel):
     # data
     data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
                                             "[[datasets]] tables in a TOML configuration.")
-    resolution: float = Field(1024, gt=0, description="Default training resolution of datasets.")
+    resolution: float | None = Field(None, gt=0, description="Default training resolution of datasets; unset: the "
+                                     "model family's native resolution (SD 1.x 512, SD 2.x 768, DeepFloyd 64 / 256, "
+                                     "the others 1024). SimpleTuner defaults to 1024 for every family.")
     resolution_type: ResolutionType = Field("pixel_area", description="How resolution is read. SimpleTuner "
                                             "defaults to pixel; pixel_area keeps the pixel count of a square of "
                                             "that side for every aspect, which matches how models were trained.")

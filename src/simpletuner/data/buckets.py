@@ -112,13 +112,18 @@ class BucketSettings:
         _check_settings(self)
 
     @classmethod
-    def from_config(cls, dataset: DatasetConfig, training: TrainingConfig, alignment: int) -> BucketSettings:
-        """The dataset's settings; unset values fall back to the training ones; the family's alignment wins."""
+    def from_config(cls, dataset: DatasetConfig, training: TrainingConfig, alignment: int,
+                    native_resolution: int = 1024) -> BucketSettings:
+        """The dataset's settings; unset values fall back to the training ones, then to the family's native
+        resolution (pixels); the family's alignment wins."""
         resolution_type = dataset.resolution_type or training.resolution_type
         minimum = dataset.minimum_image_size
+        resolution = dataset.resolution if dataset.resolution is not None else training.resolution
+        if resolution is None:
+            resolution = (native_resolution / 1024) ** 2 if resolution_type == "area" else native_resolution
         try:
             return cls(
-                resolution=float(dataset.resolution if dataset.resolution is not None else training.resolution),
+                resolution=float(resolution),
                 resolution_type=resolution_type,
                 alignment=alignment,
                 minimum_image_size=minimum if minimum is not None else training.minimum_image_size,
