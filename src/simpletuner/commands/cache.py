@@ -225,6 +225,5 @@ def encode_caches(settings: "Settings") -> int:
     accelerator = make_accelerator(settings)
     family = get_family(settings.training.model_family)
     components = family.load(settings.training).to(accelerator.device)
-    settings.training.vae_cache_ondemand = False  # this command exists to cache everything now
-    prepare_data(settings, family, components, accelerator).close()
+    prepare_data(settings, family, components, accelerator).close()  # everything now, whatever on-demand says
     return 0

@@ -22,6 +22,7 @@ from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
     from simpletuner.cache.jobs import CacheSummary, LazyCache
+    from simpletuner.cache.latents import LatentItem
     from simpletuner.cache.store import TensorStore
     from simpletuner.config.load import Settings
     from simpletuner.data.buckets import BucketAssignment
@@ -33,25 +34,21 @@ logger = get_logger(__name__)
 
 @dataclass
 class DatasetData:
-    """One image dataset, ready to train: its buckets, captions, latent keys and store."""
+    """One image dataset, ready to train: its buckets, captions, latent entries and stores."""
 
     dataset_id: str
-    location: str
     storage_options: dict[str, Any]
     assignment: BucketAssignment
     captions: dict[int, list[str]]  # record index -> its captions (read once, here)
-    latent_keys: dict[int, str]  # record index -> latent entry key
+    latent_items: dict[int, LatentItem]  # record index -> its latent entry (key, source file, plan)
     latent_store: TensorStore
     text_store: TensorStore
     on_demand: LazyCache | None = None  # encodes missing latents when a batch needs them
 
     def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         if self.on_demand is None:
-            return self.latent_store.get(_latent_key(self, ref))
-        from simpletuner.cache.latents import LatentItem
-
-        key, plan = self.latent_keys[ref.record], self.assignment.plan(ref.record)
-        return self.on_demand.get(LatentItem(key, _join(self.location, ref.path), plan).work())
+            return self.latent_store.get(_latent_item(self, ref).key)
+        return self.on_demand.get(self.latent_items[ref.record].work())
 
 
 @dataclass
@@ -92,11 +89,10 @@ class TrainingData:
             text_location = text_cache_for(dataset, settings.datasets, settings.training).location
             prepared[dataset.id] = DatasetData(
                 dataset_id=dataset.id,
-                location=dataset.location(),
                 storage_options=storage_options_for(dataset.location(), dataset if dataset.type == "aws" else None),
                 assignment=assignment,
                 captions={index: resolver.candidates(record.path) for index, record in zip(indices, records)},
-                latent_keys={index: item.key for index, item in zip(indices, items)},
+                latent_items=dict(zip(indices, items)),
                 latent_store=_open_store(latent_location, dataset),
                 text_store=_open_store(text_location, None),
             )
@@ -111,7 +107,7 @@ class TrainingData:
 
         With `on_demand`, latents are left to be encoded (and stored) when a batch first needs them.
         """
-        from simpletuner.cache.latents import LatentItem, cache_latents, lazy_latents
+        from simpletuner.cache.latents import cache_latents, lazy_latents
         from simpletuner.cache.text import cache_texts
 
         summaries = []
@@ -123,11 +119,9 @@ class TrainingData:
                                              _text_encoder(family, components), self.text_identity,
                                              progress=progress))
                 continue
-            items = [LatentItem(key, _join(data.location, data.assignment.records[index].path),
-                                data.assignment.plan(index)) for index, key in data.latent_keys.items()]
-            summaries.append(cache_latents(items, data.latent_store, _latent_encoder(family, components),
-                                           batch_size=vae_batch_size, storage_options=data.storage_options,
-                                           progress=progress))
+            summaries.append(cache_latents(data.latent_items.values(), data.latent_store,
+                                           _latent_encoder(family, components), batch_size=vae_batch_size,
+                                           storage_options=data.storage_options, progress=progress))
             failed = {failure.key for failure in summaries[-1].failed}
             if failed:
                 self._drop_failed(data, failed)
@@ -137,9 +131,8 @@ class TrainingData:
 
     def _drop_failed(self, data: DatasetData, failed: set[str]) -> None:
         """Images that failed to encode are reported by the cache job; here they leave training."""
-        for index in [index for index, key in data.latent_keys.items() if key in failed]:
-            del data.latent_keys[index]
-        if not data.latent_keys:
+        data.latent_items = {index: item for index, item in data.latent_items.items() if item.key not in failed}
+        if not data.latent_items:
             raise DataError(f"dataset {data.dataset_id!r}: every image failed to encode (see the report above)")
 
     def live_keys(self) -> dict[str, set[str]]:
@@ -148,7 +141,7 @@ class TrainingData:
 
         keys: dict[str, set[str]] = {}
         for data in self.datasets.values():
-            keys.setdefault(data.latent_store.url, set()).update(data.latent_keys.values())
+            keys.setdefault(data.latent_store.url, set()).update(item.key for item in data.latent_items.values())
             keys.setdefault(data.text_store.url, set()).update(
                 item.key for item in text_items(_all_captions(data), self.text_identity))
         return keys
@@ -201,32 +194,23 @@ def training_image(data: DatasetData, index: int) -> Any:
 
     from simpletuner.cache.latents import load_pixels
 
-    path = _join(data.location, data.assignment.records[index].path)
-    pixels = load_pixels(path, data.assignment.plan(index), storage_options=data.storage_options)
+    item = data.latent_items[index]
+    pixels = load_pixels(item.source, item.plan, storage_options=data.storage_options)
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
 
 
-def _latent_key(data: DatasetData, ref: SampleRef) -> str:
-    key = data.latent_keys.get(ref.record)
-    if key is not None:
-        return key
+def _latent_item(data: DatasetData, ref: SampleRef) -> LatentItem:
+    item = data.latent_items.get(ref.record)
+    if item is not None:
+        return item
     # the image failed to encode (reported when caching): a sibling of its bucket stands in
     target = data.assignment.plan(ref.record).target_size
-    return next(key for index, key in data.latent_keys.items()
-                if data.assignment.plan(index).target_size == target)
+    return next(item for item in data.latent_items.values() if item.plan.target_size == target)
 
 
 def _stack_entries(entries: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
-
-
-def _join(location: str, path: str) -> str:
-    import os
-
-    if "://" in location:
-        return f"{location.rstrip('/')}/{path}"
-    return os.path.join(location, *path.split("/"))
 
 
 def _open_store(location: str, dataset: Any) -> TensorStore:

@@ -110,7 +110,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         set_seed(cfg.seed)
     components = family.load(cfg).to(accelerator.device)
     _configure_vae(components, cfg)
-    data = prepare_data(settings, family, components, accelerator)
+    data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
                            Processes.from_accelerator(accelerator))
 
@@ -131,9 +131,10 @@ def scaled_learning_rate(cfg: Any, processes: int) -> float:
     return cfg.learning_rate * (factor ** 0.5 if cfg.lr_scale_sqrt else factor)
 
 
-def prepare_data(settings: Settings, family: ModelFamily, components: Components,
-                 accelerator: Accelerator) -> TrainingData:
-    """Scan the datasets (printing the report) and encode what the caches lack (printing summaries)."""
+def prepare_data(settings: Settings, family: ModelFamily, components: Components, accelerator: Accelerator,
+                 on_demand: bool = False) -> TrainingData:
+    """Scan the datasets (printing the report) and encode what the caches lack (printing summaries);
+    with `on_demand`, latents are left to be encoded when a batch first needs them."""
     from simpletuner.train.data import TrainingData
 
     data = TrainingData.prepare(settings, family, components)
@@ -141,7 +142,7 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
         print(data.scan_report, end="", flush=True)
     for summary in data.ensure_cached(family, components, vae_batch_size=settings.training.vae_batch_size,
                                       progress=accelerator.is_main_process,
-                                      on_demand=settings.training.vae_cache_ondemand):
+                                      on_demand=on_demand):
         if accelerator.is_main_process:
             print(summary, flush=True)
     return data
@@ -180,9 +181,9 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                   device="cpu" if cfg.ema_device == "cpu" else None)
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
                            run_config=cfg.model_dump(mode="json"))
+    objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
-               sampler, family.objective(cfg, components).to(accelerator.device), ema, tracker, validation, identity, total_steps,
-               resume_from)
+               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)
 
 
 def _total_steps(cfg: Any, batches_per_epoch: int) -> int:

@@ -272,8 +272,8 @@ def _init_images(run: Run) -> dict[tuple[int, int], Any]:
         sizes = set(run.validation.resolutions) if run.validation else set()
         run.init_images = {}
         for data in run.data.datasets.values():
-            for index in data.latent_keys:
-                target = data.assignment.plan(index).target_size
+            for index, item in data.latent_items.items():
+                target = item.plan.target_size
                 if target in sizes and target not in run.init_images:
                     run.init_images[target] = training_image(data, index)
                 if len(run.init_images) == len(sizes):
