@@ -234,8 +234,10 @@ class TrainingConfig(StrictModel):
     minimum_image_size: float | None = Field(None, description="Default minimum_image_size of datasets.")
     maximum_image_size: float | None = Field(None, description="Default maximum_image_size of datasets.")
     target_downsample_size: float | None = Field(None, description="Default target_downsample_size of datasets.")
-    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Decimal places of aspect-ratio "
-                                               "buckets (default: exact bucket sizes).")
+    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Round each image's aspect ratio "
+                                               "(width/height) to this many decimal places before bucketing, so "
+                                               "near-equal aspects share a bucket. Unset: the exact ratio "
+                                               "(SimpleTuner rounds to 2 places when unset).")
     aspect_bucket_alignment: Literal[8, 16, 32, 64] | None = Field(None, description="Bucket sides are multiples "
                                                                    "of this (default: the model's; 64, or 8 for "
                                                                    "DeepFloyd).")

@@ -55,6 +55,7 @@ IDENTITY_KEYS = (
     "pretrained_transformer_model_name_or_path", "controlnet", "lora_type", "lora_rank", "lora_alpha", "use_dora",
     "unet_lora_target", "flux_lora_target", "lycoris_config", "train_text_encoder", "refiner_training",
     "optimizer", "use_ema", "resolution", "resolution_type", "train_batch_size",
+    "aspect_bucket_rounding",
 )
 # dataset options that say where caches live, not what trains: a moved cache resumes
 _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
