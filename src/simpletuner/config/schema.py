@@ -11,7 +11,7 @@ Adding an option: add one field here, with a description, then run
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -376,6 +376,16 @@ class TrainingConfig(StrictModel):
                                             "validation (1.0: none).")
     validation_no_cfg_until_timestep: int = Field(2, ge=0, description="Flux with real guidance: skip guidance on "
                                                   "the first N steps.")
+    validation_guidance_skip_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="SD3: skip-layer guidance in validation: indices of the transformer blocks skipped in an "
+        "extra prediction that guides away from it (e.g. [7, 8, 9] for SD 3.5 Medium); unset: off. Other families' "
+        "pipelines have no such input: they ignore it with a warning, as SimpleTuner does.")
+    validation_guidance_skip_layers_start: float = Field(0.01, ge=0, le=1, description="Skip-layer guidance "
+                                                         "starts after this share of the validation steps.")
+    validation_guidance_skip_layers_stop: float = Field(0.2, ge=0, le=1, description="Skip-layer guidance stops "
+                                                        "at this share of the validation steps.")
+    validation_guidance_skip_scale: float = Field(2.8, ge=0, description="Scale of skip-layer guidance (2.8 suits "
+                                                  "three skipped layers).")
     validation_randomize: bool = Field(False, description="Random seeds for validation images.")
     validation_on_startup: bool = Field(False, description="Sample validation images before the first step.")
     validation_torch_compile: bool = Field(False, description="torch.compile the validation pipeline.")
@@ -407,6 +417,26 @@ class TrainingConfig(StrictModel):
     def _zero_means_unset(cls, value: object) -> object:
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
+
+    @field_validator("validation_guidance_skip_layers", mode="before")
+    @classmethod
+    def _layers_from_text(cls, value: object) -> object:
+        # config.env and the command line give "[7, 8, 9]" or "7,8,9"
+        if not isinstance(value, str):
+            return value
+        text = value.strip().strip("[]").strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        return [part.strip() for part in text.split(",")]
+
+    @model_validator(mode="after")
+    def _skip_layer_guidance_window(self) -> "TrainingConfig":
+        start, stop = self.validation_guidance_skip_layers_start, self.validation_guidance_skip_layers_stop
+        if self.validation_guidance_skip_layers and start >= stop:
+            raise ValueError(f"validation_guidance_skip_layers_start ({start}) must be below "
+                             f"validation_guidance_skip_layers_stop ({stop}): they bound the share of validation "
+                             "steps that use skip-layer guidance")
+        return self
 
     @model_validator(mode="after")
     def _deepfloyd_model_types(self) -> "TrainingConfig":
