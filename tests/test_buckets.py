@@ -519,3 +519,33 @@ def test_equal_rounded_aspects_share_a_bucket(w1, h1, w2, h2, places, kind, pres
         assert plan.target_size == target_size_for_aspect(image_aspect(w, h, s), s)
         if preserve_crop:  # the crop covers the bucket from the whole image, scaled
             assert plan.resized_size[0] >= plan.target_size[0] and plan.resized_size[1] >= plan.target_size[1]
+
+
+# ----------------------------------------------------------------------------- crops drawn again each epoch
+
+
+def test_epoch_plans_draw_random_crops_again_in_the_same_bucket():
+    sizes = [(96, 64), (64, 96), (200, 64), (64, 64)] * 3
+    s = pixel_area(32, 8, crop=True, crop_style="random")
+    assignment = assign_buckets(records(sizes), s, 2, seed=7)
+    moved = 0
+    for record in range(len(sizes)):
+        first = assignment.epoch_plan(record, 0)
+        assert first == assignment.plan(record)
+        for epoch in (1, 2, 5):
+            plan = assignment.epoch_plan(record, epoch)
+            assert plan == assignment.epoch_plan(record, epoch)  # the same every time it is asked
+            assert (plan.target_size, plan.resized_size, plan.original_size) == (
+                first.target_size, first.resized_size, first.original_size)
+            left, top, right, bottom = plan.crop_box
+            assert 0 <= left and 0 <= top and right <= plan.resized_size[0] and bottom <= plan.resized_size[1]
+            moved += plan.crop_box != first.crop_box
+    assert moved > 10  # 9 of the 12 images have room to move, over three later epochs
+
+
+@pytest.mark.parametrize("crop", [{"crop": True, "crop_style": "center"}, {"crop": True, "crop_style": "corner"}, {}])
+def test_epoch_plans_of_fixed_crops_never_change(crop):
+    s = pixel_area(32, 8, **crop)
+    assignment = assign_buckets(records([(96, 64), (64, 96), (200, 64)] * 2), s, 2, seed=7)
+    assert not s.crops_vary
+    assert all(assignment.epoch_plan(r, 3) == assignment.plan(r) for r in range(len(assignment.records)))

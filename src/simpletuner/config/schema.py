@@ -124,7 +124,11 @@ class DatasetConfig(StrictModel):
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
-    vae_cache_clear_each_epoch: bool = Field(False, description="Re-encode latents every epoch (for random crops).")
+    vae_cache_clear_each_epoch: bool = Field(False, description="With random crops (crop, crop_style random): draw "
+                                             "each image's crop position again every epoch after the first and "
+                                             "encode those latents when their batch needs them (not stored; epoch "
+                                             "0 uses the cache). The bucket stays. Without random crops every "
+                                             "epoch's latents equal the cached ones, so the cache is used.")
     skip_file_discovery: str = Field("", description="Accepted for compatibility; discovery is incremental here.")
 
     @model_validator(mode="after")

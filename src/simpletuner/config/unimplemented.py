@@ -46,7 +46,6 @@ TRAINING: dict[str, str] = {
 DATASET: dict[str, str] = {
     "is_regularisation_data": "prior-preservation (regularisation) training",
     "conditioning_data": "masked loss and ControlNet conditioning in training",
-    "vae_cache_clear_each_epoch": "re-encoding latents every epoch",
 }
 
 

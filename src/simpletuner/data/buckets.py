@@ -152,6 +152,11 @@ class BucketSettings:
         """Whether plans depend on the per-image seed (random crops or random aspects)."""
         return self.crop and (self.crop_style == "random" or self.crop_aspect == "random")
 
+    @property
+    def crops_vary(self) -> bool:
+        """Whether a crop position can be drawn again for an image already in its bucket (random crops)."""
+        return self.crop and self.crop_style == "random"
+
     def area_pixels(self, value: float) -> float:
         """A size option (resolution, minimum...) as a pixel area; area types only."""
         if self.resolution_type == "pixel_area":
@@ -200,6 +205,26 @@ def image_seed(seed: int | None, path: str) -> int:
     """A per-image seed from the run's seed and the image's path: same input, same crop."""
     digest = hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def epoch_image_seed(seed: int | None, path: str, epoch: int) -> int:
+    """The per-image seed of an epoch's crop: `image_seed` in epoch 0, a fresh one in every later epoch."""
+    if epoch == 0:
+        return image_seed(seed, path)
+    digest = hashlib.blake2b(f"{seed}\0{path}\0epoch {epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def redraw_crop(plan: ImagePlan, settings: BucketSettings, rng_seed: int) -> ImagePlan:
+    """The same image in the same bucket, resized the same, with its crop position drawn again.
+
+    Only random crop positions (crop on, crop_style random) change; any other plan comes back as it is.
+    The bucket stays, so a crop_aspect drawn at random keeps the aspect it was given.
+    """
+    if not settings.crops_vary:
+        return plan
+    again = plan_for_target(*plan.original_size, plan.target_size, settings, rng_seed)
+    return plan if isinstance(again, Skip) else again
 
 
 def align(value: float, alignment: int) -> int:
@@ -411,6 +436,8 @@ class BucketAssignment:
     plan_table: np.ndarray  # (rows, 8) int32, see _PLAN_COLUMNS
     skipped: SkipReport
     merges: tuple[BucketMerge, ...] = ()
+    settings: BucketSettings | None = None  # what planned it (None: plans cannot be drawn again)
+    seed: int | None = None
 
     def __len__(self) -> int:
         return int(self.order.shape[0])
@@ -428,6 +455,14 @@ class BucketAssignment:
             raise KeyError(f"record {record} ({self.records[record].path}) is not in any bucket")
         ow, oh, rw, rh, left, top, tw, th = (int(v) for v in self.plan_table[row])
         return ImagePlan((ow, oh), (rw, rh), (left, top, left + tw, top + th), (tw, th))
+
+    def epoch_plan(self, record: int, epoch: int) -> ImagePlan:
+        """The record's plan in an epoch: its own plan in epoch 0; later, a random crop drawn again for the
+        epoch (same bucket and resize), see `redraw_crop`."""
+        plan = self.plan(record)
+        if epoch == 0 or self.settings is None:
+            return plan
+        return redraw_crop(plan, self.settings, epoch_image_seed(self.seed, self.records[record].path, epoch))
 
     def plans(self) -> Iterator[tuple[int, ImagePlan]]:
         """(record position, plan) of every usable image, bucket by bucket."""
@@ -624,6 +659,8 @@ class _Builder:
             plan_table=self.plans,
             skipped=self.skipped,
             merges=tuple(self.merges),
+            settings=self.settings,
+            seed=self.seed,
         )
 
 
