@@ -285,6 +285,11 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
+                                       "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
+                                       "The saved model keeps diffusers' usual separate projections. Not with "
+                                       "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
+                                       "between q, k and v.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -440,6 +445,15 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"validation_guidance_skip_layers_start ({start}) must be below "
                              f"validation_guidance_skip_layers_stop ({stop}): they bound the share of validation "
                              "steps that use skip-layer guidance")
+        return self
+
+    @model_validator(mode="after")
+    def _fusion_trains_the_full_model(self) -> "TrainingConfig":
+        if self.fuse_qkv_projections and trains_adapter(self):
+            raise ValueError(f"fuse_qkv_projections=true needs model_type 'full' (got {self.model_type!r}): peft and "
+                             "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
+                             "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
+                             "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
         return self
 
     @model_validator(mode="after")
