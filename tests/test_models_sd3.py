@@ -389,6 +389,8 @@ def test_skip_layers_outside_the_transformer_and_an_empty_window_are_refused(tin
 
     with pytest.raises(UserError, match=r"validation_guidance_skip_layers=\[1, 2\]: layer\(s\) \[2\] do not exist"):
         load(tiny["sd3"], validation_guidance_skip_layers=[1, 2])
+    with pytest.raises(ValidationError, match="layer indices count from 0"):
+        config(tiny["sd3"], validation_guidance_skip_layers=[-1])
     with pytest.raises(ValidationError, match="validation_guidance_skip_layers_start"):
         config(tiny["sd3"], validation_guidance_skip_layers=[1], validation_guidance_skip_layers_start=0.5,
                validation_guidance_skip_layers_stop=0.2)

@@ -11,7 +11,7 @@ Adding an option: add one field here, with a description, then run
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -385,7 +385,7 @@ class TrainingConfig(StrictModel):
                                             "validation (1.0: none).")
     validation_no_cfg_until_timestep: int = Field(2, ge=0, description="Flux with real guidance: skip guidance on "
                                                   "the first N steps.")
-    validation_guidance_skip_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+    validation_guidance_skip_layers: list[int] | None = Field(
         None, description="SD3: skip-layer guidance in validation: indices of the transformer blocks skipped in an "
         "extra prediction that guides away from it (e.g. [7, 8, 9] for SD 3.5 Medium); unset: off. Other families' "
         "pipelines have no such input: they ignore it with a warning, as SimpleTuner does.")
@@ -441,6 +441,9 @@ class TrainingConfig(StrictModel):
     @model_validator(mode="after")
     def _skip_layer_guidance_window(self) -> "TrainingConfig":
         start, stop = self.validation_guidance_skip_layers_start, self.validation_guidance_skip_layers_stop
+        if any(layer < 0 for layer in self.validation_guidance_skip_layers or ()):
+            raise ValueError(f"validation_guidance_skip_layers={self.validation_guidance_skip_layers}: layer "
+                             "indices count from 0")
         if self.validation_guidance_skip_layers and start >= stop:
             raise ValueError(f"validation_guidance_skip_layers_start ({start}) must be below "
                              f"validation_guidance_skip_layers_stop ({stop}): they bound the share of validation "
