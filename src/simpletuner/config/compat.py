@@ -164,10 +164,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "validation_seed_source": Unsupported("validation seeds use a CPU generator", _off_or("cpu")),
     "validation_torch_compile_mode": Unsupported("validation_torch_compile uses the default mode",
                                                  _off_or("default", "max-autotune")),
-    "validation_guidance_skip_layers": Unsupported("skip-layer guidance is not supported"),
-    "validation_guidance_skip_layers_start": Unsupported("skip-layer guidance is not supported", _off_or(0.01)),
-    "validation_guidance_skip_layers_stop": Unsupported("skip-layer guidance is not supported", _off_or(0.2)),
-    "validation_guidance_skip_scale": Unsupported("skip-layer guidance is not supported", _off_or(2.8)),
     "validation_using_datasets": Unsupported("img2img validation from datasets is not supported"),
     "validation_prompt_library": Unsupported("SimpleTuner's built-in prompt library is not included; "
                                              "use user_prompt_library"),

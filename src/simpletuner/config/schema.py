@@ -124,7 +124,11 @@ class DatasetConfig(StrictModel):
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
-    vae_cache_clear_each_epoch: bool = Field(False, description="Re-encode latents every epoch (for random crops).")
+    vae_cache_clear_each_epoch: bool = Field(False, description="With random crops (crop, crop_style random): draw "
+                                             "each image's crop position again every epoch after the first and "
+                                             "encode those latents when their batch needs them (not stored; epoch "
+                                             "0 uses the cache). The bucket stays. Without random crops every "
+                                             "epoch's latents equal the cached ones, so the cache is used.")
     skip_file_discovery: str = Field("", description="Accepted for compatibility; discovery is incremental here.")
 
     @model_validator(mode="after")
@@ -234,8 +238,10 @@ class TrainingConfig(StrictModel):
     minimum_image_size: float | None = Field(None, description="Default minimum_image_size of datasets.")
     maximum_image_size: float | None = Field(None, description="Default maximum_image_size of datasets.")
     target_downsample_size: float | None = Field(None, description="Default target_downsample_size of datasets.")
-    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Decimal places of aspect-ratio "
-                                               "buckets (default: exact bucket sizes).")
+    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Round each image's aspect ratio "
+                                               "(width/height) to this many decimal places before bucketing, so "
+                                               "near-equal aspects share a bucket. Unset: the exact ratio "
+                                               "(SimpleTuner rounds to 2 places when unset).")
     aspect_bucket_alignment: Literal[8, 16, 32, 64] | None = Field(None, description="Bucket sides are multiples "
                                                                    "of this (default: the model's; 64, or 8 for "
                                                                    "DeepFloyd).")
@@ -279,6 +285,11 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
+                                       "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
+                                       "The saved model keeps diffusers' usual separate projections. Not with "
+                                       "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
+                                       "between q, k and v.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -374,6 +385,16 @@ class TrainingConfig(StrictModel):
                                             "validation (1.0: none).")
     validation_no_cfg_until_timestep: int = Field(2, ge=0, description="Flux with real guidance: skip guidance on "
                                                   "the first N steps.")
+    validation_guidance_skip_layers: list[int] | None = Field(
+        None, description="SD3: skip-layer guidance in validation: indices of the transformer blocks skipped in an "
+        "extra prediction that guides away from it (e.g. [7, 8, 9] for SD 3.5 Medium); unset: off. Other families' "
+        "pipelines have no such input: they ignore it with a warning, as SimpleTuner does.")
+    validation_guidance_skip_layers_start: float = Field(0.01, ge=0, le=1, description="Skip-layer guidance "
+                                                         "starts after this share of the validation steps.")
+    validation_guidance_skip_layers_stop: float = Field(0.2, ge=0, le=1, description="Skip-layer guidance stops "
+                                                        "at this share of the validation steps.")
+    validation_guidance_skip_scale: float = Field(2.8, ge=0, description="Scale of skip-layer guidance (2.8 suits "
+                                                  "three skipped layers).")
     validation_randomize: bool = Field(False, description="Random seeds for validation images.")
     validation_on_startup: bool = Field(False, description="Sample validation images before the first step.")
     validation_torch_compile: bool = Field(False, description="torch.compile the validation pipeline.")
@@ -405,6 +426,38 @@ class TrainingConfig(StrictModel):
     def _zero_means_unset(cls, value: object) -> object:
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
+
+    @field_validator("validation_guidance_skip_layers", mode="before")
+    @classmethod
+    def _layers_from_text(cls, value: object) -> object:
+        # config.env and the command line give "[7, 8, 9]" or "7,8,9"
+        if not isinstance(value, str):
+            return value
+        text = value.strip().strip("[]").strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        return [part.strip() for part in text.split(",")]
+
+    @model_validator(mode="after")
+    def _skip_layer_guidance_window(self) -> "TrainingConfig":
+        start, stop = self.validation_guidance_skip_layers_start, self.validation_guidance_skip_layers_stop
+        if any(layer < 0 for layer in self.validation_guidance_skip_layers or ()):
+            raise ValueError(f"validation_guidance_skip_layers={self.validation_guidance_skip_layers}: layer "
+                             "indices count from 0")
+        if self.validation_guidance_skip_layers and start >= stop:
+            raise ValueError(f"validation_guidance_skip_layers_start ({start}) must be below "
+                             f"validation_guidance_skip_layers_stop ({stop}): they bound the share of validation "
+                             "steps that use skip-layer guidance")
+        return self
+
+    @model_validator(mode="after")
+    def _fusion_trains_the_full_model(self) -> "TrainingConfig":
+        if self.fuse_qkv_projections and trains_adapter(self):
+            raise ValueError(f"fuse_qkv_projections=true needs model_type 'full' (got {self.model_type!r}): peft and "
+                             "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
+                             "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
+                             "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+        return self
 
     @model_validator(mode="after")
     def _deepfloyd_model_types(self) -> "TrainingConfig":

@@ -26,7 +26,6 @@ TRAINING: dict[str, str] = {
     "text_encoder_3_precision": "quantised text encoders",
     "text_encoder_4_precision": "quantised text encoders",
     "quantize_via": "quantised base models",
-    "aspect_bucket_rounding": "rounded aspect buckets",
     "lr_end": "a final learning rate for polynomial and sine schedules",
     "input_perturbation_steps": "input perturbation limited to the first steps",
     "ema_validation": "validation with EMA weights (validation uses the trained weights)",
@@ -47,7 +46,6 @@ TRAINING: dict[str, str] = {
 DATASET: dict[str, str] = {
     "is_regularisation_data": "prior-preservation (regularisation) training",
     "conditioning_data": "masked loss and ControlNet conditioning in training",
-    "vae_cache_clear_each_epoch": "re-encoding latents every epoch",
 }
 
 

@@ -146,6 +146,7 @@ class ModelFamily(ABC):
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
     t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
+    skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:

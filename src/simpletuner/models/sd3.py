@@ -138,6 +138,7 @@ class SD3Family(FlowMatchingFamily):
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = SD3_ADAPTER_PRESETS
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")
+    skip_layer_guidance: ClassVar[bool] = True
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
@@ -145,6 +146,7 @@ class SD3Family(FlowMatchingFamily):
     def settings_from(self, cfg: TrainingConfig, index: Mapping[str, Any], modules: Mapping[str, Any]) -> dict:
         settings = super().settings_from(cfg, index, modules)
         clip_uncond = cfg.sd3_clip_uncond_behaviour
+        _check_skip_layers(cfg, int(modules["transformer"].config.num_layers))
         settings.update(
             clip_tokens=int(modules["tokenizer"].model_max_length),
             clip_uncond=clip_uncond,
@@ -220,4 +222,25 @@ class SD3Family(FlowMatchingFamily):
         return pipeline(prompt=prompt, negative_prompt=cfg.validation_negative_prompt, width=width, height=height,
                         num_inference_steps=cfg.validation_num_inference_steps,
                         guidance_scale=cfg.validation_guidance, generator=generator,
-                        num_images_per_prompt=cfg.num_validation_images, max_sequence_length=length).images
+                        num_images_per_prompt=cfg.num_validation_images, max_sequence_length=length,
+                        **skip_layer_guidance(cfg)).images
+
+
+def skip_layer_guidance(cfg: TrainingConfig) -> dict[str, Any]:
+    """StableDiffusion3Pipeline's skip-layer guidance inputs from validation_guidance_skip_*; {} when off.
+
+    The pipeline applies it only with classifier-free guidance (validation_guidance above 1).
+    """
+    if not cfg.validation_guidance_skip_layers:
+        return {}
+    return {"skip_guidance_layers": list(cfg.validation_guidance_skip_layers),
+            "skip_layer_guidance_start": cfg.validation_guidance_skip_layers_start,
+            "skip_layer_guidance_stop": cfg.validation_guidance_skip_layers_stop,
+            "skip_layer_guidance_scale": cfg.validation_guidance_skip_scale}
+
+
+def _check_skip_layers(cfg: TrainingConfig, num_layers: int) -> None:
+    outside = [layer for layer in cfg.validation_guidance_skip_layers or () if layer >= num_layers]
+    if outside:
+        raise UserError(f"validation_guidance_skip_layers={list(cfg.validation_guidance_skip_layers)}: layer(s) "
+                        f"{outside} do not exist; this transformer has blocks 0 to {num_layers - 1}")

@@ -36,6 +36,10 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
 
         written = save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config))
     else:
+        if getattr(cfg, "fuse_qkv_projections", False):  # saved with diffusers' separate projections
+            from simpletuner.train.fusion import unfuse_qkv
+
+            unfuse_qkv(family.denoiser(components))
         written = output_dir / PIPELINE_FOLDER
         family.pipeline(components).save_pretrained(written, safe_serialization=True)
     logger.info("exported %s", written)

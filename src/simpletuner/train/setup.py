@@ -165,6 +165,10 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.module.to(accelerator.device)
+    if cfg.fuse_qkv_projections:
+        from simpletuner.train.fusion import fuse_qkv
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
     if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
