@@ -1,7 +1,7 @@
 """Tokenizers for the tiny test models, trained locally in well under a second.
 
-No hub: a CLIP byte-level BPE is trained with the `tokenizers` library, T5 and
-ChatGLM get sentencepiece unigram models trained on generated prompts. The
+No hub: a CLIP byte-level BPE and a BERT WordPiece are trained with the `tokenizers`
+library, T5 (and mT5) and ChatGLM get sentencepiece unigram models trained on generated prompts. The
 prompts and the training are fixed, so the same tokenizers come out every time.
 """
 
@@ -18,6 +18,10 @@ from typing import Any
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 128
 CHATGLM_MAX_LENGTH = 128
+BERT_MAX_LENGTH = 77  # Hunyuan-DiT's bilingual CLIP (a BERT) and its mT5, as its pipeline pads them
+MT5_MAX_LENGTH = 256
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -80,6 +84,28 @@ def train_clip_tokenizer(prompts: list[str], vocab_size: int = 1000) -> Any:
     vocab = _ordered_vocab(set(model["vocab"]), model["merges"])
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]])
     tokenizer.model_max_length = CLIP_MAX_LENGTH
+    return tokenizer
+
+
+def train_bert_tokenizer(prompts: list[str], vocab_size: int = 600) -> Any:
+    """A BERT WordPiece tokenizer (lower-casing, as bert-base-uncased): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+
+    Every character of the prompts is in the vocabulary. Ids after the specials are in sorted
+    order (WordPiece matches by membership, so the order only fixes the ids).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
+                                        show_progress=False)
+    backend.train_from_iterator(prompts, trainer=trainer)
+    learned = sorted(set(backend.get_vocab()) - set(BERT_SPECIALS))
+    vocab = {token: index for index, token in enumerate([*BERT_SPECIALS, *learned])}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    tokenizer.model_max_length = BERT_MAX_LENGTH
     return tokenizer
 
 
@@ -171,9 +197,23 @@ class TokenizerKit:
         return train_clip_tokenizer(self.prompts)
 
     @cached_property
+    def _t5_sentencepiece(self) -> bytes:
+        return train_sentencepiece(self.prompts, 800, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+
+    @cached_property
     def t5(self) -> Any:
-        model = train_sentencepiece(self.prompts, 800, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
-        return t5_tokenizer_from_sentencepiece(model)
+        return t5_tokenizer_from_sentencepiece(self._t5_sentencepiece)
+
+    @cached_property
+    def mt5(self) -> Any:
+        """Hunyuan-DiT's mT5 tokenizer in miniature: the T5 one, padded to the pipeline's 256 tokens."""
+        tokenizer = t5_tokenizer_from_sentencepiece(self._t5_sentencepiece)
+        tokenizer.model_max_length = MT5_MAX_LENGTH
+        return tokenizer
+
+    @cached_property
+    def bert(self) -> Any:
+        return train_bert_tokenizer(self.prompts)
 
     @cached_property
     def chatglm(self) -> Any:
