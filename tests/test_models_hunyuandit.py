@@ -291,3 +291,14 @@ def test_wrong_family_is_named(tiny):
     with pytest.raises(UserError, match=r"HunyuanDiTPipeline \(hunyuan_dit\).*'pixart_sigma'"):
         get_family("pixart_sigma").load(TrainingConfig(model_family="pixart_sigma",
                                                        pretrained_model_name_or_path=str(tiny["hunyuan_dit"])), FP32)
+
+
+def test_tiny_tokenizers_are_bert_wordpiece_and_mt5_at_the_pipeline_lengths(loaded):
+    _, components, _ = loaded
+    bert, mt5 = components["tokenizer"], components["tokenizer_2"]
+    assert (bert.pad_token_id, bert.unk_token_id, bert.cls_token_id, bert.sep_token_id) == (0, 1, 2, 3)
+    assert components["text_encoder"].config.pad_token_id == bert.pad_token_id
+    assert bert.convert_ids_to_tokens(bert("A Red fox, xylo").input_ids) == [
+        "[CLS]", "a", "red", "fox", ",", "x", "##y", "##l", "##o", "[SEP]"]  # unseen words are spelled out
+    assert (bert.model_max_length, mt5.model_max_length) == (77, 256)
+    assert (mt5.pad_token_id, mt5.eos_token_id) == (0, 1)

@@ -1,7 +1,8 @@
 """Tokenizers for the tiny test models, trained locally in well under a second.
 
-No hub: a CLIP byte-level BPE and a BERT WordPiece are trained with the `tokenizers`
-library, T5 (and mT5) and ChatGLM get sentencepiece unigram models trained on generated prompts. The
+No hub: a CLIP byte-level BPE is trained with the `tokenizers` library, a BERT WordPiece
+vocabulary is built with its normaliser and pre-tokeniser, T5 (and mT5) and ChatGLM get
+sentencepiece unigram models trained on generated prompts. The
 prompts and the training are fixed, so the same tokenizers come out every time.
 """
 
@@ -87,22 +88,23 @@ def train_clip_tokenizer(prompts: list[str], vocab_size: int = 1000) -> Any:
     return tokenizer
 
 
-def train_bert_tokenizer(prompts: list[str], vocab_size: int = 600) -> Any:
+def build_bert_tokenizer(prompts: list[str]) -> Any:
     """A BERT WordPiece tokenizer (lower-casing, as bert-base-uncased): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 
-    Every character of the prompts is in the vocabulary. Ids after the specials are in sorted
-    order (WordPiece matches by membership, so the order only fixes the ids).
+    The vocabulary is built, not trained (the `tokenizers` WordPiece trainer breaks ties in hash
+    order, so two processes would disagree): every word of the prompts, as BERT's normaliser and
+    pre-tokeniser split them, and every character alone and as a `##` continuation, so an unseen
+    word is spelled out rather than unknown. Ids after the specials are in sorted order.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizer
 
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS),
-                                        show_progress=False)
-    backend.train_from_iterator(prompts, trainer=trainer)
-    learned = sorted(set(backend.get_vocab()) - set(BERT_SPECIALS))
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = {word for prompt in prompts
+             for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(prompt))}
+    characters = {char for word in words for char in word}
+    learned = sorted(words | characters | {f"##{char}" for char in characters})
     vocab = {token: index for index, token in enumerate([*BERT_SPECIALS, *learned])}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     tokenizer.model_max_length = BERT_MAX_LENGTH
@@ -213,7 +215,7 @@ class TokenizerKit:
 
     @cached_property
     def bert(self) -> Any:
-        return train_bert_tokenizer(self.prompts)
+        return build_bert_tokenizer(self.prompts)
 
     @cached_property
     def chatglm(self) -> Any:
