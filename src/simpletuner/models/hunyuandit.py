@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
 
-ROPE_BASE_PIXELS = 512  # the pipeline centres its rotary grid in a 512 px square (base_size = 512 // 8 // patch)
+# The pipeline centres its rotary grid in a 512 px square, with the VAE factor 8 written into it
+# (grid = height // 8 // patch, base_size = 512 // 8 // patch).
+ROPE_BASE_PIXELS, PIPELINE_VAE_FACTOR = 512, 8
 
 
 def encode_text(tokenizer: Any, encoder: Any, captions: Sequence[str], max_length: int) -> tuple[Tensor, Tensor]:
@@ -47,7 +49,7 @@ def encode_text(tokenizer: Any, encoder: Any, captions: Sequence[str], max_lengt
     return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0], mask
 
 
-def rotary_embedding(transformer: nn.Module, latent_height: int, latent_width: int, vae_scale_factor: int,
+def rotary_embedding(transformer: nn.Module, latent_height: int, latent_width: int,
                      device: torch.device) -> tuple[Tensor, Tensor]:
     """(cos, sin) for the transformer's image tokens, as HunyuanDiTPipeline builds them for this latent size."""
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
@@ -55,7 +57,7 @@ def rotary_embedding(transformer: nn.Module, latent_height: int, latent_width: i
 
     config = transformer.config
     grid = (latent_height // config.patch_size, latent_width // config.patch_size)
-    base_size = ROPE_BASE_PIXELS // vae_scale_factor // config.patch_size
+    base_size = ROPE_BASE_PIXELS // PIPELINE_VAE_FACTOR // config.patch_size
     crop = get_resize_crop_region_for_grid(grid, base_size)
     return get_2d_rotary_pos_embed(config.attention_head_dim, crop, grid, device=device, output_type="pt")
 
@@ -145,21 +147,23 @@ class HunyuanDiTFamily(ModelFamily):
     def predict(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         """The noise half of the transformer's output. Timesteps go in the transformer's dtype, as the
-        pipeline passes them (its timestep embedding runs in the timesteps' dtype)."""
+        pipeline passes them (its timestep embedding runs in the timesteps' dtype). Image size and style
+        reach only a transformer that takes them (use_style_cond_and_image_meta_size: up to v1.1)."""
         transformer = components["transformer"]
         dtype = transformer.dtype
         device = noisy_latents.device
-        rotary = rotary_embedding(transformer, noisy_latents.shape[-2], noisy_latents.shape[-1],
-                                  self.vae_scale_factor(components), device)
+        rotary = rotary_embedding(transformer, noisy_latents.shape[-2], noisy_latents.shape[-1], device)
+        meta_size = style = None
+        if transformer.config.use_style_cond_and_image_meta_size:
+            meta_size = self.image_meta_size(components, noisy_latents, batch).to(dtype)
+            style = torch.zeros(noisy_latents.shape[0], dtype=torch.long, device=device)
         prediction = transformer(
             noisy_latents.to(dtype), timesteps.to(dtype),
             encoder_hidden_states=text["prompt_embeds"].to(dtype),
             text_embedding_mask=text["prompt_attention_mask"],
             encoder_hidden_states_t5=text["prompt_embeds_2"].to(dtype),
             text_embedding_mask_t5=text["prompt_attention_mask_2"],
-            image_meta_size=self.image_meta_size(components, noisy_latents, batch).to(dtype),
-            style=torch.zeros(noisy_latents.shape[0], dtype=torch.long, device=device),
-            image_rotary_emb=rotary, return_dict=False,
+            image_meta_size=meta_size, style=style, image_rotary_emb=rotary, return_dict=False,
         )[0]
         return learned_variance_split(prediction, noisy_latents.shape[1])
 
