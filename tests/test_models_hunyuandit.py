@@ -302,3 +302,16 @@ def test_tiny_tokenizers_are_bert_wordpiece_and_mt5_at_the_pipeline_lengths(load
         "[CLS]", "a", "red", "fox", ",", "x", "##y", "##l", "##o", "[SEP]"]  # unseen words are spelled out
     assert (bert.model_max_length, mt5.model_max_length) == (77, 256)
     assert (mt5.pad_token_id, mt5.eos_token_id) == (0, 1)
+
+
+def test_simpletuner_configs_name_the_family(tmp_path):
+    """SimpleTuner's model_family value and its old `hunyuan_dit` switch both choose this family."""
+    import json
+
+    from simpletuner.config.load import load_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"--hunyuan_dit": "true", "--pretrained_model_name_or_path": "x", "--output_dir": "o"}))
+    assert load_config(path).model_family == "hunyuan_dit"
+    path.write_text(json.dumps({"model_family": "hunyuan_dit", "pretrained_model_name_or_path": "x"}))
+    assert load_config(path).model_family == "hunyuan_dit"
