@@ -9,6 +9,7 @@ conditions the transformer.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,9 @@ def test_load_reads_the_text_lengths_from_the_transformer(loaded, tiny):
     assert components.settings["prediction_type"] == "v_prediction"
     with pytest.raises(UserError, match=r"tokenizer_max_length=40 does not suit model_family 'hunyuan_dit'.*77.*256"):
         family.load(config(tiny["hunyuan_dit"], tokenizer_max_length=40), FP32)
+    # diffusers' HunyuanDiT2DModel has no gradient checkpointing: a clear error, not its ValueError mid-setup
+    with pytest.raises(UserError, match=r"gradient_checkpointing=true does not suit model_family 'hunyuan_dit'"):
+        family.load(config(tiny["hunyuan_dit"], gradient_checkpointing=True), FP32)
 
 
 def test_text_outputs_match_encode_prompt(loaded):
@@ -139,10 +143,15 @@ def test_sample_conditioning_is_height_width():
 def test_predict_returns_the_noise_half_of_the_learned_sigma_output(loaded):
     family, components, _ = loaded
     latents = torch.randn((2, 4, 4, 6), generator=torch.Generator().manual_seed(0))
+    text = family.text_outputs(components, CAPTIONS[:2])
     with torch.no_grad():
-        prediction = family.predict(components, latents, torch.tensor([3, 700]),
-                                    family.text_outputs(components, CAPTIONS[:2]), {})
+        prediction = family.predict(components, latents, torch.tensor([3, 700]), text, {})
     assert prediction.shape == latents.shape and torch.isfinite(prediction).all()
+    # a frozen bf16 base (LoRA) takes bf16 inputs, timesteps included, as the pipeline passes them
+    half = with_transformer(components, copy.deepcopy(components["transformer"]).to(torch.bfloat16))
+    with torch.no_grad():
+        in_bf16 = family.predict(half, latents, torch.tensor([3, 700]), text, {"original_size": [[48.0, 64.0]] * 2})
+    assert in_bf16.dtype == torch.bfloat16 and torch.isfinite(in_bf16).all()
 
 
 # ---------------------------------------------------------------- parity with a plain diffusers step

@@ -98,7 +98,11 @@ class HunyuanDiTFamily(ModelFamily):
         return "transformer"
 
     def settings_from(self, cfg: TrainingConfig, index: Mapping[str, Any], modules: Mapping[str, Any]) -> dict:
-        config = modules["transformer"].config
+        transformer = modules["transformer"]
+        config = transformer.config
+        if cfg.gradient_checkpointing and not getattr(transformer, "_supports_gradient_checkpointing", False):
+            raise UserError(f"gradient_checkpointing=true does not suit model_family {self.name!r}: diffusers' "
+                            f"{type(transformer).__name__} cannot checkpoint its blocks; turn it off")
         if cfg.tokenizer_max_length:
             raise UserError(f"tokenizer_max_length={cfg.tokenizer_max_length} does not suit model_family "
                             f"{self.name!r}: its transformer takes exactly {config.text_len} BERT and "
