@@ -144,7 +144,7 @@ def sample_kwargs(family: str, prompt: str = "a red fox in the snow, photo") -> 
     if family in _LONG_TEXT_TOKENIZER:
         kwargs["max_sequence_length"] = spec.text_max_lengths[_LONG_TEXT_TOKENIZER[family]]
     if family in ("pixart_sigma", "hunyuan_dit"):
-        kwargs["use_resolution_binning"] = False  # their bins start at 256 and 768 px
+        kwargs["use_resolution_binning"] = False  # bins start at 256 px (PixArt), 768 px (Hunyuan-DiT)
     if family.startswith(("pixart", "deepfloyd")):
         kwargs["clean_caption"] = False  # needs bs4 and ftfy, which are not dependencies
     if spec.input_image_size:
