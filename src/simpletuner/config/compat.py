@@ -54,7 +54,6 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("report_to", "all"): "use tensorboard or wandb",
     ("base_model_precision", "int8-torchao"): "torchao is not supported: use int8-quanto",
     ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
-    ("model_family", "hunyuan_dit"): "Hunyuan DiT is not supported",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
 }
@@ -180,7 +179,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "text_encoder_limit": Unsupported("text-encoder training runs for the whole run", _off_or(25, "25")),
     "sdxl_refiner_uses_full_range": Unsupported("use refiner_training_strength=1.0"),
     "i_know_what_i_am_doing": Unsupported("safety checks cannot be turned off"),
-    "hunyuan_dit": Unsupported("Hunyuan DiT is not supported"),
     "smoldit": Unsupported("SmolDiT is not supported"),
     "aura_flow": Unsupported("AuraFlow is not supported"),
     "use_8bit_adam": Unsupported("use optimizer=adamw8bit"),
@@ -275,7 +273,7 @@ ENV_LAUNCHER: dict[str, str] = {
 # Old SimpleTuner switches that named the model family.
 FAMILY_SWITCHES: dict[str, str] = {
     "sd3": "sd3", "flux": "flux", "pixart_sigma": "pixart_sigma", "kolors": "kolors", "legacy": "legacy",
-    "sdxl": "sdxl",
+    "sdxl": "sdxl", "hunyuan_dit": "hunyuan_dit",
 }
 
 

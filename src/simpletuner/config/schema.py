@@ -15,7 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelFamily = Literal["legacy", "sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "kolors", "deepfloyd"]
+ModelFamily = Literal["legacy", "sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "kolors", "deepfloyd",
+                      "hunyuan_dit"]
 ModelType = Literal["full", "lora", "deepfloyd-full", "deepfloyd-lora", "deepfloyd-stage2", "deepfloyd-stage2-lora"]
 ResolutionType = Literal["pixel", "area", "pixel_area"]
 CropStyle = Literal["center", "centre", "random", "corner"]
@@ -158,7 +159,7 @@ class TrainingConfig(StrictModel):
 
     # model
     model_family: ModelFamily = Field(description="Architecture: legacy (= SD 1.x/2.x), sd1x, sd2x, sdxl, sd3, "
-                                      "flux, pixart_sigma, kolors, deepfloyd.")
+                                      "flux, pixart_sigma, kolors, deepfloyd, hunyuan_dit.")
     model_type: ModelType = Field("lora", description="What trains: LoRA/LyCORIS adapter or the full model. "
                                   "SimpleTuner defaults to full; an adapter is the safer start.")
     pretrained_model_name_or_path: str = Field(description="Hub id or local diffusers folder of the base model.")

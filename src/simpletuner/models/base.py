@@ -48,6 +48,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "KolorsPipeline": "kolors",
     "IFPipeline": "deepfloyd",
     "IFSuperResolutionPipeline": "deepfloyd (stage II)",
+    "HunyuanDiTPipeline": "hunyuan_dit",
 }
 
 # validation_noise_scheduler -> diffusers class (epsilon / v-prediction families)

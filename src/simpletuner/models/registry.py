@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "pixart_sigma": "simpletuner.models.pixart:PixArtSigmaFamily",
     "kolors": "simpletuner.models.kolors:KolorsFamily",
     "deepfloyd": "simpletuner.models.deepfloyd:DeepFloydFamily",
+    "hunyuan_dit": "simpletuner.models.hunyuandit:HunyuanDiTFamily",
 }
 
 
