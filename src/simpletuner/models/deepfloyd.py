@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, DTypePolicy, ModelFamily, declared, read_model_index
 from simpletuner.models.pixart import learned_variance_split
@@ -76,6 +78,7 @@ class DeepFloydFamily(ModelFamily):
     """DeepFloyd IF stage I (64 px) or II (256 px): pixel space, T5, epsilon with learned-range variance."""
 
     name: ClassVar[str] = "deepfloyd"
+    flavours: ClassVar[Flavours] = flavour_tables.DEEPFLOYD  # model_flavour -> Hub checkpoint
     alignment: ClassVar[int] = 8
     native_resolution: ClassVar[int] = STAGE_RESOLUTION[1]
     default_prediction_type: ClassVar[str] = "epsilon"
