@@ -122,7 +122,7 @@ def test_missing_configuration_file(tmp_path):
 
 
 @pytest.mark.parametrize("option", ["use_8bit_adam", "delete_unwanted_images", "validation_prompt_library",
-                                    "compress_disk_cache", "tread_config"])
+                                    "ramtorch", "tread_config"])
 def test_unsupported_simpletuner_option_is_reported_with_its_reason(tmp_path, option):
     message = _error(_json(tmp_path, {**GOOD, f"--{option}": "true"}))
     assert f"unsupported: {option} ({UNSUPPORTED[option].reason})" in message

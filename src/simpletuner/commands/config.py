@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     report, loaded = check_file(args.file, getattr(args, "overrides", []) or [])
     for warning in loaded.warnings:
         get_logger(__name__).warning(warning)
-    if loaded.training is not None and (problem := flavour_problem(loaded.training)):
+    if problem := flavour_problem(loaded.partial_training()):
         report.problems.append(problem)
     elif loaded.training is not None and not loaded.training.pretrained_model_name_or_path:
         checkpoint = resolve_checkpoint(loaded.training).pretrained_model_name_or_path

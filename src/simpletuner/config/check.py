@@ -163,7 +163,7 @@ def check_file(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[
     report = CheckReport(problems=list(loaded.problems))
     if loaded.training is not None:
         report.problems += _training_problems(loaded.training)
-        report.problems += unimplemented_problems(loaded.training, loaded.datasets)
+    report.problems += unimplemented_problems(loaded.partial_training(), loaded.datasets)
     for dataset in loaded.datasets:
         report.problems += _dataset_problems(dataset)
     return report, loaded

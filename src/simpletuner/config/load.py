@@ -291,6 +291,14 @@ class Loaded:
     warnings: list[str]
     subject: str  # what the problems are in, for the error's first line
 
+    def partial_training(self) -> TrainingConfig:
+        """The validated training options, or, when some are bad, the options as written (not validated;
+        defaults for the rest): enough for checks that do not need every value to be right."""
+        if self.training is not None:
+            return self.training
+        values = {ALIASES.get(k, k): v for k, v in self.raw.values.items()}
+        return TrainingConfig.model_construct(**{k: v for k, v in values.items() if k in TrainingConfig.model_fields})
+
     def settings(self) -> Settings:
         """The settings; raises ConfigError listing every problem when there are any."""
         _fail(self.problems, self.subject)

@@ -51,7 +51,7 @@ def flavour_problem(training: TrainingConfig) -> str | None:
     if table is None:
         return None
     problem = table.problem(training.model_family, training.model_flavour)
-    if problem is None and not training.pretrained_model_name_or_path and table.checkpoint(None) is None:
+    if problem is None and not training.pretrained_model_name_or_path and table.checkpoint(training.model_flavour) is None:
         problem = (f"model_family {training.model_family!r} has no default checkpoint: set model_flavour (one of "
                    f"{', '.join(table.checkpoints)}) or pretrained_model_name_or_path")
     return problem
