@@ -158,3 +158,13 @@ def test_one_round_reports_training_dataset_and_unbuilt_problems_together(tmp_pa
     assert "unknown option 'crop_stlye'" in text            # the dataset file
     assert "base_model_precision = 'int8-quanto'" in text   # a feature not built yet
     assert len(report.problems) == 3
+
+
+def test_train_refuses_a_flavour_it_cannot_train_before_any_work(tmp_path, capsys):
+    from simpletuner.cli import main
+
+    config = _files(tmp_path, {**BASE, "model_flavour": "kontext", "output_dir": str(tmp_path / "out")})
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "model_flavour 'kontext': Flux Kontext" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -3,13 +3,16 @@
     settings = load_settings("config/config.json", ["--learning_rate", "1e-4"])
     settings.training.learning_rate, settings.datasets
 
-Precedence: command-line overrides > the configuration file > the schema's defaults.
+Precedence: command-line overrides > the configuration file > the schema's defaults. Every problem of
+the options, the dataset file and the references between datasets is reported together (`read_settings`).
 Datasets come from the file named by `data_backend_config` (SimpleTuner's
 multidatabackend.json; a relative path is looked up beside the configuration file first,
 then in the working directory, as SimpleTuner does), or from `[[datasets]]` tables in a
 TOML configuration. A local dataset's relative paths (instance_data_dir, parquet.path, a
 caption_filter_list file) are resolved the same way against the dataset file's folder, so
-loaded datasets carry absolute local paths. Training options naming files or model folders
+loaded datasets carry absolute local paths; `{model_family}`, `{output_dir}` and `{id}` in a dataset's cache
+paths are expanded. A path starting with `config/examples/` is first looked up in SimpleTuner's examples
+folder (see `resolve_beside`). Training options naming files or model folders
 (TRAINING_PATHS) become absolute when they exist beside the configuration file; otherwise
 they stay as written (a Hub id, or a path from the working directory). Cache and output
 folders stay as written: relative to the working directory, as in SimpleTuner.
@@ -116,12 +119,11 @@ def resolve_beside(value: str | Path, base_dir: Path | None) -> Path:
     path = Path(value).expanduser()
     if path.is_absolute():
         return path
-    candidates = (_examples_candidates(str(value), base_dir) + ([base_dir / path] if base_dir is not None else [])
-                  + [Path.cwd() / path])
-    for candidate in candidates:
+    beside = base_dir / path if base_dir is not None else Path.cwd() / path
+    for candidate in _examples_candidates(str(value), base_dir) + [beside, Path.cwd() / path]:
         if candidate.exists():
             return candidate.resolve()
-    return candidates[-2 if base_dir is not None else -1].absolute()
+    return beside.absolute()
 
 
 def _read_dataset_file(path: Path) -> list[Any]:
