@@ -246,8 +246,7 @@ class TrainingConfig(StrictModel):
                                                                    "of this (default: the model's; 64, or 8 for "
                                                                    "DeepFloyd).")
     caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
-                                               "empty caption (keeps classifier-free guidance working). "
-                                               "SimpleTuner defaults to 0.")
+                                               "empty caption (keeps classifier-free guidance working).")
     caption_dropout_size_conditioning: bool = Field(True, description="SDXL-style models: a dropped caption "
                                                     "also zeroes the size/crop (refiner: aesthetic) conditioning.")
     data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
