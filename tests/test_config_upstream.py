@@ -42,6 +42,7 @@ REFUSED = {
     "kontext.peft-lora": {"optimi", "quantised", "rounding", "conditioning", "kontext"} | HF,
     "deepfloyd-if-i-medium.peft-lora": {"adamw_bf16"},
     "quickstart-sdxl": set(),
+    "quickstart-sd3": set(),
     "quickstart-pixart": set(),
     "quickstart-deepfloyd": set(),
 }
@@ -57,7 +58,9 @@ def _images(folder: Path, count: int = 3, size: tuple[int, int] = (640, 576)) ->
 def _prepare(name: str, tmp_path: Path) -> tuple[Path, list[str]]:
     """The example's config.json, with local data where it names data (and the overrides that supply it)."""
     _images(tmp_path / "datasets" / "ideogram-subject")  # deepfloyd's relative instance_data_dir, from cwd
-    if name in ("quickstart-sdxl", "quickstart-pixart"):
+    (tmp_path / "config").mkdir(exist_ok=True)  # sd3's user_prompt_library, from cwd as SimpleTuner reads it
+    (tmp_path / "config" / "user_prompt_library.json").write_text(json.dumps({"cat": "a cat on a mat"}))
+    if name in ("quickstart-sdxl", "quickstart-pixart", "quickstart-sd3"):
         copy = tmp_path / name
         shutil.copytree(EXAMPLES / name, copy)
         data = _images(tmp_path / "pseudo-camera-10k")
@@ -117,7 +120,8 @@ def test_current_names_flavours_and_path_variables_of_an_example_are_understood(
     assert "does not exist" not in result.stderr and "no datasets" not in result.stderr
 
 
-@pytest.mark.parametrize("name", ["quickstart-sdxl", "quickstart-pixart", "deepfloyd-if-i-medium.peft-lora"])
+@pytest.mark.parametrize("name", ["quickstart-sdxl", "quickstart-pixart", "quickstart-sd3",
+                                  "deepfloyd-if-i-medium.peft-lora"])
 def test_scan_works_on_upstream_configs_with_local_data(name, tmp_path):
     config, overrides = _prepare(name, tmp_path)
     if name.startswith("deepfloyd"):
