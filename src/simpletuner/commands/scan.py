@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.load import load_settings
+    from simpletuner.models.registry import with_checkpoint
 
-    settings = load_settings(args.config, getattr(args, "overrides", None) or [])
+    settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
     scan_settings(settings, sys.stdout)
     return 0
 
