@@ -189,12 +189,12 @@ IGNORED: dict[str, str] = {
     "gradient_checkpointing_interval": "gradient_checkpointing recomputes every block; the interval trades memory "
                                        "only, never the result",
     "num_eval_images": "read only by evaluation (evaluation_type, eval datasets), which is refused when set",
-    **{name: "offloading between steps changes memory use only, never the result" for name in (
-        "offload_during_save", "delete_model_after_load")},
+    "offload_during_save": "moving weights to the CPU while saving changes memory use only, never the result",
+    "delete_model_after_load": "the Hub download cache is left as it is (deleting it changes disk use only)",
     "checkpointing_use_tempdir": "checkpoints are always written under a temporary name, then renamed",
     "model_card_private": "read only with push_to_hub, which is refused when set",
     "validation_multigpu": "validation images are rendered on the main process",
-    "validation_stitch_input_location": "read only by image-to-image validation, which is not built",
+    "validation_stitch_input_location": "validation images are saved alone, never stitched beside their input",
 }
 DATASET_IGNORED: dict[str, str] = {
     "preserve_data_backend_cache": "the index is incremental and always kept",
