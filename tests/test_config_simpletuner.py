@@ -168,3 +168,15 @@ def test_train_refuses_a_flavour_it_cannot_train_before_any_work(tmp_path, capsy
     err = capsys.readouterr().err
     assert "model_flavour 'kontext': Flux Kontext" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, phrase", [
+    ({"model_flavour": "kontext"}, "missing required option model_family"),
+    ({"model_family": ["flux"], "model_flavour": ["dev"]}, "model_family: ['flux'] is not accepted"),
+])
+def test_one_round_still_works_when_model_family_itself_is_missing_or_wrong(tmp_path, capsys, options, phrase):
+    from simpletuner.cli import main
+
+    assert main(["config", "check", str(_files(tmp_path, options))]) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err

@@ -1,7 +1,8 @@
 """Options the schema accepts (SimpleTuner's names, documented) whose feature this version does not do yet.
 
 Setting one to anything but its default is an error naming the option, never a
-silent no-op (an option in ONLY_WHEN only when the setting it depends on reads it). Remove an entry here in the commit that implements it.
+silent no-op (an option in ONLY_WHEN only when the setting it depends on reads it).
+Remove an entry here in the commit that implements it.
 """
 
 from __future__ import annotations

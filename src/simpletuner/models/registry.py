@@ -47,11 +47,13 @@ def get_family(name: str) -> ModelFamily:
 
 def flavour_problem(training: TrainingConfig) -> str | None:
     """Why the model choice cannot be resolved to a checkpoint (flavour refused or unknown, none given), or None."""
-    table = BY_FAMILY.get(training.model_family)
-    if table is None:
-        return None
+    family, flavour = getattr(training, "model_family", None), training.model_flavour
+    if not isinstance(family, str) or family not in BY_FAMILY or not isinstance(flavour, (str, type(None))):
+        return None  # unvalidated options (config check of a file with other problems): those are reported
+    table = BY_FAMILY[family]
     problem = table.problem(training.model_family, training.model_flavour)
-    if problem is None and not training.pretrained_model_name_or_path and table.checkpoint(training.model_flavour) is None:
+    no_checkpoint = table.checkpoint(training.model_flavour) is None
+    if problem is None and not training.pretrained_model_name_or_path and no_checkpoint:
         problem = (f"model_family {training.model_family!r} has no default checkpoint: set model_flavour (one of "
                    f"{', '.join(table.checkpoints)}) or pretrained_model_name_or_path")
     return problem
