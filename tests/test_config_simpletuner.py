@@ -180,3 +180,12 @@ def test_one_round_still_works_when_model_family_itself_is_missing_or_wrong(tmp_
     assert main(["config", "check", str(_files(tmp_path, options))]) == 2
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err
+
+
+def test_options_written_as_text_are_read_as_their_field_reads_them_in_a_failing_file(tmp_path):
+    # config.env-style text values beside a bad option: "false" asks for nothing, "int8-quanto" is still refused
+    report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1, "push_to_hub": "false",
+                                             "base_model_precision": "int8-quanto"}))
+    text = "\n".join(report.problems)
+    assert "learning_rat" in text and "base_model_precision = 'int8-quanto'" in text
+    assert "push_to_hub" not in text

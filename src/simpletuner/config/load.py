@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from simpletuner.config.arguments import parse_arguments
 from simpletuner.config.compat import (
     ALIASES, DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED, IGNORED, UNSUPPORTED, translate_legacy,
@@ -298,8 +300,15 @@ class Loaded:
         defaults for the rest): enough for checks that do not need every value to be right."""
         if self.training is not None:
             return self.training
-        values = {ALIASES.get(k, k): v for k, v in self.raw.values.items()}
-        return TrainingConfig.model_construct(**{k: v for k, v in values.items() if k in TrainingConfig.model_fields})
+        fields, values = TrainingConfig.model_fields, {}
+        for key, value in self.raw.values.items():
+            key = ALIASES.get(key, key)
+            if key in fields:
+                try:  # each value as its field reads it ("false" -> False); a bad one keeps the default
+                    values[key] = TypeAdapter(fields[key].annotation).validate_python(value)
+                except ValidationError:
+                    pass
+        return TrainingConfig.model_construct(**values)
 
     def settings(self) -> Settings:
         """The settings; raises ConfigError listing every problem when there are any."""
