@@ -163,7 +163,8 @@ def test_one_round_reports_training_dataset_and_unbuilt_problems_together(tmp_pa
 def test_train_refuses_a_flavour_it_cannot_train_before_any_work(tmp_path, capsys):
     from simpletuner.cli import main
 
-    config = _files(tmp_path, {**BASE, "model_flavour": "kontext", "output_dir": str(tmp_path / "out")})
+    config = _files(tmp_path, {**BASE, "model_flavour": "kontext", "output_dir": str(tmp_path / "out"),
+                               "mixed_precision": "no"})
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "model_flavour 'kontext': Flux Kontext" in err and "Traceback" not in err
