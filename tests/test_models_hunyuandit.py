@@ -70,12 +70,12 @@ def test_declarations_and_flavours():
     assert (family.alignment, family.native_resolution, family.default_prediction_type) == (16, 1024, "v_prediction")
     assert family.latent_channels == 4 and family.denoiser_name() == "transformer"
     assert family.lycoris_targets == ("HunyuanDiTBlock",)
-    assert family.FLAVOURS == {
+    assert family.flavours.checkpoints == {
         "v1.1": "Tencent-Hunyuan/HunyuanDiT-v1.1-Diffusers",
         "v1.2": "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers",
         "v1.2-distilled": "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers-Distilled",
     }
-    assert family.DEFAULT_FLAVOUR in family.FLAVOURS
+    assert family.flavours.checkpoint(None) == "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
     assert family.default_resolution(config("x")) == 1024
     family.check_resolution(1024, 768)
     with pytest.raises(UserError, match="multiples of 16"):

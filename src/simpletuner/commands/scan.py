@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.load import load_settings
+    from simpletuner.models.registry import with_checkpoint
 
-    settings = load_settings(args.config, getattr(args, "overrides", None) or [])
+    settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
     scan_settings(settings, sys.stdout)
     return 0
 
@@ -98,12 +99,15 @@ def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO) 
     try:
         scan.assignment = _assign(dataset, training, result, scan.upstream)
     except Exception as error:
+        from simpletuner.data.buckets import NoUsableImages
         from simpletuner.errors import DataError
 
         if not isinstance(error, DataError):
             raise
         scan.problems.append(_with_location(str(error), dataset, files, extensions))
-        _print_skips(scan.upstream, out)
+        # the planning stage's exclusions (too small, ...) beside the index's own
+        _print_skips(_combined(scan.upstream, error.skipped) if isinstance(error, NoUsableImages) else scan.upstream,
+                     out)
         print("  usable images: 0", file=out)
         return scan
     every = _combined(scan.upstream, scan.assignment.skipped)

@@ -162,7 +162,12 @@ class TrainingConfig(StrictModel):
                                       "flux, pixart_sigma, kolors, deepfloyd, hunyuan_dit.")
     model_type: ModelType = Field("lora", description="What trains: LoRA/LyCORIS adapter or the full model. "
                                   "SimpleTuner defaults to full; an adapter is the safer start.")
-    pretrained_model_name_or_path: str = Field(description="Hub id or local diffusers folder of the base model.")
+    model_flavour: str | None = Field(None, description="SimpleTuner's name for a base checkpoint of the family "
+                                      "(sdxl: base-1.0, flux: dev or schnell, sd3: medium or large, ...); used "
+                                      "when pretrained_model_name_or_path is not set. Unset: the family's default "
+                                      "flavour (DeepFloyd has none). docs/COMPATIBILITY.md lists them.")
+    pretrained_model_name_or_path: str | None = Field(None, description="Hub id or local diffusers folder of the "
+                                                      "base model; unset: the checkpoint of model_flavour.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
     pretrained_vae_model_name_or_path: str | None = Field(None, description="A separate VAE (e.g. an fp16-fix VAE).")
@@ -183,8 +188,9 @@ class TrainingConfig(StrictModel):
     text_encoder_2_precision: Precision = Field("no_change", description="Quantise text encoder 2.")
     text_encoder_3_precision: Precision = Field("no_change", description="Quantise text encoder 3.")
     text_encoder_4_precision: Precision = Field("no_change", description="Quantise text encoder 4.")
-    quantize_via: Literal["cpu", "accelerator"] = Field("accelerator", description="Where quantisation runs: the "
-                                                        "accelerator is fast, the CPU needs less device memory.")
+    quantize_via: Literal["cpu", "accelerator", "pipeline"] = Field(
+        "accelerator", description="Where quantisation runs: the accelerator is fast, the CPU needs less device "
+        "memory. Read only when a *_precision option quantises; alone it changes nothing.")
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
@@ -233,9 +239,9 @@ class TrainingConfig(StrictModel):
     resolution: float | None = Field(None, gt=0, description="Default training resolution of datasets; unset: the "
                                      "model family's native resolution (SD 1.x 512, SD 2.x 768, DeepFloyd 64 / 256, "
                                      "the others 1024). SimpleTuner defaults to 1024 for every family.")
-    resolution_type: ResolutionType = Field("pixel_area", description="How resolution is read. SimpleTuner "
-                                            "defaults to pixel; pixel_area keeps the pixel count of a square of "
-                                            "that side for every aspect, which matches how models were trained.")
+    resolution_type: ResolutionType = Field("pixel_area", description="How resolution is read (SimpleTuner's "
+                                            "default too): pixel_area keeps the pixel count of a square of that "
+                                            "side for every aspect, which matches how models were trained.")
     minimum_image_size: float | None = Field(None, description="Default minimum_image_size of datasets.")
     maximum_image_size: float | None = Field(None, description="Default maximum_image_size of datasets.")
     target_downsample_size: float | None = Field(None, description="Default target_downsample_size of datasets.")
@@ -247,8 +253,7 @@ class TrainingConfig(StrictModel):
                                                                    "of this (default: the model's; 64, or 8 for "
                                                                    "DeepFloyd).")
     caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
-                                               "empty caption (keeps classifier-free guidance working). "
-                                               "SimpleTuner defaults to 0.")
+                                               "empty caption (keeps classifier-free guidance working).")
     caption_dropout_size_conditioning: bool = Field(True, description="SDXL-style models: a dropped caption "
                                                     "also zeroes the size/crop (refiner: aesthetic) conditioning.")
     data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
@@ -260,8 +265,7 @@ class TrainingConfig(StrictModel):
                                  "full fine-tuning; 1e-4 suits LoRA.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial", "sine"] = Field(
-        "constant_with_warmup", description="Learning-rate schedule. SimpleTuner defaults to sine; a constant "
-        "rate after warm-up is the safer default for adapters.")
+        "constant_with_warmup", description="Learning-rate schedule (SimpleTuner's default too).")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     lr_num_cycles: float = Field(1, gt=0, description="Cycles of cosine_with_restarts and sine.")
     lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
@@ -400,13 +404,12 @@ class TrainingConfig(StrictModel):
     validation_on_startup: bool = Field(False, description="Sample validation images before the first step.")
     validation_torch_compile: bool = Field(False, description="torch.compile the validation pipeline.")
     validation_lycoris_strength: float = Field(1.0, ge=0, description="LyCORIS multiplier for validation images.")
-    validation_disable_unconditional: bool = Field(False, description="Skip the unconditional (empty prompt) "
-                                                   "validation image.")
     disable_validation: bool = Field(False, description="Never sample validation images.")
     # publishing
     push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (hub_model_id).")
     push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint.")
-    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora.")
+    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora; read only "
+                                     "with push_to_hub.")
     model_card_note: str | None = Field(None, description="Text put at the top of the model card.")
     model_card_safe_for_work: bool = Field(False, description="Leave out the not-for-all-audiences tag.")
     webhook_config: str | None = Field(None, description="JSON file with a webhook (url, webhook_type "

@@ -482,6 +482,14 @@ class BucketAssignment:
 # --------------------------------------------------------------------------- assignment
 
 
+class NoUsableImages(DataError):
+    """No image of a dataset is usable; `skipped` counts why each planned image was excluded."""
+
+    def __init__(self, message: str, skipped: SkipReport) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
 def assign_buckets(
     records: Sequence[ImageRecord],
     settings: BucketSettings,
@@ -513,7 +521,8 @@ def assign_buckets(
     builder.settle_small_buckets(batch_size)
     assignment = builder.finish(batch_size)
     if len(assignment) == 0:
-        raise DataError(_no_usable_message(dataset_id, len(records), assignment.skipped, upstream))
+        raise NoUsableImages(_no_usable_message(dataset_id, len(records), assignment.skipped, upstream),
+                             assignment.skipped)
     return assignment
 
 

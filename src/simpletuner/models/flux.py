@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.log import get_logger
 from simpletuner.models.base import Components, ComponentSpec
 from simpletuner.models.sd import tokenize
@@ -97,6 +99,7 @@ class FluxFamily(FlowMatchingFamily):
     """Flux.1 dev (guidance-distilled) and schnell (timestep-distilled, no guidance embedding)."""
 
     name: ClassVar[str] = "flux"
+    flavours: ClassVar[Flavours] = flavour_tables.FLUX  # model_flavour -> Hub checkpoint
     text_max_length: ClassVar[int] = 512  # dev; schnell 256
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
     t5_component: ClassVar[str | None] = "text_encoder_2"

@@ -26,7 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from simpletuner.errors import UserError
+from simpletuner.models import flavours as flavour_tables
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
+from simpletuner.models.flavours import Flavours
 from simpletuner.models.pixart import PEFT_WEIGHTS, learned_variance_split
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
 
@@ -83,13 +85,7 @@ class HunyuanDiTFamily(ModelFamily):
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS  # attn1/attn2 and ff names
     lycoris_targets: ClassVar[tuple[str, ...]] = ("HunyuanDiTBlock",)
-    # The public checkpoints (flavour -> Hub id); v1.2 drops the image size and style conditioning.
-    FLAVOURS: ClassVar[dict[str, str]] = {
-        "v1.1": "Tencent-Hunyuan/HunyuanDiT-v1.1-Diffusers",
-        "v1.2": "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers",
-        "v1.2-distilled": "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers-Distilled",
-    }
-    DEFAULT_FLAVOUR: ClassVar[str] = "v1.2"
+    flavours: ClassVar[Flavours] = flavour_tables.HUNYUAN_DIT  # model_flavour -> Hub checkpoint
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
@@ -42,6 +44,7 @@ class PixArtSigmaFamily(ModelFamily):
     """PixArt Sigma: a DiT over 4-channel SDXL-VAE latents with a T5-XXL encoder, epsilon prediction."""
 
     name: ClassVar[str] = "pixart_sigma"
+    flavours: ClassVar[Flavours] = flavour_tables.PIXART_SIGMA  # model_flavour -> Hub checkpoint
     alignment: ClassVar[int] = 16  # VAE factor 8 x patch size 2
     native_resolution: ClassVar[int] = 1024  # also released at 512 and 2048 px
     default_prediction_type: ClassVar[str] = "epsilon"

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
@@ -123,6 +125,7 @@ class SD3Family(FlowMatchingFamily):
     """SD3 / SD3.5: MM-DiT over 16-channel latents, two CLIPs and T5."""
 
     name: ClassVar[str] = "sd3"
+    flavours: ClassVar[Flavours] = flavour_tables.SD3  # model_flavour -> Hub checkpoint
     text_max_length: ClassVar[int] = 154  # T5 tokens; SD3 was trained with 77 + 77
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
