@@ -150,3 +150,28 @@ def test_lycoris_lokr_run_writes_a_file_lycoris_loads(tmp_path: Path, tiny_model
     network.merge_to()
     after = _sample(pipeline, 32)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def test_adamw_bf16_trains_bf16_weights_and_resumes_exactly(tmp_path: Path, tiny_model) -> None:
+    """SimpleTuner's default optimiser: the LoRA is trained and saved in bf16, and resume is exact."""
+    model = tiny_model("sd1x")
+    options = dict(optimizer="adamw_bf16", mixed_precision="bf16", disable_validation=True, max_train_steps=4,
+                   checkpointing_steps=2)
+    straight = write_run(tmp_path / "straight", model, "sd1x", **options)
+    assert main(["train", str(straight)]) == 0
+    full = metrics(tmp_path / "straight" / "output")
+    final_a = load_file(tmp_path / "straight" / "output" / "pytorch_lora_weights.safetensors")
+    assert final_a and {tensor.dtype for tensor in final_a.values()} == {torch.bfloat16}
+
+    resumed_root = tmp_path / "resumed"
+    resumed = write_run(resumed_root, model, "sd1x", dataset=tmp_path / "straight" / "dataset",
+                        resume_from_checkpoint="latest", **options)
+    shutil.copytree(tmp_path / "straight" / "output" / "checkpoints" / "step-000002",
+                    resumed_root / "output" / "checkpoints" / "step-000002")
+    assert main(["train", str(resumed)]) == 0
+    second_half = metrics(resumed_root / "output")
+    assert sorted(second_half) == [3, 4]
+    assert all(second_half[step] == full[step] for step in (3, 4)), (second_half, full)
+    final_b = load_file(resumed_root / "output" / "pytorch_lora_weights.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)

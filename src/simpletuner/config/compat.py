@@ -46,9 +46,6 @@ VALUE_ALIASES: dict[tuple[str, str], str] = {
 }
 # Hints for values SimpleTuner accepts and we do not.
 VALUE_HINTS: dict[tuple[str, str], str] = {
-    ("optimizer", "adamw_bf16"): "SimpleTuner's bf16 AdamW: use optimizer=adamw with mixed_precision=bf16",
-    ("optimizer", "optimi-adamw"): "use optimizer=adamw",
-    ("optimizer", "optimi-lion"): "use optimizer=lion",
     ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
     ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
     ("report_to", "all"): "use tensorboard or wandb",
@@ -191,7 +188,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "use_adafactor_optimizer": Unsupported("use optimizer=adafactor"),
     "use_prodigy_optimizer": Unsupported("use optimizer=prodigy"),
     "use_dadapt_optimizer": Unsupported("D-Adaptation is not supported"),
-    "adam_bfloat16": Unsupported("use optimizer=adamw with mixed_precision=bf16"),
+    "adam_bfloat16": Unsupported("use optimizer=adamw_bf16"),
     "disable_compel": Unsupported("prompt weighting (compel) is not supported", (None, True, "true", "True")),
 }
 DATASET_UNSUPPORTED: dict[str, Unsupported] = {

@@ -262,8 +262,12 @@ class TrainingConfig(StrictModel):
                           "cosine.")
     lr_scale: bool = Field(False, description="Multiply learning_rate by processes x batch size x accumulation.")
     lr_scale_sqrt: bool = Field(False, description="With lr_scale: use the square root of that product.")
-    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree"] = Field(
-        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree", "adamw_bf16",
+                       "optimi-adamw", "optimi-lion"] = Field(
+        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed. adamw_bf16 "
+        "(SimpleTuner's default; needs mixed_precision=bf16) keeps the trained weights in bf16 and updates them "
+        "with Kahan summation (torch-optimi); optimi-adamw and optimi-lion are torch-optimi's, with Kahan "
+        "summation where weights are bf16.")
     adam_beta1: float = Field(0.9, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
@@ -405,6 +409,13 @@ class TrainingConfig(StrictModel):
     def _zero_means_unset(cls, value: object) -> object:
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
+
+    @model_validator(mode="after")
+    def _bf16_optimizer(self) -> "TrainingConfig":
+        if self.optimizer == "adamw_bf16" and self.mixed_precision != "bf16":
+            raise ValueError(f"optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not "
+                             f"{self.mixed_precision!r}); for fp32 weights use optimizer 'adamw'")
+        return self
 
     @model_validator(mode="after")
     def _deepfloyd_model_types(self) -> "TrainingConfig":
