@@ -105,6 +105,17 @@ def test_huggingface_entry_needs_a_dataset_name_and_a_row_caption_strategy(tmp_p
     assert "type 'huggingface' takes caption_strategy 'huggingface' or 'instanceprompt', not 'textfile'" in message
 
 
+def test_filters_and_grid_images_of_the_block_are_refused_by_name(tmp_path: Path) -> None:
+    config = {"model_family": "sd1x", "pretrained_model_name_or_path": "x", "data_backend_config": "data.json"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "data.json").write_text(json.dumps([
+        {"id": "hf", "type": "huggingface", "dataset_name": "u/n", "huggingface": {"filter_func": {"min_width": 5}}},
+    ]))
+    with pytest.raises(ConfigError, match="dataset 'hf': huggingface.filter_func: filtering rows .* is not "
+                                          "implemented in this version yet"):
+        load_settings(tmp_path / "config.json")
+
+
 # ----------------------------------------------------------------------------- reading rows
 
 
@@ -258,6 +269,9 @@ def test_training_on_a_streamed_parquet_folder(tmp_path: Path, tiny_model, capsy
     assert main(["train", str(config)]) == 0
     assert "latents: 6 unique, 0 already cached, 6 encoded" in capsys.readouterr().out
     assert sorted(metrics(tmp_path / "output")) == [1, 2]
+    # encoding on demand reads rows in random order: refused for a stream
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "lazy"), "--vae_cache_ondemand", "true"]) == 2
+    assert "is streamed" in capsys.readouterr().err
     # the same rows read from Arrow files are another source (another fingerprint): cached afresh
     _use_hf(config, {**entry, "streaming": False})
     assert main(["train", str(config), "--output_dir", str(tmp_path / "second")]) == 0

@@ -65,6 +65,9 @@ class HuggingFaceOptions(StrictModel):
     streaming: bool | None = Field(None, description="As the entry's streaming.")
     cache_dir: str | None = Field(None, description="Where the datasets library keeps downloads and Arrow files "
                                   "(default: its own, HF_DATASETS_CACHE).")
+    filter_func: dict | None = Field(None, description="Not built: refused (filter the rows beforehand, e.g. "
+                                     "Dataset.filter then save_to_disk).")
+    composite_image_config: dict | None = Field(None, description="Not built: refused (grid images are not split).")
 
 
 class DatasetConfig(StrictModel):
@@ -108,7 +111,8 @@ class DatasetConfig(StrictModel):
                                                    "(the same names at the entry's top level win).")
     caption_strategy: CaptionStrategy = Field(
         "filename", description="Where captions come from: the file name, a .txt beside each image, "
-        "the instance_prompt, or a parquet/jsonl/csv metadata file (parquet options)."
+        "the instance_prompt, a parquet/jsonl/csv metadata file (parquet options), or a Hugging Face dataset's "
+        "caption_column (huggingface, the default of type=huggingface)."
     )
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt, or a prefix.")
     prepend_instance_prompt: bool = Field(False, description="Put instance_prompt before every caption.")
@@ -180,6 +184,12 @@ class DatasetConfig(StrictModel):
         if self.type == "huggingface":
             if not (self.dataset_name or (self.huggingface and self.huggingface.dataset_name)):
                 raise ValueError(f"dataset {self.id!r}: type 'huggingface' needs dataset_name")
+            block = self.huggingface or HuggingFaceOptions()
+            for name, feature in (("filter_func", "filtering rows (filter them beforehand, e.g. Dataset.filter "
+                                   "then save_to_disk)"), ("composite_image_config", "splitting grid images")):
+                if getattr(block, name):
+                    raise ValueError(f"dataset {self.id!r}: huggingface.{name}: {feature} is not implemented in "
+                                     "this version yet; remove the option")
             if self.caption_strategy not in ("huggingface", "instanceprompt"):
                 raise ValueError(f"dataset {self.id!r}: type 'huggingface' takes caption_strategy 'huggingface' or "
                                  f"'instanceprompt', not {self.caption_strategy!r}")
