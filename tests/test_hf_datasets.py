@@ -97,12 +97,15 @@ def test_huggingface_entry_needs_a_dataset_name_and_a_row_caption_strategy(tmp_p
     (tmp_path / "data.json").write_text(json.dumps([
         {"id": "a", "type": "huggingface"},
         {"id": "b", "type": "huggingface", "dataset_name": "u/n", "caption_strategy": "textfile"},
+        {"id": "c", "instance_data_dir": str(tmp_path), "split": "train", "caption_column": "text"},
     ]))
     with pytest.raises(ConfigError) as caught:
         load_settings(tmp_path / "config.json")
     message = str(caught.value)
     assert "dataset 'a': type 'huggingface' needs dataset_name" in message
     assert "type 'huggingface' takes caption_strategy 'huggingface' or 'instanceprompt', not 'textfile'" in message
+    assert "dataset 'c': split, caption_column apply to type 'huggingface' only, and this entry has type 'local'" \
+        in message
 
 
 def test_filters_and_grid_images_of_the_block_are_refused_by_name(tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ class HuggingFaceOptions(StrictModel):
     fallback_caption_column: str | None = Field(None, description="As the entry's fallback_caption_column.")
     streaming: bool | None = Field(None, description="As the entry's streaming.")
     cache_dir: str | None = Field(None, description="Where the datasets library keeps downloads and Arrow files "
-                                  "(default: its own, HF_DATASETS_CACHE).")
+                                  "(default: the entry's cache_dir when it is a local folder, as in SimpleTuner; "
+                                  "else the library's own, HF_DATASETS_CACHE).")
     filter_func: dict | None = Field(None, description="Not built: refused (filter the rows beforehand, e.g. "
                                      "Dataset.filter then save_to_disk).")
     composite_image_config: dict | None = Field(None, description="Not built: refused (grid images are not split).")
@@ -195,6 +196,13 @@ class DatasetConfig(StrictModel):
                                  f"'instanceprompt', not {self.caption_strategy!r}")
         elif self.caption_strategy == "huggingface":
             raise ValueError(f"dataset {self.id!r}: caption_strategy 'huggingface' needs type 'huggingface'")
+        else:
+            stray = [name for name in HuggingFaceOptions.model_fields if name != "cache_dir"
+                     and name in type(self).model_fields and getattr(self, name) is not None]
+            stray += ["huggingface"] if self.huggingface is not None else []
+            if stray:
+                raise ValueError(f"dataset {self.id!r}: {', '.join(stray)} apply to type 'huggingface' only, and "
+                                 f"this entry has type {self.type!r}")
         if self.caption_strategy in ("parquet", "jsonl", "csv") and self.parquet is None:
             raise ValueError(f"dataset {self.id!r}: caption_strategy {self.caption_strategy!r} needs parquet options")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:

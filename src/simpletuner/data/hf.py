@@ -71,11 +71,13 @@ class HubSpec:
             return default if value is None else value
 
         captions = pick("caption_column", "caption")
+        cache_dir = block.cache_dir if block is not None and block.cache_dir else None
+        if cache_dir is None and dataset.cache_dir and "://" not in dataset.cache_dir:
+            cache_dir = dataset.cache_dir  # SimpleTuner's fallback: the entry's own cache folder
         return cls(dataset.id, pick("dataset_name"), pick("dataset_config"), pick("split", "train"),
                    pick("revision"), pick("image_column", "image"),
                    tuple(captions) if isinstance(captions, list) else (captions,),
-                   pick("fallback_caption_column"), bool(pick("streaming", False)),
-                   block.cache_dir if block is not None else None)
+                   pick("fallback_caption_column"), bool(pick("streaming", False)), cache_dir)
 
     def describe(self) -> str:
         """e.g. `user/name[train]` or `user/name[config:train]`."""
