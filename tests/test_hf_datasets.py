@@ -187,6 +187,23 @@ def test_a_missing_image_column_names_the_columns(tmp_path: Path) -> None:
         _storage(_hf_entry(folder, image_column="picture"))
 
 
+def test_a_column_without_images_is_refused(tmp_path: Path) -> None:
+    folder = _saved(tmp_path, count=2)
+    with pytest.raises(DataError, match=r"column 'text' of .* holds Value\('string'\), not images"):
+        _storage(_hf_entry(folder, image_column="text"))
+
+
+def test_a_binary_image_column_is_read_as_is(tmp_path: Path) -> None:
+    images = [_png((8, 6), (200, 0, 0)), _png((6, 8), (0, 0, 200))]
+    features = datasets.Features({"png": datasets.Value("binary"), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"png": images, "caption": ["red", "blue"]}, features=features).save_to_disk(
+        str(tmp_path / "binary"))
+    storage = _storage({"id": "b", "type": "huggingface", "dataset_name": str(tmp_path / "binary"),
+                        "image_column": "png"})
+    assert [storage.read_bytes(e.path) for e in storage.list_files()] == images
+    assert storage.captions("row-000001") == ["blue"]  # caption_column defaults to "caption"
+
+
 def test_an_unloadable_dataset_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="dataset 'shapes': cannot load .*empty.*check dataset_name"):
@@ -196,18 +213,25 @@ def test_an_unloadable_dataset_is_a_data_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- scan and training
 
 
-def _bad_rows(tmp_path: Path) -> Path:
+def _bad_rows(tmp_path: Path, parquet: bool = False) -> Path:
     rows = _rows(write_dataset(tmp_path / "pngs", count=6))
     rows["image"][2] = {"bytes": b"this is not an image", "path": None}
     rows["image"][4] = {"bytes": rows["image"][4]["bytes"][:-20], "path": None}  # cut short
     target = tmp_path / "hf-bad"
-    _dataset(rows).save_to_disk(str(target))
+    if parquet:
+        target.mkdir()
+        _dataset(rows).to_parquet(str(target / "train-00000.parquet"))
+    else:
+        _dataset(rows).save_to_disk(str(target))
     return target
 
 
-def test_scan_reports_bad_rows_by_row_name(tmp_path: Path, tiny_model, capsys) -> None:
+@pytest.mark.parametrize("form", ["saved", "streamed parquet"])
+def test_scan_reports_bad_rows_by_row_name(tmp_path: Path, tiny_model, capsys, form: str) -> None:
     config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=2)
-    _use_hf(config, _hf_entry(_bad_rows(tmp_path)))
+    streamed = form == "streamed parquet"
+    extra = {"streaming": True, "huggingface": {"cache_dir": str(tmp_path / "hf-cache")}} if streamed else {}
+    _use_hf(config, _hf_entry(_bad_rows(tmp_path, parquet=streamed), **extra))
     assert main(["scan", str(config)]) == 0
     out = capsys.readouterr().out
     assert "rows found:    6 (6 read" in out

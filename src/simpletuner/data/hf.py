@@ -206,7 +206,7 @@ class RandomRows(_RowsBase):
 
     def __init__(self, spec: HubSpec, dataset: Any):
         super().__init__(spec)
-        _check_columns(spec, dataset.column_names)
+        _check_columns(spec, dataset.column_names, dataset.features)
         self.fingerprint = str(dataset._fingerprint)  # the library's content/recipe hash of this split
         self._arrow = dataset.with_format("arrow")
         self._count = len(dataset)
@@ -234,13 +234,13 @@ class StreamRows(_RowsBase):
     def __init__(self, spec: HubSpec, stream: Any, fingerprint: str):
         super().__init__(spec)
         if stream.column_names is not None:
-            _check_columns(spec, stream.column_names)
+            _check_columns(spec, stream.column_names, stream.features)
         self.fingerprint = fingerprint
         self._stream = stream.with_format("arrow")
         self._lock = threading.Lock()
         self._cells: Iterator[Any] | None = None
         self._next = 0  # the row the stream yields next
-        self._recent: OrderedDict[int, bytes] = OrderedDict()
+        self._recent: OrderedDict[int, bytes | Exception] = OrderedDict()  # a row's image, or why it has none
         self.restarts = 0
 
     def _tables(self, columns: list[str] | None) -> Iterator["pa.Table"]:
@@ -263,32 +263,48 @@ class StreamRows(_RowsBase):
 
     def image(self, row: int) -> bytes:
         with self._lock:
-            if row in self._recent:
-                return self._recent[row]
-            if self._cells is None or row < self._next:
-                if self._cells is not None:
-                    self.restarts += 1
-                    logger.debug("%s: row %d is behind the stream (at %d): reading from the start",
-                                 self.spec.describe(), row, self._next)
-                self._cells, self._next = self._cell_stream(), 0
-            while self._next <= row:
-                try:
-                    cell = next(self._cells)
-                except StopIteration:
-                    self._cells = None
-                    raise FileNotFoundError(f"row {row} is beyond the {self._next} rows of "
-                                            f"{self.spec.describe()}") from None
+            found = self._recent.get(row)
+            if found is None:
+                found = self._advance_to(row)
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def _advance_to(self, row: int) -> bytes | Exception:
+        """Read the stream up to `row` (from the start if it lies behind); the caller holds the lock."""
+        if self._cells is None or row < self._next:
+            if self._cells is not None:
+                self.restarts += 1
+                logger.debug("%s: row %d is behind the stream (at %d): reading from the start",
+                             self.spec.describe(), row, self._next)
+            self._cells, self._next = self._cell_stream(), 0
+        while self._next <= row:
+            try:
+                cell = next(self._cells)
+            except StopIteration:
+                self._cells = None
+                raise FileNotFoundError(f"row {row} is beyond the {self._next} rows of "
+                                        f"{self.spec.describe()}") from None
+            try:
                 self._recent[self._next] = image_bytes(cell, self.spec.image_column)
-                self._next += 1
-                if len(self._recent) > RECENT_ROWS:
-                    self._recent.popitem(last=False)
-            return self._recent[row]
+            except (DataError, OSError) as error:  # this row's problem, reported when it is read
+                self._recent[self._next] = error
+            self._next += 1
+            if len(self._recent) > RECENT_ROWS:
+                self._recent.popitem(last=False)
+        return self._recent[row]
 
 
-def _check_columns(spec: HubSpec, names: list[str]) -> None:
+def _check_columns(spec: HubSpec, names: list[str], features: Any = None) -> None:
+    """The image column exists and, where the features are declared, holds images or bytes."""
     if spec.image_column not in names:
         raise DataError(f"dataset {spec.dataset_id!r}: {spec.describe()} has no column {spec.image_column!r}; its "
                         f"columns are {names}. Set image_column.")
+    feature = features.get(spec.image_column) if features is not None else None
+    kind = type(feature).__name__
+    if feature is not None and kind != "Image" and getattr(feature, "dtype", None) not in ("binary", "large_binary"):
+        raise DataError(f"dataset {spec.dataset_id!r}: column {spec.image_column!r} of {spec.describe()} holds "
+                        f"{feature}, not images (an Image feature or bytes). Set image_column.")
 
 
 # --------------------------------------------------------------------------- loading
