@@ -244,6 +244,17 @@ def test_scan_reports_bad_rows_by_row_name(tmp_path: Path, tiny_model, capsys, f
     assert "(0 read, 6 unchanged since the last scan)" in capsys.readouterr().out
 
 
+def test_a_dataset_without_usable_rows_says_why(tmp_path: Path, tiny_model, capsys) -> None:
+    rows = {"image": [{"bytes": b"garbage", "path": None}, {"bytes": b"", "path": None}], "text": ["a", "b"]}
+    _dataset(rows).save_to_disk(str(tmp_path / "hf"))
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=2)
+    _use_hf(config, _hf_entry(tmp_path / "hf"))
+    assert main(["scan", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "1 undecodable (e.g. row-000000" in captured.out and "1 empty (0 bytes) (e.g. row-000001)" in captured.out
+    assert "usable images: 0" in captured.out and "looked in" not in captured.err
+
+
 def test_scan_reports_rows_without_caption(tmp_path: Path, tiny_model, capsys) -> None:
     rows = _rows(write_dataset(tmp_path / "pngs", count=4))
     rows["text"][1] = ""

@@ -205,8 +205,8 @@ def _print_buckets(assignment: "BucketAssignment", out: TextIO) -> None:
 
 
 def _with_location(message: str, dataset: "DatasetConfig", files: list["FileEntry"], extensions: frozenset[str]) -> str:
-    if any(_extension(entry.path) in extensions for entry in files):
-        return message
+    if dataset.type == "huggingface" or any(_extension(entry.path) in extensions for entry in files):
+        return message  # (a Hugging Face dataset's rows are all images)
     return (f"{message}\n  looked in {dataset.location()} for {', '.join(sorted(extensions))} files"
             f"{_other_files(files, extensions) or '; the location holds no files at all'}")
 
