@@ -128,11 +128,12 @@ class TrainingData:
                                              _text_encoder(family, components), self.text_identity,
                                              progress=progress))
                 continue
-            # in source order inside each bucket: a streamed dataset is then read in one pass per bucket
+            # in source order inside each bucket, and a stream read by one thread: one pass per bucket
             items = sorted(data.latent_items.values(), key=lambda item: item.source)
+            loaders = {"num_workers": 0} if data.sequential else {}
             summaries.append(cache_latents(items, data.latent_store, _latent_encoder(family, components),
                                            batch_size=vae_batch_size, storage_options=data.storage_options,
-                                           read_source=data.read_source, progress=progress))
+                                           read_source=data.read_source, progress=progress, **loaders))
             failed = {failure.key for failure in summaries[-1].failed}
             if failed:
                 self._drop_failed(data, failed)
