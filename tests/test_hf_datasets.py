@@ -137,6 +137,17 @@ def test_rows_of_a_saved_dataset_read_as_files(tmp_path: Path) -> None:
         storage.read_bytes("row-000003")
 
 
+def test_row_names_sort_in_row_order() -> None:
+    from simpletuner.data.hf import row_name, row_number
+
+    assert row_name(7, 12) == "row-000007" and row_name(7, 2_000_000) == "row-0000007"
+    names = [row_name(row, 1_000_001) for row in (999_999, 1_000_000, 3)]
+    assert sorted(names) == [names[2], names[0], names[1]]
+    assert [row_number(name) for name in names] == [999_999, 1_000_000, 3]
+    with pytest.raises(FileNotFoundError):
+        row_number("image-3.png")
+
+
 def test_parquet_and_image_folders_load_through_load_dataset(tmp_path: Path) -> None:
     rows = _rows(write_dataset(tmp_path / "pngs", count=4))
     (tmp_path / "pq").mkdir()

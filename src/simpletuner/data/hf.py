@@ -1,6 +1,7 @@
 """Hugging Face datasets as a dataset source: every row of a split is one image.
 
-A row is read like a file named `row-000123` (zero-padded, so names sort in row order), through
+A row is read like a file named `row-000123` (zero-padded to the same width, at least six digits, so
+names sort in row order), through
 the read-only interface of `DatasetStorage`: the index reads each row's image header, captions
 come from the caption columns, and the location that cache keys hash names the dataset's
 fingerprint, so a changed dataset never reuses stale entries. The `datasets` library loads it:
@@ -85,8 +86,9 @@ class HubSpec:
         return f"{self.dataset_name}[{part}]"
 
 
-def row_name(row: int) -> str:
-    return f"{ROW_PREFIX}{row:06d}"
+def row_name(row: int, rows: int) -> str:
+    """The name of `row` among `rows`: zero-padded to one width (at least six digits), so names sort in row order."""
+    return f"{ROW_PREFIX}{row:0{max(6, len(str(rows - 1)))}d}"
 
 
 def row_number(name: str) -> int:
@@ -398,7 +400,8 @@ class HuggingFaceStorage:
 
     def list_files(self, extensions: Iterable[str] | None = None) -> list[FileEntry]:
         """Every row, as a file named row-NNNNNN whose size is its image's (0: the row has no image)."""
-        return [FileEntry(row_name(row), size, 0.0) for row, size in enumerate(self._listed().sizes)]
+        sizes = self._listed().sizes
+        return [FileEntry(row_name(row, len(sizes)), size, 0.0) for row, size in enumerate(sizes)]
 
     def list_images(self) -> list[FileEntry]:
         return self.list_files()
