@@ -337,6 +337,9 @@ def load_rows(spec: HubSpec) -> _RowsBase:
     local = os.path.expanduser(spec.dataset_name)
     try:
         if _saved_to_disk(local):
+            if spec.streaming:
+                logger.warning("dataset %r: %s was written by save_to_disk; its rows are read from its Arrow files "
+                               "(memory-mapped), not streamed", spec.dataset_id, local)
             loaded = datasets.load_from_disk(local)
             if isinstance(loaded, datasets.DatasetDict):
                 if spec.split not in loaded:
