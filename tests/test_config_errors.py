@@ -47,8 +47,14 @@ def test_wrong_choice_lists_the_accepted_values(tmp_path):
 
 
 def test_wrong_choice_with_a_simpletuner_hint(tmp_path):
-    message = _error(_json(tmp_path, {**GOOD, "optimizer": "adamw_bf16"}))
-    assert "optimizer: 'adamw_bf16' is not accepted" in message and "use optimizer=adamw" in message
+    message = _error(_json(tmp_path, {**GOOD, "report_to": "comet_ml"}))
+    assert "report_to: 'comet_ml' is not accepted" in message and "use tensorboard or wandb" in message
+
+
+def test_adamw_bf16_is_accepted_with_bf16_mixed_precision_only(tmp_path):
+    assert load_config(_json(tmp_path, {**GOOD, "optimizer": "adamw_bf16"})).optimizer == "adamw_bf16"
+    message = _error(_json(tmp_path, {**GOOD, "optimizer": "adamw_bf16", "mixed_precision": "no"}, "no.json"))
+    assert "optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not 'no')" in message
 
 
 @pytest.mark.parametrize("key, value, phrase", [

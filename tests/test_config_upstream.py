@@ -21,24 +21,19 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 
 # A refusal: how its line starts or what it holds, and the feature's name in docs/STATUS.md's "Not built yet".
 FEATURES = {
-    "adamw_bf16": ("optimizer: 'adamw_bf16' is not accepted", "bf16 AdamW"),
-    "optimi": ("optimizer: 'optimi-lion' is not accepted", "optimi optimisers"),
-    "huggingface": ("type: 'huggingface' is not accepted", "Hugging Face datasets"),
-    "dataset_name": ("unsupported: dataset_name (Hugging Face datasets", "Hugging Face datasets"),
     "quantised": ("base_model_precision = 'int8-quanto': quantised base models", "quantised base models"),
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
     "conditioning": ("unsupported: conditioning (conditioning images are not generated", "ControlNet"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
 }
-HF = {"huggingface", "dataset_name"}
 REFUSED = {
-    "flux.peft-lora": {"adamw_bf16", "quantised"} | HF,
-    "flux.peft-lora+TREAD": {"adamw_bf16", "quantised", "tread"} | HF,
-    "kolors.peft-lora": {"adamw_bf16", "quantised"} | HF,
-    "sd3.peft-lora": {"adamw_bf16"} | HF,
-    "sdxl.lycoris-lokr": {"adamw_bf16"} | HF,
-    "kontext.peft-lora": {"optimi", "quantised", "conditioning", "kontext"} | HF,
-    "deepfloyd-if-i-medium.peft-lora": {"adamw_bf16"},
+    "flux.peft-lora": {"quantised"},
+    "flux.peft-lora+TREAD": {"quantised", "tread"},
+    "kolors.peft-lora": {"quantised"},
+    "sd3.peft-lora": set(),
+    "sdxl.lycoris-lokr": set(),
+    "kontext.peft-lora": {"quantised", "conditioning", "kontext"},
+    "deepfloyd-if-i-medium.peft-lora": set(),
     "quickstart-sdxl": set(),
     "quickstart-sd3": set(),
     "quickstart-pixart": set(),
@@ -113,8 +108,7 @@ def test_current_names_flavours_and_path_variables_of_an_example_are_understood(
     config, overrides = _prepare("quickstart-sdxl", tmp_path)
     result = _cli("config", "check", str(config), *overrides, cwd=tmp_path)
     assert "base model: stabilityai/stable-diffusion-xl-base-1.0 (model_flavour base-1.0)" in result.stdout
-    result = _cli("config", "check", str(EXAMPLES / "sdxl.lycoris-lokr" / "config.json"), "--optimizer", "adamw",
-                  cwd=tmp_path)
+    result = _cli("config", "check", str(EXAMPLES / "sdxl.lycoris-lokr" / "config.json"), cwd=tmp_path)
     assert "does not exist" not in result.stderr and "no datasets" not in result.stderr
 
 
@@ -122,8 +116,6 @@ def test_current_names_flavours_and_path_variables_of_an_example_are_understood(
                                   "deepfloyd-if-i-medium.peft-lora"])
 def test_scan_works_on_upstream_configs_with_local_data(name, tmp_path):
     config, overrides = _prepare(name, tmp_path)
-    if name.startswith("deepfloyd"):
-        overrides += ["--optimizer", "adamw"]  # adamw_bf16 is not built yet; the scan does not use it
     result = _cli("scan", str(config), *overrides, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert re.search(r"usable images: 3\b", result.stdout), result.stdout

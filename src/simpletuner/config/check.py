@@ -127,6 +127,9 @@ def check_settings(settings: Settings) -> CheckReport:
                                 "(set conditioning_data on the image dataset)")
         if dataset.type == "aws":
             report.notes.append(f"dataset {dataset.id!r} is on S3 ({dataset.location()}): not checked (no network)")
+        if dataset.type == "huggingface":
+            report.notes.append(f"dataset {dataset.id!r} is a Hugging Face dataset ({dataset.location()}): loaded "
+                                "by `scan` and `train`, not here")
     report.summary = _summary(settings)
     return report
 

@@ -133,9 +133,6 @@ VALUE_ALIASES: dict[tuple[str, str], str] = {
 }
 # Hints for values SimpleTuner accepts and we do not.
 VALUE_HINTS: dict[tuple[str, str], str] = {
-    ("optimizer", "adamw_bf16"): "SimpleTuner's bf16 AdamW: use optimizer=adamw with mixed_precision=bf16",
-    ("optimizer", "optimi-adamw"): "use optimizer=adamw",
-    ("optimizer", "optimi-lion"): "use optimizer=lion",
     ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
     ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
     ("report_to", "all"): "use tensorboard or wandb",
@@ -146,8 +143,6 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("flux_lora_target", "controlnet"): "ControlNet training is not built in this version yet",
     ("flux_lora_target", "all+ffs+embedder+controlnet"): "ControlNet training is not built in this version yet",
     ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
-    ("type", "huggingface"): "Hugging Face datasets (type huggingface, dataset_name) are not built in this version "
-                             "yet",
 }
 
 # Options that cannot change what is trained: SimpleTuner's own worker pools, logging and
@@ -285,12 +280,11 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "use_adafactor_optimizer": Unsupported("use optimizer=adafactor"),
     "use_prodigy_optimizer": Unsupported("use optimizer=prodigy"),
     "use_dadapt_optimizer": Unsupported("D-Adaptation is not supported"),
-    "adam_bfloat16": Unsupported("use optimizer=adamw with mixed_precision=bf16"),
+    "adam_bfloat16": Unsupported("use optimizer=adamw_bf16"),
     "disable_compel": Unsupported("prompt weighting (compel) is not supported", (None, True, "true", "True")),
     **CURRENT_RELEASE_UNSUPPORTED,
 }
 DATASET_UNSUPPORTED: dict[str, Unsupported] = {
-    "dataset_name": Unsupported("Hugging Face datasets (type huggingface) are not built in this version yet"),
     "image_embeds": Unsupported("latents go to the dataset's cache_dir_vae"),
     "conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
     "cache_dir_conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
@@ -302,8 +296,7 @@ DATASET_UNSUPPORTED: dict[str, Unsupported] = {
     "max_num_samples": Unsupported("sample limits are not supported"),
     "text_cache_ondemand": Unsupported("text embeddings are always cached before training"),
     "text_cache_disable": Unsupported("text embeddings are always cached"),
-    "huggingface": Unsupported("Hugging Face datasets are not supported: use type local or aws"),
-    "config": Unsupported("Hugging Face datasets are not supported: use type local or aws"),
+    "config": Unsupported("a dataset entry's own `config` block is not supported"),
     "audio": Unsupported("audio datasets are not supported"),
     "video": Unsupported("video datasets are not supported"),
     "cache_file_suffix": Unsupported("cache entries are named by a hash of their settings"),

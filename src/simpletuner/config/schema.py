@@ -21,7 +21,7 @@ ModelType = Literal["full", "lora", "deepfloyd-full", "deepfloyd-lora", "deepflo
 ResolutionType = Literal["pixel", "area", "pixel_area"]
 CropStyle = Literal["center", "centre", "random", "corner"]
 CropAspect = Literal["square", "preserve", "closest", "random"]
-CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv"]
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv", "huggingface"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
 Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "nf4-bnb"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
@@ -53,11 +53,31 @@ class ParquetOptions(StrictModel):
     height_column: str | None = Field(None, description="Column with the image height, if known.")
 
 
+class HuggingFaceOptions(StrictModel):
+    """SimpleTuner's `huggingface` block of a type=huggingface entry; the same keys at the entry's top level win."""
+
+    dataset_name: str | None = Field(None, description="As the entry's dataset_name.")
+    dataset_config: str | None = Field(None, description="As the entry's dataset_config.")
+    split: str | None = Field(None, description="As the entry's split.")
+    revision: str | None = Field(None, description="As the entry's revision.")
+    image_column: str | None = Field(None, description="As the entry's image_column.")
+    caption_column: str | list[str] | None = Field(None, description="As the entry's caption_column.")
+    fallback_caption_column: str | None = Field(None, description="As the entry's fallback_caption_column.")
+    streaming: bool | None = Field(None, description="As the entry's streaming.")
+    cache_dir: str | None = Field(None, description="Where the datasets library keeps downloads and Arrow files "
+                                  "(default: the entry's cache_dir when it is a local folder, as in SimpleTuner; "
+                                  "else the library's own, HF_DATASETS_CACHE).")
+    filter_func: dict | None = Field(None, description="Not built: refused (filter the rows beforehand, e.g. "
+                                     "Dataset.filter then save_to_disk).")
+    composite_image_config: dict | None = Field(None, description="Not built: refused (grid images are not split).")
+
+
 class DatasetConfig(StrictModel):
     """One entry of `multidatabackend.json` (or one `[[datasets]]` table in TOML)."""
 
     id: str = Field(description="Unique name of the dataset; also names its caches.")
-    type: Literal["local", "aws"] = Field("local", description="Where the files live: a local folder or S3.")
+    type: Literal["local", "aws", "huggingface"] = Field("local", description="Where the files live: a local "
+                                                         "folder, S3, or a Hugging Face dataset (dataset_name).")
     dataset_type: Literal["image", "text_embeds", "conditioning"] = Field(
         "image", description="image: training images; text_embeds: where text embeddings are cached; "
         "conditioning: masks or ControlNet inputs paired with an image dataset."
@@ -73,9 +93,28 @@ class DatasetConfig(StrictModel):
         None, description="S3 secret key; falls back to AWS_SECRET_ACCESS_KEY."
     )
     aws_data_prefix: str = Field("", description="Key prefix of the images inside the bucket.")
+    dataset_name: str | None = Field(None, description="type=huggingface: a Hub dataset id, or a local folder "
+                                     "(written by save_to_disk, or of parquet files or images that load_dataset "
+                                     "reads). Every row is one image, named row-000000, row-000001, ...")
+    dataset_config: str | None = Field(None, description="type=huggingface: the dataset's configuration (subset) "
+                                       "name.")
+    split: str | None = Field(None, description="type=huggingface: the split to train on (default train).")
+    revision: str | None = Field(None, description="type=huggingface: Hub revision (branch, tag or commit).")
+    image_column: str | None = Field(None, description="type=huggingface: the column holding the images (default "
+                                     "image): an Image feature or raw bytes.")
+    caption_column: str | list[str] | None = Field(None, description="type=huggingface, caption_strategy="
+                                                   "huggingface: the caption column (default caption), or several "
+                                                   "whose non-empty values are all candidate captions.")
+    fallback_caption_column: str | None = Field(None, description="type=huggingface: column used where the caption "
+                                                "columns are empty.")
+    streaming: bool | None = Field(None, description="type=huggingface: read the rows as a stream (load_dataset's "
+                                   "streaming=True) instead of from Arrow files; each pass reads from the start.")
+    huggingface: HuggingFaceOptions | None = Field(None, description="SimpleTuner's block of Hugging Face options "
+                                                   "(the same names at the entry's top level win).")
     caption_strategy: CaptionStrategy = Field(
         "filename", description="Where captions come from: the file name, a .txt beside each image, "
-        "the instance_prompt, or a parquet/jsonl/csv metadata file (parquet options)."
+        "the instance_prompt, a parquet/jsonl/csv metadata file (parquet options), or a Hugging Face dataset's "
+        "caption_column (huggingface, the default of type=huggingface)."
     )
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt, or a prefix.")
     prepend_instance_prompt: bool = Field(False, description="Put instance_prompt before every caption.")
@@ -132,6 +171,14 @@ class DatasetConfig(StrictModel):
                                              "epoch's latents equal the cached ones, so the cache is used.")
     skip_file_discovery: str = Field("", description="Accepted for compatibility; discovery is incremental here.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _huggingface_captions(cls, data: object) -> object:
+        # as in SimpleTuner, a Hugging Face dataset's captions come from its caption column unless told otherwise
+        if isinstance(data, dict) and data.get("type") == "huggingface" and "caption_strategy" not in data:
+            return {**data, "caption_strategy": "huggingface"}
+        return data
+
     @model_validator(mode="after")
     def _check_location(self) -> "DatasetConfig":
         if self.disabled or self.dataset_type == "text_embeds":
@@ -140,6 +187,27 @@ class DatasetConfig(StrictModel):
             raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
             raise ValueError(f"dataset {self.id!r}: type 'aws' needs aws_bucket_name")
+        if self.type == "huggingface":
+            if not (self.dataset_name or (self.huggingface and self.huggingface.dataset_name)):
+                raise ValueError(f"dataset {self.id!r}: type 'huggingface' needs dataset_name")
+            block = self.huggingface or HuggingFaceOptions()
+            for name, feature in (("filter_func", "filtering rows (filter them beforehand, e.g. Dataset.filter "
+                                   "then save_to_disk)"), ("composite_image_config", "splitting grid images")):
+                if getattr(block, name):
+                    raise ValueError(f"dataset {self.id!r}: huggingface.{name}: {feature} is not implemented in "
+                                     "this version yet; remove the option")
+            if self.caption_strategy not in ("huggingface", "instanceprompt"):
+                raise ValueError(f"dataset {self.id!r}: type 'huggingface' takes caption_strategy 'huggingface' or "
+                                 f"'instanceprompt', not {self.caption_strategy!r}")
+        elif self.caption_strategy == "huggingface":
+            raise ValueError(f"dataset {self.id!r}: caption_strategy 'huggingface' needs type 'huggingface'")
+        else:
+            stray = [name for name in HuggingFaceOptions.model_fields if name != "cache_dir"
+                     and name in type(self).model_fields and getattr(self, name) is not None]
+            stray += ["huggingface"] if self.huggingface is not None else []
+            if stray:
+                raise ValueError(f"dataset {self.id!r}: {', '.join(stray)} apply to type 'huggingface' only, and "
+                                 f"this entry has type {self.type!r}")
         if self.caption_strategy in ("parquet", "jsonl", "csv") and self.parquet is None:
             raise ValueError(f"dataset {self.id!r}: caption_strategy {self.caption_strategy!r} needs parquet options")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -147,10 +215,12 @@ class DatasetConfig(StrictModel):
         return self
 
     def location(self) -> str:
-        """The dataset's root as a URL-like string: a folder or s3://bucket/prefix."""
+        """The dataset's root as a URL-like string: a folder or s3://bucket/prefix (huggingface: dataset_name)."""
         if self.type == "aws":
             prefix = self.aws_data_prefix.strip("/")
             return f"s3://{self.aws_bucket_name}/{prefix}" if prefix else f"s3://{self.aws_bucket_name}"
+        if self.type == "huggingface":
+            return str(self.dataset_name or (self.huggingface and self.huggingface.dataset_name))
         return str(self.instance_data_dir)
 
 
@@ -273,8 +343,12 @@ class TrainingConfig(StrictModel):
                           "cosine.")
     lr_scale: bool = Field(False, description="Multiply learning_rate by processes x batch size x accumulation.")
     lr_scale_sqrt: bool = Field(False, description="With lr_scale: use the square root of that product.")
-    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree"] = Field(
-        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree", "adamw_bf16",
+                       "optimi-adamw", "optimi-lion"] = Field(
+        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed. adamw_bf16 "
+        "(SimpleTuner's default; needs mixed_precision=bf16) keeps the trained weights in bf16 and updates them "
+        "with Kahan summation (torch-optimi); optimi-adamw and optimi-lion are torch-optimi's, with Kahan "
+        "summation where weights are bf16.")
     adam_beta1: float = Field(0.9, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
@@ -461,6 +535,13 @@ class TrainingConfig(StrictModel):
                              "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
                              "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
                              "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_optimizer(self) -> "TrainingConfig":
+        if self.optimizer == "adamw_bf16" and self.mixed_precision != "bf16":
+            raise ValueError(f"optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not "
+                             f"{self.mixed_precision!r}); for fp32 weights use optimizer 'adamw'")
         return self
 
     @model_validator(mode="after")

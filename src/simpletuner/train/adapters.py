@@ -42,6 +42,12 @@ class Trained:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def cast_trainable(self, dtype: torch.dtype) -> None:
+        """Store the trainable parameters (only) in `dtype`; frozen weights keep theirs."""
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.data = parameter.data.to(dtype)
+
 
 def prepare_trainable(
     model: nn.Module,

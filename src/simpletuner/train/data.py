@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from simpletuner.cache.keys import EMPTY_CAPTION, EncoderIdentity, text_key
-from simpletuner.errors import DataError
+from simpletuner.errors import DataError, UserError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
     from simpletuner.cache.jobs import CacheSummary, LazyCache
-    from simpletuner.cache.latents import LatentItem
+    from simpletuner.cache.latents import LatentItem, SourceReader
     from simpletuner.cache.store import TensorStore
     from simpletuner.config.load import Settings
     from simpletuner.data.buckets import BucketAssignment
@@ -52,6 +52,8 @@ class DatasetData:
     on_demand: LazyCache | None = None  # encodes missing latents when a batch needs them
     reencode_each_epoch: bool = False  # vae_cache_clear_each_epoch with random crops
     encoder: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # for epochs after the first
+    read_source: SourceReader | None = None  # reads sources that are no files (Hugging Face rows)
+    sequential: bool = False  # its source is a stream: read in order, or from the start again
 
     def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         if self.on_demand is None:
@@ -66,9 +68,13 @@ class DatasetData:
         from simpletuner.cache.latents import load_pixels
 
         assert self.encoder is not None, "ensure_cached sets the encoder of a dataset re-encoded every epoch"
-        pixels = [load_pixels(_latent_item(self, ref).source, self.plan(ref), storage_options=self.storage_options)
-                  for ref in refs]
+        pixels = [load_pixels(self.source(_latent_item(self, ref).source), self.plan(ref),
+                              storage_options=self.storage_options) for ref in refs]
         return split_batch(self.encoder(torch.stack(pixels)), len(refs))
+
+    def source(self, name: str) -> Any:
+        """What `load_pixels` reads for a source name: the file itself, or a row's bytes (Hugging Face)."""
+        return self.read_source(name) if self.read_source is not None else name
 
     def plan(self, ref: SampleRef) -> ImagePlan:
         """How the sample's pixels were prepared: its own plan, or its epoch's when re-encoded every epoch."""
@@ -95,7 +101,6 @@ class TrainingData:
         from simpletuner.commands.scan import scan_settings
         from simpletuner.config.references import latent_cache_for, text_cache_for
         from simpletuner.data.captions import CaptionResolver
-        from simpletuner.data.storage import DatasetStorage
         from simpletuner.train.encoders import latent_identity, text_identity
 
         report = io.StringIO()
@@ -110,8 +115,10 @@ class TrainingData:
             assignment = scan.assignment
             indices = [int(i) for i in assignment.order.tolist()]
             records = [assignment.records[i] for i in indices]
-            items = latent_items(dataset.location(), records, [assignment.plan(i) for i in indices], vae_id)
-            resolver = CaptionResolver.from_config(dataset, DatasetStorage.from_config(dataset))
+            storage = scan.storage  # for a Hugging Face dataset, its url names the dataset's fingerprint
+            items = latent_items(storage.url, records, [assignment.plan(i) for i in indices], vae_id)
+            resolver = CaptionResolver.from_config(dataset, storage)
+            hf = dataset.type == "huggingface"
             latent_location = latent_cache_for(dataset, settings.training)
             text_location = text_cache_for(dataset, settings.datasets, settings.training).location
             reencode = dataset.vae_cache_clear_each_epoch and _crops_vary(assignment, dataset.id)
@@ -124,6 +131,8 @@ class TrainingData:
                 latent_items=dict(zip(indices, items)),
                 latent_store=_open_store(latent_location, dataset),
                 text_store=_open_store(text_location, None),
+                read_source=storage.source_reader() if hf else None,
+                sequential=hf and storage.sequential,
             )
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
@@ -144,15 +153,22 @@ class TrainingData:
             if data.reencode_each_epoch:
                 data.encoder = _latent_encoder(family, components)
             if on_demand:
+                if data.sequential:
+                    raise UserError(f"dataset {data.dataset_id!r} is streamed: its images are read in order, so "
+                                    "vae_cache_ondemand (random order) would re-read the stream for every batch; "
+                                    "set streaming=false or vae_cache_ondemand=false")
                 data.on_demand = lazy_latents(data.latent_store, _latent_encoder(family, components),
-                                              data.storage_options)
+                                              data.storage_options, read_source=data.read_source)
                 summaries.append(cache_texts(_all_captions(data), data.text_store,
                                              _text_encoder(family, components), self.text_identity,
                                              progress=progress))
                 continue
-            summaries.append(cache_latents(data.latent_items.values(), data.latent_store,
-                                           _latent_encoder(family, components), batch_size=vae_batch_size,
-                                           storage_options=data.storage_options, progress=progress))
+            # in source order inside each bucket, and a stream read by one thread: one pass per bucket
+            items = sorted(data.latent_items.values(), key=lambda item: item.source)
+            loaders = {"num_workers": 0} if data.sequential else {}
+            summaries.append(cache_latents(items, data.latent_store, _latent_encoder(family, components),
+                                           batch_size=vae_batch_size, storage_options=data.storage_options,
+                                           read_source=data.read_source, progress=progress, **loaders))
             failed = {failure.key for failure in summaries[-1].failed}
             if failed:
                 self._drop_failed(data, failed)
@@ -235,7 +251,7 @@ def training_image(data: DatasetData, index: int) -> Any:
     from simpletuner.cache.latents import load_pixels
 
     item = data.latent_items[index]
-    pixels = load_pixels(item.source, item.plan, storage_options=data.storage_options)
+    pixels = load_pixels(data.source(item.source), item.plan, storage_options=data.storage_options)
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
 

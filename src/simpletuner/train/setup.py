@@ -155,7 +155,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
-    from simpletuner.train.optim import build_optimizer
+    from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
     from simpletuner.train.trackers import open_tracker
 
@@ -166,6 +166,8 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.module.to(accelerator.device)
+    if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
+        trained.cast_trainable(trained_weight_dtype(cfg))
     if cfg.fuse_qkv_projections:
         from simpletuner.train.fusion import fuse_qkv
 
