@@ -76,6 +76,7 @@ class DeepFloydFamily(ModelFamily):
     """DeepFloyd IF stage I (64 px) or II (256 px): pixel space, T5, epsilon with learned-range variance."""
 
     name: ClassVar[str] = "deepfloyd"
+    modelspec_architecture: ClassVar[str] = "deepfloyd-if"
     alignment: ClassVar[int] = 8
     native_resolution: ClassVar[int] = STAGE_RESOLUTION[1]
     default_prediction_type: ClassVar[str] = "epsilon"

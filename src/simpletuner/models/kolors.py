@@ -28,6 +28,7 @@ class KolorsFamily(SDXLFamily):
     """Kolors: 1024 px, epsilon, 1100 training timesteps (the scheduler config says so), ChatGLM text."""
 
     name: ClassVar[str] = "kolors"
+    modelspec_architecture: ClassVar[str] = "kolors"
     text_max_length: ClassVar[int] = 256
     pipeline_classes: ClassVar[tuple[str, ...]] = ("KolorsPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
