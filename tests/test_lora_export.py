@@ -227,3 +227,29 @@ def test_format_registry_refuses_unknown_formats_and_formats_a_family_cannot_hav
     with pytest.raises(UserError, match=r"'ui' is not available for model_family 'deepfloyd'; it can have: diffusers"):
         write_lora_files(family, None, tmp_path, ["ui"], registry)
     assert check_lora_format("ui", get_family("sdxl"), registry).name == "ui"
+
+
+def test_merged_pipeline_of_a_family_without_a_lora_loader(tmp_path, tiny_model):
+    """PixArt: the LoRA is fused through peft, and the saved pipeline computes what base + adapter computed."""
+    from diffusers import DiffusionPipeline
+
+    from simpletuner.models.base import DTypePolicy
+    from simpletuner.publish.export import write_merged_pipeline
+
+    family = get_family("pixart_sigma")
+    cfg = TrainingConfig(model_family="pixart_sigma", pretrained_model_name_or_path=str(tiny_model("pixart_sigma")),
+                         lora_rank=4, lora_alpha=2)
+    components = family.load(cfg, DTypePolicy())
+    trained = DiffusionPipeline.from_pretrained(tiny_model("pixart_sigma")).transformer
+    apply_lora(trained, rank=4, alpha=2, target_modules=family.adapter_targets(cfg))
+    _train_like(trained)
+    lora = TrainedLora.from_models("PixArtSigmaPipeline", {"transformer": trained})
+    folder = write_merged_pipeline(family, components, lora, tmp_path / "merged")
+    merged = DiffusionPipeline.from_pretrained(folder).transformer
+    assert not any("lora" in name for name in merged.state_dict())
+    inputs = dict(encoder_hidden_states=torch.randn(1, 8, merged.config.caption_channels),
+                  timestep=torch.tensor([500]), added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                  return_dict=False)
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(latents, **inputs)[0], trained(latents, **inputs)[0], rtol=1e-4, atol=1e-5)

@@ -388,7 +388,8 @@ class ModelFamily(ABC):
 
         file = Path(directory) / LORA_WEIGHTS
         if not file.is_file():
-            raise UserError(f"{directory}: no {LORA_WEIGHTS} (it holds no LoRA of a {self.name} run)")
+            raise UserError(f"{directory}: no {LORA_WEIGHTS}; it is not a {self.name} LoRA run's output or "
+                            "checkpoint, or a checkpoint saved before checkpoints kept the LoRA file")
         return read_diffusers_lora(file, pipeline_class)
 
     def architecture(self, components: Components) -> str:

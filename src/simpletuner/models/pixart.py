@@ -143,7 +143,8 @@ class PixArtSigmaFamily(ModelFamily):
 
         directory = Path(directory)
         if not (directory / PEFT_WEIGHTS).is_file() or not (directory / PEFT_CONFIG).is_file():
-            raise UserError(f"{directory}: no {PEFT_WEIGHTS} with {PEFT_CONFIG} (it holds no LoRA of a PixArt run)")
+            raise UserError(f"{directory}: no {PEFT_WEIGHTS} with {PEFT_CONFIG}; it is not a PixArt LoRA run's "
+                            "output or checkpoint, or a checkpoint saved before checkpoints kept the LoRA files")
         with safe_open(str(directory / PEFT_WEIGHTS), framework="pt") as handle:
             header = {key: value for key, value in (handle.metadata() or {}).items() if key != "format"}
             layers = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
