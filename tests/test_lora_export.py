@@ -9,7 +9,6 @@ import logging
 import stat
 import warnings
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +158,8 @@ def test_pixart_keeps_peft_folder_that_peft_loads_whole(tmp_path, tiny_model):
     from peft import PeftModel, get_peft_model_state_dict
 
     family = get_family("pixart_sigma")
-    cfg = TrainingConfig(model_family="pixart_sigma", pretrained_model_name_or_path="x", unet_lora_target="attention+ffs")
+    cfg = TrainingConfig(model_family="pixart_sigma", pretrained_model_name_or_path="x",
+                         unet_lora_target="attention+ffs")
     pipeline = DiffusionPipeline.from_pretrained(tiny_model("pixart_sigma"))
     apply_lora(pipeline.transformer, rank=4, alpha=8, use_dora=True, target_modules=family.adapter_targets(cfg))
     _train_like(pipeline.transformer)
@@ -180,9 +180,10 @@ def test_pixart_keeps_peft_folder_that_peft_loads_whole(tmp_path, tiny_model):
 
 
 def test_file_is_0644_carries_metadata_and_reads_back(tmp_path, tiny_model):
+    from diffusers import DiffusionPipeline
+
     from simpletuner.models.base import Components
     from simpletuner.publish.metadata import file_metadata, summarize
-    from diffusers import DiffusionPipeline
 
     model = tiny_model("sdxl")
     cfg = TrainingConfig(model_family="sdxl", pretrained_model_name_or_path=str(model), lora_rank=4, lora_alpha=2,
@@ -253,3 +254,4 @@ def test_merged_pipeline_of_a_family_without_a_lora_loader(tmp_path, tiny_model)
     latents = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(merged(latents, **inputs)[0], trained(latents, **inputs)[0], rtol=1e-4, atol=1e-5)
+

@@ -113,7 +113,8 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
     elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
 
-        written = [save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config))]
+        written = [save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config),
+                                        metadata)]
     else:
         written = [output_dir / PIPELINE_FOLDER]
         family.pipeline(components).save_pretrained(written[0], safe_serialization=True)

@@ -359,12 +359,20 @@ def load_lycoris_weights(network: nn.Module, file: str | Path) -> None:
     network.load_weights(str(file))
 
 
-def save_lycoris_weights(directory: str | Path, network: nn.Module, config: Mapping[str, Any] | None = None) -> Path:
-    """Write the LyCORIS network to `pytorch_lora_weights.safetensors` (LyCORIS format)."""
+def save_lycoris_weights(directory: str | Path, network: nn.Module, config: Mapping[str, Any] | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the LyCORIS network to `pytorch_lora_weights.safetensors` (LyCORIS format), with `metadata`
+    and the lycoris_config in its header; written under a temporary name, made 0644, then renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHTS
+    temp = directory / f".tmp-{LORA_WEIGHTS}"
     dtype = next(network.parameters()).dtype
-    metadata = {"lycoris_config": json.dumps(dict(config))} if config else None
-    network.save_weights(str(path), dtype, metadata)
+    header = {**(metadata or {}), **({"lycoris_config": json.dumps(dict(config))} if config else {})}
+    try:
+        network.save_weights(str(temp), dtype, header or None)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
     return path
