@@ -22,11 +22,11 @@ LORA = "pytorch_lora_weights.safetensors"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model) -> dict[str, Path]:
-    """One 4-step SD 1.x LoRA run (rank 4, alpha 2, attention+ffs, DoRA) with checkpoints at steps 2 and 4."""
+    """One 4-step SD 1.x LoRA run (rank 4, alpha 2, attention+ffs, DoRA, EMA) with checkpoints at steps 2 and 4."""
     root = tmp_path_factory.mktemp("export-run")
     model = tiny_model("sd1x")
     config = write_run(root, model, "sd1x", lora_alpha=2, unet_lora_target="attention+ffs", use_dora=True,
-                       validation_steps=100, tracker_run_name="shapes-lora")
+                       validation_steps=100, tracker_run_name="shapes-lora", use_ema=True, ema_decay=0.5)
     datasets = json.loads((root / "multidatabackend.json").read_text())
     datasets[0].update(caption_strategy="instanceprompt", instance_prompt="sks shape")
     (root / "multidatabackend.json").write_text(json.dumps(datasets))
@@ -64,6 +64,13 @@ def test_every_checkpoint_keeps_a_loadable_lora_with_its_step(run):
         assert header["modelspec.trigger_phrase"] == "sks shape" and header["modelspec.title"] == "shapes-lora"
         assert json.loads(header["simpletuner.datasets"]) == {"shapes": 12}
         assert str(run["root"]) not in json.dumps(header)
+    # with EMA, a checkpoint's LoRA file holds the averaged weights (as the final export), not the raw ones
+    folder = output / "checkpoints" / "step-000002"
+    raw = {key.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector"): value
+           for key, value in load_file(folder / "trained.safetensors").items()}
+    averaged = {key.removeprefix("unet."): value for key, value in load_file(folder / LORA).items()}
+    assert raw.keys() == averaged.keys()
+    assert any(not torch.equal(raw[key], averaged[key]) for key in raw)
     final = load_file(output / LORA)
     last = load_file(output / "checkpoints" / "step-000004" / LORA)
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)

@@ -143,10 +143,11 @@ class TrainedLora:
     @classmethod
     def from_models(cls, pipeline_class: str, models: Mapping[str, nn.Module],
                     metadata: Mapping[str, str] | None = None) -> TrainedLora:
-        """The adapters ("default") of `models` (component name -> model carrying a peft LoRA), on the CPU."""
+        """A copy, on the CPU, of the adapters ("default") of `models` (component name -> model carrying a
+        peft LoRA)."""
         from peft import get_peft_model_state_dict
 
-        layers = {name: {key: value.detach().cpu().contiguous()
+        layers = {name: {key: value.detach().to("cpu", copy=True).contiguous()  # a copy: never the live weights
                          for key, value in get_peft_model_state_dict(model).items()}
                   for name, model in models.items()}
         configs = {name: _jsonable_config(model.peft_config["default"].to_dict()) for name, model in models.items()}
