@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from simpletuner.config.schema import TrainingConfig
 from simpletuner.errors import UserError
 from simpletuner.models.registry import get_family
-from simpletuner.publish.export import LoraFormat, check_lora_format, write_lora_files
-from simpletuner.train.adapters import LORA_WEIGHTS, TrainedLora, apply_lora, read_diffusers_lora
+from simpletuner.publish.export import LoraFormat, check_lora_format, read_family_lora, write_lora_files
+from simpletuner.publish.lora_files import read_diffusers_lora
+from simpletuner.train.adapters import LORA_WEIGHTS, TrainedLora, apply_lora
 
 # diffusers says this for every LoRA that trains no text encoder, whatever the file holds (lora_base.py,
 # _load_lora_into_text_encoder): the one loader warning a complete denoiser-only file still gets.
@@ -174,7 +175,7 @@ def test_pixart_keeps_peft_folder_that_peft_loads_whole(tmp_path, tiny_model):
     trained, applied = _merged(pipeline.transformer, "default"), _merged(model, "default")
     for module, weight in trained.items():
         torch.testing.assert_close(applied[f"base_model.model.{module}"], weight, rtol=1e-5, atol=1e-6)
-    back = family.read_lora(tmp_path, "PixArtSigmaPipeline")
+    back = read_family_lora(family, tmp_path, "PixArtSigmaPipeline")
     assert back.metadata == {"a": "b"} and back.configs["transformer"]["lora_alpha"] == 8
     assert all(torch.equal(back.layers["transformer"][k], v) for k, v in lora.layers["transformer"].items())
 

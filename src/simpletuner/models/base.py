@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
-    from simpletuner.train.adapters import TrainedLora
     from simpletuner.train.objectives import TrainingObjective
 
 logger = get_logger(__name__)
@@ -148,6 +147,7 @@ class ModelFamily(ABC):
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
     t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
     modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
+    lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -374,23 +374,6 @@ class ModelFamily(ABC):
     def denoiser(self, components: Components) -> nn.Module:
         """The module that trains (the UNet or transformer)."""
         return components[self.denoiser_name()]
-
-    def save_lora(self, directory: str | Path, lora: TrainedLora) -> Path:
-        """Write a trained LoRA where the family's pipeline loads it whole: diffusers'
-        pytorch_lora_weights.safetensors, through the pipeline class's save_lora_weights."""
-        from simpletuner.train.adapters import write_diffusers_lora
-
-        return write_diffusers_lora(directory, lora)
-
-    def read_lora(self, directory: str | Path, pipeline_class: str) -> TrainedLora:
-        """The LoRA that `save_lora` wrote into `directory` (UserError if there is none)."""
-        from simpletuner.train.adapters import LORA_WEIGHTS, read_diffusers_lora
-
-        file = Path(directory) / LORA_WEIGHTS
-        if not file.is_file():
-            raise UserError(f"{directory}: no {LORA_WEIGHTS}; it is not a {self.name} LoRA run's output or "
-                            "checkpoint, or a checkpoint saved before checkpoints kept the LoRA file")
-        return read_diffusers_lora(file, pipeline_class)
 
     def architecture(self, components: Components) -> str:
         """The base model's id in Stability AI's model spec (modelspec.architecture)."""

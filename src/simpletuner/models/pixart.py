@@ -13,13 +13,11 @@ optional; the latents' size in pixels stands in).
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
 from simpletuner.models.t5_text import encode_t5, text_length
@@ -29,11 +27,6 @@ if TYPE_CHECKING:
 
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
-    from simpletuner.train.adapters import TrainedLora
-
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 
 
 def learned_variance_split(prediction: Tensor, channels: int) -> Tensor:
@@ -46,6 +39,7 @@ class PixArtSigmaFamily(ModelFamily):
 
     name: ClassVar[str] = "pixart_sigma"
     modelspec_architecture: ClassVar[str] = "pixart-sigma"
+    lora_loader: ClassVar[bool] = False  # LoRAs load through peft (PeftModel.from_pretrained)
     alignment: ClassVar[int] = 16  # VAE factor 8 x patch size 2
     native_resolution: ClassVar[int] = 1024  # also released at 512 and 2048 px
     default_prediction_type: ClassVar[str] = "epsilon"
@@ -112,44 +106,6 @@ class PixArtSigmaFamily(ModelFamily):
                                  encoder_attention_mask=text["prompt_attention_mask"], timestep=timesteps,
                                  added_cond_kwargs=added, return_dict=False)[0]
         return learned_variance_split(prediction, noisy_latents.shape[1])
-
-    def save_lora(self, directory: str | Path, lora: TrainedLora) -> Path:
-        """The transformer's adapter in peft's format (adapter_config.json, adapter_model.safetensors).
-
-        Neither PixArtSigmaPipeline nor its transformer has a diffusers LoRA loader; load it with
-        `pipe.transformer = peft.PeftModel.from_pretrained(pipe.transformer, directory)`.
-        """
-        from peft import LoraConfig
-
-        from simpletuner.train.adapters import save_file_atomic
-
-        unexpected = sorted(set(lora.layers) - {"transformer"})
-        if unexpected:
-            raise UserError(f"PixArt LoRA export takes the transformer's adapter only, not {', '.join(unexpected)}")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = LoraConfig(**{key: value for key, value in lora.configs["transformer"].items()
-                               if key in LoraConfig.__dataclass_fields__})
-        config.save_pretrained(str(directory))
-        weights = {f"{PEFT_PREFIX}{key}": value for key, value in lora.layers["transformer"].items()}
-        return save_file_atomic(weights, directory / PEFT_WEIGHTS, {**lora.metadata, "format": "pt"})
-
-    def read_lora(self, directory: str | Path, pipeline_class: str) -> TrainedLora:
-        import json
-
-        from safetensors import safe_open
-
-        from simpletuner.train.adapters import TrainedLora
-
-        directory = Path(directory)
-        if not (directory / PEFT_WEIGHTS).is_file() or not (directory / PEFT_CONFIG).is_file():
-            raise UserError(f"{directory}: no {PEFT_WEIGHTS} with {PEFT_CONFIG}; it is not a PixArt LoRA run's "
-                            "output or checkpoint, or a checkpoint saved before checkpoints kept the LoRA files")
-        with safe_open(str(directory / PEFT_WEIGHTS), framework="pt") as handle:
-            header = {key: value for key, value in (handle.metadata() or {}).items() if key != "format"}
-            layers = {key.removeprefix(PEFT_PREFIX): handle.get_tensor(key) for key in handle.keys()}
-        config = json.loads((directory / PEFT_CONFIG).read_text())
-        return TrainedLora(pipeline_class, {"transformer": layers}, {"transformer": config}, header)
 
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:

@@ -51,7 +51,22 @@ class LoraFormat:
 
 
 def _write_family_lora(family: ModelFamily, lora: TrainedLora, directory: Path) -> Path:
-    return family.save_lora(directory, lora)
+    from simpletuner.publish.lora_files import write_diffusers_lora, write_peft_lora
+
+    return write_diffusers_lora(directory, lora) if family.lora_loader else write_peft_lora(directory, lora)
+
+
+def read_family_lora(family: ModelFamily, folder: Path, pipeline_class: str) -> TrainedLora:
+    """The LoRA that the "diffusers" format wrote into `folder` (an output or checkpoint)."""
+    from simpletuner.publish.lora_files import read_diffusers_lora, read_peft_lora
+    from simpletuner.train.adapters import LORA_WEIGHTS
+
+    if not family.lora_loader:
+        return read_peft_lora(folder, pipeline_class, family.denoiser_name())
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise UserError(f"{folder}: no {LORA_WEIGHTS}; it is not the output or a checkpoint of a {family.name} LoRA "
+                        "run, or a checkpoint saved before checkpoints kept the LoRA file")
+    return read_diffusers_lora(folder / LORA_WEIGHTS, pipeline_class)
 
 
 # name -> format; a new format is one entry here (its writer calls publish.metadata's entries too)
@@ -218,7 +233,7 @@ def export(source: ExportSource, fmt: str, destination: str | Path) -> list[Path
     if fmt != MERGED:
         check_lora_format(fmt, family)
         pipeline_class = read_model_index(cfg.pretrained_model_name_or_path, cfg.revision)["_class_name"]
-        lora = family.read_lora(source.folder, pipeline_class)
+        lora = read_family_lora(family, source.folder, pipeline_class)
         with staging(destination) as temp:  # every file is complete before it takes its name
             written = write_lora_files(family, lora, temp, [fmt])
             for entry in list(temp.iterdir()):
@@ -229,7 +244,7 @@ def export(source: ExportSource, fmt: str, destination: str | Path) -> list[Path
     from simpletuner.models.base import DTypePolicy
 
     components = family.load(cfg, DTypePolicy.for_training(cfg))
-    lora = family.read_lora(source.folder, components.pipeline_class)
+    lora = read_family_lora(family, source.folder, components.pipeline_class)
     if destination.exists():
         destination.rmdir()
     return [write_merged_pipeline(family, components, lora, destination)]
