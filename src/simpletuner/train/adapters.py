@@ -2,8 +2,9 @@
 
 `prepare_trainable` freezes what must not train and returns a `Trained`: the parameters for
 the optimiser, the module whose trainable parameters checkpoints hold, and how to export it.
-LoRA exports in diffusers' format (`pytorch_lora_weights.safetensors`, loaded by a pipeline's
-`load_lora_weights`); LyCORIS exports in LyCORIS's own format (loaded through `lycoris`).
+A LoRA leaves training as a `TrainedLora` (its weights in peft's names, its configuration), from
+which `simpletuner.publish` writes the LoRA files; `merge_lora` fuses one into a model. LyCORIS
+exports in LyCORIS's own format (loaded through `lycoris`).
 """
 
 from __future__ import annotations
@@ -190,9 +191,10 @@ def merge_lora(model: nn.Module, layers: Mapping[str, torch.Tensor], config: Map
     add_lora_adapter(model, lora)
     result = set_peft_model_state_dict(model, dict(layers), adapter_name="default")
     unexpected = [key for key in result.unexpected_keys if "lora_" in key]
-    if unexpected:
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if unexpected or missing:
         raise UserError(f"the LoRA does not fit {type(model).__name__}: {len(unexpected)} weights have no module, "
-                        f"e.g. {unexpected[0]}")
+                        f"{len(missing)} adapter weights are missing, e.g. {(unexpected or missing)[0]}")
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, BaseTunerLayer):
