@@ -236,7 +236,7 @@ def test_merged_pipeline_of_a_family_without_a_lora_loader(tmp_path, tiny_model)
     from diffusers import DiffusionPipeline
 
     from simpletuner.models.base import DTypePolicy
-    from simpletuner.publish.export import write_merged_pipeline
+    from simpletuner.publish.convert import write_merged_pipeline
 
     family = get_family("pixart_sigma")
     cfg = TrainingConfig(model_family="pixart_sigma", pretrained_model_name_or_path=str(tiny_model("pixart_sigma")),

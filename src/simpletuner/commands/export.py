@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simpletuner.publish.export import export, find_export_source
+    from simpletuner.publish.convert import export, find_export_source
 
     source = find_export_source(args.source)
     written = export(source, args.format, args.output)

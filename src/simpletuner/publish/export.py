@@ -8,18 +8,14 @@
   adapter folder, as its pipeline has no LoRA loader). Every checkpoint keeps the same file.
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
-- merged (the `export` command): the base pipeline with the LoRA fused into its weights.
+- merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
 With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 PIPELINE_FOLDER = "pipeline"
-MERGED = "merged"
 
 LoraWriter = Callable[["ModelFamily", "TrainedLora", Path], Path]
 
@@ -69,7 +64,8 @@ def read_family_lora(family: ModelFamily, folder: Path, pipeline_class: str) -> 
     return read_diffusers_lora(folder / LORA_WEIGHTS, pipeline_class)
 
 
-# name -> format; a new format is one entry here (its writer calls publish.metadata's entries too)
+# name -> format; a new format is one entry here (its writer puts lora.metadata, publish.metadata's
+# entries, in the file's header)
 LORA_FORMATS: dict[str, LoraFormat] = {
     "diffusers": LoraFormat("diffusers", "pytorch_lora_weights.safetensors for the pipeline's load_lora_weights "
                             "(PixArt: peft's adapter folder)", _write_family_lora),
@@ -149,102 +145,3 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
         write_lora_files(run.family, lora, folder)
 
     return write
-
-
-# ---------------------------------------------------------------------------- merged pipelines
-def write_merged_pipeline(family: ModelFamily, components: Components, lora: TrainedLora, folder: str | Path) -> Path:
-    """Fuse `lora` into the loaded base components and save the pipeline to `folder` (which must not exist
-    yet): written under a temporary name beside it, then renamed."""
-    from simpletuner.train.adapters import merge_lora
-
-    folder = Path(folder)
-    for component, layers in lora.layers.items():
-        merge_lora(components[component], layers, lora.configs[component])
-    with staging(folder.parent) as temp:
-        family.pipeline(components).save_pretrained(temp / folder.name, safe_serialization=True)
-        os.replace(temp / folder.name, folder)
-    return folder
-
-
-@contextmanager
-def staging(parent: Path) -> Iterator[Path]:
-    """A temporary folder inside `parent` (the same file system, so renames out of it are atomic),
-    removed afterwards with whatever is left in it."""
-    parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=parent))
-    try:
-        yield temp
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- the export command
-@dataclass(frozen=True)
-class ExportSource:
-    """A finished training output or one of its checkpoints, as the export command reads it."""
-
-    folder: Path  # where the run's LoRA files lie
-    kind: str  # "output" | "checkpoint"
-    config: Any  # the run's TrainingConfig
-    step: int
-
-
-def find_export_source(path: str | Path) -> ExportSource:
-    """The output or checkpoint at `path`, or a UserError saying what it is not."""
-    from simpletuner.config.schema import TrainingConfig
-    from simpletuner.train.checkpoint import is_complete, list_checkpoints, read_meta
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"{path}: no such folder; give a training output_dir or one of its checkpoints/step-N")
-    if is_complete(folder):
-        kind, checkpoint = "checkpoint", folder
-    elif list_checkpoints(folder):
-        kind, checkpoint = "output", list_checkpoints(folder)[-1]
-    else:
-        raise UserError(f"{path}: neither a training output (no complete checkpoints/step-N inside) nor a "
-                        "checkpoint (a step-N folder with meta.json)")
-    try:
-        config = TrainingConfig.model_validate(json.loads((checkpoint / "config.json").read_text()))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{checkpoint}: cannot read the run's configuration config.json: {error}") from error
-    if "lora" not in config.model_type or config.lora_type != "standard":
-        what = ("a full fine-tune: its model is the pipeline folder output_dir/pipeline"
-                if "lora" not in config.model_type else "a LyCORIS run: its file loads through lycoris")
-        raise UserError(f"{path} is {what}; export converts runs of standard LoRA (lora_type=standard)")
-    return ExportSource(folder, kind, config, int(read_meta(checkpoint)["step"]))
-
-
-def export_formats() -> list[str]:
-    """Every format the export command knows: the LoRA formats, and the merged pipeline."""
-    return [*LORA_FORMATS, MERGED]
-
-
-def export(source: ExportSource, fmt: str, destination: str | Path) -> list[Path]:
-    """Write `source`'s LoRA in format `fmt` (a LoRA format, or "merged") into `destination`."""
-    from simpletuner.models.base import read_model_index
-    from simpletuner.models.registry import get_family
-
-    cfg = source.config
-    family = get_family(cfg.model_family)
-    destination = Path(destination)
-    if fmt not in export_formats():
-        raise UserError(f"export format {fmt!r} does not exist; accepted: {', '.join(export_formats())}")
-    if fmt != MERGED:
-        check_lora_format(fmt, family)
-        pipeline_class = read_model_index(cfg.pretrained_model_name_or_path, cfg.revision)["_class_name"]
-        lora = read_family_lora(family, source.folder, pipeline_class)
-        with staging(destination) as temp:  # every file is complete before it takes its name
-            written = write_lora_files(family, lora, temp, [fmt])
-            for entry in list(temp.iterdir()):
-                os.replace(entry, destination / entry.name)
-            return [destination / path.relative_to(temp) for path in written]
-    if destination.exists() and any(destination.iterdir()):
-        raise UserError(f"{destination}: the folder exists and is not empty; a merged pipeline needs a new folder")
-    from simpletuner.models.base import DTypePolicy
-
-    components = family.load(cfg, DTypePolicy.for_training(cfg))
-    lora = read_family_lora(family, source.folder, components.pipeline_class)
-    if destination.exists():
-        destination.rmdir()
-    return [write_merged_pipeline(family, components, lora, destination)]
