@@ -98,6 +98,11 @@ def test_export_an_output_as_a_merged_pipeline(run, tmp_path):
     destination = tmp_path / "merged"
     assert main(["export", str(run["output"]), "--format", "merged", "--output", str(destination)]) == 0
     merged = DiffusionPipeline.from_pretrained(destination)
+    [weights] = list((destination / "unet").glob("*.safetensors"))
+    header = _header(weights)
+    assert header["modelspec.architecture"] == "stable-diffusion-v1" and header["simpletuner.steps"] == "4"
+    assert header["modelspec.trigger_phrase"] == "sks shape" and header["simpletuner.adapter"] == "lora (merged)"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     reference = _load_whole(run["model"], run["output"])
     reference.fuse_lora(components=["unet"], lora_scale=1.0)

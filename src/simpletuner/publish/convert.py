@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from simpletuner.errors import UserError
 from simpletuner.publish.export import LORA_FORMATS, check_lora_format, read_family_lora, write_lora_files
+from simpletuner.publish.metadata import merged_metadata
 
 if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
@@ -38,8 +39,24 @@ def write_merged_pipeline(family: ModelFamily, components: Components, lora: Tra
         merge_lora(components[component], layers, lora.configs[component])
     with staging(folder.parent) as temp:
         family.pipeline(components).save_pretrained(temp / folder.name, safe_serialization=True)
+        header = merged_metadata(lora.metadata)
+        for component in lora.layers:
+            for file in sorted((temp / folder.name / component).glob("*.safetensors")):
+                _add_metadata(file, header)
         os.replace(temp / folder.name, folder)
     return folder
+
+
+def _add_metadata(file: Path, metadata: dict[str, str]) -> None:
+    """Rewrite a safetensors file with `metadata` added to its header."""
+    from safetensors import safe_open
+
+    from simpletuner.publish.lora_files import save_file_atomic
+
+    with safe_open(str(file), framework="pt") as handle:
+        header = {**(handle.metadata() or {}), **metadata}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file_atomic(tensors, file, header)
 
 
 @contextmanager

@@ -103,9 +103,14 @@ def file_metadata(summary: TrainingSummary, *, date: datetime | None = None) -> 
     return {key: _text(value) for key, value in entries.items() if value is not None and value != ""}
 
 
-def with_steps(metadata: Mapping[str, str], steps: int) -> dict[str, str]:
-    """The same metadata for another step of the run (checkpoints)."""
-    return {**metadata, f"{SUMMARY_PREFIX}steps": str(steps)}
+def merged_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A LoRA's metadata for the base model's weights with that LoRA fused in: the base architecture
+    (no "/lora"), and the summary marked as merged."""
+    merged = {**metadata, f"{SUMMARY_PREFIX}adapter": "lora (merged)"}
+    architecture = merged.get("modelspec.architecture")
+    if architecture:
+        merged["modelspec.architecture"] = architecture.removesuffix("/lora")
+    return merged
 
 
 def _text(value: Any) -> str:
