@@ -251,10 +251,12 @@ def test_lora_on_the_transformer_trains_and_exports_in_peft_format(tiny, tmp_pat
         for parameter in trained.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
         ours = family.predict(components, latents, draw.timesteps, batch["text"], {})
-    written = family.save_lora(tmp_path / "lora", components, {"transformer": trained.model})
+    from simpletuner.publish.export import LORA_FORMATS
+    from simpletuner.train.adapters import TrainedLora
+
+    lora = TrainedLora.from_models(components.pipeline_class, {"transformer": trained.model})
+    written = LORA_FORMATS["diffusers"].write(family, lora, tmp_path / "lora")  # peft's folder: no LoRA loader
     assert written.name == "adapter_model.safetensors" and (tmp_path / "lora" / "adapter_config.json").is_file()
-    with pytest.raises(UserError, match="transformer's adapter only, not text_encoder"):
-        family.save_lora(tmp_path / "other", components, {"transformer": trained.model, "text_encoder": None})
 
     base = HunyuanDiT2DModel.from_pretrained(tiny["hunyuan_dit"], subfolder="transformer")
     peft_model = PeftModel.from_pretrained(base, tmp_path / "lora")

@@ -242,7 +242,8 @@ def test_pipeline_samples_two_steps_with_the_models_scheduler(tiny):
 def test_lora_export_loads_into_the_sd3_pipeline(tiny, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from simpletuner.train.adapters import apply_lora, save_lora_weights
+    from simpletuner.publish.lora_files import save_lora_weights
+    from simpletuner.train.adapters import apply_lora
 
     family, components, cfg = load(tiny["sd3"])
     transformer = apply_lora(components["transformer"], rank=4, target_modules=family.adapter_targets(cfg))

@@ -147,6 +147,12 @@ def test_lycoris_lokr_run_writes_a_file_lycoris_loads(tmp_path: Path, tiny_model
     assert main(["train", str(config)]) == 0
     weights = tmp_path / "output" / "pytorch_lora_weights.safetensors"
     assert any("lokr_w" in key for key in load_file(weights))
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lycoris" and header["simpletuner.steps"] == "2"
+    assert json.loads(header["lycoris_config"])["algo"] == "lokr"
     pipeline = DiffusionPipeline.from_pretrained(model)
     before = _sample(pipeline, 32)
     network, _ = create_lycoris_from_weights(1.0, str(weights), pipeline.unet)

@@ -148,6 +148,8 @@ class ModelFamily(ABC):
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
     t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
     skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
+    modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
+    lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -375,12 +377,9 @@ class ModelFamily(ABC):
         """The module that trains (the UNet or transformer)."""
         return components[self.denoiser_name()]
 
-    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
-        """Write trained LoRA adapters (component name -> model carrying a peft adapter) where the family's
-        pipeline loads them: diffusers' pytorch_lora_weights.safetensors, through its save_lora_weights."""
-        from simpletuner.train.adapters import save_lora_weights
-
-        return save_lora_weights(directory, components.pipeline_class, models)
+    def architecture(self, components: Components) -> str:
+        """The base model's id in Stability AI's model spec (modelspec.architecture)."""
+        return self.modelspec_architecture or self.name
 
     @abstractmethod
     def pipeline(self, components: Components) -> DiffusionPipeline:

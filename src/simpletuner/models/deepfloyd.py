@@ -79,6 +79,7 @@ class DeepFloydFamily(ModelFamily):
 
     name: ClassVar[str] = "deepfloyd"
     flavours: ClassVar[Flavours] = flavour_tables.DEEPFLOYD  # model_flavour -> Hub checkpoint
+    modelspec_architecture: ClassVar[str] = "deepfloyd-if"
     alignment: ClassVar[int] = 8
     native_resolution: ClassVar[int] = STAGE_RESOLUTION[1]
     default_prediction_type: ClassVar[str] = "epsilon"

@@ -119,6 +119,9 @@ class FluxFamily(FlowMatchingFamily):
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return cfg.flux_lora_target
 
+    def architecture(self, components: Components) -> str:
+        return "flux-1-dev" if _has_guidance(components["transformer"]) else "flux-1-schnell"
+
     def t5_max_length(self, cfg: TrainingConfig, modules: Mapping[str, Any]) -> int:
         return flux_text_length(cfg, modules.get("tokenizer_2"), _has_guidance(modules["transformer"]))
 

@@ -19,7 +19,6 @@ style the released checkpoints have. Rotary position embeddings come from diffus
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -29,7 +28,7 @@ from simpletuner.errors import UserError
 from simpletuner.models import flavours as flavour_tables
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
 from simpletuner.models.flavours import Flavours
-from simpletuner.models.pixart import PEFT_WEIGHTS, learned_variance_split
+from simpletuner.models.pixart import learned_variance_split
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
 
 if TYPE_CHECKING:
@@ -85,6 +84,8 @@ class HunyuanDiTFamily(ModelFamily):
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS  # attn1/attn2 and ff names
     lycoris_targets: ClassVar[tuple[str, ...]] = ("HunyuanDiTBlock",)
+    # HunyuanDiTPipeline has no diffusers LoRA loader (diffusers 0.42): its LoRA is saved in peft's format
+    lora_loader: ClassVar[bool] = False
     flavours: ClassVar[Flavours] = flavour_tables.HUNYUAN_DIT  # model_flavour -> Hub checkpoint
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
@@ -166,28 +167,6 @@ class HunyuanDiTFamily(ModelFamily):
             image_meta_size=meta_size, style=style, image_rotary_emb=rotary, return_dict=False,
         )[0]
         return learned_variance_split(prediction, noisy_latents.shape[1])
-
-    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
-        """The transformer's adapter in peft's format (adapter_config.json, adapter_model.safetensors).
-
-        HunyuanDiTPipeline has no diffusers LoRA loader (no LoraLoaderMixin) in diffusers 0.42; load it with
-        `pipe.transformer = peft.PeftModel.from_pretrained(pipe.transformer, directory)`.
-        """
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        unexpected = sorted(set(models) - {"transformer"})
-        if unexpected:
-            raise UserError(f"Hunyuan-DiT LoRA export takes the transformer's adapter only, not "
-                            f"{', '.join(unexpected)}")
-        model = models["transformer"]
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        model.peft_config["default"].save_pretrained(str(directory))
-        weights = {f"base_model.model.{key}": value.detach().contiguous()
-                   for key, value in get_peft_model_state_dict(model).items()}
-        save_file(weights, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
-        return directory / PEFT_WEIGHTS
 
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:

@@ -31,6 +31,7 @@ class KolorsFamily(SDXLFamily):
 
     name: ClassVar[str] = "kolors"
     flavours: ClassVar[Flavours] = flavour_tables.KOLORS  # model_flavour -> Hub checkpoint
+    modelspec_architecture: ClassVar[str] = "kolors"
     text_max_length: ClassVar[int] = 256
     pipeline_classes: ClassVar[tuple[str, ...]] = ("KolorsPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (

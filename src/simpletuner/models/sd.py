@@ -61,6 +61,13 @@ class StableDiffusionFamily(ModelFamily):
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
 
+    def architecture(self, components: Components) -> str:
+        """SD 1.x, or SD 2.x (a 1024-wide text encoder) at 768 px v-prediction or 512 px epsilon."""
+        if self.name != "sd2x" and components["unet"].config.cross_attention_dim != 1024:
+            return "stable-diffusion-v1"
+        v = components.settings["prediction_type"] == "v_prediction"
+        return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+
     @torch.no_grad()
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
         """{"prompt_embeds": [B, 77, D]}: the text encoder's last hidden state."""

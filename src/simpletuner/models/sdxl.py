@@ -65,9 +65,15 @@ class SDXLFamily(ModelFamily):
         ComponentSpec("scheduler", "diffusers:EulerDiscreteScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS
+    modelspec_architecture: ClassVar[str] = "stable-diffusion-xl-v1-base"
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
+
+    def architecture(self, components: Components) -> str:
+        if components.pipeline_class == "StableDiffusionXLImg2ImgPipeline":
+            return "stable-diffusion-xl-v1-refiner"
+        return self.modelspec_architecture
 
     def check_model_index(self, source: str, index: Mapping[str, Any]) -> None:
         super().check_model_index(source, index)
