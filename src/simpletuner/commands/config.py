@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.check import check_settings
-    from simpletuner.config.load import load_settings
+    from simpletuner.config.load import load_settings, problem_list
     from simpletuner.errors import ConfigError
 
     settings = load_settings(args.file, getattr(args, "overrides", []) or [])
@@ -32,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}")
     if report.problems:
-        count = f"{len(report.problems)} problems" if len(report.problems) > 1 else "a problem"
-        raise ConfigError(f"{count} in {args.file}:\n" + "\n".join(f"  - {p}" for p in report.problems))
+        raise ConfigError(problem_list(report.problems, args.file))
     print("configuration OK", file=sys.stderr)
     return 0

@@ -35,7 +35,8 @@ def trains_adapter(cfg: "TrainingConfig") -> bool:
 class StrictModel(BaseModel):
     """Base for every configuration model: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)  # inf and nan are never a setting: every float is finite
 
 
 class ParquetOptions(StrictModel):
@@ -88,7 +89,7 @@ class DatasetConfig(StrictModel):
         "to the file name. SimpleTuner silently trains on an empty caption; we never do."
     )
     parquet: ParquetOptions | None = Field(None, description="Metadata file options for parquet/jsonl/csv captions.")
-    resolution: float | None = Field(None, description="Target resolution; defaults to the training resolution. "
+    resolution: float | None = Field(None, gt=0, description="Target resolution; defaults to the training resolution. "
                                      "Pixels of the shorter side (pixel), megapixels (area), or pixels whose "
                                      "square gives the area (pixel_area).")
     resolution_type: ResolutionType | None = Field(None, description="How resolution is read; defaults to the "
