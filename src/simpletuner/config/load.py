@@ -59,8 +59,11 @@ class Settings:
 
 
 def problem_list(problems: list[str], subject: str) -> str:
-    """'N problems in SUBJECT:' and the first MAX_LISTED of them, one per line (the rest counted)."""
-    count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
+    """'SUBJECT: problem' on one line, or 'N problems in SUBJECT:' and the first MAX_LISTED of them, one per
+    line (the rest counted)."""
+    if len(problems) == 1:
+        return f"{subject}: {problems[0]}"
+    count = f"{len(problems)} problems"
     listed = [f"  - {p}" for p in problems[:MAX_LISTED]]
     if len(problems) > MAX_LISTED:
         listed.append(f"  ... and {len(problems) - MAX_LISTED} more")

@@ -90,6 +90,7 @@ def make_accelerator(settings: Settings) -> Accelerator:
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
+    from simpletuner.config.packages import check_packages
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
@@ -97,6 +98,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
 
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    check_packages(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
