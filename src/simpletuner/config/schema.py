@@ -273,6 +273,9 @@ class TrainingConfig(StrictModel):
     grad_clip_method: Literal["norm", "value"] = Field("norm", description="norm: scale the whole gradient to "
                                                        "max_grad_norm; value: clip each element. SimpleTuner "
                                                        "defaults to value; norm is the standard, better-tested one.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="An update whose loss or gradient norm is nan or inf is "
+                                     "skipped (and counted in metrics.jsonl); after this many in a row the run stops "
+                                     "with exit 2, exporting nothing.")
     train_batch_size: int = Field(1, ge=1, description="Samples per step per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser updates.")

@@ -4,11 +4,14 @@
   loads with `load_lora_weights(output_dir, weight_name="pytorch_lora_weights.safetensors")`.
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
-With EMA, the averaged weights are what is exported.
+With EMA, the averaged weights are what is exported. Everything is written into
+output_dir/.tmp-export/ first and moved into place when complete, so a failed export (a full
+disk) never leaves a half-written model under the final name.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,22 +24,31 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 PIPELINE_FOLDER = "pipeline"
+STAGING_FOLDER = ".tmp-export"
 
 
 def export_model(family: ModelFamily, components: Components, trained: Trained, cfg: Any,
                  ema: EMA | None = None) -> list[Path]:
     """Write the final weights into cfg.output_dir; returns the files or folders written."""
     output_dir = Path(cfg.output_dir)
+    staging = output_dir / STAGING_FOLDER
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that failed
+    staging.mkdir(parents=True)
     if ema is not None:
         ema.copy_to()
     if trained.kind == "lora":
-        written = family.save_lora(output_dir, components, {family.denoiser_name(): trained.model})
+        written = family.save_lora(staging, components, {family.denoiser_name(): trained.model})
     elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
 
-        written = save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config))
+        written = save_lycoris_weights(staging, trained.module, load_lycoris_config(cfg.lycoris_config))
     else:
-        written = output_dir / PIPELINE_FOLDER
+        written = staging / PIPELINE_FOLDER
         family.pipeline(components).save_pretrained(written, safe_serialization=True)
-    logger.info("exported %s", written)
-    return [written]
+    final = output_dir / Path(written).relative_to(staging)
+    if final.is_dir():
+        shutil.rmtree(final)  # the pipeline folder of an earlier export of this run
+    Path(written).replace(final)
+    shutil.rmtree(staging)
+    logger.info("exported %s", final)
+    return [final]

@@ -104,8 +104,9 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resumed_at = None
     if resume_from is not None:
-        check_compatible(resume_from, identity, accelerator.num_processes)
+        resumed_at = check_compatible(resume_from, identity, accelerator.num_processes)["step"]
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
@@ -114,7 +115,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator))
+                           Processes.from_accelerator(accelerator), resumed_at)
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -152,7 +153,7 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes) -> Run:
+                    resume_from: Path | None, processes: Processes, resumed_at: int | None = None) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
@@ -182,7 +183,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         ema = EMA(trained.parameters(), cfg.ema_decay, update_every=cfg.ema_update_interval or 1,
                   device="cpu" if cfg.ema_device == "cpu" else None)
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
-                           run_config=cfg.model_dump(mode="json"))
+                           run_config=cfg.model_dump(mode="json"), resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
                sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)
