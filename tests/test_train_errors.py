@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from train_helpers import write_run
 
+import simpletuner
 from simpletuner.cli import main
+from simpletuner.train.nonfinite import NonFiniteError, NonFiniteGuard, skips_on_device
 
 
 def _fails(capsys, config: Path, *overrides: str) -> str:
@@ -82,3 +91,112 @@ def test_options_of_features_not_built_yet_are_refused_not_ignored(tmp_path, tin
     assert main(["config", "check", str(config), *option]) == 2
     assert option[0].lstrip("-") in capsys.readouterr().err
     _nothing_written(tmp_path)
+
+
+# ---- non-finite updates ---------------------------------------------------------------------------------------
+def _rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_diverging_run_skips_non_finite_updates_stops_and_exports_nothing(tmp_path, tiny_model, capsys):
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", learning_rate=1e30, max_train_steps=12,
+                       max_nonfinite_steps=3, checkpointing_steps=2, disable_validation=True)
+    err = _fails(capsys, config)
+    assert err.strip().splitlines()[-1].startswith("error: training stopped at step")
+    assert "max_nonfinite_steps=3" in err and "nothing was exported" in err
+    output = tmp_path / "output"
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+    rows = _rows(output)
+    assert any(row.get("skipped") for row in rows) and rows[-1]["step"] < 12
+    for checkpoint in (output / "checkpoints").iterdir():  # every checkpoint holds finite weights
+        weights = load_file(str(checkpoint / "trained.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_guard_skips_a_non_finite_update_and_counts_it(fused):
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)
+    guard = NonFiniteGuard(limit=2, device="cpu")
+    assert skips_on_device(optimizer) is fused  # fused AdamW skips from a device flag, without a host read
+    weight.grad = torch.tensor([float("nan"), 1.0, 1.0])
+    guard.step(optimizer, guard.flag(torch.tensor(1.0), weight.grad.norm()))
+    assert torch.equal(weight.detach(), torch.ones(3))  # no update, and no moments taken from the nan
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in optimizer.state[weight].items() if k != "step")
+    guard.check(1)  # one in a row: below the limit
+    weight.grad = torch.ones(3)
+    guard.step(optimizer, guard.flag(torch.tensor(1.0), weight.grad.norm()))
+    assert not torch.equal(weight.detach(), torch.ones(3))  # a finite update steps
+    for _ in range(2):
+        weight.grad = torch.ones(3)
+        guard.step(optimizer, guard.flag(torch.tensor(float("inf")), weight.grad.norm()))
+    with pytest.raises(NonFiniteError, match="2 updates in a row"):
+        guard.check(4)
+
+
+# ---- one run per output_dir -----------------------------------------------------------------------------------
+def _train_process(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-m", "simpletuner", "train", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_dir_is_refused_and_a_stale_lock_is_replaced(tmp_path, tiny_model):
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=100000, checkpointing_steps=100000,
+                       disable_validation=True)
+    lock = tmp_path / "output" / ".simpletuner.lock"
+    first = _train_process(config)
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.exists() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = _train_process(config)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and "Traceback" not in err
+        assert f"is in use by another training run (pid {first.pid} on host" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        first.kill()  # as kill -9: the lock stays behind, naming a dead process
+        first.communicate()
+    assert json.loads(lock.read_text())["pid"] == first.pid
+    third = subprocess.run([sys.executable, "-m", "simpletuner", "train", str(config), "--max_train_steps", "2"],
+                           env={**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1]),
+                                "SIMPLETUNER_LOG_LEVEL": "INFO"}, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "removing a stale run lock" in third.stderr
+    assert not lock.exists()  # released at the end
+
+
+# ---- resumed runs log each step once, with the learning rate that step used -------------------------------------
+def _purge_steps(logs: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    return [event.step for file in sorted(logs.rglob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(file)).Load()
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_once_with_its_own_learning_rate(tmp_path, tiny_model, capsys, monkeypatch):
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=6, checkpointing_steps=2,
+                       logging_steps=3, validation_steps=3, lr_scheduler="constant_with_warmup", lr_warmup_steps=6,
+                       report_to="tensorboard")
+    assert main(["train", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "validating…" in err and "saving a checkpoint…" in err  # the bar says why it pauses
+    output = tmp_path / "output"
+    first = _rows(output)
+    assert [row["step"] for row in first] == [1, 2, 3, 4, 5, 6]
+    # warm-up: update n used 1e-3 * (n - 1) / 6, each its own value (not the window's last one for all)
+    assert [row["lr"] for row in first] == pytest.approx([1e-3 * n / 6 for n in range(6)])
+    monkeypatch.setenv("SIMPLETUNER_LOG_LEVEL", "INFO")
+    assert main(["train", str(config), "--resume_from_checkpoint", "step-000002"]) == 0
+    err = capsys.readouterr().err
+    assert "INFO simpletuner.train.trainer: resumed from" in err and "WARNING simpletuner.train.trainer" not in err
+    again = _rows(output)
+    assert [row["step"] for row in again] == [1, 2, 3, 4, 5, 6]  # steps 3-6 of the first run were dropped
+    assert [row["loss"] for row in again] == pytest.approx([row["loss"] for row in first])
+    assert _purge_steps(output / "logs") == [3]  # TensorBoard drops what the first run logged after step 2

@@ -67,25 +67,27 @@ def run_training(run: Run) -> TrainResult:
     result = TrainResult(Path(run.cfg.output_dir), run.total_steps)
     guard = NonFiniteGuard(run.cfg.max_nonfinite_steps, run.device)
     empty_text = {name: tensor.to(run.device) for name, tensor in run.data.empty_text().items()}
-    if step == 0 and run.validation is not None:
-        _validate(run, 0)
     bar = tqdm(total=run.total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=not run.accelerator.is_main_process)
+    if step == 0 and run.validation is not None:
+        _pause(bar, "validating the base model", lambda: _validate(run, 0))
     window = _Window()
-    while step < run.total_steps:
-        update = _update(run, step, empty_text, guard)
-        step += 1
-        window.add(step, update, run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps)
-        if step % run.cfg.logging_steps == 0 or step == run.total_steps:
-            result.losses.update(_log(run, window, bar))
-            guard.check(step, _advice(run))
-        bar.update(1)
-        if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
-            guard.check(step, _advice(run))
-            _pause(bar, "saving a checkpoint", lambda: _save_checkpoint(run, step))
-        if run.validation is not None and step % run.cfg.validation_steps == 0:
-            _pause(bar, "validating", lambda: _validate(run, step))
-    bar.close()
+    try:  # the bar is closed before an error is printed below it
+        while step < run.total_steps:
+            update = _update(run, step, empty_text, guard)
+            step += 1
+            window.add(step, update, run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps)
+            if step % run.cfg.logging_steps == 0 or step == run.total_steps:
+                result.losses.update(_log(run, window, bar))
+                guard.check(step, _advice(run))
+            bar.update(1)
+            if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
+                guard.check(step, _advice(run))
+                _pause(bar, "saving a checkpoint", lambda: _save_checkpoint(run, step))
+            if run.validation is not None and step % run.cfg.validation_steps == 0:
+                _pause(bar, "validating", lambda: _validate(run, step))
+    finally:
+        bar.close()
     guard.check(step, _advice(run))
     _save_checkpoint(run, step)
     result.outputs = _export(run)
