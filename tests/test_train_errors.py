@@ -200,3 +200,61 @@ def test_a_resumed_run_logs_each_step_once_with_its_own_learning_rate(tmp_path, 
     assert [row["step"] for row in again] == [1, 2, 3, 4, 5, 6]  # steps 3-6 of the first run were dropped
     assert [row["loss"] for row in again] == pytest.approx([row["loss"] for row in first])
     assert _purge_steps(output / "logs") == [3]  # TensorBoard drops what the first run logged after step 2
+
+
+# ---- a full disk while saving a checkpoint or exporting ---------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root: mount -t tmpfs); a real full disk, not a simulated error."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` until `leave` bytes are free."""
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    with filler.open("ab") as handle:
+        handle.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_keeps_the_checkpoint_and_resume_works(tmp_path, tiny_model, capsys,
+                                                                              small_disk):
+    output = small_disk / "output"
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", output_dir=str(output), max_train_steps=2,
+                       checkpointing_steps=2, disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    checkpoints = output / "checkpoints"
+    lora = output / "pytorch_lora_weights.safetensors"
+    exported = lora.read_bytes()
+    resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
+
+    filler = _fill(small_disk, leave=64 * 1024)  # less than a checkpoint (about 220 kB)
+    err = _fails(capsys, config, *resume)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write checkpoint step-000004") and "no space left on device" in line
+    assert "step-000002 is intact" in line
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"]  # nothing half-written stays
+    assert lora.read_bytes() == exported
+
+    filler.unlink()
+    filler = _fill(small_disk, leave=250 * 1024)  # room for the checkpoint, not for the export after it
+    err = _fails(capsys, config, *resume)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot export the model into {output}") and "final checkpoint is complete" in line
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"]
+    assert lora.read_bytes() == exported  # the earlier export is untouched, never half-overwritten
+
+    filler.unlink()
+    assert main(["train", str(config), *resume]) == 0
+    assert lora.read_bytes() != exported and not (output / ".tmp-export").exists()
