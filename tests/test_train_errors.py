@@ -258,3 +258,21 @@ def test_a_full_disk_stops_with_one_line_keeps_the_checkpoint_and_resume_works(t
     filler.unlink()
     assert main(["train", str(config), *resume]) == 0
     assert lora.read_bytes() != exported and not (output / ".tmp-export").exists()
+
+
+# ---- a Hub model id that cannot be fetched ---------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_id_without_network_says_how_to_train_offline(tmp_path, tiny_model, offline):
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", pretrained_model_name_or_path="someorg/somemodel")
+    env = {**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1]), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: as a machine without network
+    env.pop("SIMPLETUNER_LOG_LEVEL", None)
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run([sys.executable, "-m", "simpletuner", "train", str(config)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # the hub's retry chatter stays quiet
+    assert "'someorg/somemodel'" in result.stderr and "local folder" in result.stderr
+    assert ("HF_HUB_OFFLINE is set" if offline else "set HF_HUB_OFFLINE=1") in result.stderr
