@@ -26,6 +26,14 @@ ROWS = [
      "expect": "learning_rate: inf is not accepted"},
     {"name": "nan_learning_rate", "options": {"learning_rate": float("nan")},
      "expect": "learning_rate: nan is not accepted"},
+    {"name": "infinite_learning_rate_in_toml",
+     "raw": ("config.toml", 'model_family = "sdxl"\npretrained_model_name_or_path = "a/b"\n'
+                            'data_backend_config = "multidatabackend.json"\nlearning_rate = inf\n'),
+     "expect": "learning_rate: inf is not accepted"},
+    {"name": "infinite_learning_rate_in_config_env",
+     "raw": ("config.env", "export MODEL_FAMILY=sdxl\nexport MODEL_NAME=a/b\n"
+                           "export DATALOADER_CONFIG=multidatabackend.json\nexport LEARNING_RATE=Infinity\n"),
+     "expect": "learning_rate: 'Infinity' is not accepted"},
     {"name": "infinite_float_on_the_command_line", "overrides": ["--adam_beta2", "-inf"],
      "expect": "must be a finite number"},
     {"name": "nan_in_a_dataset", "datasets": [{**GOOD_DATASETS[0], "probability": float("nan")}, GOOD_DATASETS[1]],
