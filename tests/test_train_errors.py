@@ -134,6 +134,27 @@ def test_the_guard_skips_a_non_finite_update_and_counts_it(fused):
         guard.check(4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_guard_with_fused_adamw_on_cuda_never_waits_for_the_host():
+    weight = torch.nn.Parameter(torch.ones(1024, device="cuda"))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    guard = NonFiniteGuard(limit=3, device="cuda")
+    losses = [torch.tensor(v, device="cuda") for v in (1.0, float("nan"), 1.0)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation below raises
+    try:
+        for loss in losses:
+            weight.grad = torch.ones_like(weight) * loss
+            guard.step(optimizer, guard.flag(loss, weight.grad.norm()))
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(optimizer.state[weight]["step"]) == 2  # the nan update was skipped on the device
+    assert torch.isfinite(weight).all()
+    guard.check(3)
+
+
 # ---- one run per output_dir -----------------------------------------------------------------------------------
 def _train_process(config: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1])}
