@@ -13,6 +13,7 @@ update, so every checkpoint holds finite weights and nothing non-finite is expor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,7 +59,7 @@ class NonFiniteGuard:
         self.streak = (self.streak + 1) * bad.to(self.streak.device, torch.int64)
         self.worst = torch.maximum(self.worst, self.streak)
 
-    def check(self, step: int, advice: str = "") -> None:
+    def check(self, step: int, advice: Callable[[], str] | None = None) -> None:
         """Read the count (a host synchronisation); raise NonFiniteError after `limit` non-finite updates in a row."""
         worst = int(self.worst)
         self.worst = self.streak.clone()
@@ -66,4 +67,4 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"training stopped at step {step}: the loss or the gradient norm was nan or inf on {worst} updates "
                 f"in a row (max_nonfinite_steps={self.limit}); those updates were skipped, so the weights are the "
-                f"last finite ones, and nothing was exported{advice}")
+                f"last finite ones, and nothing was exported{advice() if advice else ''}")

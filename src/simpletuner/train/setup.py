@@ -104,7 +104,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-    resumed_at = None
+    resumed_at = 0
     if resume_from is not None:
         resumed_at = check_compatible(resume_from, identity, accelerator.num_processes)["step"]
     if cfg.seed is not None:
@@ -153,7 +153,7 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes, resumed_at: int | None = None) -> Run:
+                    resume_from: Path | None, processes: Processes, resumed_at: int = 0) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA

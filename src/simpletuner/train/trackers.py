@@ -97,8 +97,9 @@ def open_tracker(cfg: Any, *, is_main_process: bool = True, run_config: Mapping[
     """Start the tracker `cfg.report_to` names, logging under output_dir/logging_dir.
 
     `run_config` (JSON values, e.g. the configuration) is recorded with the run. `resumed_at`: the
-    checkpoint's step of a resumed run; TensorBoard then purges what the interrupted run logged after
-    it (purge_step). Weights & Biases cannot rewrite its history: it ignores steps already logged.
+    step this run starts from (a checkpoint's, or 0); TensorBoard then purges what an interrupted or
+    earlier run logged in the same folder after it (purge_step). Weights & Biases cannot rewrite its
+    history: it ignores steps already logged.
     """
     backend_name = choose_backend(cfg.report_to)
     if backend_name is None or not is_main_process:
@@ -112,8 +113,7 @@ def open_tracker(cfg: Any, *, is_main_process: bool = True, run_config: Mapping[
     logging_dir.mkdir(parents=True, exist_ok=True)
     run_name = cfg.tracker_run_name or cfg.tracker_project_name
     if backend_name == "tensorboard":
-        options = {"purge_step": resumed_at + 1} if resumed_at else {}
-        backend = TensorBoardTracker(run_name, logging_dir, **options)
+        backend = TensorBoardTracker(run_name, logging_dir, purge_step=(resumed_at or 0) + 1)
         backend.start()
         if run_config:
             backend.writer.add_text("config", f"```\n{json.dumps(dict(run_config), indent=2, default=str)}\n```")

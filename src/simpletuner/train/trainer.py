@@ -62,7 +62,7 @@ def run_training(run: Run) -> TrainResult:
     from simpletuner.train.nonfinite import NonFiniteGuard
 
     step = _resume(run)
-    if step > 0 and run.accelerator.is_main_process:
+    if run.accelerator.is_main_process:  # metrics.jsonl describes this run: nothing after its first step
         _truncate_metrics(Path(run.cfg.output_dir) / "metrics.jsonl", step)
     result = TrainResult(Path(run.cfg.output_dir), run.total_steps)
     guard = NonFiniteGuard(run.cfg.max_nonfinite_steps, run.device)
@@ -79,16 +79,16 @@ def run_training(run: Run) -> TrainResult:
             window.add(step, update, run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps)
             if step % run.cfg.logging_steps == 0 or step == run.total_steps:
                 result.losses.update(_log(run, window, bar))
-                guard.check(step, _advice(run))
+                guard.check(step, lambda: _advice(run))
             bar.update(1)
             if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
-                guard.check(step, _advice(run))
+                guard.check(step, lambda: _advice(run))
                 _pause(bar, "saving a checkpoint", lambda: _save_checkpoint(run, step))
             if run.validation is not None and step % run.cfg.validation_steps == 0:
                 _pause(bar, "validating", lambda: _validate(run, step))
     finally:
         bar.close()
-    guard.check(step, _advice(run))
+    guard.check(step, lambda: _advice(run))
     _save_checkpoint(run, step)
     result.outputs = _export(run)
     return result
@@ -111,14 +111,21 @@ def _advice(run: Run) -> str:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the rows after `step` (logged by the run that was interrupted), so a resumed run does not repeat them."""
+    """Drop the rows after `step` (logged by an interrupted or earlier run), so this run does not repeat them."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in path.read_text().splitlines(keepends=True) if _row_step(line) <= step]
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(kept))
     temporary.replace(path)
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; infinity for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 # ------------------------------------------------------------------ one update
