@@ -299,3 +299,18 @@ def test_a_hub_id_without_network_says_how_to_train_offline(tmp_path, tiny_model
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # the hub's retry chatter stays quiet
     assert "'someorg/somemodel'" in result.stderr and "local folder" in result.stderr
     assert ("HF_HUB_OFFLINE is set" if offline else "set HF_HUB_OFFLINE=1") in result.stderr
+
+
+def test_train_refuses_a_missing_optional_package_before_any_long_work(tmp_path, tiny_model):
+    (tmp_path / "lycoris.json").write_text('{"algo": "lokr", "multiplier": 1.0, "linear_dim": 4}')
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", lora_type="lycoris",
+                       lycoris_config=str(tmp_path / "lycoris.json"))
+    code = ("import sys\nsys.modules['lycoris'] = None  # as if lycoris-lora were not installed\n"
+            f"from simpletuner.cli import main\nraise SystemExit(main(['train', {str(config)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1])})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: lora_type='lycoris' needs the 'lycoris' package, which is not "
+                                     "installed: `pip install lycoris-lora`")
+    assert not (tmp_path / "cache").exists()  # nothing was scanned or cached
+    _nothing_written(tmp_path)
