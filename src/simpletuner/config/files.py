@@ -89,7 +89,7 @@ def _check_depth(data: Any, path: Path) -> Any:
         if depth > MAX_DEPTH:
             raise ConfigError(f"{path}: values nest more than {MAX_DEPTH} levels deep; a configuration holds "
                               "options, lists and small tables")
-        children = value.values() if type(value) is dict else value
+        children = value.values() if type(value) is dict else value if type(value) is list else ()
         stack.extend([(child, depth + 1) for child in children if type(child) is dict or type(child) is list])
     return data
 

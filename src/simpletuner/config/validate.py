@@ -248,6 +248,6 @@ def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str]
 
 def _huge_numbers(instance: BaseModel, sources: dict[str, str], origin: str) -> list[str]:
     """Whole numbers beyond 64 bits (pydantic takes any size; torch and the loop cannot)."""
-    return [f"{key}: a number of {len(str(abs(value)))} digits is out of range (from {_where(sources, key, origin)}); "
-            f"whole numbers go up to {_INT64}"
+    return [f"{key}: a number of {value.bit_length()} bits is out of range (from {_where(sources, key, origin)}); "
+            f"whole numbers go up to {_INT64} (63 bits)"
             for key, value in instance if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64]
