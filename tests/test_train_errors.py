@@ -314,3 +314,33 @@ def test_train_refuses_a_missing_optional_package_before_any_long_work(tmp_path,
                                      "installed: `pip install lycoris-lora`")
     assert not (tmp_path / "cache").exists()  # nothing was scanned or cached
     _nothing_written(tmp_path)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
+
+    return apply
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_while_saving_a_checkpoint_is_one_line_and_resume_works(tmp_path, tiny_model, capsys):
+    """Without root (no tmpfs), the same boundary through RLIMIT_FSIZE: the optimiser state (about 130 kB)
+    cannot be written, everything else of the resumed run can."""
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=2, checkpointing_steps=2,
+                       disable_validation=True, report_to="none")
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1])}
+    limited = subprocess.run([sys.executable, "-m", "simpletuner", "train", str(config), *resume], env=env,
+                             capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(100_000))
+    assert limited.returncode == 2 and "Traceback" not in limited.stderr
+    line = limited.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: cannot write checkpoint step-000004") and "step-000002 is intact" in line
+    checkpoints = tmp_path / "output" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step-000002"]
+    assert main(["train", str(config), *resume]) == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"]

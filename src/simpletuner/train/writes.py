@@ -1,8 +1,8 @@
 """Write failures at the run's output boundary (checkpoints, export) as one line a person can act on.
 
 A full disk shows up as OSError 28 from Python, as a SafetensorError ("No space left on
-device") from safetensors, or as a RuntimeError from torch's zip writer ("file write
-failed", no errno). All three, and any other OSError (quota, read-only folder, file too
+device") from safetensors, or as a RuntimeError from torch's zip writer (inline_container:
+"file write failed" or "unexpected pos", no errno). All three, and any other OSError (quota, read-only folder, file too
 large), become a UserError that says what could not be written, why, how much space is
 left, and what is still intact. Other RuntimeErrors are bugs and pass through.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from simpletuner.errors import UserError
 
-_WRITE_WORDS = ("write", "space", "file")
+_WRITE_WORDS = ("write", "space", "file", "inline_container", "pytorchstreamwriter")
 
 
 def _free_text(folder: Path) -> str:
@@ -41,7 +41,8 @@ def _reason(error: BaseException) -> str | None:
         return "no space left on device"
     if type(error).__name__ == "SafetensorError" or (
             isinstance(error, RuntimeError) and any(word in text.lower() for word in _WRITE_WORDS)):
-        return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return f"a file could not be written ({first})"
     return None
 
 
