@@ -1,5 +1,9 @@
 """The non-finite guard: an update whose loss or gradient norm is nan or inf is skipped and counted.
 
+With fp16 mixed precision, accelerate's GradScaler already skips updates whose gradients overflow
+(a normal event while it finds its scale); the guard leaves those to it and counts only a non-finite
+loss.
+
 Cost. With fused Adam/AdamW (the default on CUDA) the skip happens on the device: the optimiser
 gets the flag as `found_inf`, the mechanism torch's GradScaler uses, and its kernel leaves
 weights and moments untouched, so the step still never waits for the host. Any other
@@ -41,19 +45,24 @@ class NonFiniteGuard:
         self.worst = torch.zeros((), dtype=torch.int64, device=device)  # the longest run since the last read
 
     @staticmethod
-    def flag(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
-        """True (a device tensor) when the loss or the gradient norm is nan or inf."""
-        return ~(torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device)))
+    def flag(loss: torch.Tensor, grad_norm: torch.Tensor, gradients: bool = True) -> torch.Tensor:
+        """True (a device tensor) when the loss, or (with `gradients`) the gradient norm, is nan or inf."""
+        bad = ~torch.isfinite(loss)
+        return bad | ~torch.isfinite(grad_norm.to(loss.device)) if gradients else bad
 
     def step(self, optimizer: Any, bad: torch.Tensor) -> None:
         """`optimizer.step()` unless `bad`; the caller zeroes the gradients either way."""
         inner = getattr(optimizer, "optimizer", optimizer)
-        if skips_on_device(inner):
+        if getattr(optimizer, "scaler", None) is not None:
+            optimizer.step()  # fp16: accelerate's GradScaler finds non-finite gradients and skips by itself
+        elif skips_on_device(inner):
             inner.grad_scale, inner.found_inf = None, bad.to(torch.float32)
             try:
                 optimizer.step()
             finally:
-                del inner.grad_scale, inner.found_inf
+                for name in ("grad_scale", "found_inf"):
+                    if name in vars(inner):
+                        delattr(inner, name)
         elif not bool(bad):  # the host read: this optimiser cannot skip an update by itself
             optimizer.step()
         self.streak = (self.streak + 1) * bad.to(self.streak.device, torch.int64)

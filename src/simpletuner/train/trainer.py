@@ -158,7 +158,8 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
         total += loss.detach() / accumulation
     _all_reduce_gradients(run)
     grad_norm = _clip(run)
-    skipped = _agree(run, guard.flag(total, grad_norm))
+    # with fp16, overflowing gradients are the GradScaler's to skip (see nonfinite.py)
+    skipped = _agree(run, guard.flag(total, grad_norm, gradients=run.accelerator.scaler is None))
     learning_rate = run.lr_scheduler.get_last_lr()[0]
     guard.step(run.optimizer, skipped)
     run.lr_scheduler.step()
