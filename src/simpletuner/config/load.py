@@ -17,7 +17,6 @@ folders stay as written: relative to the working directory, as in SimpleTuner.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
