@@ -108,6 +108,8 @@ def test_a_diverging_run_skips_non_finite_updates_stops_and_exports_nothing(tmp_
     assert not (output / "pytorch_lora_weights.safetensors").exists()
     rows = _rows(output)
     assert any(row.get("skipped") for row in rows) and rows[-1]["step"] < 12
+    text = (output / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: a non-finite value is null
     for checkpoint in (output / "checkpoints").iterdir():  # every checkpoint holds finite weights
         weights = load_file(str(checkpoint / "trained.safetensors"))
         assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint

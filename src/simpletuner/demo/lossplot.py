@@ -21,7 +21,8 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 28, 40
 def read_losses(metrics: Path) -> list[tuple[int, float]]:
     """(step, loss) of every finite row of a metrics.jsonl."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [(row["step"], row["loss"]) for row in rows if math.isfinite(row.get("loss", math.nan))]
+    return [(row["step"], row["loss"]) for row in rows
+            if isinstance(row.get("loss"), (int, float)) and math.isfinite(row["loss"])]
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

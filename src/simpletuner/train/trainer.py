@@ -13,6 +13,7 @@ output_dir (`runlock.py`).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -296,14 +297,19 @@ def _log(run: Run, window: _Window, bar: Any) -> dict[int, float]:
 
 def _append_metrics(run: Run, steps: list[int], losses: list[float], norms: list[float], rates: list[float],
                     skipped: list[bool]) -> None:
-    """One row per step: its loss, grad norm, the learning rate its update used, and whether it was skipped."""
+    """One row per step: its loss, grad norm, the learning rate its update used, and whether it was skipped
+    (strict JSON: a nan or inf loss or grad norm is written as null)."""
     path = Path(run.cfg.output_dir) / "metrics.jsonl"
     with path.open("a") as handle:
         for step, loss, norm, lr, skip in zip(steps, losses, norms, rates, skipped):
-            row = {"step": step, "loss": loss, "grad_norm": norm, "lr": lr}
+            row = {"step": step, "loss": _finite(loss), "grad_norm": _finite(norm), "lr": lr}
             if skip:
                 row["skipped"] = True  # not finite: the optimiser did not step
             handle.write(json.dumps(row) + "\n")
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------ checkpoints, validation, export
