@@ -45,10 +45,17 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
     else:
         written = staging / PIPELINE_FOLDER
         family.pipeline(components).save_pretrained(written, safe_serialization=True)
+    _move_into(staging, output_dir)  # every file the format wrote (peft writes a config beside the weights)
     final = output_dir / Path(written).relative_to(staging)
-    if final.is_dir():
-        shutil.rmtree(final)  # the pipeline folder of an earlier export of this run
-    Path(written).replace(final)
-    shutil.rmtree(staging)
     logger.info("exported %s", final)
     return [final]
+
+
+def _move_into(staging: Path, output_dir: Path) -> None:
+    """Move each complete entry of `staging` into `output_dir`, replacing an earlier export's; remove `staging`."""
+    for entry in sorted(staging.iterdir()):
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)  # the pipeline folder of an earlier export
+        entry.replace(target)
+    staging.rmdir()
