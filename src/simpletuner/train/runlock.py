@@ -4,8 +4,8 @@
 when a run starts and removed when it ends. A second run on the same folder is refused
 with a message naming the owner. A lock left by a run that died (kill -9, power loss) is
 stale when its host is this host and its pid is no longer alive: it is replaced with a
-warning. A lock from another host cannot be checked from here; the message says which file
-to delete once that run is known to be gone.
+warning. A lock from another host cannot be checked from here, nor one whose pid was reused by
+another process since; the message says which file to delete once that run is known to be gone.
 """
 
 from __future__ import annotations
