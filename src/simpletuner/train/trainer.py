@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from simpletuner.log import LOOP_LOGGER, get_logger
+from simpletuner.train.events import NoEvents, TrainingEvents
 
 if TYPE_CHECKING:
     from simpletuner.config.load import Settings
@@ -36,28 +37,38 @@ class TrainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
-def train(settings: Settings) -> TrainResult:
-    """Train as `settings` says; returns where the results are."""
+def train(settings: Settings, events: TrainingEvents | None = None) -> TrainResult:
+    """Train as `settings` says, telling `events` (on the main process) what happens; returns where the
+    results are."""
     from simpletuner.train.setup import build_run, make_accelerator
 
     accelerator = make_accelerator(settings)
-    run = build_run(settings, accelerator)
+    events = events if events is not None and accelerator.is_main_process else NoEvents()
     try:
-        return run_training(run)
+        run = build_run(settings, accelerator)
+        try:
+            return run_training(run, events)
+        finally:
+            run.tracker.finish()
+            run.data.close()
+    except BaseException as error:
+        events.on_error(str(error) or type(error).__name__)
+        raise
     finally:
-        run.tracker.finish()
-        run.data.close()
+        events.close()
 
 
-def run_training(run: Run) -> TrainResult:
+def run_training(run: Run, events: TrainingEvents | None = None) -> TrainResult:
     """Resume if asked, then train to run.total_steps, checkpoint, validate and export."""
     from tqdm.auto import tqdm
 
+    events = events or NoEvents()
     step = _resume(run)
     result = TrainResult(Path(run.cfg.output_dir), run.total_steps)
     empty_text = {name: tensor.to(run.device) for name, tensor in run.data.empty_text().items()}
+    events.on_start(run, step)
     if step == 0 and run.validation is not None:
-        _validate(run, 0)
+        events.on_validation(0, _validate(run, 0))
     bar = tqdm(total=run.total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=not run.accelerator.is_main_process)
     window = _Window()
@@ -67,14 +78,16 @@ def run_training(run: Run) -> TrainResult:
         window.add(step, loss, grad_norm, wait, run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps)
         if step % run.cfg.logging_steps == 0 or step == run.total_steps:
             result.losses.update(_log(run, window, bar))
+            events.on_progress(step, window.summary)
         bar.update(1)
         if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
-            _save_checkpoint(run, step)
+            events.on_checkpoint(step, _save_checkpoint(run, step))
         if run.validation is not None and step % run.cfg.validation_steps == 0:
-            _validate(run, step)
+            events.on_validation(step, _validate(run, step))
     bar.close()
-    _save_checkpoint(run, step)
+    events.on_checkpoint(step, _save_checkpoint(run, step))
     result.outputs = _export(run, step)
+    events.on_finish(step, result.outputs)
     return result
 
 
@@ -173,6 +186,7 @@ class _Window:
     wait: float = 0.0
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
+    summary: dict[str, float] = field(default_factory=dict)  # the last logging step's figures, for events
 
     def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, wait: float, samples: int) -> None:
         self.steps.append(step)
@@ -207,6 +221,8 @@ def _log(run: Run, window: _Window, bar: Any) -> dict[int, float]:
     loop_logger.debug("steps %s: %.2f samples/s, %.3f s waiting for data", window.steps, samples_per_second,
                       window.wait)
     logged = dict(zip(window.steps, losses))
+    window.summary = {"loss": losses[-1], "lr": learning_rate, "grad_norm": norms[-1],
+                      "samples_per_second": samples_per_second, "data_wait_seconds": window.wait}
     window.reset()
     return logged
 
@@ -248,21 +264,23 @@ def _resume(run: Run) -> int:
     return progress.step
 
 
-def _validate(run: Run, step: int) -> None:
+def _validate(run: Run, step: int) -> list[Path]:
     from simpletuner.train.optim import set_train_mode
     from simpletuner.validate import run_validation
 
+    images: list[Path] = []
     if run.accelerator.is_main_process:
         denoiser = run.family.denoiser(run.components)
         set_train_mode(run.optimizer, False)
         denoiser.eval()
         try:
-            run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
+            images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
                            _init_images(run))
         finally:
             denoiser.train()
             set_train_mode(run.optimizer, True)
     run.accelerator.wait_for_everyone()
+    return images
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
