@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from simpletuner.train.setup import Run
 
 REPORT_FILE = "report.html"
-_IMAGE_NAME = re.compile(r"^(?P<column>.+)-(?P<i>\d+)\.png$")
+_IMAGE_NAME = re.compile(r"^(?P<column>(?P<name>.+)-\d+x\d+)-(?P<i>\d+)\.png$")  # as validate.py names them
 
 
 def dataset_summaries(run: Run) -> list[DatasetSummary]:
@@ -55,6 +55,7 @@ class RunReport(NoEvents):
         self.samples_per_second: list[float] = []
         self.data_wait = 0.0
         self.scan_report = ""
+        self.prompts: dict[str, str] = {}  # validation prompt name -> prompt
 
     def on_start(self, run: Run, step: int) -> None:
         cfg = run.cfg
@@ -68,8 +69,8 @@ class RunReport(NoEvents):
         if run.trained.kind == "lora":
             facts.insert(2, ("rank / alpha", f"{cfg.lora_rank} / {cfg.lora_alpha or cfg.lora_rank}"))
         self.page = PageData(cfg.tracker_run_name or Path(cfg.output_dir).name, "training", step, run.total_steps,
-                             facts, datasets=dataset_summaries(run),
-                             prompts=dict(run.validation.prompts) if run.validation else {})
+                             facts, datasets=dataset_summaries(run))
+        self.prompts = dict(run.validation.prompts) if run.validation else {}
         self._write()
 
     def on_progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -87,8 +88,10 @@ class RunReport(NoEvents):
         row = self.page.images.setdefault(step, {})
         for image in images:
             match = _IMAGE_NAME.match(image.name)
-            column = match.group("column") + (f" #{match.group('i')}" if match and match.group("i") != "0" else "") \
-                if match else image.stem
+            column = image.stem
+            if match:
+                column = match.group("column") + (f" #{match.group('i')}" if match.group("i") != "0" else "")
+                self.page.prompts[column] = self.prompts.get(match.group("name"), "")
             row[column] = image.relative_to(self.output_dir).as_posix()
         self._write()
 

@@ -65,7 +65,10 @@ def line_chart(points: Sequence[tuple[int, float]], title: str, width: int = 480
     left, right, top, bottom = 60, width - 10, 10, height - 30
     xs, ys = [x for x, _ in finite], [y for _, y in finite]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-12
+    y0, y1 = min(ys), max(ys)
+    if y1 == y0:  # a flat line sits in the middle
+        margin = abs(y0) * 0.5 or 1.0
+        y0, y1 = y0 - margin, y1 + margin
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (right - left)
     def sy(y: float) -> float:
