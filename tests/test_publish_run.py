@@ -196,3 +196,21 @@ def _screenshot_shows_the_images(page: Path, tmp_path: Path) -> None:
     shown = {tuple(int(c) // 32 for c in pixel) for pixel in pixels.reshape(-1, 3)[::3]}
     assert len(colours & shown) >= max(3, len(colours) // 4), "the screenshot does not show the validation images"
     shutil.copy(shot, page.parent.parent / "report-screenshot.png")
+
+
+def test_the_cards_diffusers_code_loads_this_output(published, tmp_path: Path, monkeypatch) -> None:
+    import re
+
+    text = (published["output"] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    # the same code, pointed at the local copies, on the CPU, in float32, with 2 steps
+    code = (code.replace("'base-model'", repr(str(published["root"] / "base-model")))
+            .replace("'me/tiny-lora'", repr(str(published["output"]))).replace("torch.bfloat16", "torch.float32")
+            .replace(".to('cuda')", ".to('cpu')")
+            .replace("pipeline('a red circle on a blue background')",
+                     "pipeline('a red circle on a blue background', num_inference_steps=2, height=32, width=32)"))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "card", "exec"), namespace)
+    assert (tmp_path / "output.png").is_file()
+    assert namespace["pipeline"].get_active_adapters(), "the card's code loaded no LoRA"

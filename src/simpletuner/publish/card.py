@@ -201,18 +201,18 @@ def _diffusers_section(info: CardInfo) -> str:
     if info.output_kind == "full":
         folder = source if info.hub_model_id else f"{source}/pipeline"
         code = (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
-                f"pipeline = DiffusionPipeline.from_pretrained({folder!r}, torch_dtype=torch.bfloat16)\n")
+                f"pipeline = DiffusionPipeline.from_pretrained({folder!r}, dtype=torch.bfloat16)\n")
     elif info.output_kind == "lora":
-        code = (head + f"pipeline = {cls}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)\n"
+        code = (head + f"pipeline = {cls}.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
                 f"pipeline.load_lora_weights({source!r}, weight_name={info.output_files[0]!r})\n")
     elif info.output_kind == "peft":
         code = (head + "from peft import PeftModel\n\n"
-                f"pipeline = {cls}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)\n"
+                f"pipeline = {cls}.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
                 f"pipeline.transformer = PeftModel.from_pretrained(pipeline.transformer, {source!r})\n")
     else:
         weights = info.output_files[0] if info.output_files else "pytorch_lora_weights.safetensors"
         code = (head + "from huggingface_hub import hf_hub_download\nfrom lycoris import create_lycoris_from_weights\n\n"
-                f"pipeline = {cls}.from_pretrained({base!r}, torch_dtype=torch.bfloat16)\n"
+                f"pipeline = {cls}.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
                 + (f"weights = hf_hub_download({source!r}, {weights!r})\n" if info.hub_model_id
                    else f"weights = {source + '/' + weights!r}\n")
                 + "denoiser = getattr(pipeline, 'transformer', None) or pipeline.unet\n"
