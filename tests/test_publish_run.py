@@ -215,3 +215,31 @@ def test_the_cards_diffusers_code_loads_this_output(published, tmp_path: Path, m
     exec(compile(code, "card", "exec"), namespace)
     assert (tmp_path / "output.png").is_file()
     assert namespace["pipeline"].get_active_adapters(), "the card's code loaded no LoRA"
+
+
+@pytest.mark.parametrize("kind", ["full", "lycoris"])
+def test_the_cards_code_loads_full_and_lycoris_outputs(tmp_path: Path, tiny_model, monkeypatch, kind: str) -> None:
+    import re
+
+    options: dict = {"model_type": "full", "learning_rate": 1e-4} if kind == "full" else {}
+    if kind == "lycoris":
+        lycoris = tmp_path / "lokr.json"
+        lycoris.write_text(json.dumps({"algo": "lokr", "factor": 4, "linear_dim": 10000, "linear_alpha": 1}))
+        options = {"lora_type": "lycoris", "lycoris_config": str(lycoris), "init_lokr_norm": 1e-3}
+    model = tiny_model("sd1x")
+    config = write_run(tmp_path, model, "sd1x", max_train_steps=2, checkpointing_steps=10, validation_steps=2,
+                       **options)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    text = (output / "README.md").read_text()
+    assert (f"- {kind}" in text) and ("ComfyUI" not in text)
+    assert (output / "report.html").is_file() and "finished: step 2 of 2" in (output / "report.html").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = (code.replace("'path/to/output", repr(str(output))[:-1]).replace(f"from_pretrained('{model.name}'",
+                                                                           f"from_pretrained({str(model)!r}")
+            .replace("torch.bfloat16", "torch.float32").replace(".to('cuda')", ".to('cpu')")
+            .replace("pipeline('a red circle on a blue background')",
+                     "pipeline('a red circle on a blue background', num_inference_steps=2, height=32, width=32)"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "card", "exec"), {})
+    assert (tmp_path / "output.png").is_file()
