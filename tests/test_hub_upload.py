@@ -72,7 +72,8 @@ def test_a_server_error_is_retried_then_reported_and_the_local_files_stay(tmp_pa
         uploader.close()
     creates = [r for r in hub.requests if r.path == "/api/repos/create"]
     assert len(creates) == 3, "the repository creation was not retried"
-    assert len(uploader.failures) == 2 and "creating Hub repository me/lora failed after 3 tries" in uploader.failures[0]
+    assert len(uploader.failures) == 2
+    assert "creating Hub repository me/lora failed after 3 tries" in uploader.failures[0]
     assert "uploading the final model to me/lora failed after 3 tries" in uploader.failures[1]
     assert "2 upload(s) failed; the local files are kept" in logs.text and "hf_secret" not in logs.text
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
@@ -102,7 +103,8 @@ def test_a_transient_error_is_retried_until_the_upload_succeeds(tmp_path, hub) -
 
 @pytest.mark.parametrize("options, phrase", [
     ({"push_to_hub": True}, "push_to_hub is set but hub_model_id is not"),
-    ({"push_to_hub": True, "hub_model_id": "me/bad--name.."}, "hub_model_id 'me/bad--name..' is not a Hub repository id"),
+    ({"push_to_hub": True, "hub_model_id": "me/bad--name.."},
+     "hub_model_id 'me/bad--name..' is not a Hub repository id"),
     ({"push_to_hub": True, "hub_model_id": "lonely"}, "hub_model_id 'lonely': name the owner too"),
 ])
 def test_bad_hub_options_stop_before_training(tmp_path, tiny_model, capsys, options, phrase) -> None:

@@ -4,6 +4,7 @@ through HF_ENDPOINT), Discord and raw webhooks (to a local recording server) and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from email.parser import BytesParser
@@ -34,7 +35,12 @@ def published(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> dict:
                  "message_prefix": "tiny"},
                 {"webhook_type": "raw", "callback_url": hooks.url + SECRET_PATH + "/raw"}]
     (root / "webhooks.json").write_text(json.dumps(webhooks))
-    config = write_run(root, base, "sd1x", push_to_hub=True, hub_model_id="me/tiny-lora", push_checkpoints_to_hub=True,
+    from simpletuner.demo.dataset import write_dataset
+
+    dataset = write_dataset(root / "dataset", count=12)
+    (dataset / "broken.png").write_bytes(b"not an image")  # the scan skips it, with its reason
+    config = write_run(root, base, "sd1x", dataset=dataset, push_to_hub=True, hub_model_id="me/tiny-lora",
+                       push_checkpoints_to_hub=True,
                        model_card_private=True, model_card_note="A test of the card.",
                        webhook_config=str(root / "webhooks.json"), webhook_reporting_interval=2,
                        tracker_run_name="tiny-run")
@@ -96,7 +102,8 @@ def test_the_model_card_says_what_was_trained_and_how_to_load_it_with_no_local_p
     assert data["widget"][0]["text"] == "a red circle on a blue background"
     assert all((output / entry["output"]["url"]).is_file() for entry in data["widget"])
     assert "A test of the card." in text and "This is a LoRA of `base-model` (sd1x)" in text
-    assert "| Rank / alpha | 4 / 4 |" in text and "| Steps | 4 |" in text and "| shapes | 12 | 24x40, 32x32, 40x24 |" in text
+    assert "| Rank / alpha | 4 / 4 |" in text and "| Steps | 4 |" in text
+    assert "| shapes | 12 | 24x40, 32x32, 40x24 |" in text
     assert "StableDiffusionPipeline.from_pretrained('base-model'" in text
     assert "pipeline.load_lora_weights('me/tiny-lora', weight_name='pytorch_lora_weights.safetensors')" in text
     assert "ComfyUI" in text and "A1111/Forge" in text
@@ -131,7 +138,8 @@ def test_discord_gets_messages_and_the_validation_images_as_multipart_attachment
     assert contents[0].startswith("`(tiny)` Training started")
     assert any("Checkpoint saved at step 2: step-000002" in c for c in contents) and "Training finished" in contents[-1]
     validation = [(c, parts) for c, parts in zip(contents, attachments) if parts]
-    assert [c for c, _ in validation] == ["`(tiny)` Validation images at step 0.", "`(tiny)` Validation images at step 4."]
+    assert [c for c, _ in validation] == ["`(tiny)` Validation images at step 0.",
+                                          "`(tiny)` Validation images at step 4."]
     image = validation[-1][1][0]
     assert image.get_content_type() == "image/png" and image.get_content()[:8] == b"\x89PNG\r\n\x1a\n"
     assert image.get_content() == (published["output"] / "validation/step-4/validation-32x32-0.png").read_bytes()
@@ -175,6 +183,7 @@ def test_the_run_page_renders_with_curves_images_and_datasets(published, tmp_pat
     assert all((published["output"] / src).is_file() for src in parser.images)
     assert "finished: step 4 of 4" in text and "32x32" in text and "samples per second" in text
     assert "a red circle on a blue background" in text  # the prompt heads its column
+    assert re.search(r"broken\.png[^<]*: [^<]*(cannot|identify|decode)", text, re.I), "the skipped file is not shown"
 
 
 def test_the_run_page_screenshot_in_headless_chromium_shows_the_images(published, tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ class BackgroundWorker:
         """Run `job` in the background; `label` names it in reports."""
         self._jobs.put((label, job))
 
+    def pending(self) -> int:
+        """Jobs queued and not started yet (about: the worker may take one meanwhile)."""
+        return self._jobs.qsize()
+
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then stop the thread."""
         self._jobs.put(None)

@@ -211,7 +211,8 @@ def _diffusers_section(info: CardInfo) -> str:
                 f"pipeline.transformer = PeftModel.from_pretrained(pipeline.transformer, {source!r})\n")
     else:
         weights = info.output_files[0] if info.output_files else "pytorch_lora_weights.safetensors"
-        code = (head + "from huggingface_hub import hf_hub_download\nfrom lycoris import create_lycoris_from_weights\n\n"
+        code = (head + "from huggingface_hub import hf_hub_download\n"
+                "from lycoris import create_lycoris_from_weights\n\n"
                 f"pipeline = {cls}.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
                 + (f"weights = hf_hub_download({source!r}, {weights!r})\n" if info.hub_model_id
                    else f"weights = {source + '/' + weights!r}\n")

@@ -104,14 +104,16 @@ class HubUploader(NoEvents):
             commit_message=f"Model card and weights after {step} steps"))
 
     def close(self) -> None:
+        if self.worker.pending():
+            logger.warning("waiting for %d Hub upload(s) to %s to finish", self.worker.pending(), self.repo_id)
         self.worker.close()
         for staged in self._staging:
             staged.cleanup()
         if self.failures:
             logger.error("Hub upload to %s: %d upload(s) failed; the local files are kept in output_dir:\n  %s",
                          self.repo_id, len(self.failures), "\n  ".join(self.failures))
-        else:
-            logger.info("Hub upload to %s done", self.repo_id)
+        elif self.output_dir is not None:
+            logger.info("Hub uploads to %s finished", self.repo_id)
 
     def _create_repo(self) -> None:
         url = self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")

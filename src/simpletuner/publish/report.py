@@ -112,9 +112,8 @@ class RunReport(NoEvents):
         self.page.loss = [(row["step"], row["loss"]) for row in rows if "loss" in row]
         self.page.lr = [(row["step"], row["lr"]) for row in rows if "lr" in row]
         self.page.throughput = self._throughput()
-        text = render_page(self.page).replace(
-            "</body>", f"<details><summary>The scan's report</summary><pre>{_escape(self.scan_report)}</pre>"
-                       "</details></body>")
+        self.page.scan_report = self.scan_report
+        text = render_page(self.page)
         temp = self.output_dir / f".tmp-{REPORT_FILE}"
         temp.write_text(text, encoding="utf-8")
         temp.replace(self.output_dir / REPORT_FILE)
@@ -129,8 +128,3 @@ class RunReport(NoEvents):
                 ("seconds waiting for data", f"{self.data_wait:.2f} ({100 * self.data_wait / max(wall, 1e-9):.1f}% "
                                              "of the time since the start)")]
 
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)

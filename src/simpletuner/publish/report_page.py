@@ -30,6 +30,7 @@ class PageData:
     images: dict[int, dict[str, str]] = field(default_factory=dict)  # step -> column -> relative file
     prompts: dict[str, str] = field(default_factory=dict)  # column -> prompt
     datasets: list[DatasetSummary] = field(default_factory=list)
+    scan_report: str = ""  # the scan's printed report (files skipped when reading, with reasons)
 
 
 CSS = """
@@ -51,7 +52,7 @@ def render_page(data: PageData) -> str:
              line_chart(data.loss, "loss"), line_chart(data.lr, "learning rate"), "</div>",
              "<h2>Throughput</h2>", _table(data.throughput) or "<p>No logging step yet.</p>",
              "<h2>Validation images</h2>", _grid(data), "<h2>Datasets</h2>", _datasets(data.datasets),
-             "</body></html>"]
+             _scan(data.scan_report), "</body></html>"]
     return "\n".join(part for part in parts if part)
 
 
@@ -101,10 +102,17 @@ def _datasets(datasets: list[DatasetSummary]) -> str:
     for dataset in datasets:
         buckets = "".join(f"<tr><td>{_e(size)}</td><td>{count}</td></tr>" for size, count in dataset.buckets)
         skipped = ("<ul>" + "".join(f"<li>{_e(line)}</li>" for line in dataset.skipped) + "</ul>"
-                   if dataset.skipped else "<p>No image skipped.</p>")
+                   if dataset.skipped else "<p>None.</p>")
         out.append(f"<h3>{_e(dataset.name)}: {dataset.images} images</h3><table><tr><th>bucket</th><th>images</th>"
-                   f"</tr>{buckets}</table><p>Skipped:</p>{skipped}")
+                   f"</tr>{buckets}</table><p>Left out when bucketing:</p>{skipped}")
     return "".join(out) or "<p>No dataset.</p>"
+
+
+def _scan(report: str) -> str:
+    if not report:
+        return ""
+    return ("<h2>The scan</h2><details open><summary>Every dataset as the scan read it: files skipped when "
+            f"reading, with reasons</summary><pre>{_e(report)}</pre></details>")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
