@@ -34,7 +34,6 @@ def published(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> dict:
     webhooks = [{"webhook_type": "discord", "webhook_url": hooks.url + SECRET_PATH + "/discord",
                  "message_prefix": "tiny"},
                 {"webhook_type": "raw", "callback_url": hooks.url + SECRET_PATH + "/raw"}]
-    (root / "webhooks.json").write_text(json.dumps(webhooks))
     from simpletuner.demo.dataset import write_dataset
 
     dataset = write_dataset(root / "dataset", count=12)
@@ -42,8 +41,8 @@ def published(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> dict:
     config = write_run(root, base, "sd1x", dataset=dataset, push_to_hub=True, hub_model_id="me/tiny-lora",
                        push_checkpoints_to_hub=True,
                        model_card_private=True, model_card_note="A test of the card.",
-                       webhook_config=str(root / "webhooks.json"), webhook_reporting_interval=2,
-                       tracker_run_name="tiny-run")
+                       webhook_config=json.dumps(webhooks), webhook_reporting_interval=2,  # inline JSON
+                       tracker_run_name="tiny-run", report_to="tensorboard")
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -114,10 +113,11 @@ def test_the_token_and_webhook_urls_are_never_logged_or_written(published) -> No
     logs = published["logs"]
     assert "Hub repository me/tiny-lora ready (private)" in logs and "webhooks" not in logs  # heard, no failure
     assert TOKEN not in logs and SECRET_PATH not in logs
-    for path in published["output"].rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".md", ".html", ".jsonl", ".txt"):
-            text = path.read_text(errors="replace")
-            assert TOKEN not in text and SECRET_PATH not in text, path
+    files = [path for path in published["output"].rglob("*") if path.is_file()]
+    assert any(path.name == "config.json" for path in files) and any("tfevents" in path.name for path in files)
+    for path in files:  # checkpoints' config.json, TensorBoard's record of the configuration, card, page
+        data = path.read_bytes()
+        assert TOKEN.encode() not in data and SECRET_PATH.encode() not in data, path
 
 
 def test_discord_gets_messages_and_the_validation_images_as_multipart_attachments(published) -> None:
