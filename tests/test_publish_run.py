@@ -252,3 +252,18 @@ def test_the_cards_code_loads_full_and_lycoris_outputs(tmp_path: Path, tiny_mode
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "card", "exec"), {})
     assert (tmp_path / "output.png").is_file()
+
+
+def test_a_resumed_run_keeps_its_earlier_validation_images_in_the_card_and_page(tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("sd1x")
+    first = write_run(tmp_path, model, "sd1x", max_train_steps=2, checkpointing_steps=2, validation_steps=2)
+    assert main(["train", str(first)]) == 0
+    longer = write_run(tmp_path, model, "sd1x", dataset=tmp_path / "dataset", max_train_steps=4,
+                       checkpointing_steps=2, validation_steps=2, resume_from_checkpoint="latest")
+    assert main(["train", str(longer)]) == 0
+    output = tmp_path / "output"
+    page = (output / "report.html").read_text()
+    for step in (0, 2, 4):
+        assert f'src="validation/step-{step}/validation-32x32-0.png"' in page
+    card = (output / "README.md").read_text()
+    assert "images/step-4-validation-32x32-0.png" in card and "images/step-0-validation-32x32-0.png" in card

@@ -77,6 +77,17 @@ def base_license(base_model: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def existing_validation(output_dir: Path, until: int) -> dict[int, list[Path]]:
+    """Validation images already in output_dir/validation from steps up to `until` (where a run resumed: its earlier
+    steps), by step."""
+    found: dict[int, list[Path]] = {}
+    for folder in (output_dir / "validation").glob("step-*"):
+        step = folder.name.removeprefix("step-")
+        if step.isdigit() and int(step) <= until:
+            found[int(step)] = sorted(folder.glob("*.png"))
+    return {step: found[step] for step in sorted(found) if found[step]}
+
+
 def copy_card_images(output_dir: Path, images: dict[int, list[Path]], prompts: dict[str, str]) -> list[CardImage]:
     """Copy the last validation step's images (and step 0's, the base model, for comparison) into
     output_dir/images/; returns them as the card lists them."""

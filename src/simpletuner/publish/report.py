@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simpletuner.publish.card import existing_validation
 from simpletuner.publish.report_page import DatasetSummary, PageData, render_page
 from simpletuner.train.events import NoEvents
 
@@ -68,9 +69,12 @@ class RunReport(NoEvents):
                  ("learning rate", f"{cfg.learning_rate:g} ({cfg.lr_scheduler})"), ("optimizer", cfg.optimizer)]
         if run.trained.kind == "lora":
             facts.insert(2, ("rank / alpha", f"{cfg.lora_rank} / {cfg.lora_alpha or cfg.lora_rank}"))
+        earlier = existing_validation(self.output_dir, step) if step else {}
         self.page = PageData(cfg.tracker_run_name or Path(cfg.output_dir).name, "training", step, run.total_steps,
                              facts, datasets=dataset_summaries(run))
         self.prompts = dict(run.validation.prompts) if run.validation else {}
+        for earlier_step, images in earlier.items():  # a resumed run shows the images of its earlier steps too
+            self._add_images(earlier_step, images)
         self._write()
 
     def on_progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -85,6 +89,11 @@ class RunReport(NoEvents):
         if self.page is None:
             return
         self.page.step = max(self.page.step, step)
+        self._add_images(step, images)
+        self._write()
+
+    def _add_images(self, step: int, images: list[Path]) -> None:
+        assert self.page is not None and self.output_dir is not None
         row = self.page.images.setdefault(step, {})
         for image in images:
             match = _IMAGE_NAME.match(image.name)
@@ -93,7 +102,6 @@ class RunReport(NoEvents):
                 column = match.group("column") + (f" #{match.group('i')}" if match.group("i") != "0" else "")
                 self.page.prompts[column] = self.prompts.get(match.group("name"), "")
             row[column] = image.relative_to(self.output_dir).as_posix()
-        self._write()
 
     def on_error(self, message: str) -> None:
         if self.page is not None:

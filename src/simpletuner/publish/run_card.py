@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simpletuner.publish.card import CardInfo, DatasetLine, base_license, copy_card_images, write_card
+from simpletuner.publish.card import (CardInfo, DatasetLine, base_license, copy_card_images, existing_validation,
+                                     write_card)
 from simpletuner.train.events import NoEvents
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class ModelCardWriter(NoEvents):
 
     def on_start(self, run: Run, step: int) -> None:
         self.run = run
+        self.images = existing_validation(Path(run.cfg.output_dir), step) if step else {}
 
     def on_validation(self, step: int, images: list[Path]) -> None:
         if images:
