@@ -119,7 +119,8 @@ def render_card(info: CardInfo) -> str:
             "lora" if info.output_kind in ("lora", "peft") else info.output_kind, *info.extra_tags]
     if not info.safe_for_work:
         tags.append("not-for-all-audiences")
-    final = [image for image in info.images if image.step == summary.steps] or list(info.images)
+    last = max((image.step for image in info.images), default=None)
+    final = [image for image in info.images if image.step == last]  # the widget shows the last validation
     widget = [{"text": image.prompt, "output": {"url": image.file}} for image in final]
     data = ModelCardData(base_model=summary.base_model, library_name="diffusers", license=info.license,
                          pipeline_tag="text-to-image", tags=list(dict.fromkeys(tags)), widget=widget or None,
