@@ -113,6 +113,8 @@ def test_bad_hub_options_stop_before_training(tmp_path, tiny_model, capsys, opti
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err
     assert not (tmp_path / "output" / "checkpoints").exists()
+    assert main(["config", "check", str(config)]) == 2
+    assert phrase in capsys.readouterr().err
 
 
 def test_a_missing_token_stops_before_any_step(tmp_path, tiny_model, capsys, monkeypatch) -> None:

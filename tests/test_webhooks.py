@@ -53,6 +53,8 @@ def test_a_malformed_webhook_file_stops_train_with_exit_2(tmp_path, tiny_model, 
     err = capsys.readouterr().err
     assert f"webhook_config '{hooks}': not valid JSON" in err and "Traceback" not in err
     assert not (tmp_path / "output" / "checkpoints").exists()
+    assert main(["config", "check", str(config)]) == 2
+    assert f"webhook_config '{hooks}': not valid JSON" in capsys.readouterr().err
 
 
 def _dead_url() -> str:

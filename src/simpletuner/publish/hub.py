@@ -30,23 +30,33 @@ logger = get_logger(__name__)
 CHECKPOINT_FILES = ("*.safetensors", "*adapter_config.json")  # weights only: no optimiser, RNG or config
 
 
+def hub_option_problem(cfg: Any) -> str | None:
+    """What is wrong with cfg's Hub options (push_to_hub without a valid hub_model_id), or None."""
+    if not cfg.push_to_hub:
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not cfg.hub_model_id:
+        return ("push_to_hub is set but hub_model_id is not: set hub_model_id to the repository to upload to, "
+                "e.g. your-name/my-lora")
+    try:
+        validate_repo_id(cfg.hub_model_id)
+    except HFValidationError as error:
+        return f"hub_model_id {cfg.hub_model_id!r} is not a Hub repository id ({error})"
+    if "/" not in cfg.hub_model_id:
+        return f"hub_model_id {cfg.hub_model_id!r}: name the owner too, as owner/name"
+    return None
+
+
 def check_hub_options(cfg: Any) -> str | None:
     """The Hub token when cfg pushes to the Hub (None when it does not); ConfigError/UserError for bad input."""
     if not cfg.push_to_hub:
         return None
     from huggingface_hub import get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
-    if not cfg.hub_model_id:
-        raise ConfigError("push_to_hub is set but hub_model_id is not: set hub_model_id to the repository to "
-                          "upload to, e.g. your-name/my-lora")
-    try:
-        validate_repo_id(cfg.hub_model_id)
-    except HFValidationError as error:
-        raise ConfigError(f"hub_model_id {cfg.hub_model_id!r} is not a Hub repository id ({error})") from error
-    if "/" not in cfg.hub_model_id:
-        raise ConfigError(f"hub_model_id {cfg.hub_model_id!r}: name the owner too, as owner/name")
+    if problem := hub_option_problem(cfg):
+        raise ConfigError(problem)
     token = get_token()
     if not token:
         raise UserError("push_to_hub: no Hugging Face token found; set HF_TOKEN or log in with `hf auth login` "

@@ -3,12 +3,29 @@ built from the configuration before training starts (bad input stops here, exit 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from simpletuner.train.events import EventFanout
 
 if TYPE_CHECKING:
     from simpletuner.config.load import Settings
+
+
+def publishing_problems(cfg: Any) -> list[str]:
+    """Problems of the Hub options and webhook_config, for `config check` (the token is checked by `train`)."""
+    from simpletuner.errors import ConfigError
+    from simpletuner.publish.hub import hub_option_problem
+    from simpletuner.publish.webhooks import parse_webhook_config
+
+    problems = [problem] if (problem := hub_option_problem(cfg)) else []
+    inline = cfg.webhook_config and cfg.webhook_config.lstrip().startswith(("{", "["))
+    if inline or (cfg.webhook_config and Path(cfg.webhook_config).expanduser().is_file()):  # else: config check
+        try:
+            parse_webhook_config(cfg.webhook_config)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
 
 
 def build_events(settings: Settings) -> EventFanout:
