@@ -137,13 +137,23 @@ def test_harmless_current_release_options_are_accepted(tmp_path):
         assert name in ignored
 
 
+def test_publishing_options_are_accepted(tmp_path):
+    options = {"push_to_hub": True, "hub_model_id": "me/lora", "push_checkpoints_to_hub": True,
+               "model_card_private": True, "model_card_note": "note", "model_card_safe_for_work": True,
+               "webhook_config": '{"webhook_type": "raw", "callback_url": "http://127.0.0.1:1/hook"}',
+               "webhook_reporting_interval": 10}
+    report, loaded = check_file(_files(tmp_path, {**BASE, **options}))
+    assert report.problems == []
+    assert loaded.training.push_to_hub and loaded.training.model_card_private
+    assert not any("model_card_private" in warning for warning in loaded.warnings)
+
+
 @pytest.mark.parametrize("options, phrase", [
     ({"lr_end": 1e-6, "lr_scheduler": "polynomial"}, "lr_end = 1e-06: a final learning rate"),
     ({"tread_config": {"routes": []}}, "tread_config (TREAD (token routing) is not built"),
     ({"fuse_qkv_projections": True}, "fuse_qkv_projections=true needs model_type 'full'"),
     ({"conditioning_multidataset_sampling": "combined"}, "combined sampling is not built"),
     ({"flux_lora_target": "controlnet"}, "ControlNet training is not built"),
-    ({"push_to_hub": True, "hub_model_id": "me/lora"}, "push_to_hub = True: uploading"),
 ])
 def test_options_that_ask_for_a_feature_not_built_are_refused_by_name(tmp_path, options, phrase):
     report, _ = check_file(_files(tmp_path, {**BASE, **options}))

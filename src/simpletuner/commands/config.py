@@ -27,10 +27,13 @@ def run(args: argparse.Namespace) -> int:
     from simpletuner.errors import ConfigError
     from simpletuner.log import get_logger
     from simpletuner.models.registry import flavour_problem, resolve_checkpoint
+    from simpletuner.publish.notify import publishing_problems
 
     report, loaded = check_file(args.file, getattr(args, "overrides", []) or [])
     for warning in loaded.warnings:
         get_logger(__name__).warning(warning)
+    if loaded.training is not None:
+        report.problems += publishing_problems(loaded.training)
     if problem := flavour_problem(loaded.partial_training()):
         report.problems.append(problem)
     elif loaded.training is not None and not loaded.training.pretrained_model_name_or_path:

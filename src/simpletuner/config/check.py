@@ -57,7 +57,9 @@ def _training_problems(training: TrainingConfig) -> list[str]:
     models = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
               "pretrained_unet_model_name_or_path", "pretrained_transformer_model_name_or_path",
               "pretrained_t5_model_name_or_path", "controlnet_model_name_or_path", "init_lora"]
-    files = ["lycoris_config", "user_prompt_library", "webhook_config"]
+    files = ["lycoris_config", "user_prompt_library"]
+    if training.webhook_config and not training.webhook_config.lstrip().startswith(("{", "[")):
+        files.append("webhook_config")  # else inline JSON
     problems = [_model_problem(name, getattr(training, name)) for name in models]
     problems += [_model_problem(name, getattr(training, name), want_file=True) for name in files]
     if training.model_type == "lora" and training.lora_type == "lycoris" and not training.lycoris_config:

@@ -185,7 +185,6 @@ IGNORED: dict[str, str] = {
     "offload_during_save": "moving weights to the CPU while saving changes memory use only, never the result",
     "delete_model_after_load": "the Hub download cache is left as it is (deleting it changes disk use only)",
     "checkpointing_use_tempdir": "checkpoints are always written under a temporary name, then renamed",
-    "model_card_private": "read only with push_to_hub, which is refused when set",
     "validation_multigpu": "validation images are rendered on the main process",
     "validation_stitch_input_location": "validation images are saved alone, never stitched beside their input",
 }

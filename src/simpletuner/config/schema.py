@@ -484,16 +484,24 @@ class TrainingConfig(StrictModel):
     validation_lycoris_strength: float = Field(1.0, ge=0, description="LyCORIS multiplier for validation images.")
     disable_validation: bool = Field(False, description="Never sample validation images.")
     # publishing
-    push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (hub_model_id).")
-    push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint.")
-    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora; read only "
-                                     "with push_to_hub.")
-    model_card_note: str | None = Field(None, description="Text put at the top of the model card.")
-    model_card_safe_for_work: bool = Field(False, description="Leave out the not-for-all-audiences tag.")
-    webhook_config: str | None = Field(None, description="JSON file with a webhook (url, webhook_type "
-                                       "discord|raw) that hears about progress and errors.")
+    push_to_hub: bool = Field(False, description="Upload the final model, its model card and card images to the "
+                              "Hugging Face Hub repository hub_model_id (created if needed), in the background. "
+                              "The token comes from HF_TOKEN or `hf auth login`.")
+    push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint's "
+                                          "weight files, to checkpoints/step-N/ in the repository.")
+    hub_model_id: str | None = Field(None, description="Hub repository to upload to, as owner/name; read only "
+                                     "with push_to_hub, which needs it.")
+    model_card_private: bool = Field(False, description="With push_to_hub: create the Hub repository as private.")
+    model_card_note: str | None = Field(None, description="Text put at the top of the model card "
+                                        "(output_dir/README.md, written for every run).")
+    model_card_safe_for_work: bool = Field(False, description="Leave out the model card's not-for-all-audiences "
+                                           "tag.")
+    webhook_config: str | None = Field(None, description="Webhooks that hear about start, validation images, "
+                                       "checkpoints, errors and the finish: a JSON file or inline JSON, one object or "
+                                       "a list, each with webhook_type (discord|raw), webhook_url (raw: or "
+                                       "callback_url), and optionally message_prefix and log_level.")
     webhook_reporting_interval: int | None = Field(None, ge=1, description="Steps between progress reports to raw "
-                                                   "webhooks.")
+                                                   "webhooks (sent at the first logging step after each multiple).")
     # tracking
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker.")
     tracker_project_name: str = Field("simpletuner", description="Tracker project name.")

@@ -34,12 +34,6 @@ TRAINING: dict[str, str] = {
     "validation_randomize": "random validation seeds",
     "validation_torch_compile": "compiled validation pipelines",
     "validation_lycoris_strength": "LyCORIS strength in validation",
-    "push_to_hub": "uploading to the Hugging Face Hub",
-    "push_checkpoints_to_hub": "uploading to the Hugging Face Hub",
-    "model_card_note": "model cards",
-    "model_card_safe_for_work": "model cards",
-    "webhook_config": "webhook notifications",
-    "webhook_reporting_interval": "webhook notifications",
 }
 DATASET: dict[str, str] = {
     "is_regularisation_data": "prior-preservation (regularisation) training",

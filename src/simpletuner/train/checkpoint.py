@@ -63,7 +63,7 @@ IDENTITY_KEYS = (
 IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections",)
 # dataset options that say where caches live, not what trains: a moved cache resumes
 _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
-_SECRET = re.compile(r"secret|access_key|token|password", re.IGNORECASE)
+_SECRET = re.compile(r"secret|access_key|token|password|webhook_config", re.IGNORECASE)  # webhook URLs are secrets
 
 
 class Stateful(Protocol):

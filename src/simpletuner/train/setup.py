@@ -190,7 +190,8 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         ema = EMA(trained.parameters(), cfg.ema_decay, update_every=cfg.ema_update_interval or 1,
                   device="cpu" if cfg.ema_device == "cpu" else None)
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
-                           run_config=cfg.model_dump(mode="json"), resumed_at=resumed_at)
+                           run_config=cfg.model_dump(mode="json", exclude={"webhook_config"}),  # URLs: secrets
+                           resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
                sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)

@@ -18,11 +18,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 
 from simpletuner.log import LOOP_LOGGER, get_logger
+from simpletuner.train.events import NoEvents, TrainingEvents
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from simpletuner.config.load import Settings
@@ -40,38 +43,48 @@ class TrainResult:
     outputs: list[Path] = field(default_factory=list)
 
 
-def train(settings: Settings) -> TrainResult:
-    """Train as `settings` says; returns where the results are."""
+def train(settings: Settings, events: TrainingEvents | None = None) -> TrainResult:
+    """Train as `settings` says, telling `events` (on the main process) what happens; returns where the
+    results are."""
     from simpletuner.train.runlock import run_lock
     from simpletuner.train.setup import build_run, check_output_dir, make_accelerator
 
     accelerator = make_accelerator(settings)
-    check_output_dir(settings.training.output_dir)
-    with run_lock(settings.training.output_dir, enabled=accelerator.is_main_process):
-        run = build_run(settings, accelerator)
-        try:
-            return run_training(run)
-        finally:
-            run.tracker.finish()
-            run.data.close()
+    events = events if events is not None and accelerator.is_main_process else NoEvents()
+    try:
+        check_output_dir(settings.training.output_dir)
+        with run_lock(settings.training.output_dir, enabled=accelerator.is_main_process):
+            run = build_run(settings, accelerator)
+            try:
+                return run_training(run, events)
+            finally:
+                run.tracker.finish()
+                run.data.close()
+    except BaseException as error:
+        events.on_error(str(error) or type(error).__name__)
+        raise
+    finally:
+        events.close()
 
 
-def run_training(run: Run) -> TrainResult:
+def run_training(run: Run, events: TrainingEvents | None = None) -> TrainResult:
     """Resume if asked, then train to run.total_steps, checkpoint, validate and export."""
     from tqdm.auto import tqdm
 
     from simpletuner.train.nonfinite import NonFiniteGuard
 
+    events = events or NoEvents()
     step = _resume(run)
     if run.accelerator.is_main_process:  # metrics.jsonl describes this run: nothing after its first step
         _truncate_metrics(Path(run.cfg.output_dir) / "metrics.jsonl", step)
     result = TrainResult(Path(run.cfg.output_dir), run.total_steps)
     guard = NonFiniteGuard(run.cfg.max_nonfinite_steps, run.device)
     empty_text = {name: tensor.to(run.device) for name, tensor in run.data.empty_text().items()}
+    events.on_start(run, step)
     bar = tqdm(total=run.total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=not run.accelerator.is_main_process)
     if step == 0 and run.validation is not None:
-        _pause(bar, "validating the base model", lambda: _validate(run, 0))
+        events.on_validation(0, _pause(bar, "validating the base model", lambda: _validate(run, 0)))
     window = _Window()
     try:  # the bar is closed before an error is printed below it
         while step < run.total_steps:
@@ -81,25 +94,29 @@ def run_training(run: Run) -> TrainResult:
             if step % run.cfg.logging_steps == 0 or step == run.total_steps:
                 result.losses.update(_log(run, window, bar))
                 guard.check(step, lambda: _advice(run))
+                events.on_progress(step, window.summary)
             bar.update(1)
             if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
                 guard.check(step, lambda: _advice(run))
-                _pause(bar, "saving a checkpoint", lambda: _save_checkpoint(run, step))
+                events.on_checkpoint(step, _pause(bar, "saving a checkpoint", lambda: _save_checkpoint(run, step)))
             if run.validation is not None and step % run.cfg.validation_steps == 0:
-                _pause(bar, "validating", lambda: _validate(run, step))
+                events.on_validation(step, _pause(bar, "validating", lambda: _validate(run, step)))
     finally:
         bar.close()
     guard.check(step, lambda: _advice(run))
-    _save_checkpoint(run, step)
+    events.on_checkpoint(step, _save_checkpoint(run, step))
     result.outputs = _export(run, step)
+    events.on_finish(step, result.outputs)
     return result
 
 
-def _pause(bar: Any, doing: str, work: Any) -> None:
-    """Say on the progress bar what the loop is doing while it does not step (validation, checkpoints)."""
+def _pause(bar: Any, doing: str, work: Callable[[], T]) -> T:
+    """Say on the progress bar what the loop is doing while it does not step (validation, checkpoints);
+    returns what `work` returns."""
     bar.set_postfix_str(f"{doing}…", refresh=True)
-    work()
+    done = work()
     bar.set_postfix_str("", refresh=True)
+    return done
 
 
 def _advice(run: Run) -> str:
@@ -251,6 +268,7 @@ class _Window:
     wait: float = 0.0
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
+    summary: dict[str, float] = field(default_factory=dict)  # the last logging step's figures, for events
 
     def add(self, step: int, update: _Update, samples: int) -> None:
         self.steps.append(step)
@@ -291,6 +309,8 @@ def _log(run: Run, window: _Window, bar: Any) -> dict[int, float]:
     loop_logger.debug("steps %s: %.2f samples/s, %.3f s waiting for data", window.steps, samples_per_second,
                       window.wait)
     logged = dict(zip(window.steps, losses))
+    window.summary = {"loss": losses[-1], "lr": rates[-1], "grad_norm": norms[-1],
+                      "samples_per_second": samples_per_second, "data_wait_seconds": window.wait}
     window.reset()
     return logged
 
@@ -342,21 +362,23 @@ def _resume(run: Run) -> int:
     return progress.step
 
 
-def _validate(run: Run, step: int) -> None:
+def _validate(run: Run, step: int) -> list[Path]:
     from simpletuner.train.optim import set_train_mode
     from simpletuner.validate import run_validation
 
+    images: list[Path] = []
     if run.accelerator.is_main_process:
         denoiser = run.family.denoiser(run.components)
         set_train_mode(run.optimizer, False)
         denoiser.eval()
         try:
-            run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
+            images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
                            _init_images(run))
         finally:
             denoiser.train()
             set_train_mode(run.optimizer, True)
     run.accelerator.wait_for_everyone()
+    return images
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
