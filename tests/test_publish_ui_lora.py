@@ -1,0 +1,392 @@
+"""The LoRA file for ComfyUI / A1111 / Forge: every key matched by the loaders' own matching code
+(tests/ui_loaders.py), and the weight each loader applies equal to the trained peft module's."""
+
+from __future__ import annotations
+
+import copy
+import stat
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import ui_loaders as ui
+from simpletuner.errors import UserError
+from simpletuner.publish.kohya import to_ui_state_dict, ui_format_supported
+from simpletuner.publish.ui_file import adapter_base_weights, export_ui_lora, ui_file_name, write_ui_lora
+from simpletuner.train.adapters import apply_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ATTENTION_FF = ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+T5_TARGETS = ["q", "k", "v", "o"]
+RANK, ALPHA = 4, 7.0  # alpha != rank: the loaders must read the alpha tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+def trained_lora(model: torch.nn.Module, targets: list[str], *, dora: bool = False, seed: int = 0) -> torch.nn.Module:
+    """A peft LoRA (rank 4, alpha 7) with random nonzero A, B (and DoRA magnitudes): a trained adapter."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):  # transformers' own add_adapter wants peft >= 0.22
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, use_dora=dora, target_modules=targets)
+        inject_adapter_in_model(config, model)
+        model.peft_config = {"default": config}
+    else:
+        apply_lora(model, rank=RANK, alpha=ALPHA, use_dora=dora, target_modules=targets)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+            elif "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.3 * torch.rand(parameter.shape, generator=generator))
+    return model
+
+
+def peft_deltas(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """`prefix.<module>` -> merged weight - base weight, from peft's own merge of each LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            base = layer.get_base_layer().weight.detach().clone()
+            merged = copy.deepcopy(layer)
+            merged.merge()
+            deltas[f"{prefix}.{name}"] = merged.get_base_layer().weight.detach() - base
+    assert deltas, "no LoRA layer"
+    return deltas
+
+
+def close(ours: torch.Tensor, reference: torch.Tensor, what: str) -> None:
+    error = (ours.float() - reference.float()).norm() / reference.float().norm()
+    assert reference.abs().max() > 0, what
+    assert error < 1e-4, f"{what}: relative error {error:.2e}"
+
+
+def comfy_check(lora: Mapping[str, torch.Tensor], key_map: Mapping[str, ui.Target],
+                placements: Mapping[str, ui.Target], bases: Mapping[str, torch.Tensor],
+                deltas: Mapping[str, torch.Tensor]) -> None:
+    """Every key loaded by ComfyUI, and the weight it patches equal to peft's, module by module.
+
+    `placements`: our module -> (ComfyUI model weight, offset); the model's fused weights are built from
+    the base weights placed at their offsets, patched with ComfyUI's arithmetic, and read back."""
+    assert not ui.comfy_convert_lora_changes(lora)
+    patches, not_loaded = ui.comfy_load_lora(lora, key_map)
+    assert not_loaded == [], f"lora key not loaded: {not_loaded[:5]}"
+    assert len(patches) == len(deltas)
+    model: dict[str, torch.Tensor] = {}
+    for module, (target, offset) in placements.items():
+        if module not in bases:
+            continue
+        rows = bases[module].shape[0] + (offset[1] if offset else 0)
+        current = model.get(target, torch.zeros(0, bases[module].shape[1]))
+        if current.shape[0] < rows:
+            current = torch.cat([current, torch.zeros(rows - current.shape[0], current.shape[1])])
+        current[(offset[1] if offset else 0):rows] = bases[module].detach().float()
+        model[target] = current
+    patched = dict(model)
+    for patch_key, patch in patches.items():
+        target = patch_key.rsplit("@", 1)[0]
+        patched[target] = ui.comfy_patched_weight(patched[target], patch)
+    for module, delta in deltas.items():
+        target, offset = placements[module]
+        part = (lambda w: w.narrow(*offset)) if offset else (lambda w: w)
+        close(part(patched[target]) - part(model[target]), delta, f"ComfyUI {module}")
+
+
+def unet_placements(config: Mapping) -> dict[str, ui.Target]:
+    return {f"unet.{k[:-7]}": (f"diffusion_model.{v}", None)
+            for k, v in ui.unet_to_diffusers(ui.comfy_unet_config(config)).items()}
+
+
+def transformer_placements(family: str, settings: Mapping[str, int]) -> dict[str, ui.Target]:
+    out = {}
+    for k, to in ui.transformer_to_diffusers(family, settings).items():
+        out[f"transformer.{k[:-7]}"] = (to, None) if isinstance(to, str) else (to[0], to[1])
+    return out
+
+
+def checkpoint_name(name: str) -> str:
+    """A CLIP text model's module as its checkpoints (and ComfyUI, A1111) name it: transformers 5 drops the
+    `text_model.` of `text_encoder.text_model.encoder.layers...`."""
+    component, _, path = name.partition(".")
+    return f"{component}.text_model.{path}" if path.startswith(("encoder.layers.", "embeddings.")) else name
+
+
+def clip_placements(encoders: Mapping[str, tuple[str, torch.nn.Module]]) -> tuple[dict, set]:
+    """component -> (ComfyUI's name: clip_l / clip_g / clip_h / t5xxl, model): placements (by our module
+    names) and ComfyUI's state-dict keys (checkpoint names)."""
+    placements, sdk = {}, set()
+    for component, (comfy_name, model) in encoders.items():
+        for key in model.state_dict():
+            key = key.replace(".base_layer.", ".")
+            if "lora_" in key or not key.endswith(".weight"):
+                continue
+            comfy_key = f"{comfy_name}.transformer.{checkpoint_name(f'{component}.{key}').partition('.')[2]}"
+            sdk.add(comfy_key)
+            placements[f"{component}.{key[:-7]}"] = (comfy_key, None)
+    return placements, sdk
+
+
+def a1111_check(lora: Mapping[str, torch.Tensor], layers: Mapping[str, str],
+                deltas: Mapping[str, torch.Tensor], is_sd2: bool = False) -> None:
+    matched, failed = ui.a1111_load_network(lora, layers, is_sd2)
+    assert failed == {}, f"A1111 keys not matched: {list(failed)[:5]}"
+    assert {ui.a1111_module_of(key, layers) for key in matched} == set(deltas)
+    for key, weights in matched.items():
+        assert set(weights) == {"lora_down.weight", "lora_up.weight", "alpha"}, weights.keys()
+        module = ui.a1111_module_of(key, layers)
+        close(ui.a1111_delta(weights), deltas[module], f"A1111 {module}")
+
+
+def export(tmp_path: Path, family: str, models: dict) -> dict[str, torch.Tensor]:
+    path = export_ui_lora(family, models, tmp_path, "my run")
+    assert path == tmp_path / "my_run.safetensors"
+    return load_file(str(path))
+
+
+# ----------------------------------------------------------------------------- UNet families
+UNET_FAMILIES = ["sd1x", "sd2x", "sdxl", "sdxl_refiner", "kolors"]
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("family", UNET_FAMILIES)
+def test_unet_lora_loads_fully_in_comfyui_and_a1111(family, dora, tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model(family), subfolder="unet"),
+                        ATTENTION_FF, dora=dora)
+    lora = export(tmp_path, family, {"unet": unet})
+    assert all(k.startswith("lora_unet_") for k in lora)
+    assert sum(k.endswith(".alpha") for k in lora) == len(peft_deltas(unet, "unet"))
+    assert all(lora[k].item() == ALPHA for k in lora if k.endswith(".alpha"))
+    assert any("input_blocks" in k for k in lora) and not any("down_blocks" in k for k in lora)
+    deltas = peft_deltas(unet, "unet")
+    bases = adapter_base_weights(unet, "unet")
+    comfy_check(lora, ui.comfy_unet_key_map(ui.comfy_unet_config(unet.config)), unet_placements(unet.config),
+                bases, deltas)
+    if dora:
+        assert sum(k.endswith(".dora_scale") for k in lora) == len(deltas)
+        assert all(lora[k].shape == (lora[k.replace(".dora_scale", ".lora_up.weight")].shape[0], 1)
+                   for k in lora if k.endswith(".dora_scale"))
+    else:  # A1111 applies DoRA magnitudes along the input axis: it cannot apply peft's (docs/UI_LORA.md)
+        a1111_check(lora, ui.a1111_layer_names(family, unet.config, {}), deltas)
+
+
+# ----------------------------------------------------------------------------- transformer families
+def _sd3_transformer():
+    """ComfyUI sizes SD3's fused qkv as depth * 64 (true of every released SD3): 2 blocks of width 128."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                 attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                 caption_projection_dim=128, pooled_projection_dim=32, pos_embed_max_size=16)
+
+
+def _settings(family: str, transformer) -> dict[str, int]:
+    c = transformer.config
+    hidden = c.num_attention_heads * c.attention_head_dim
+    if family == "flux":
+        return {"depth": c.num_layers, "depth_single_blocks": c.num_single_layers, "hidden_size": hidden}
+    if family == "sd3":
+        return {"depth": c.num_layers}
+    return {"depth": c.num_layers, "hidden_size": hidden}
+
+
+TRANSFORMER_CASES = [
+    ("flux", "all", False), ("flux", "all+ffs", False), ("flux", "ai-toolkit", True), ("flux", "context+ffs", False),
+    ("sd3", "attention+ffs", False), ("sd3", "attention", True),
+    ("pixart_sigma", "attention+ffs", False), ("pixart_sigma", "attention", True),
+]
+
+
+@pytest.mark.parametrize("family,preset,dora", TRANSFORMER_CASES)
+def test_transformer_lora_loads_fully_in_comfyui(family, preset, dora, tiny_model, tmp_path):
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+
+    from simpletuner.models.registry import get_family
+
+    if family == "sd3":
+        transformer = _sd3_transformer()
+    else:
+        cls = FluxTransformer2DModel if family == "flux" else PixArtTransformer2DModel
+        transformer = cls.from_pretrained(tiny_model(family), subfolder="transformer")
+    targets = list(get_family(family).adapter_presets[preset])
+    trained_lora(transformer, targets, dora=dora)
+    lora = export(tmp_path, family, {"transformer": transformer})
+    assert all(k.startswith("transformer.") for k in lora)
+    comfy_family = "pixart" if family == "pixart_sigma" else family
+    settings = _settings(family, transformer)
+    comfy_check(lora, ui.comfy_transformer_key_map(comfy_family, settings),
+                transformer_placements(comfy_family, settings), adapter_base_weights(transformer, "transformer"),
+                peft_deltas(transformer, "transformer"))
+
+
+# ----------------------------------------------------------------------------- text encoders
+TEXT_CASES = {  # family: component -> (pipeline subfolder class, targets, ComfyUI's name)
+    "sd1x": {"text_encoder": ("CLIPTextModel", CLIP_TARGETS, "clip_l")},
+    "sd2x": {"text_encoder": ("CLIPTextModel", CLIP_TARGETS, "clip_h")},
+    "sdxl": {"text_encoder": ("CLIPTextModel", CLIP_TARGETS, "clip_l"),
+             "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_TARGETS, "clip_g")},
+    "sdxl_refiner": {"text_encoder_2": ("CLIPTextModelWithProjection", CLIP_TARGETS, "clip_g")},
+    "sd3": {"text_encoder": ("CLIPTextModelWithProjection", CLIP_TARGETS, "clip_l"),
+            "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_TARGETS, "clip_g"),
+            "text_encoder_3": ("T5EncoderModel", T5_TARGETS, "t5xxl")},
+    "flux": {"text_encoder": ("CLIPTextModel", CLIP_TARGETS, "clip_l"),
+             "text_encoder_2": ("T5EncoderModel", T5_TARGETS, "t5xxl")},
+    "pixart_sigma": {"text_encoder": ("T5EncoderModel", T5_TARGETS, "t5xxl")},
+}
+
+
+@pytest.mark.parametrize("family", list(TEXT_CASES))
+def test_text_encoder_lora_loads_fully(family, tiny_model, tmp_path):
+    import transformers
+
+    root = tiny_model(family)
+    encoders, models, deltas, bases = {}, {}, {}, {}
+    for index, (component, (cls, targets, comfy_name)) in enumerate(TEXT_CASES[family].items()):
+        model = trained_lora(getattr(transformers, cls).from_pretrained(root, subfolder=component), targets,
+                             seed=index)
+        encoders[component] = (comfy_name, model)
+        models[component] = model
+        deltas.update(peft_deltas(model, component))
+        bases.update(adapter_base_weights(model, component))
+    lora = export(tmp_path, family, models)
+    placements, sdk = clip_placements(encoders)
+    comfy_check(lora, ui.comfy_clip_key_map(sdk), placements, bases, deltas)
+    if family in ("sd1x", "sd2x", "sdxl"):
+        layers = {c: m.config.num_hidden_layers for c, (_, m) in encoders.items()}
+        a1111_check(lora, ui.a1111_layer_names(family, None, layers),
+                    {checkpoint_name(k): v for k, v in deltas.items()}, is_sd2=family == "sd2x")
+
+
+# ----------------------------------------------------------------------------- real sizes
+def _meta_lora(model: torch.nn.Module, targets: list[str], prefix: str) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA state dict (meta tensors) on every module peft would adapt for `targets`."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in targets):
+            out[f"{prefix}.{name}.lora_A.weight"] = torch.empty(RANK, module.in_features, device="meta")
+            out[f"{prefix}.{name}.lora_B.weight"] = torch.empty(module.out_features, RANK, device="meta")
+    return out
+
+
+def _modules(state: Mapping[str, torch.Tensor]) -> set[str]:
+    return {k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")}
+
+
+@pytest.mark.parametrize("family,config_name", [("sd1x", "SD15_UNET"), ("sdxl", "SDXL_UNET")])
+def test_real_size_unets_match_fully(family, config_name):
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks import architectures
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(getattr(architectures, config_name))
+    from simpletuner.models.registry import get_family
+
+    for preset, targets in get_family(family).adapter_presets.items():
+        state = _meta_lora(unet, list(targets), "unet")
+        lora = to_ui_state_dict(family, state, ALPHA, denoiser_config=unet.config)
+        patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_unet_key_map(ui.comfy_unet_config(unet.config)))
+        assert not_loaded == [] and len(patches) == len(_modules(state)), preset
+        placements = unet_placements(unet.config)
+        assert {p.split("@")[0] for p in patches} == {placements[m][0] for m in _modules(state)}
+        layers = ui.a1111_layer_names(family, unet.config, {})
+        matched, failed = ui.a1111_load_network(lora, layers)
+        assert failed == {} and {ui.a1111_module_of(k, layers) for k in matched} == _modules(state), preset
+
+
+@pytest.mark.parametrize("family,config_name", [("sd3", "SD3_MEDIUM"), ("flux", "FLUX_DEV"),
+                                                ("pixart_sigma", "PIXART_SIGMA_1024")])
+def test_real_size_transformers_match_fully(family, config_name):
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    from benchmarks import architectures
+    from simpletuner.models.registry import get_family
+
+    cls = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel,
+           "pixart_sigma": PixArtTransformer2DModel}[family]
+    with torch.device("meta"):
+        transformer = cls.from_config(getattr(architectures, config_name))
+    comfy_family = "pixart" if family == "pixart_sigma" else family
+    settings = _settings(family, transformer)
+    if family == "sd3":
+        assert settings["depth"] * 64 == transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    key_map = ui.comfy_transformer_key_map(comfy_family, settings)
+    placements = transformer_placements(comfy_family, settings)
+    for preset, targets in get_family(family).adapter_presets.items():
+        state = _meta_lora(transformer, list(targets), "transformer")
+        lora = to_ui_state_dict(family, state, ALPHA)
+        patches, not_loaded = ui.comfy_load_lora(lora, key_map)
+        assert not_loaded == [] and len(patches) == len(_modules(state)), preset
+        for module in _modules(state):  # the fused weight's offset fits the module's rows
+            target, offset = placements[module]
+            rows = lora[f"{module}.lora_up.weight"].shape[0]
+            assert offset is None or offset[2] == rows, (module, offset, rows)
+
+
+# ----------------------------------------------------------------------------- the file
+def test_file_name_atomic_write_permissions_and_metadata(tmp_path):
+    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}
+    assert ui_file_name("my run/../x: ü") == "my_run_.._x.safetensors"
+    assert ui_file_name("") == "lora.safetensors" and ui_file_name(None) == "lora.safetensors"
+    path = write_ui_lora(tmp_path / "out", "../../escape", tensors, {"modelspec.title": "t", "n": 3})
+    assert path == tmp_path / "out" / "escape.safetensors"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"modelspec.title": "t", "n": "3"}
+    write_ui_lora(tmp_path / "out", "../../escape", {"lora_unet_x.lora_down.weight": torch.zeros(2, 3)})
+    assert load_file(str(path))["lora_unet_x.lora_down.weight"].sum() == 0
+    with pytest.raises(Exception):
+        write_ui_lora(tmp_path / "out", "escape", {"bad": "not a tensor"})  # type: ignore[dict-item]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["escape.safetensors"]  # no temporary left
+    assert load_file(str(path))["lora_unet_x.lora_down.weight"].sum() == 0  # the old file is intact
+
+
+def test_bad_input_is_a_clear_error():
+    down, up = torch.ones(2, 8), torch.ones(8, 2)
+    assert not ui_format_supported("deepfloyd")
+    with pytest.raises(UserError, match="deepfloyd"):
+        to_ui_state_dict("deepfloyd", {"unet.a.lora_A.weight": down, "unet.a.lora_B.weight": up}, 1.0)
+    with pytest.raises(UserError, match="lacks its up"):
+        to_ui_state_dict("flux", {"transformer.proj_out.lora_A.weight": down}, 1.0)
+    with pytest.raises(UserError, match="no ComfyUI name"):
+        to_ui_state_dict("flux", {"transformer.pos_embed.lora_A.weight": down,
+                                  "transformer.pos_embed.lora_B.weight": up}, 1.0)
+    with pytest.raises(UserError, match="base weight"):
+        to_ui_state_dict("flux", {"transformer.proj_out.lora_A.weight": down, "transformer.proj_out.lora_B.weight": up,
+                                  "transformer.proj_out.lora_magnitude_vector": torch.ones(8)}, 1.0)
+    with pytest.raises(UserError, match="UNet's config"):
+        to_ui_state_dict("sdxl", {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": down,
+                                  "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": up}, 1.0)
+    with pytest.raises(UserError, match="not a LoRA weight"):
+        to_ui_state_dict("flux", {"transformer.proj_out.weight": up}, 1.0)
+
+
+def test_old_style_keys_alpha_tensor_and_per_module_alpha():
+    """`.lora.down/.lora.up` keys (today's diffusers files) convert like lora_A/lora_B; an `.alpha` tensor
+    and a per-module alpha win over the component's."""
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    state = {"transformer.proj_out.lora.down.weight": down, "transformer.proj_out.lora.up.weight": up,
+             "transformer.x_embedder.lora_A.weight": down, "transformer.x_embedder.lora_B.weight": up,
+             "transformer.x_embedder.alpha": torch.tensor(5.0),
+             "context_embedder.lora_A.weight": down, "context_embedder.lora_B.weight": up}
+    out = to_ui_state_dict("flux", state, {"transformer": 2.0, "transformer.context_embedder": 3.0})
+    assert out["transformer.proj_out.alpha"].item() == 2.0
+    assert out["transformer.x_embedder.alpha"].item() == 5.0
+    assert out["transformer.context_embedder.alpha"].item() == 3.0  # unprefixed keys are the denoiser's
+    assert torch.equal(out["transformer.proj_out.lora_down.weight"], down)
+    assert out["transformer.proj_out.alpha"].dtype == torch.float32
