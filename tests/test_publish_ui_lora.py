@@ -390,3 +390,74 @@ def test_old_style_keys_alpha_tensor_and_per_module_alpha():
     assert out["transformer.context_embedder.alpha"].item() == 3.0  # unprefixed keys are the denoiser's
     assert torch.equal(out["transformer.proj_out.lora_down.weight"], down)
     assert out["transformer.proj_out.alpha"].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- the option
+@pytest.mark.parametrize("given, parsed", [
+    (None, ["diffusers", "comfyui"]), ("comfyui", ["comfyui"]), ("diffusers, comfyui", ["diffusers", "comfyui"]),
+    (["comfyui", "comfyui"], ["comfyui"]),
+])
+def test_lora_format_option(tmp_path, given, parsed):
+    import json
+
+    from simpletuner.config.load import load_config
+
+    options = {"model_family": "sdxl", "pretrained_model_name_or_path": "a/b"}
+    if given is not None:
+        options["lora_format"] = given
+    (tmp_path / "config.json").write_text(json.dumps(options))
+    assert load_config(tmp_path / "config.json").lora_format == parsed
+    assert load_config(None, ["--model_family", "flux", "--pretrained_model_name_or_path", "a/b",
+                              "--lora_format", "comfyui"]).lora_format == ["comfyui"]
+
+
+@pytest.mark.parametrize("given, phrase", [("kohya", "'kohya' is not accepted"), ("", "at least one format"),
+                                           ("comfyui", "DeepFloyd")])
+def test_lora_format_bad_values(tmp_path, given, phrase):
+    import json
+
+    from simpletuner.config.load import load_config
+    from simpletuner.errors import ConfigError
+
+    family = "deepfloyd" if given == "comfyui" else "sdxl"
+    (tmp_path / "config.json").write_text(json.dumps({"model_family": family, "pretrained_model_name_or_path": "a/b",
+                                                      "lora_format": given}))
+    with pytest.raises(ConfigError, match=phrase):
+        load_config(tmp_path / "config.json")
+
+
+# ----------------------------------------------------------------------------- a training run
+@pytest.mark.slow
+@pytest.mark.parametrize("family, formats", [("sd1x", None), ("pixart_sigma", "comfyui")])
+def test_training_run_exports_the_ui_file(tmp_path, tiny_model, family, formats):
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    from train_helpers import write_run
+
+    from simpletuner.cli import main
+
+    options = {"tracker_run_name": "Fox v2 (final)", "max_train_steps": 2, "checkpointing_steps": 2,
+               "validation_steps": 100, "lora_alpha": 8}
+    if formats:
+        options["lora_format"] = formats
+    config = write_run(tmp_path, tiny_model(family), family, **options)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    path = output / "Fox_v2_final.safetensors"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    lora = load_file(str(path))
+    alphas = [lora[k].item() for k in lora if k.endswith(".alpha")]
+    assert alphas and set(alphas) == {8.0}
+    if family == "sd1x":
+        assert (output / "pytorch_lora_weights.safetensors").is_file()
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["ss_output_name"] == "Fox_v2_final"
+        unet = UNet2DConditionModel.from_pretrained(tiny_model(family), subfolder="unet")
+        patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_unet_key_map(ui.comfy_unet_config(unet.config)))
+        assert not_loaded == [] and len(patches) == len(alphas)
+        assert ui.a1111_load_network(lora, ui.a1111_layer_names(family, unet.config, {}))[1] == {}
+    else:  # lora_format=comfyui only: no peft folder, the ComfyUI file alone
+        assert not (output / "adapter_model.safetensors").exists()
+        transformer = PixArtTransformer2DModel.from_pretrained(tiny_model(family), subfolder="transformer")
+        settings = _settings(family, transformer)
+        patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_transformer_key_map("pixart", settings))
+        assert not_loaded == [] and len(patches) == len(alphas)

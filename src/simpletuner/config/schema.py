@@ -222,6 +222,11 @@ class TrainingConfig(StrictModel):
                                           "learning_rate.")
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
+    lora_format: list[Literal["diffusers", "comfyui"]] = Field(
+        ["diffusers", "comfyui"], description="Standard LoRA: the files the export writes. diffusers: "
+        "pytorch_lora_weights.safetensors (PixArt: peft's adapter folder); comfyui: <run name>.safetensors in "
+        "kohya names, which ComfyUI, A1111 and Forge load (not for DeepFloyd). A list, one name, or names "
+        "separated by commas.")
     # data
     data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
                                             "[[datasets]] tables in a TOML configuration.")
@@ -406,9 +411,22 @@ class TrainingConfig(StrictModel):
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
 
+    @field_validator("lora_format", mode="before")
+    @classmethod
+    def _format_list(cls, value: object) -> object:
+        # SimpleTuner takes one name (--lora_format=comfyui); a comma-separated string or a list works too
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError("name at least one format: diffusers, comfyui")
+        return list(dict.fromkeys(value)) if isinstance(value, (list, tuple)) else value
+
     @model_validator(mode="after")
     def _deepfloyd_model_types(self) -> "TrainingConfig":
         if self.model_type.startswith("deepfloyd-") and self.model_family != "deepfloyd":
             raise ValueError(f"model_type {self.model_type!r} trains DeepFloyd IF and needs model_family "
                              f"'deepfloyd'; for model_family {self.model_family!r} use 'full' or 'lora'")
+        if self.model_family == "deepfloyd" and self.lora_format == ["comfyui"]:
+            raise ValueError("lora_format=comfyui: ComfyUI and A1111 do not load DeepFloyd IF LoRAs; "
+                             "use lora_format=diffusers")
         return self
