@@ -428,6 +428,18 @@ def test_lora_format_bad_values(tmp_path, given, phrase):
 
 # ----------------------------------------------------------------------------- a training run
 @pytest.mark.slow
+def test_lora_format_diffusers_writes_no_ui_file(tmp_path, tiny_model):
+    from train_helpers import write_run
+
+    from simpletuner.cli import main
+
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1, checkpointing_steps=1,
+                       validation_steps=100, lora_format="diffusers")
+    assert main(["train", str(config)]) == 0
+    assert sorted(p.name for p in (tmp_path / "output").glob("*.safetensors")) == ["pytorch_lora_weights.safetensors"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family, formats", [("sd1x", None), ("pixart_sigma", "comfyui")])
 def test_training_run_exports_the_ui_file(tmp_path, tiny_model, family, formats):
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
