@@ -411,7 +411,8 @@ def test_lora_format_option(tmp_path, given, parsed):
                               "--lora_format", "comfyui"]).lora_format == ["comfyui"]
 
 
-@pytest.mark.parametrize("given, phrase", [("kohya", "'kohya' is not accepted"), ("", "at least one format"),
+@pytest.mark.parametrize("given, phrase", [("kohya", "'kohya' is not accepted.*accepted: diffusers, comfyui"),
+                                           ("", "at least one format"),
                                            ("comfyui", "DeepFloyd")])
 def test_lora_format_bad_values(tmp_path, given, phrase):
     import json

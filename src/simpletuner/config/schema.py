@@ -225,7 +225,7 @@ class TrainingConfig(StrictModel):
     lora_format: list[Literal["diffusers", "comfyui"]] = Field(
         ["diffusers", "comfyui"], description="Standard LoRA: the files the export writes. diffusers: "
         "pytorch_lora_weights.safetensors (PixArt: peft's adapter folder); comfyui: <run name>.safetensors in "
-        "kohya names, which ComfyUI, A1111 and Forge load (not for DeepFloyd). A list, one name, or names "
+        "kohya names, for ComfyUI, A1111 and Forge (not for DeepFloyd). A list, one name, or names "
         "separated by commas.")
     # data
     data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
@@ -419,7 +419,9 @@ class TrainingConfig(StrictModel):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, (list, tuple)) and not value:
             raise ValueError("name at least one format: diffusers, comfyui")
-        return list(dict.fromkeys(value)) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return list(dict.fromkeys(value))
+        return value
 
     @model_validator(mode="after")
     def _deepfloyd_model_types(self) -> "TrainingConfig":
