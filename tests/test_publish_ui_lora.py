@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 import ui_loaders as ui
 from simpletuner.errors import UserError
 from simpletuner.publish.kohya import to_ui_state_dict, ui_format_supported
-from simpletuner.publish.ui_file import adapter_base_weights, export_ui_lora, ui_file_name, write_ui_lora
-from simpletuner.train.adapters import apply_lora
+from simpletuner.models.registry import get_family
+from simpletuner.publish.lora_files import save_file_atomic
+from simpletuner.publish.ui_file import ui_file_name, write_ui_lora
+from simpletuner.train.adapters import TrainedLora, apply_lora, dora_base_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -150,8 +152,14 @@ def a1111_check(lora: Mapping[str, torch.Tensor], layers: Mapping[str, str],
         close(ui.a1111_delta(weights), deltas[module], f"A1111 {module}")
 
 
+def adapter_base_weights(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{name}": weight for name, weight in dora_base_weights(model).items()}
+
+
 def export(tmp_path: Path, family: str, models: dict) -> dict[str, torch.Tensor]:
-    path = export_ui_lora(family, models, tmp_path, "my run")
+    """The "comfyui" format's file of the adapters of `models`, written as a run writes it."""
+    lora = TrainedLora.from_models("Pipeline", models, {"modelspec.title": "my run"})
+    path = write_ui_lora(get_family(family), lora, tmp_path)
     assert path == tmp_path / "my_run.safetensors"
     return load_file(str(path))
 
@@ -340,20 +348,22 @@ def test_real_size_transformers_match_fully(family, config_name):
 
 # ----------------------------------------------------------------------------- the file
 def test_file_name_atomic_write_permissions_and_metadata(tmp_path):
-    tensors = {"lora_unet_x.lora_down.weight": torch.ones(2, 3)}
     assert ui_file_name("my run/../x: ü") == "my_run_.._x.safetensors"
     assert ui_file_name("") == "lora.safetensors" and ui_file_name(None) == "lora.safetensors"
-    path = write_ui_lora(tmp_path / "out", "../../escape", tensors, {"modelspec.title": "t", "n": 3})
+    layers = {"transformer": {"proj_out.lora_A.weight": torch.ones(2, 3), "proj_out.lora_B.weight": torch.ones(4, 2)}}
+    lora = TrainedLora("FluxPipeline", layers, {"transformer": {"r": 2, "lora_alpha": 3}},
+                       {"modelspec.title": "../../escape", "simpletuner.steps": "3"})
+    path = write_ui_lora(get_family("flux"), lora, tmp_path / "out")
     assert path == tmp_path / "out" / "escape.safetensors"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     with safe_open(str(path), "pt") as f:
-        assert f.metadata() == {"modelspec.title": "t", "n": "3"}
-    write_ui_lora(tmp_path / "out", "../../escape", {"lora_unet_x.lora_down.weight": torch.zeros(2, 3)})
-    assert load_file(str(path))["lora_unet_x.lora_down.weight"].sum() == 0
-    with pytest.raises(Exception):
-        write_ui_lora(tmp_path / "out", "escape", {"bad": "not a tensor"})  # type: ignore[dict-item]
+        assert f.metadata() == {"modelspec.title": "../../escape", "simpletuner.steps": "3",
+                                "ss_output_name": "escape"}
+    assert load_file(str(path))["transformer.proj_out.alpha"].item() == 3.0
+    with pytest.raises(Exception):  # the shared atomic writer: a failed write leaves the old file whole
+        save_file_atomic({"bad": "not a tensor"}, path)  # type: ignore[dict-item]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["escape.safetensors"]  # no temporary left
-    assert load_file(str(path))["lora_unet_x.lora_down.weight"].sum() == 0  # the old file is intact
+    assert load_file(str(path))["transformer.proj_out.lora_down.weight"].sum() == 6
 
 
 def test_bad_input_is_a_clear_error():
@@ -474,3 +484,43 @@ def test_training_run_exports_the_ui_file(tmp_path, tiny_model, family, formats)
         settings = _settings(family, transformer)
         patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_transformer_key_map("pixart", settings))
         assert not_loaded == [] and len(patches) == len(alphas)
+
+
+@pytest.mark.slow
+def test_a_run_writes_both_files_in_output_and_checkpoints_and_export_reproduces_them(tmp_path, tiny_model):
+    """`simpletuner train` (default lora_format): the output and every checkpoint hold the diffusers file,
+    which load_lora_weights takes whole, and the UI file, which ComfyUI's and A1111's matching take whole
+    at the trained delta; `simpletuner export --format comfyui` of a checkpoint rewrites that checkpoint's file."""
+    from diffusers import DiffusionPipeline
+    from peft import get_peft_model_state_dict
+    from test_lora_export import NO_TEXT_ENCODER_LORA, loader_warnings
+    from train_helpers import write_run
+
+    from simpletuner.cli import main
+
+    model = tiny_model("sd1x")
+    config = write_run(tmp_path, model, "sd1x", tracker_run_name="Fox v2 (final)", max_train_steps=2,
+                       checkpointing_steps=1, validation_steps=100, lora_alpha=8, unet_lora_target="attention+ffs")
+    assert main(["train", str(config)]) == 0
+    output, name = tmp_path / "output", "Fox_v2_final.safetensors"
+    for folder in (output, output / "checkpoints" / "step-000001", output / "checkpoints" / "step-000002"):
+        pipeline = DiffusionPipeline.from_pretrained(model)
+        with loader_warnings() as messages:
+            pipeline.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="default")
+        assert [m for m in messages if NO_TEXT_ENCODER_LORA not in m] == []
+        loaded = get_peft_model_state_dict(pipeline.unet)
+        in_file = load_file(folder / "pytorch_lora_weights.safetensors")
+        assert len(loaded) == len(in_file) and all(torch.equal(v, in_file[f"unet.{k}"]) for k, v in loaded.items())
+        unet, deltas = pipeline.unet, peft_deltas(pipeline.unet, "unet")
+        lora = load_file(folder / name)
+        assert {lora[k].item() for k in lora if k.endswith(".alpha")} == {8.0}
+        comfy_check(lora, ui.comfy_unet_key_map(ui.comfy_unet_config(unet.config)), unet_placements(unet.config),
+                    adapter_base_weights(unet, "unet"), deltas)
+        a1111_check(lora, ui.a1111_layer_names("sd1x", unet.config, {}), deltas)
+    checkpoint = output / "checkpoints" / "step-000001"
+    assert main(["export", str(checkpoint), "--output", str(tmp_path / "ui"), "--format", "comfyui"]) == 0
+    ours, exported = load_file(checkpoint / name), load_file(tmp_path / "ui" / name)
+    assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)
+    with safe_open(str(checkpoint / name), "pt") as a, safe_open(str(tmp_path / "ui" / name), "pt") as b:
+        assert a.metadata() == b.metadata() and a.metadata()["simpletuner.steps"] == "1"
+        assert a.metadata()["ss_output_name"] == "Fox_v2_final"

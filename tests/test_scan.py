@@ -188,3 +188,16 @@ def test_find_links_checks_partners():
     with pytest.raises(ConfigError, match="must name a dataset with dataset_type='conditioning'"):
         find_links([DatasetConfig(id="a", instance_data_dir="/a", conditioning_data="b"),
                     DatasetConfig(id="b", instance_data_dir="/b")])
+
+
+def test_when_no_image_is_usable_the_skipped_section_says_why(tmp_path):
+    # Every image is read fine by the index but too small for the plan: the report must not say "skipped: none".
+    root = tmp_path / "small"
+    _put(root / "a.jpg", _jpeg(64, 64))
+    _put(root / "b.jpg", _jpeg(80, 64))
+    config = _config(tmp_path, f'[[datasets]]\nid = "small"\ninstance_data_dir = "{root}"\n')
+    done = subprocess.run([sys.executable, "-m", "simpletuner", "scan", config], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "skipped:       none" not in done.stdout
+    assert "skipped:       2" in done.stdout and "2 too small (e.g. a.jpg" in done.stdout
+    assert "usable images: 0" in done.stdout

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("simpletuner.commands.demo", "train a tiny LoRA on generated images, on CPU, in minutes"),
     "config": ("simpletuner.commands.config", "check a configuration and its dataset file"),
     "options": ("simpletuner.commands.options", "list every option with type, default and help"),
+    "export": ("simpletuner.commands.export", "turn a LoRA output or checkpoint into a LoRA file or a merged pipeline"),
 }
 
 

@@ -75,8 +75,9 @@ def _action_and_config(args: argparse.Namespace) -> tuple[str | None, str | None
 
 def _load(config: str, overrides: list[str]) -> "Settings":
     from simpletuner.config.load import load_settings
+    from simpletuner.models.registry import with_checkpoint
 
-    return load_settings(config, overrides)
+    return with_checkpoint(load_settings(config, overrides))
 
 
 def cache_targets(settings: "Settings") -> list[CacheTarget]:

@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simpletuner.config.load import Settings
+from collections.abc import Sequence
+
+from simpletuner.config.load import Loaded, Settings, read_settings
 from simpletuner.config.references import latent_cache_for, text_cache_for
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
 from simpletuner.config.unimplemented import unimplemented_problems
@@ -125,6 +127,9 @@ def check_settings(settings: Settings) -> CheckReport:
                                 "(set conditioning_data on the image dataset)")
         if dataset.type == "aws":
             report.notes.append(f"dataset {dataset.id!r} is on S3 ({dataset.location()}): not checked (no network)")
+        if dataset.type == "huggingface":
+            report.notes.append(f"dataset {dataset.id!r} is a Hugging Face dataset ({dataset.location()}): loaded "
+                                "by `scan` and `train`, not here")
     report.summary = _summary(settings)
     return report
 
@@ -150,3 +155,18 @@ def _summary(settings: Settings) -> list[str]:
         lines.append(f"  disabled: {', '.join(d.id for d in settings.disabled_datasets)}")
     lines += [f"cache: {training.cache_dir}", f"output: {training.output_dir}"]
     return lines
+
+
+def check_file(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[CheckReport, Loaded]:
+    """Every problem of a configuration in one round: training options, the dataset file, references between
+    datasets, local paths and features not built yet; the summary when the configuration loads."""
+    loaded = read_settings(path, overrides)
+    if not loaded.problems:
+        return check_settings(loaded.settings()), loaded
+    report = CheckReport(problems=list(loaded.problems))
+    if loaded.training is not None:
+        report.problems += _training_problems(loaded.training)
+    report.problems += unimplemented_problems(loaded.partial_training(), loaded.datasets)
+    for dataset in loaded.datasets:
+        report.problems += _dataset_problems(dataset)
+    return report, loaded

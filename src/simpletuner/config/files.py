@@ -75,17 +75,32 @@ def _strip_dashes(key: Any) -> str:
     return str(key)[2:] if str(key).startswith("--") else str(key)
 
 
+# A string, or a comma before a closing bracket (outside strings).
+_TRAILING_COMMA = re.compile(r'("(?:\\.|[^"\\])*")|,(\s*[}\]])')
+
+
+def _without_trailing_commas(text: str) -> str:
+    return _TRAILING_COMMA.sub(lambda m: m.group(1) or m.group(2), text)
+
+
 def _read_json(path: Path) -> RawConfig:
+    text = _read_text(path)
+    warnings = []
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+        try:  # SimpleTuner's own example configs end some objects with a trailing comma
+            data = json.loads(_without_trailing_commas(text))
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: "
+                              f"{error.msg}") from None
+        warnings.append(f"{path}: trailing comma at line {error.lineno} accepted (strict JSON has none)")
     if isinstance(data, list):
         raise ConfigError(f"{path} holds a list, like a dataset file (multidatabackend.json); a configuration is "
                           "an object of options. Point data_backend_config at the dataset file instead.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration is a JSON object of options, not {type(data).__name__}")
-    raw = RawConfig()
+    raw = RawConfig(warnings=warnings)
     raw.update({_strip_dashes(k): v for k, v in data.items()}, str(path))
     return raw
 

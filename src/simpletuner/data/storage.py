@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from simpletuner.config.schema import DatasetConfig
+    from simpletuner.data.hf import HuggingFaceStorage
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -226,6 +227,8 @@ class DatasetStorage:
     It has no method that writes, moves or deletes anything: sources stay as they are.
     """
 
+    read_workers: int | None = None  # threads reading image headers (None: as many as suit the location)
+
     def __init__(self, url: str, dataset: "DatasetConfig | None" = None, retry: RetryPolicy | None = None):
         self.url = url
         self._fs, self._root, self.is_local = _filesystem(url, dataset)
@@ -317,6 +320,15 @@ class DatasetStorage:
         from PIL import Image
 
         return Image.open(io.BytesIO(self.read_bytes(relative)))
+
+
+def open_source(dataset: "DatasetConfig") -> "DatasetStorage | HuggingFaceStorage":
+    """The read-only source of a dataset entry: its folder or bucket, or its Hugging Face dataset's rows."""
+    if dataset.type == "huggingface":
+        from simpletuner.data.hf import HuggingFaceStorage
+
+        return HuggingFaceStorage.from_config(dataset)
+    return DatasetStorage.from_config(dataset)
 
 
 # --------------------------------------------------------------------------- writable places

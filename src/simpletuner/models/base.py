@@ -48,6 +48,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "KolorsPipeline": "kolors",
     "IFPipeline": "deepfloyd",
     "IFSuperResolutionPipeline": "deepfloyd (stage II)",
+    "HunyuanDiTPipeline": "hunyuan_dit",
 }
 
 # validation_noise_scheduler -> diffusers class (epsilon / v-prediction families)
@@ -146,6 +147,9 @@ class ModelFamily(ABC):
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
     t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
+    skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
+    modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
+    lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -373,12 +377,9 @@ class ModelFamily(ABC):
         """The module that trains (the UNet or transformer)."""
         return components[self.denoiser_name()]
 
-    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
-        """Write trained LoRA adapters (component name -> model carrying a peft adapter) where the family's
-        pipeline loads them: diffusers' pytorch_lora_weights.safetensors, through its save_lora_weights."""
-        from simpletuner.train.adapters import save_lora_weights
-
-        return save_lora_weights(directory, components.pipeline_class, models)
+    def architecture(self, components: Components) -> str:
+        """The base model's id in Stability AI's model spec (modelspec.architecture)."""
+        return self.modelspec_architecture or self.name
 
     @abstractmethod
     def pipeline(self, components: Components) -> DiffusionPipeline:
@@ -434,10 +435,16 @@ def _looks_like_path(source: str) -> bool:
 
 def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]:
     """model_index.json of a local folder or Hub repository, or a UserError saying why not."""
+    return read_model_json(source, "model_index.json", revision)
+
+
+def read_model_json(source: str, name: str, revision: str | None = None) -> dict[str, Any]:
+    """A JSON file of a local model folder or Hub repository (model_index.json, unet/config.json), or a
+    UserError saying why not."""
     if _is_local(source):
-        path = Path(source).expanduser() / "model_index.json"
+        path = Path(source).expanduser() / name
         if not path.is_file():
-            raise UserError(f"{source}: not a diffusers model folder (no model_index.json). Point "
+            raise UserError(f"{source}: not a diffusers model folder (no {name}). Point "
                             "pretrained_model_name_or_path at a folder saved with save_pretrained, or a Hub id.")
         try:
             return json.loads(path.read_text())
@@ -448,10 +455,10 @@ def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=_offline())
+        path = hf_hub_download(source, name, revision=revision, local_files_only=_offline())
     except Exception as error:  # hub errors come in many classes; all mean "cannot get it"
         mode = "offline (HF_HUB_OFFLINE is set) and it is not in the cache" if _offline() else str(error)
-        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch model_index.json: {mode}") from error
+        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch {name}: {mode}") from error
     return json.loads(Path(path).read_text())
 
 

@@ -1,60 +1,193 @@
-"""The final model: a diffusers-format LoRA, a LyCORIS file, or a full diffusers pipeline folder.
+"""The final model and its other forms: LoRA files, a LyCORIS file, a full or merged pipeline folder.
 
-- LoRA (lora_format): diffusers, output_dir/pytorch_lora_weights.safetensors, which the family's
-  pipeline loads with `load_lora_weights(output_dir, weight_name="pytorch_lora_weights.safetensors")`;
-  comfyui, output_dir/<run name>.safetensors in kohya names, for ComfyUI, A1111 and Forge.
+- LoRA: every LoRA file is written by `write_lora_files` from one `TrainedLora` (the trained weights
+  in diffusers' module names, the per-module alpha and the metadata), through the writers of
+  `LORA_FORMATS`. "diffusers" is the family's own file: output_dir/pytorch_lora_weights.safetensors,
+  which the family's pipeline loads whole with
+  `load_lora_weights(output_dir, weight_name="pytorch_lora_weights.safetensors")` (PixArt: peft's
+  adapter folder, as its pipeline has no LoRA loader). "comfyui" is output_dir/<run name>.safetensors
+  in kohya names with alpha tensors, for ComfyUI, A1111 and Forge (publish.ui_file, docs/UI_LORA.md).
+  The option lora_format names the formats of the final export and of every checkpoint.
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
-With EMA, the averaged weights are what is exported.
+- merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
+With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
     from simpletuner.models.base import Components, ModelFamily
-    from simpletuner.train.adapters import Trained
+    from simpletuner.train.adapters import Trained, TrainedLora
     from simpletuner.train.ema import EMA
+    from simpletuner.train.setup import Run
 
 logger = get_logger(__name__)
 PIPELINE_FOLDER = "pipeline"
 
+LoraWriter = Callable[["ModelFamily", "TrainedLora", Path], Path]
+BASE_NEEDS = ("model_configs", "base_weights")  # what a format may need of the base model (TrainedLora fields)
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """One LoRA file format: how to write it and which families can have it."""
+
+    name: str
+    description: str
+    write: LoraWriter  # (family, lora, directory) -> the file written
+    supports: Callable[[ModelFamily], bool] = lambda family: True
+    # which of BASE_NEEDS the writer needs that this LoRA lacks (a LoRA read back from a file has neither)
+    needs: Callable[[ModelFamily, TrainedLora], frozenset[str]] = lambda family, lora: frozenset()
+
+
+def _write_ui_lora(family: ModelFamily, lora: TrainedLora, directory: Path) -> Path:
+    from simpletuner.publish.ui_file import write_ui_lora
+
+    return write_ui_lora(family, lora, directory)
+
+
+def _ui_supports(family: ModelFamily) -> bool:
+    from simpletuner.publish.ui_file import ui_supports
+
+    return ui_supports(family)
+
+
+def _ui_needs(family: ModelFamily, lora: TrainedLora) -> frozenset[str]:
+    from simpletuner.publish.ui_file import ui_needs
+
+    return ui_needs(family, lora)
+
+
+def _write_family_lora(family: ModelFamily, lora: TrainedLora, directory: Path) -> Path:
+    from simpletuner.publish.lora_files import write_diffusers_lora, write_peft_lora
+
+    return write_diffusers_lora(directory, lora) if family.lora_loader else write_peft_lora(directory, lora)
+
+
+def read_family_lora(family: ModelFamily, folder: Path, pipeline_class: str) -> TrainedLora:
+    """The LoRA that the "diffusers" format wrote into `folder` (an output or checkpoint)."""
+    from simpletuner.publish.lora_files import read_diffusers_lora, read_peft_lora
+    from simpletuner.train.adapters import LORA_WEIGHTS
+
+    if not family.lora_loader:
+        return read_peft_lora(folder, pipeline_class, family.denoiser_name())
+    if not (folder / LORA_WEIGHTS).is_file():
+        raise UserError(f"{folder}: no {LORA_WEIGHTS}; it is not the output or a checkpoint of a {family.name} LoRA "
+                        "run, or a checkpoint saved before checkpoints kept the LoRA file")
+    return read_diffusers_lora(folder / LORA_WEIGHTS, pipeline_class)
+
+
+# name -> format; a new format is one entry here (its writer puts lora.metadata, publish.metadata's
+# entries, in the file's header)
+LORA_FORMATS: dict[str, LoraFormat] = {
+    "diffusers": LoraFormat("diffusers", "pytorch_lora_weights.safetensors for the pipeline's load_lora_weights "
+                            "(PixArt: peft's adapter folder)", _write_family_lora),
+    "comfyui": LoraFormat("comfyui", "<run name>.safetensors in kohya names with alpha tensors, for ComfyUI, "
+                          "A1111 and Forge", _write_ui_lora, _ui_supports, _ui_needs),
+}
+
+
+def check_lora_format(name: str, family: ModelFamily, formats: Mapping[str, LoraFormat] = LORA_FORMATS,
+                      *, refuse: bool = True) -> LoraFormat | None:
+    """The format named `name`, or a UserError if it does not exist or this family cannot have it (with
+    refuse=False: None for a format the family cannot have)."""
+    if name not in formats:
+        raise UserError(f"LoRA format {name!r} does not exist; accepted: {', '.join(formats)}")
+    chosen = formats[name]
+    if not chosen.supports(family):
+        if not refuse:
+            return None
+        can = [n for n, f in formats.items() if f.supports(family)]
+        raise UserError(f"LoRA format {name!r} is not available for model_family {family.name!r}; "
+                        f"it can have: {', '.join(can)}")
+    return chosen
+
+
+def available_lora_formats(family: ModelFamily, formats: Sequence[str],
+                           registry: Mapping[str, LoraFormat] = LORA_FORMATS) -> list[str]:
+    """The formats of `formats` (the lora_format option) that `family` can have; the others are left out
+    with a note in the log (DeepFloyd has no UI format). A UserError when none is left."""
+    kept = [name for name in formats if check_lora_format(name, family, registry, refuse=False)]
+    for name in formats:
+        if name not in kept:
+            logger.info("lora_format %s: not available for model_family %s; not written", name, family.name)
+    if not kept:
+        check_lora_format(formats[0], family, registry)  # raises, naming the formats it can have
+    return kept
+
+
+def write_lora_files(family: ModelFamily, lora: TrainedLora, directory: str | Path, formats: Sequence[str],
+                     registry: Mapping[str, LoraFormat] = LORA_FORMATS) -> list[Path]:
+    """Write `lora` into `directory` in each of `formats`; returns the files written."""
+    chosen = [check_lora_format(name, family, registry) for name in formats]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return [fmt.write(family, lora, directory) for fmt in chosen]
+
+
+# ---------------------------------------------------------------------------- from a training run
+def run_metadata(run: Run, steps: int) -> dict[str, str]:
+    """The metadata of this run's files at `steps` (publish.metadata)."""
+    from simpletuner.publish.metadata import file_metadata, summarize
+
+    sizes = {name: len(data.latent_items) for name, data in run.data.datasets.items()}
+    return file_metadata(summarize(run.cfg, run.family, run.components, steps, datasets=run.settings.datasets,
+                                   dataset_sizes=sizes))
+
+
+def trained_lora(family: ModelFamily, components: Components, trained: Trained,
+                 metadata: Mapping[str, str]) -> TrainedLora:
+    """The run's LoRA (the denoiser's adapter) as the input of every LoRA writer."""
+    from simpletuner.train.adapters import TrainedLora
+
+    return TrainedLora.from_models(components.pipeline_class, {family.denoiser_name(): trained.model}, metadata)
+
 
 def export_model(family: ModelFamily, components: Components, trained: Trained, cfg: Any,
-                 ema: EMA | None = None) -> list[Path]:
+                 ema: EMA | None = None, metadata: Mapping[str, str] | None = None) -> list[Path]:
     """Write the final weights into cfg.output_dir; returns the files or folders written."""
     output_dir = Path(cfg.output_dir)
     if ema is not None:
         ema.copy_to()
     if trained.kind == "lora":
-        models = {family.denoiser_name(): trained.model}
-        files = [family.save_lora(output_dir, components, models)] if "diffusers" in cfg.lora_format else []
-        if "comfyui" in cfg.lora_format:
-            files += _ui_lora(family, models, cfg, output_dir)
-        logger.info("exported %s", ", ".join(map(str, files)))
-        return files
-    if trained.kind == "lycoris":
+        written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), output_dir,
+                                   available_lora_formats(family, cfg.lora_format))
+    elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
 
-        written = save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config))
+        written = [save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config),
+                                        metadata)]
     else:
-        written = output_dir / PIPELINE_FOLDER
-        family.pipeline(components).save_pretrained(written, safe_serialization=True)
-    logger.info("exported %s", written)
-    return [written]
+        if cfg.fuse_qkv_projections:  # saved with diffusers' separate projections
+            from simpletuner.train.fusion import unfuse_qkv
+
+            unfuse_qkv(family.denoiser(components))
+        written = [output_dir / PIPELINE_FOLDER]
+        family.pipeline(components).save_pretrained(written[0], safe_serialization=True)
+    logger.info("exported %s", ", ".join(str(path) for path in written))
+    return written
 
 
-def _ui_lora(family: ModelFamily, models: dict[str, Any], cfg: Any, output_dir: Path) -> list[Path]:
-    """output_dir/<run name>.safetensors for ComfyUI, A1111 and Forge (publish/ui_file.py)."""
-    from simpletuner.publish.kohya import ui_format_supported
-    from simpletuner.publish.ui_file import export_ui_lora
+def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | None:
+    """For a LoRA run, what writes the run's LoRA files into a checkpoint folder (with EMA: the averaged
+    weights, as the final export); None for other runs."""
+    if run.trained.kind != "lora":
+        return None
+    formats = available_lora_formats(run.family, run.cfg.lora_format)
 
-    if not ui_format_supported(family.name):
-        logger.info("lora_format=comfyui: %s LoRAs have no ComfyUI/A1111 format; not written", family.name)
-        return []
-    run_name = cfg.tracker_run_name or output_dir.resolve().name
-    return [export_ui_lora(family.name, models, output_dir, run_name)]
+    def write(folder: Path) -> None:
+        with run.ema.applied() if run.ema is not None else nullcontext():
+            lora = trained_lora(run.family, run.components, run.trained, run_metadata(run, steps))
+        write_lora_files(run.family, lora, folder, formats)
+
+    return write

@@ -155,7 +155,7 @@ def to_ui_state_dict(
 
 def comfy_dora_scale(magnitude: Tensor, base: Tensor, up: Tensor, down: Tensor, scale: float) -> Tensor:
     """[out, 1] dora_scale with which ComfyUI's weight_decompose yields peft's DoRA weight (see module doc)."""
-    base32 = base.detach().float().flatten(1)
+    base32 = base.detach().to("cpu", torch.float32).flatten(1)
     delta = scale * (up.detach().float().flatten(1) @ down.detach().float().flatten(1))
     merged_norm = (base32 + delta).norm(dim=1, keepdim=True)
     return (magnitude.detach().float().reshape(-1, 1) * base32.norm(dim=1, keepdim=True) / merged_norm).contiguous()

@@ -1,24 +1,29 @@
-"""The LoRA file for ComfyUI, A1111 and Forge: `<run name>.safetensors` in kohya names.
+"""The LoRA file for ComfyUI, A1111 and Forge: `<run name>.safetensors` in kohya names (format "comfyui").
 
-`export_ui_lora` reads the trained peft adapters (weights, alpha, DoRA base weights), converts
-them with `publish.kohya` and writes the file with `write_ui_lora`: under a temporary name, renamed
-when complete, permissions 0644. UI users keep many LoRAs in one folder, so the file is named
-after the run.
+`write_ui_lora` converts a `TrainedLora` with `publish.kohya` (names, `.alpha` tensors, DoRA's
+`dora_scale`) and writes it with `publish.lora_files.save_file_atomic` (a temporary name, 0644,
+renamed when complete). UI users keep many LoRAs in one folder, so the file is named after the run:
+the `modelspec.title` of its metadata (tracker_run_name, else the output folder's name). The header
+holds the LoRA's metadata plus what A1111 reads (`ss_output_name`, the SD version).
 """
 
 from __future__ import annotations
 
-import os
+import math
 import re
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from simpletuner.publish.kohya import FORMATS, to_ui_state_dict
 
+if TYPE_CHECKING:
+    from simpletuner.models.base import ModelFamily
+    from simpletuner.train.adapters import TrainedLora
+
 DEFAULT_NAME = "lora"
+TITLE = "modelspec.title"
 # what A1111 reads to file a LoRA under an SD version (extensions-builtin/Lora/network.py detect_version)
 _A1111_VERSION = {"sdxl": {"ss_base_model_version": "sdxl_base_v1-0"},
                   "sdxl_refiner": {"ss_base_model_version": "sdxl_refiner_v1-0"},
@@ -32,63 +37,56 @@ def ui_file_name(run_name: str | None) -> str:
     return f"{stem or DEFAULT_NAME}.safetensors"
 
 
-def write_ui_lora(directory: str | Path, run_name: str | None, tensors: Mapping[str, Tensor],
-                  metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `tensors` to directory/<run name>.safetensors atomically (0644); returns the path."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ui_file_name(run_name)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    try:
-        save_file({key: value.detach().contiguous() for key, value in tensors.items()}, temp,
-                  metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def ui_metadata(family_name: str, run_name: str | None) -> dict[str, str]:
     """What A1111 reads from a LoRA's header: its display name and the SD version it belongs to."""
     return {"ss_output_name": Path(ui_file_name(run_name)).stem, **_A1111_VERSION.get(family_name, {})}
 
 
-def adapter_alphas(model: nn.Module, prefix: str) -> dict[str, float]:
-    """`prefix.<module>` -> the alpha the UIs need for peft's scale (alpha / rank, rsLoRA included)."""
-    return {f"{prefix}.{name}": float(layer.scaling["default"]) * int(layer.r["default"])
-            for name, layer in _lora_layers(model)}
+def ui_supports(family: ModelFamily) -> bool:
+    """Whether the family has a LoRA format that ComfyUI (and A1111/Forge where they load the family) load."""
+    return family.name in FORMATS
 
 
-def adapter_base_weights(model: nn.Module, prefix: str) -> dict[str, Tensor]:
-    """`prefix.<module>` -> the frozen weight each peft LoRA layer wraps."""
-    return {f"{prefix}.{name}": layer.get_base_layer().weight for name, layer in _lora_layers(model)}
+def ui_needs(family: ModelFamily, lora: TrainedLora) -> frozenset[str]:
+    """What the UI file needs of the base model that `lora` lacks: "model_configs" (a UNet's block layout,
+    for its original module names) and "base_weights" (the weights DoRA modules wrap, for dora_scale)."""
+    needs = set()
+    denoiser = FORMATS[family.name].denoiser if family.name in FORMATS else None
+    if (denoiser in lora.layers and FORMATS[family.name].transformer_modules is None
+            and denoiser not in lora.model_configs):
+        needs.add("model_configs")
+    if any(config.get("use_dora") and component not in lora.base_weights
+           for component, config in lora.configs.items()):
+        needs.add("base_weights")
+    return frozenset(needs)
 
 
-def export_ui_lora(family_name: str, models: Mapping[str, nn.Module], directory: str | Path,
-                   run_name: str | None, metadata: Mapping[str, str] | None = None) -> Path:
-    """Convert the peft adapters of `models` (pipeline component name -> model) and write the UI file."""
-    from simpletuner.train.adapters import lora_state_dict
-
+def ui_state_dict(family: ModelFamily, lora: TrainedLora) -> dict[str, Tensor]:
+    """The UI file's tensors for `lora` (publish.kohya's names, alphas and DoRA scales)."""
     state: dict[str, Tensor] = {}
     alphas: dict[str, float] = {}
     bases: dict[str, Tensor] = {}
-    for prefix, model in models.items():
-        state.update({f"{prefix}.{key}": value for key, value in lora_state_dict(model).items()})
-        alphas.update(adapter_alphas(model, prefix))
-        bases.update(adapter_base_weights(model, prefix))
-    denoiser = models.get(FORMATS[family_name].denoiser) if family_name in FORMATS else None
-    config = dict(denoiser.config) if denoiser is not None and hasattr(denoiser, "config") else None
-    tensors = to_ui_state_dict(family_name, state, alphas, denoiser_config=config, base_weights=bases)
-    return write_ui_lora(directory, run_name, tensors, {**ui_metadata(family_name, run_name), **(metadata or {})})
+    for component, layers in lora.layers.items():
+        state.update({f"{component}.{key}": value for key, value in layers.items()})
+        for module in lora.modules(component):
+            alphas[f"{component}.{module}"] = _ui_alpha(lora, component, module)
+        bases.update({f"{component}.{module}": weight
+                      for module, weight in lora.base_weights.get(component, {}).items()})
+    denoiser = FORMATS[family.name].denoiser if family.name in FORMATS else None
+    return to_ui_state_dict(family.name, state, alphas, denoiser_config=lora.model_configs.get(denoiser),
+                            base_weights=bases)
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+def write_ui_lora(family: ModelFamily, lora: TrainedLora, directory: Path) -> Path:
+    """directory/<run name>.safetensors (the LoraFormat writer of "comfyui"); returns the path."""
+    from simpletuner.publish.lora_files import save_file_atomic
 
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and "default" in module.lora_A]
+    run_name = lora.metadata.get(TITLE)
+    header = {**lora.metadata, **ui_metadata(family.name, run_name)}
+    return save_file_atomic(ui_state_dict(family, lora), Path(directory) / ui_file_name(run_name), header)
+
+
+def _ui_alpha(lora: TrainedLora, component: str, module: str) -> float:
+    """The alpha the UIs need for peft's scale: they scale by alpha / rank; rsLoRA scales by alpha / sqrt(rank)."""
+    alpha = lora.alpha(component, module)
+    return alpha * math.sqrt(lora.rank(component, module)) if lora.configs[component].get("use_rslora") else alpha

@@ -91,10 +91,11 @@ def make_accelerator(settings: Settings) -> Accelerator:
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
     from simpletuner.config.unimplemented import check_implemented
-    from simpletuner.models.registry import get_family
+    from simpletuner.models.registry import get_family, with_checkpoint
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.validate import validation_plan
 
+    settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
@@ -154,7 +155,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
-    from simpletuner.train.optim import build_optimizer
+    from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
     from simpletuner.train.trackers import open_tracker
 
@@ -165,6 +166,12 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.module.to(accelerator.device)
+    if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
+        trained.cast_trainable(trained_weight_dtype(cfg))
+    if cfg.fuse_qkv_projections:
+        from simpletuner.train.fusion import fuse_qkv
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
     if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
         denoiser.enable_gradient_checkpointing()
     denoiser.train()

@@ -74,7 +74,7 @@ def run_training(run: Run) -> TrainResult:
             _validate(run, step)
     bar.close()
     _save_checkpoint(run, step)
-    result.outputs = _export(run)
+    result.outputs = _export(run, step)
     return result
 
 
@@ -228,12 +228,13 @@ def _checkpoint_parts(run: Run) -> dict[str, Any]:
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
+    from simpletuner.publish.export import checkpoint_lora_writer
     from simpletuner.train.checkpoint import Progress, save_checkpoint
 
     return save_checkpoint(run.cfg.output_dir, Progress(step=step, epoch=run.sampler.epoch),
                            config=run.cfg.model_dump(mode="json"), identity=run.identity,
                            processes=run.processes, total_limit=run.cfg.checkpoints_total_limit,
-                           **_checkpoint_parts(run))
+                           write_extra=checkpoint_lora_writer(run, step), **_checkpoint_parts(run))
 
 
 def _resume(run: Run) -> int:
@@ -281,11 +282,11 @@ def _init_images(run: Run) -> dict[tuple[int, int], Any]:
     return run.init_images
 
 
-def _export(run: Run) -> list[Path]:
-    from simpletuner.publish.export import export_model
+def _export(run: Run, step: int) -> list[Path]:
+    from simpletuner.publish.export import export_model, run_metadata
 
     outputs: list[Path] = []
     if run.accelerator.is_main_process:
-        outputs = export_model(run.family, run.components, run.trained, run.cfg, run.ema)
+        outputs = export_model(run.family, run.components, run.trained, run.cfg, run.ema, run_metadata(run, step))
     run.accelerator.wait_for_everyone()
     return outputs
