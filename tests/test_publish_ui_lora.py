@@ -242,6 +242,79 @@ def test_transformer_lora_loads_fully_in_comfyui(family, preset, dora, tiny_mode
                 peft_deltas(transformer, "transformer"))
 
 
+# ----------------------------------------------------------------------------- Hunyuan-DiT
+def _hunyuan_model_keys(transformer) -> tuple[dict[str, ui.Target], set[str]]:
+    c = transformer.config
+    placements = {f"transformer.{k[:-7]}": to for k, to in ui.hunyuan_dit_to_diffusers(
+        c.num_layers, c.num_attention_heads * c.attention_head_dim).items()}
+    return placements, {target for target, _ in placements.values()}
+
+
+@pytest.mark.parametrize("preset,dora", [("attention", False), ("attention+ffs", False), ("attention+ffs", True)])
+def test_hunyuan_dit_lora_loads_fully_in_comfyui_on_its_fused_weights(preset, dora, tiny_model, tmp_path):
+    """ComfyUI knows Hunyuan-DiT LoRAs by the model's own names, with q/k/v (and the cross-attention's k/v)
+    fused: the separate LoRAs become one exact LoRA per fused weight."""
+    from diffusers import HunyuanDiT2DModel
+
+    transformer = HunyuanDiT2DModel.from_pretrained(tiny_model("hunyuan_dit"), subfolder="transformer")
+    trained_lora(transformer, list(get_family("hunyuan_dit").adapter_presets[preset]), dora=dora)
+    lora = export(tmp_path, "hunyuan_dit", {"transformer": transformer})
+    assert all(k.startswith("base_model.model.blocks.") for k in lora)
+    fused = [k for k in lora if k.endswith("attn1.Wqkv.lora_down.weight")]
+    assert fused and all(lora[k].shape[0] == 3 * RANK for k in fused)
+    assert all(lora[k.replace("lora_down.weight", "alpha")].item() == 3 * ALPHA for k in fused)
+    assert not any(".to_q." in k or ".to_k." in k for k in lora)
+    placements, model_keys = _hunyuan_model_keys(transformer)
+    deltas = peft_deltas(transformer, "transformer")
+    patches, _ = ui.comfy_load_lora(lora, ui.comfy_hunyuan_dit_key_map(model_keys))
+    assert len(patches) == len({placements[m][0] for m in deltas})  # one patch per ComfyUI weight
+    comfy_check_fused(lora, ui.comfy_hunyuan_dit_key_map(model_keys), placements,
+                      adapter_base_weights(transformer, "transformer"), deltas)
+
+
+def comfy_check_fused(lora, key_map, placements, bases, deltas) -> None:
+    """comfy_check for a model whose weights hold several of our modules: ComfyUI patches a whole weight,
+    and each module's rows of it must change by that module's delta."""
+    assert not ui.comfy_convert_lora_changes(lora)
+    patches, not_loaded = ui.comfy_load_lora(lora, key_map)
+    assert not_loaded == [], f"lora key not loaded: {not_loaded[:5]}"
+    model: dict[str, torch.Tensor] = {}
+    for module, (target, offset) in placements.items():
+        if module in bases:
+            start = offset[1] if offset else 0
+            rows = start + bases[module].shape[0]
+            current = model.get(target, torch.zeros(0, bases[module].shape[1]))
+            if current.shape[0] < rows:
+                current = torch.cat([current, torch.zeros(rows - current.shape[0], current.shape[1])])
+            current[start:rows] = bases[module].detach().float()
+            model[target] = current
+    patched = {key.rsplit("@", 1)[0]: ui.comfy_patched_weight(model[key.rsplit("@", 1)[0]], patch)
+               for key, patch in patches.items()}
+    for module, delta in deltas.items():
+        target, offset = placements[module]
+        part = (lambda w: w.narrow(*offset)) if offset else (lambda w: w)
+        close(part(patched[target]) - part(model[target]), delta, f"ComfyUI {module}")
+
+
+def test_hunyuan_dit_fusion_with_per_module_alphas_and_a_missing_part():
+    """Parts with different alpha/rank fuse exactly; a fused weight with a part not trained is refused."""
+    down, up = {n: torch.randn(r, 8) for n, r in (("to_q", 2), ("to_k", 3), ("to_v", 2))}, {}
+    up = {n: torch.randn(8, d.shape[0]) for n, d in down.items()}
+    alphas = {"to_q": 2.0, "to_k": 6.0, "to_v": 1.0}
+    state = {f"transformer.blocks.0.attn1.{n}.lora_{ab}.weight": t
+             for n in down for ab, t in (("A", down[n]), ("B", up[n]))}
+    out = to_ui_state_dict("hunyuan_dit", state, {f"transformer.blocks.0.attn1.{n}": a
+                                                  for n, a in alphas.items()})
+    key = "base_model.model.blocks.0.attn1.Wqkv"
+    fused = (out[f"{key}.alpha"] / 7) * out[f"{key}.lora_up.weight"] @ out[f"{key}.lora_down.weight"]
+    expected = torch.cat([alphas[n] / down[n].shape[0] * up[n] @ down[n] for n in ("to_q", "to_k", "to_v")])
+    close(fused, expected, "fused Wqkv")
+    del state["transformer.blocks.0.attn1.to_v.lora_A.weight"]
+    del state["transformer.blocks.0.attn1.to_v.lora_B.weight"]
+    with pytest.raises(UserError, match="one weight of 3 parts, and only 2 of them were trained"):
+        to_ui_state_dict("hunyuan_dit", state, 1.0)
+
+
 # ----------------------------------------------------------------------------- text encoders
 TEXT_CASES = {  # family: component -> (pipeline subfolder class, targets, ComfyUI's name)
     "sd1x": {"text_encoder": ("CLIPTextModel", CLIP_TARGETS, "clip_l")},
@@ -315,6 +388,22 @@ def test_real_size_unets_match_fully(family, config_name):
         layers = ui.a1111_layer_names(family, unet.config, {})
         matched, failed = ui.a1111_load_network(lora, layers)
         assert failed == {} and {ui.a1111_module_of(k, layers) for k in matched} == _modules(state), preset
+
+
+def test_real_size_hunyuan_dit_matches_fully():
+    from diffusers import HunyuanDiT2DModel
+
+    from benchmarks import architectures
+
+    with torch.device("meta"):
+        transformer = HunyuanDiT2DModel.from_config(architectures.HUNYUAN_DIT_V12)
+    placements, model_keys = _hunyuan_model_keys(transformer)
+    for preset, targets in get_family("hunyuan_dit").adapter_presets.items():
+        state = _meta_lora(transformer, list(targets), "transformer")
+        lora = to_ui_state_dict("hunyuan_dit", state, ALPHA)
+        patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_hunyuan_dit_key_map(model_keys))
+        assert not_loaded == [], preset
+        assert {p.split("@")[0] for p in patches} == {placements[m][0] for m in _modules(state)}, preset
 
 
 @pytest.mark.parametrize("family,config_name", [("sd3", "SD3_MEDIUM"), ("flux", "FLUX_DEV"),
@@ -451,7 +540,7 @@ def test_lora_format_diffusers_writes_no_ui_file(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, formats", [("sd1x", None), ("pixart_sigma", "comfyui")])
+@pytest.mark.parametrize("family, formats", [("sd1x", None), ("pixart_sigma", "comfyui"), ("hunyuan_dit", "comfyui")])
 def test_training_run_exports_the_ui_file(tmp_path, tiny_model, family, formats):
     from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
     from train_helpers import write_run
@@ -469,7 +558,8 @@ def test_training_run_exports_the_ui_file(tmp_path, tiny_model, family, formats)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     lora = load_file(str(path))
     alphas = [lora[k].item() for k in lora if k.endswith(".alpha")]
-    assert alphas and set(alphas) == {8.0}
+    fused = {"Wqkv": 3, "kv_proj": 2}  # Hunyuan-DiT: one LoRA on a fused weight has its parts' rank and alpha
+    assert alphas and all(lora[k].item() == 8.0 * fused.get(k.split(".")[-2], 1) for k in lora if k.endswith(".alpha"))
     if family == "sd1x":
         assert (output / "pytorch_lora_weights.safetensors").is_file()
         with safe_open(str(path), "pt") as f:
@@ -478,6 +568,15 @@ def test_training_run_exports_the_ui_file(tmp_path, tiny_model, family, formats)
         patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_unet_key_map(ui.comfy_unet_config(unet.config)))
         assert not_loaded == [] and len(patches) == len(alphas)
         assert ui.a1111_load_network(lora, ui.a1111_layer_names(family, unet.config, {}))[1] == {}
+    elif family == "hunyuan_dit":  # lora_format=comfyui only: no peft folder; q/k/v fused as ComfyUI holds them
+        from diffusers import HunyuanDiT2DModel
+
+        assert not (output / "adapter_model.safetensors").exists()
+        _, model_keys = _hunyuan_model_keys(HunyuanDiT2DModel.from_pretrained(tiny_model(family),
+                                                                              subfolder="transformer"))
+        patches, not_loaded = ui.comfy_load_lora(lora, ui.comfy_hunyuan_dit_key_map(model_keys))
+        assert not_loaded == [] and len(patches) == len(alphas)
+        assert any(k.endswith("attn1.Wqkv.alpha") for k in lora)
     else:  # lora_format=comfyui only: no peft folder, the ComfyUI file alone
         assert not (output / "adapter_model.safetensors").exists()
         transformer = PixArtTransformer2DModel.from_pretrained(tiny_model(family), subfolder="transformer")

@@ -7,7 +7,12 @@ ComfyUI (repo Comfy-Org/ComfyUI):
 - comfy/utils.py `unet_to_diffusers` (-> `unet_to_diffusers`), `mmdit_to_diffusers`,
   `flux_to_diffusers`, `pixart_to_diffusers` (-> `transformer_to_diffusers`; only the `.weight`
   entries, which are all `model_lora_keys_unet` keeps);
-- comfy/lora.py `model_lora_keys_unet` (-> `comfy_unet_key_map`), `model_lora_keys_clip`
+- comfy/ldm/hydit/models.py `HunYuanDiTBlock` and comfy/ldm/hydit/attn_layers.py `Attention`
+  (`Wqkv`, reshaped to (3, heads, head_dim): rows q, k, v) and `CrossAttention` (`q_proj`; `kv_proj`,
+  viewed as (2, heads, head_dim): rows k, v) (-> `hunyuan_dit_to_diffusers`: ComfyUI's Hunyuan-DiT
+  weights, for diffusers' HunyuanDiT2DModel modules);
+- comfy/lora.py `model_lora_keys_unet` (-> `comfy_unet_key_map`; its HunyuanDiT branch ->
+  `comfy_hunyuan_dit_key_map`), `model_lora_keys_clip`
   (-> `comfy_clip_key_map`), `load_lora` (-> `comfy_load_lora`), `calculate_weight` (offset
   narrowing, -> `comfy_patched_weight`);
 - comfy/lora_convert.py `convert_lora` (-> `comfy_convert_lora_changes`: which files it rewrites);
@@ -199,7 +204,33 @@ def transformer_to_diffusers(family: str, settings: Mapping[str, int], prefix: s
     return out
 
 
+def hunyuan_dit_to_diffusers(depth: int, hidden_size: int, prefix: str = "diffusion_model.") -> dict[str, Target]:
+    """ComfyUI's Hunyuan-DiT model (comfy/ldm/hydit): diffusers module weight of HunyuanDiT2DModel ->
+    (ComfyUI's weight, offset of the module's rows in it)."""
+    out: dict[str, Target] = {}
+    for i in range(depth):
+        src, dst = f"blocks.{i}", f"{prefix}blocks.{i}"  # diffusers names its block list `blocks` as well
+        for index, name in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{src}.attn1.{name}.weight"] = (f"{dst}.attn1.Wqkv.weight", (0, hidden_size * index, hidden_size))
+        for index, name in enumerate(("to_k", "to_v")):
+            out[f"{src}.attn2.{name}.weight"] = (f"{dst}.attn2.kv_proj.weight", (0, hidden_size * index, hidden_size))
+        for d, c in (("attn1.to_out.0", "attn1.out_proj"), ("attn2.to_q", "attn2.q_proj"),
+                     ("attn2.to_out.0", "attn2.out_proj"), ("ff.net.0.proj", "mlp.fc1"), ("ff.net.2", "mlp.fc2"),
+                     ("norm1.linear", "default_modulation.1")):
+            out[f"{src}.{d}.weight"] = (f"{dst}.{c}.weight", None)
+        if i > depth // 2:  # HunYuanDiT: skip=layer > depth // 2
+            out[f"{src}.skip_linear.weight"] = (f"{dst}.skip_linear.weight", None)
+    return out
+
+
 # ------------------------------------------------------------------ comfy/lora.py
+def comfy_hunyuan_dit_key_map(model_keys: set[str]) -> dict[str, Target]:
+    """model_lora_keys_unet's HunyuanDiT branch: base_model.model.<the model's own name> ("official hunyuan
+    lora format"), for every diffusion_model.*.weight key of the model's state dict."""
+    return {f"base_model.model.{k[len('diffusion_model.'):-len('.weight')]}": (k, None) for k in sorted(model_keys)
+            if k.startswith("diffusion_model.") and k.endswith(".weight")}
+
+
 def comfy_unet_key_map(unet_config: Mapping[str, Any]) -> dict[str, Target]:
     """model_lora_keys_unet for a UNet model: kohya names from the model's own (LDM) keys, kohya names
     of the diffusers keys, simpletuner lycoris names, diffusers `.processor.` names."""

@@ -11,6 +11,13 @@ into the names those loaders match, one module at a time:
   `lora_unet` with `diffusion_model` (extensions-builtin/Lora/networks.py `load_network`).
 - SD3, Flux, PixArt: `transformer.<diffusers module>`, which ComfyUI maps to its fused weights
   with offsets (comfy/utils.py `mmdit_to_diffusers`, `flux_to_diffusers`, `pixart_to_diffusers`).
+- Hunyuan-DiT: `base_model.model.<original module>` (comfy/lora.py `model_lora_keys_unet`, its
+  HunyuanDiT branch: the model's own names, comfy/ldm/hydit). Its self-attention q, k, v are one
+  weight there (`attn1.Wqkv`, rows q, k, v) and the cross-attention's k, v another (`attn2.kv_proj`,
+  rows k, v), which a LoRA key addresses whole. The separate LoRAs are written as one LoRA on the
+  fused weight, exactly: down = the parts' downs stacked (rank r_q + r_k + r_v), up = their ups on
+  the block diagonal, each part's up scaled by its alpha/rank over the first part's, and alpha = the
+  first part's alpha/rank times the fused rank. All parts must be trained together (every preset does).
 - Text encoders: `lora_te_` (SD 1.x/2.x, SDXL refiner), `lora_te1_` / `lora_te2_` / `lora_te3_`
   (one per encoder, in ComfyUI's order) + the transformers module name, dots as underscores.
 
@@ -26,7 +33,7 @@ That needs the base weights (`base_weights`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +60,14 @@ _FLUX_MODULE = re.compile(
 _SD3_MODULE = re.compile(
     _JOINT_BLOCK + r"|proj_out|context_embedder|time_text_embed\.(timestep|text)_embedder\.linear_[12]")
 _PIXART_MODULE = re.compile(r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))")
+# Hunyuan-DiT: diffusers module in blocks.N -> (ComfyUI's module in blocks.N, part, parts of it)
+_HUNYUAN_BLOCK = {"attn1.to_q": ("attn1.Wqkv", 0, 3), "attn1.to_k": ("attn1.Wqkv", 1, 3),
+                  "attn1.to_v": ("attn1.Wqkv", 2, 3), "attn1.to_out.0": ("attn1.out_proj", 0, 1),
+                  "attn2.to_q": ("attn2.q_proj", 0, 1), "attn2.to_k": ("attn2.kv_proj", 0, 2),
+                  "attn2.to_v": ("attn2.kv_proj", 1, 2), "attn2.to_out.0": ("attn2.out_proj", 0, 1),
+                  "ff.net.0.proj": ("mlp.fc1", 0, 1), "ff.net.2": ("mlp.fc2", 0, 1),
+                  "norm1.linear": ("default_modulation.1", 0, 1), "skip_linear": ("skip_linear", 0, 1)}
+_HUNYUAN_MODULE = re.compile(r"blocks\.(\d+)\.(" + "|".join(map(re.escape, _HUNYUAN_BLOCK)) + ")")
 
 # diffusers UNet resnet sub-modules -> LDM names (inside input/middle/output blocks)
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -70,13 +85,24 @@ class UIFormat:
     `denoiser`: the component prefix of the denoiser in diffusers files (unet / transformer);
     `transformer_modules`: for transformer families, the diffusers modules ComfyUI maps (None: a UNet,
     named by its LDM names); `text_encoders`: component -> kohya prefix; `text_modules`: component ->
-    the modules of it that ComfyUI maps.
+    the modules of it that ComfyUI maps; `original`: for a transformer ComfyUI knows by its original
+    names only, diffusers module -> (original module, part, parts) (parts > 1: a fused weight).
     """
 
     denoiser: str
     transformer_modules: re.Pattern[str] | None = None
     text_encoders: Mapping[str, str] = field(default_factory=dict)
     text_modules: Mapping[str, re.Pattern[str]] = field(default_factory=dict)
+    original: Callable[[str], tuple[str, int, int]] | None = None
+
+
+def hunyuan_dit_original(path: str) -> tuple[str, int, int]:
+    """A Hunyuan-DiT diffusers module -> (its name in ComfyUI's model, its part of that weight, the parts)."""
+    match = _HUNYUAN_MODULE.fullmatch(path)
+    if match is None:
+        raise KeyError(path)
+    name, part, parts = _HUNYUAN_BLOCK[match[2]]
+    return f"blocks.{match[1]}.{name}", part, parts
 
 
 _SD_TEXT = UIFormat("unet", None, {"text_encoder": "lora_te"}, {"text_encoder": _CLIP_MODULE})
@@ -95,6 +121,7 @@ FORMATS: dict[str, UIFormat] = {
                      {"text_encoder": _CLIP_MODULE, "text_encoder_2": _T5_MODULE}),
     "pixart_sigma": UIFormat("transformer", _PIXART_MODULE, {"text_encoder": "lora_te1"},
                              {"text_encoder": _T5_MODULE}),
+    "hunyuan_dit": UIFormat("transformer", _HUNYUAN_MODULE, original=hunyuan_dit_original),
 }
 
 
@@ -109,6 +136,18 @@ class _Module:
     up: Tensor | None = None
     magnitude: Tensor | None = None
     alpha: Tensor | None = None
+
+
+@dataclass
+class _Entry:
+    """One module of the UI file: its key, LoRA, alpha, and for DoRA its magnitude and base weight."""
+
+    key: str
+    down: Tensor
+    up: Tensor
+    alpha: float
+    magnitude: Tensor | None = None
+    base: Tensor | None = None
 
 
 def to_ui_state_dict(
@@ -134,23 +173,52 @@ def to_ui_state_dict(
                         f"is available for {', '.join(sorted(FORMATS))})")
     rules = FORMATS[family_name]
     layout: _UNetLayout | None = None
-    out: dict[str, Tensor] = {}
+    entries: dict[str, list[_Entry | None]] = {}
     for name, module in _group_modules(diffusers_state_dict, rules.denoiser).items():
         component, _, path = name.partition(".")
         if component == "unet" and layout is None and rules.transformer_modules is None:
             layout = _UNetLayout.from_config(denoiser_config)
         key = _ui_key(rules, layout, component, path, family_name)
-        rank = module.down.shape[0]
+        part, parts = 0, 1
+        if component == rules.denoiser and rules.original is not None:
+            original, part, parts = rules.original(path)
+            key = f"base_model.model.{original}"
         alpha = float(module.alpha) if module.alpha is not None else _alpha_for(alphas, name, component)
-        out[f"{key}.lora_down.weight"] = module.down.contiguous()
-        out[f"{key}.lora_up.weight"] = module.up.contiguous()
-        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-        if module.magnitude is not None:
-            base = (base_weights or {}).get(name)
-            if base is None:
-                raise UserError(f"DoRA module {name}: its base weight is needed to write dora_scale")
-            out[f"{key}.dora_scale"] = comfy_dora_scale(module.magnitude, base, module.up, module.down, alpha / rank)
+        base = (base_weights or {}).get(name)
+        if module.magnitude is not None and base is None:
+            raise UserError(f"DoRA module {name}: its base weight is needed to write dora_scale")
+        entries.setdefault(key, [None] * parts)[part] = _Entry(key, module.down, module.up, alpha,
+                                                               module.magnitude, base)
+    out: dict[str, Tensor] = {}
+    for key, parts in entries.items():
+        entry = _fused(key, parts)
+        out[f"{key}.lora_down.weight"] = entry.down.contiguous()
+        out[f"{key}.lora_up.weight"] = entry.up.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(entry.alpha, dtype=torch.float32)
+        if entry.magnitude is not None:
+            scale = entry.alpha / entry.down.shape[0]
+            out[f"{key}.dora_scale"] = comfy_dora_scale(entry.magnitude, entry.base, entry.up, entry.down, scale)
     return out
+
+
+def _fused(key: str, parts: list[_Entry | None]) -> _Entry:
+    """The one LoRA on a fused weight equal to its parts' LoRAs (each part: a block of rows), exactly:
+    downs stacked, ups on the block diagonal, each up scaled by its part's alpha/rank relative to the first."""
+    if len(parts) == 1:
+        return parts[0]
+    if any(part is None for part in parts):
+        raise UserError(f"LoRA module {key}: ComfyUI holds it as one weight of {len(parts)} parts, and only "
+                        f"{sum(part is not None for part in parts)} of them were trained; train all of them")
+    if len({part.magnitude is None for part in parts}) > 1:
+        raise UserError(f"LoRA module {key}: its parts mix DoRA and plain LoRA")
+    scales = [part.alpha / part.down.shape[0] for part in parts]
+    down = torch.cat([part.down for part in parts])
+    up = torch.block_diag(*[part.up * (scale / scales[0]) if scale != scales[0] else part.up
+                            for part, scale in zip(parts, scales)])
+    dora = parts[0].magnitude is not None
+    return _Entry(key, down, up, scales[0] * down.shape[0],
+                  torch.cat([part.magnitude.reshape(-1) for part in parts]) if dora else None,
+                  torch.cat([part.base for part in parts]) if dora else None)
 
 
 def comfy_dora_scale(magnitude: Tensor, base: Tensor, up: Tensor, down: Tensor, scale: float) -> Tensor:
