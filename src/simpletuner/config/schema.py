@@ -304,10 +304,10 @@ class TrainingConfig(StrictModel):
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
     lora_format: list[Literal["diffusers", "comfyui"]] = Field(
-        ["diffusers", "comfyui"], description="Standard LoRA: the files the export writes. diffusers: "
-        "pytorch_lora_weights.safetensors (PixArt: peft's adapter folder); comfyui: <run name>.safetensors in "
-        "kohya names, for ComfyUI, A1111 and Forge (not for DeepFloyd). A list, one name, or names "
-        "separated by commas.")
+        ["diffusers", "comfyui"], description="Standard LoRA: the files the final export and every checkpoint "
+        "write. diffusers: pytorch_lora_weights.safetensors (PixArt, Hunyuan-DiT: peft's adapter folder); comfyui: "
+        "<run name>.safetensors for ComfyUI, A1111 and Forge (docs/UI_LORA.md; not for DeepFloyd, whose runs "
+        "write the diffusers file only). A list, one name, or names separated by commas.")
     # data
     data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
                                             "[[datasets]] tables in a TOML configuration.")

@@ -84,7 +84,7 @@ def with_base_parts(family: ModelFamily, cfg: TrainingConfig, lora: TrainedLora,
         return lora
     source = cfg.pretrained_model_name_or_path
     configs = {component: read_model_json(source, f"{component}/config.json", cfg.revision)
-               for component in lora.layers if component not in lora.model_configs}
+               for component in lora.layers if component not in lora.model_configs} if "model_configs" in needs else {}
     bases: dict = {}
     if "base_weights" in needs:
         from simpletuner.models.base import DTypePolicy
