@@ -144,6 +144,7 @@ def test_bad_sources_and_formats_exit_2(run, tmp_path, capsys):
     ]
     for edit, message in (({"model_type": "full"}, "is a full fine-tune"),
                           ({"lora_type": "lycoris"}, "is a LyCORIS run"),
+                          ({"lora_format": ["comfyui"]}, "the run wrote lora_format comfyui only"),
                           (None, "no pytorch_lora_weights.safetensors")):
         copy = tmp_path / f"copy-{len(cases)}" / "step-000002"
         copy.mkdir(parents=True)

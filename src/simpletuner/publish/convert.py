@@ -130,6 +130,10 @@ def find_export_source(path: str | Path) -> ExportSource:
         what = ("a full fine-tune: its model is the pipeline folder output_dir/pipeline"
                 if "lora" not in config.model_type else "a LyCORIS run: its file loads through lycoris")
         raise UserError(f"{path} is {what}; export converts runs of standard LoRA (lora_type=standard)")
+    if "diffusers" not in config.lora_format:
+        raise UserError(f"{path}: the run wrote lora_format {', '.join(config.lora_format)} only; export converts "
+                        "from the diffusers file (pytorch_lora_weights.safetensors, PixArt and Hunyuan-DiT: peft's "
+                        "folder), which it did not write")
     return ExportSource(folder, kind, config, int(read_meta(checkpoint)["step"]))
 
 
