@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 import ui_loaders as ui
 from simpletuner.errors import UserError
-from simpletuner.publish.kohya import to_ui_state_dict, ui_format_supported
+from simpletuner.publish.export import LORA_FORMATS
+from simpletuner.publish.kohya import to_ui_state_dict
 from simpletuner.models.registry import get_family
 from simpletuner.publish.lora_files import save_file_atomic
 from simpletuner.publish.ui_file import ui_file_name, write_ui_lora
@@ -457,7 +458,9 @@ def test_file_name_atomic_write_permissions_and_metadata(tmp_path):
 
 def test_bad_input_is_a_clear_error():
     down, up = torch.ones(2, 8), torch.ones(8, 2)
-    assert not ui_format_supported("deepfloyd")
+    assert not LORA_FORMATS["comfyui"].supports(get_family("deepfloyd"))
+    assert all(LORA_FORMATS["comfyui"].supports(get_family(name)) for name in (*UNET_FAMILIES, "legacy", "sd3", "flux",
+                                                                               "pixart_sigma", "hunyuan_dit"))
     with pytest.raises(UserError, match="deepfloyd"):
         to_ui_state_dict("deepfloyd", {"unet.a.lora_A.weight": down, "unet.a.lora_B.weight": up}, 1.0)
     with pytest.raises(UserError, match="lacks its up"):

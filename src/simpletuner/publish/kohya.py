@@ -125,11 +125,6 @@ FORMATS: dict[str, UIFormat] = {
 }
 
 
-def ui_format_supported(family_name: str) -> bool:
-    """Whether the family has a UI (ComfyUI / A1111 / Forge) LoRA format."""
-    return family_name in FORMATS
-
-
 @dataclass
 class _Module:
     down: Tensor | None = None
