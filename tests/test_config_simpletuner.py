@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from simpletuner.config.check import check_file
 from simpletuner.config.load import load_settings
@@ -17,6 +18,7 @@ BASE = {"model_family": "flux", "model_type": "lora", "max_train_steps": 10}
 
 def _files(folder: Path, options: dict, datasets: list | None = None) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64)).save(folder / "images" / "one.png")  # `config check` refuses an empty folder
     datasets = datasets if datasets is not None else [
         {"id": "pics", "type": "local", "instance_data_dir": "images"},
         {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},

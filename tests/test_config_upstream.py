@@ -78,7 +78,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _problems(stderr: str) -> list[str]:
-    return [line[4:] for line in stderr.splitlines() if line.startswith("  - ")]
+    """The problems `config check` listed: one per "  - " line, or the one problem of "error: FILE: problem"."""
+    listed = [line[4:] for line in stderr.splitlines() if line.startswith("  - ")]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    if listed or not errors:
+        return listed
+    return [errors[-1].split(": ", 2)[-1]]
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

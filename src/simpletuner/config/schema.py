@@ -36,7 +36,8 @@ def trains_adapter(cfg: "TrainingConfig") -> bool:
 class StrictModel(BaseModel):
     """Base for every configuration model: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)  # inf and nan are never a setting: every float is finite
 
 
 class ParquetOptions(StrictModel):
@@ -128,7 +129,7 @@ class DatasetConfig(StrictModel):
         "to the file name. SimpleTuner silently trains on an empty caption; we never do."
     )
     parquet: ParquetOptions | None = Field(None, description="Metadata file options for parquet/jsonl/csv captions.")
-    resolution: float | None = Field(None, description="Target resolution; defaults to the training resolution. "
+    resolution: float | None = Field(None, gt=0, description="Target resolution; defaults to the training resolution. "
                                      "Pixels of the shorter side (pixel), megapixels (area), or pixels whose "
                                      "square gives the area (pixel_area).")
     resolution_type: ResolutionType | None = Field(None, description="How resolution is read; defaults to the "
@@ -362,6 +363,9 @@ class TrainingConfig(StrictModel):
     grad_clip_method: Literal["norm", "value"] = Field("norm", description="norm: scale the whole gradient to "
                                                        "max_grad_norm; value: clip each element. SimpleTuner "
                                                        "defaults to value; norm is the standard, better-tested one.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="An update whose loss or gradient norm is nan or inf is "
+                                     "skipped (and counted in metrics.jsonl); after this many in a row the run stops "
+                                     "with exit 2, exporting nothing.")
     train_batch_size: int = Field(1, ge=1, description="Samples per step per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser updates.")

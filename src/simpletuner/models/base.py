@@ -457,9 +457,18 @@ def read_model_json(source: str, name: str, revision: str | None = None) -> dict
     try:
         path = hf_hub_download(source, name, revision=revision, local_files_only=_offline())
     except Exception as error:  # hub errors come in many classes; all mean "cannot get it"
-        mode = "offline (HF_HUB_OFFLINE is set) and it is not in the cache" if _offline() else str(error)
-        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch {name}: {mode}") from error
+        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch {name}: "
+                        f"{_fetch_hint(error)}") from error
     return json.loads(Path(path).read_text())
+
+
+def _fetch_hint(error: Exception) -> str:
+    if _offline():
+        return ("offline (HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache; download it once on a "
+                "machine with network, or set pretrained_model_name_or_path to a local folder")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{reason} If this machine has no network: set HF_HUB_OFFLINE=1 to use a copy already in the Hugging "
+            "Face cache, or set pretrained_model_name_or_path to a local folder (saved with save_pretrained)")
 
 
 def _scheduler_class(entry: Sequence[str]) -> Any:

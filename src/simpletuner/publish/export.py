@@ -11,11 +11,14 @@
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
 - merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
-With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold).
+With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold). The final
+export is written into output_dir/.tmp-export/ first and moved into place when complete, so a failed
+export (a full disk) never leaves a half-written model under the final name.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 PIPELINE_FOLDER = "pipeline"
+STAGING_FOLDER = ".tmp-export"
 
 LoraWriter = Callable[["ModelFamily", "TrainedLora", Path], Path]
 BASE_NEEDS = ("model_configs", "base_weights")  # what a format may need of the base model (TrainedLora fields)
@@ -157,25 +161,30 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
                  ema: EMA | None = None, metadata: Mapping[str, str] | None = None) -> list[Path]:
     """Write the final weights into cfg.output_dir; returns the files or folders written."""
     output_dir = Path(cfg.output_dir)
+    staging = output_dir / STAGING_FOLDER
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that failed
+    staging.mkdir(parents=True)
     if ema is not None:
         ema.copy_to()
     if trained.kind == "lora":
-        written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), output_dir,
+        written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), staging,
                                    available_lora_formats(family, cfg.lora_format))
     elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
 
-        written = [save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config),
+        written = [save_lycoris_weights(staging, trained.module, load_lycoris_config(cfg.lycoris_config),
                                         metadata)]
     else:
         if cfg.fuse_qkv_projections:  # saved with diffusers' separate projections
             from simpletuner.train.fusion import unfuse_qkv
 
             unfuse_qkv(family.denoiser(components))
-        written = [output_dir / PIPELINE_FOLDER]
+        written = [staging / PIPELINE_FOLDER]
         family.pipeline(components).save_pretrained(written[0], safe_serialization=True)
-    logger.info("exported %s", ", ".join(str(path) for path in written))
-    return written
+    _move_into(staging, output_dir)  # every file the format wrote (peft writes a config beside the weights)
+    final = [output_dir / Path(path).relative_to(staging) for path in written]
+    logger.info("exported %s", ", ".join(str(path) for path in final))
+    return final
 
 
 def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | None:
@@ -191,3 +200,13 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
         write_lora_files(run.family, lora, folder, formats)
 
     return write
+
+
+def _move_into(staging: Path, output_dir: Path) -> None:
+    """Move each complete entry of `staging` into `output_dir`, replacing an earlier export's; remove `staging`."""
+    for entry in sorted(staging.iterdir()):
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)  # the pipeline folder of an earlier export
+        entry.replace(target)
+    staging.rmdir()

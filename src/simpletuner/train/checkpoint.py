@@ -27,7 +27,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,7 @@ from torch import nn
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.writes import explained_write_errors
 
 logger = get_logger(__name__)
 
@@ -239,22 +241,46 @@ def save_checkpoint(
     root = checkpoints_dir(output_dir)
     name = checkpoint_name(progress.step)
     temp = root / f"{_TEMP}{name}"
-    if processes.is_main:
-        remove_partial(output_dir)
-        temp.mkdir(parents=True)
-    processes.barrier()
-    torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
-    if processes.is_main:
-        _write_shared(temp, modules, states, config, write_extra)
-    processes.barrier()
     final = root / name
+    with _explained(output_dir, name, temp):
+        if processes.is_main:
+            remove_partial(output_dir)
+            temp.mkdir(parents=True)
+        processes.barrier()
+        torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
+        if processes.is_main:
+            _write_shared(temp, modules, states, config, write_extra)
+        processes.barrier()
+        if processes.is_main:
+            _seal(temp, progress, processes.world_size, identity or {})
+            _replace(temp, final)
     if processes.is_main:
-        _seal(temp, progress, processes.world_size, identity or {})
-        _replace(temp, final)
         _rotate(output_dir, total_limit)
         logger.info("saved checkpoint %s", final)
     processes.barrier()
     return final
+
+
+@contextmanager
+def _explained(output_dir: str | os.PathLike[str], name: str, temp: Path) -> Iterator[None]:
+    """A failed write (disk full...) removes the half-written folder and stops with one line; older
+    checkpoints are untouched (rotation runs only after a save completes). With several processes,
+    the others stop at their next barrier when this one exits."""
+    try:
+        with explained_write_errors(f"write checkpoint {name} in {checkpoints_dir(output_dir)}",
+                                    checkpoints_dir(output_dir), _intact(output_dir)):
+            yield
+    except UserError:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _intact(output_dir: str | os.PathLike[str]) -> str:
+    found = list_checkpoints(output_dir)
+    if not found:
+        return "no earlier checkpoint exists; free space and start again"
+    return (f"the previous checkpoint {found[-1].name} is intact: free space, then resume with "
+            "--resume_from_checkpoint latest")
 
 
 def _write_shared(temp: Path, modules: Mapping[str, nn.Module], states: Mapping[str, Stateful],

@@ -90,6 +90,7 @@ def make_accelerator(settings: Settings) -> Accelerator:
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
+    from simpletuner.config.packages import check_packages
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
@@ -98,13 +99,15 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    check_packages(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resumed_at = 0
     if resume_from is not None:
-        check_compatible(resume_from, identity, accelerator.num_processes)
+        resumed_at = check_compatible(resume_from, identity, accelerator.num_processes)["step"]
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
@@ -113,7 +116,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator))
+                           Processes.from_accelerator(accelerator), resumed_at)
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -151,7 +154,7 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes) -> Run:
+                    resume_from: Path | None, processes: Processes, resumed_at: int = 0) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
@@ -187,7 +190,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         ema = EMA(trained.parameters(), cfg.ema_decay, update_every=cfg.ema_update_interval or 1,
                   device="cpu" if cfg.ema_device == "cpu" else None)
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
-                           run_config=cfg.model_dump(mode="json"))
+                           run_config=cfg.model_dump(mode="json"), resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
                sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)
