@@ -304,6 +304,11 @@ class TrainingConfig(StrictModel):
                                           "learning_rate.")
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
+    lora_format: list[Literal["diffusers", "comfyui"]] = Field(
+        ["diffusers", "comfyui"], description="Standard LoRA: the files the final export and every checkpoint "
+        "write. diffusers: pytorch_lora_weights.safetensors (PixArt, Hunyuan-DiT: peft's adapter folder); comfyui: "
+        "<run name>.safetensors for ComfyUI, A1111 and Forge (docs/UI_LORA.md; not for DeepFloyd, whose runs "
+        "write the diffusers file only). A list, one name, or names separated by commas.")
     # data
     data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
                                             "[[datasets]] tables in a TOML configuration.")
@@ -517,6 +522,18 @@ class TrainingConfig(StrictModel):
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
 
+    @field_validator("lora_format", mode="before")
+    @classmethod
+    def _format_list(cls, value: object) -> object:
+        # SimpleTuner takes one name (--lora_format=comfyui); a comma-separated string or a list works too
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError("name at least one format: diffusers, comfyui")
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return list(dict.fromkeys(value))
+        return value
+
     @field_validator("validation_guidance_skip_layers", mode="before")
     @classmethod
     def _layers_from_text(cls, value: object) -> object:
@@ -561,4 +578,7 @@ class TrainingConfig(StrictModel):
         if self.model_type.startswith("deepfloyd-") and self.model_family != "deepfloyd":
             raise ValueError(f"model_type {self.model_type!r} trains DeepFloyd IF and needs model_family "
                              f"'deepfloyd'; for model_family {self.model_family!r} use 'full' or 'lora'")
+        if self.model_family == "deepfloyd" and self.lora_format == ["comfyui"]:
+            raise ValueError("lora_format=comfyui: ComfyUI and A1111 do not load DeepFloyd IF LoRAs; "
+                             "use lora_format=diffusers")
         return self

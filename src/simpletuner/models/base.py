@@ -435,10 +435,16 @@ def _looks_like_path(source: str) -> bool:
 
 def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]:
     """model_index.json of a local folder or Hub repository, or a UserError saying why not."""
+    return read_model_json(source, "model_index.json", revision)
+
+
+def read_model_json(source: str, name: str, revision: str | None = None) -> dict[str, Any]:
+    """A JSON file of a local model folder or Hub repository (model_index.json, unet/config.json), or a
+    UserError saying why not."""
     if _is_local(source):
-        path = Path(source).expanduser() / "model_index.json"
+        path = Path(source).expanduser() / name
         if not path.is_file():
-            raise UserError(f"{source}: not a diffusers model folder (no model_index.json). Point "
+            raise UserError(f"{source}: not a diffusers model folder (no {name}). Point "
                             "pretrained_model_name_or_path at a folder saved with save_pretrained, or a Hub id.")
         try:
             return json.loads(path.read_text())
@@ -449,9 +455,9 @@ def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=_offline())
+        path = hf_hub_download(source, name, revision=revision, local_files_only=_offline())
     except Exception as error:  # hub errors come in many classes; all mean "cannot get it"
-        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch model_index.json: "
+        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch {name}: "
                         f"{_fetch_hint(error)}") from error
     return json.loads(Path(path).read_text())
 

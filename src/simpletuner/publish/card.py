@@ -215,8 +215,10 @@ def _diffusers_section(info: CardInfo) -> str:
         code = (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
                 f"pipeline = DiffusionPipeline.from_pretrained({folder!r}, dtype=torch.bfloat16)\n")
     elif info.output_kind == "lora":
+        weights = ("pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in info.output_files
+                   else info.output_files[0])
         code = (head + f"pipeline = {cls}.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
-                f"pipeline.load_lora_weights({source!r}, weight_name={info.output_files[0]!r})\n")
+                f"pipeline.load_lora_weights({source!r}, weight_name={weights!r})\n")
     elif info.output_kind == "peft":
         code = (head + "from peft import PeftModel\n\n"
                 f"pipeline = {cls}.from_pretrained({base!r}, dtype=torch.bfloat16)\n"
@@ -244,8 +246,8 @@ def _ui_section(info: CardInfo) -> str:
         name = ui_files[0]
     else:
         intro = ("ComfyUI and A1111/Forge read a LoRA in their own (kohya) key names, as one "
-                 "`<run name>.safetensors` file; this output holds the diffusers file only "
-                 "(docs/UI_LORA.md, where your version has it, says how to write one).")
+                 "`<run name>.safetensors` file; this output holds the diffusers file only. "
+                 "`simpletuner export OUTPUT --output FOLDER --format comfyui` writes the other one.")
         name = "<run name>.safetensors"
     stem = name.rsplit("/", 1)[-1].removesuffix(".safetensors")
     return ("## Use it in ComfyUI or A1111/Forge\n\n" + intro + "\n\n"

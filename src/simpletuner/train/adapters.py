@@ -140,12 +140,17 @@ class TrainedLora:
     names without the component prefix (`<module>.lora_A.weight`, `<module>.lora_B.weight`, and
     `<module>.lora_magnitude_vector` for DoRA); `configs`: component -> the peft LoraConfig as a dict
     (rank, alpha, DoRA, targets); `metadata`: the file header entries (publish.metadata).
+    Formats that need more of the base model than the LoRA read it from `model_configs` (component ->
+    the model's config, e.g. a UNet's block layout) and `base_weights` (component -> `<module>` -> the
+    frozen weight a DoRA module wraps); `from_models` fills both, a LoRA read back from a file has neither.
     """
 
     pipeline_class: str
     layers: dict[str, dict[str, torch.Tensor]]
     configs: dict[str, dict[str, Any]]
     metadata: dict[str, str] = field(default_factory=dict)
+    model_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def from_models(cls, pipeline_class: str, models: Mapping[str, nn.Module],
@@ -158,7 +163,14 @@ class TrainedLora:
                          for key, value in get_peft_model_state_dict(model).items()}
                   for name, model in models.items()}
         configs = {name: _jsonable_config(model.peft_config["default"].to_dict()) for name, model in models.items()}
-        return cls(pipeline_class, layers, configs, dict(metadata or {}))
+        model_configs = {name: dict(model.config) for name, model in models.items()
+                         if isinstance(getattr(model, "config", None), Mapping)}
+        bases = {name: dora_base_weights(model) for name, model in models.items()
+                 if configs[name].get("use_dora")}
+        return cls(pipeline_class, layers, configs, dict(metadata or {}), model_configs, bases)
+
+    def uses_dora(self) -> bool:
+        return any(config.get("use_dora") for config in self.configs.values())
 
     def modules(self, component: str) -> list[str]:
         """The adapted modules of a component, by name."""
@@ -172,6 +184,15 @@ class TrainedLora:
     def rank(self, component: str, module: str) -> int:
         config = self.configs[component]
         return int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+
+
+def dora_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`<module>` -> the frozen base weight of each of the model's LoRA layers (not copied: it never
+    changes while the adapter trains)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module.get_base_layer().weight.detach() for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.lora_A}
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
