@@ -43,7 +43,7 @@ TRAINING: dict[str, str] = {
 }
 DATASET: dict[str, str] = {
     "is_regularisation_data": "prior-preservation (regularisation) training",
-    "conditioning_data": "masked loss and ControlNet conditioning in training",
+    "conditioning_data": "ControlNet conditioning in training (masks, conditioning_type 'mask', are built)",
 }
 
 
@@ -65,9 +65,11 @@ def unimplemented_problems(training: TrainingConfig, datasets: list[DatasetConfi
     """One line per option set to a feature this version does not do yet."""
     problems = [f"{name} = {value!r}: {feature} is not implemented in this version yet; remove the option"
                 for name, value, feature in _set(training, TRAINING)]
+    masks = {dataset.id for dataset in datasets if dataset.conditioning_type == "mask"}
     for dataset in datasets:
         problems += [f"dataset {dataset.id!r}: {name} = {value!r}: {feature} is not implemented in this version "
-                     "yet; remove the option" for name, value, feature in _set(dataset, DATASET)]
+                     "yet; remove the option" for name, value, feature in _set(dataset, DATASET)
+                     if not (name == "conditioning_data" and value in masks)]
     return problems
 
 

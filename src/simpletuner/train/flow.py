@@ -27,7 +27,8 @@ from torch import Tensor
 
 from simpletuner.errors import ConfigError
 from simpletuner.log import get_logger
-from simpletuner.train.objectives import LossType, NoiseDraw, _per_sample, elementwise_loss, offset_noise, weighted_mean
+from simpletuner.train.objectives import (LossType, NoiseDraw, _per_sample, elementwise_loss, masked, offset_noise,
+                                          weighted_mean)
 
 if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
@@ -274,9 +275,9 @@ class FlowMatchingObjective:
         return flow_loss_weights(self.sigmas(timesteps), self.weighting, logit_mean=self.logit_mean,
                                  logit_std=self.logit_std)
 
-    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
-        """Scalar loss: elementwise loss, per-sample mean, flow weights, batch mean."""
-        elementwise = elementwise_loss(prediction, target, self.loss_type, self.huber_c)
+    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Scalar loss: elementwise loss (times the loss mask, if any), per-sample mean, flow weights, batch mean."""
+        elementwise = masked(elementwise_loss(prediction, target, self.loss_type, self.huber_c), mask)
         return weighted_mean(elementwise, self.loss_weights(timesteps))
 
 
