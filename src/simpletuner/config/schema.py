@@ -538,6 +538,13 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _bitfit_trains_the_full_model(self) -> "TrainingConfig":
+        if self.layer_freeze_strategy == "bitfit" and trains_adapter(self):
+            raise ValueError(f"layer_freeze_strategy='bitfit' (use_bitfit) trains the base model's biases and needs "
+                             f"model_type 'full', but model_type is {self.model_type!r}; remove one of the two")
+        return self
+
+    @model_validator(mode="after")
     def _bf16_optimizer(self) -> "TrainingConfig":
         if self.optimizer == "adamw_bf16" and self.mixed_precision != "bf16":
             raise ValueError(f"optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not "

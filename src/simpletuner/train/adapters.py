@@ -67,6 +67,8 @@ def prepare_trainable(
     adapts when lycoris_config has no apply_preset.
     """
     if "lora" not in cfg.model_type:
+        if getattr(cfg, "layer_freeze_strategy", "none") == "bitfit":
+            return Trained("full", freeze_all_but_biases(model), model)
         model.requires_grad_(True)
         return Trained("full", model, model)
     if cfg.lora_type == "lycoris":
@@ -83,6 +85,17 @@ def prepare_trainable(
     if cfg.init_lora:
         load_lora_into(model, cfg.init_lora, prefix=prefix)
     return Trained("lora", model, model)
+
+
+def freeze_all_but_biases(model: nn.Module) -> nn.Module:
+    """BitFit (Ben Zaken et al. 2021): only the bias parameters train; returns `model`."""
+    model.requires_grad_(False)
+    biases = [parameter for name, parameter in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    if not biases:
+        raise ConfigError(f"layer_freeze_strategy='bitfit': {type(model).__name__} has no bias parameters to train")
+    for parameter in biases:
+        parameter.requires_grad_(True)
+    return model
 
 
 # -------------------------------------------------------------------------------------- LoRA
