@@ -159,8 +159,8 @@ class DatasetConfig(StrictModel):
     probability: float = Field(1.0, ge=0, description="Relative weight when sampling among datasets.")
     disable_after_epoch_step: int | None = Field(None, ge=0, description="Stop sampling this dataset after this "
                                                  "many steps.")
-    is_regularisation_data: bool = Field(False, description="Prior-preservation images (predicted by the "
-                                         "frozen base model).")
+    is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
+                                         "model's own prediction, the adapter switched off (model_type lora).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")

@@ -41,7 +41,6 @@ TRAINING: dict[str, str] = {
     "webhook_reporting_interval": "webhook notifications",
 }
 DATASET: dict[str, str] = {
-    "is_regularisation_data": "prior-preservation (regularisation) training",
     "conditioning_data": "ControlNet conditioning in training (masks, conditioning_type 'mask', are built)",
 }
 

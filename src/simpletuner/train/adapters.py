@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,11 +45,48 @@ class Trained:
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    @contextmanager
+    def base_model(self) -> Iterator[nn.Module]:
+        """The base model's own predictions while inside: the adapter switched off, then on again.
+
+        Regularisation data (is_regularisation_data) take these predictions as their targets. Full
+        training has no base to switch back to.
+        """
+        if self.kind == "full":
+            raise ConfigError(REGULARISATION_NEEDS_ADAPTER.format(dataset="a dataset", model_type="full"))
+        if self.kind == "lycoris":
+            multiplier = getattr(self.module, "multiplier", 1.0)
+            self.module.set_multiplier(0.0)
+            try:
+                yield self.model
+            finally:
+                self.module.set_multiplier(multiplier)
+            return
+        self.model.disable_adapters()
+        try:
+            yield self.model
+        finally:
+            self.model.enable_adapters()
+
     def cast_trainable(self, dtype: torch.dtype) -> None:
         """Store the trainable parameters (only) in `dtype`; frozen weights keep theirs."""
         with torch.no_grad():
             for parameter in self.parameters():
                 parameter.data = parameter.data.to(dtype)
+
+
+REGULARISATION_NEEDS_ADAPTER = (
+    "{dataset}: is_regularisation_data needs an adapter (model_type 'lora', LoRA or LyCORIS), but model_type is "
+    "{model_type!r}: a regularisation sample's target is the base model's prediction with the adapter switched off, "
+    "and full training changes the base model itself; remove one of the two")
+
+
+def check_regularisation(cfg: Any, datasets: Sequence[Any]) -> None:
+    """Regularisation datasets need an adapter to switch off: refuse them in full training, naming both options."""
+    for dataset in datasets:
+        if dataset.is_regularisation_data and "lora" not in cfg.model_type:
+            raise ConfigError(REGULARISATION_NEEDS_ADAPTER.format(dataset=f"dataset {dataset.id!r}",
+                                                                  model_type=cfg.model_type))
 
 
 def prepare_trainable(

@@ -56,6 +56,7 @@ class DatasetData:
     read_source: SourceReader | None = None  # reads sources that are no files (Hugging Face rows)
     sequential: bool = False  # its source is a stream: read in order, or from the start again
     masks: dict[int, MaskItem] = field(default_factory=dict)  # record index -> its loss mask (masked loss)
+    regularisation: bool = False  # is_regularisation_data: the base model's predictions are the targets
 
     def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         if self.on_demand is None:
@@ -135,6 +136,7 @@ class TrainingData:
                 text_store=_open_store(text_location, None),
                 read_source=storage.source_reader() if hf else None,
                 sequential=hf and storage.sequential,
+                regularisation=dataset.is_regularisation_data,
             )
         _attach_masks(settings, scans, prepared, family.vae_scale_factor(components))
         if not prepared:
@@ -240,6 +242,8 @@ class TrainingData:
                                  "text": _stack_entries(texts)}
         if conditioning and conditioning[0]:
             batch.update(_stack_entries(conditioning))
+        if any(self.datasets[ref.dataset_id].regularisation for ref in refs):
+            batch["regularisation"] = [self.datasets[ref.dataset_id].regularisation for ref in refs]
         if any(self.datasets[ref.dataset_id].masks for ref in refs):
             batch["loss_mask"] = self._masks(refs, batch["latent_mean"])
         return batch

@@ -12,7 +12,7 @@ Conventions: `alphas_cumprod` is the DDPM cumulative product of (1 - beta) over
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -354,7 +354,8 @@ class Objective:
 
 
 def training_loss(family: ModelFamily, components: Components, objective: TrainingObjective,
-                  batch: Mapping[str, Any], draw: NoiseDraw) -> Tensor:
+                  batch: Mapping[str, Any], draw: NoiseDraw,
+                  base_model: Callable[[], ContextManager[Any]] | None = None) -> Tensor:
     """The loss of one training step.
 
     `batch["latents"]` are model-space latents (already drawn and scaled, see
@@ -362,8 +363,20 @@ def training_loss(family: ModelFamily, components: Components, objective: Traini
     (caption dropout already applied, see `ModelFamily.drop_captions`); other keys are
     the family's per-sample conditioning (e.g. SDXL's original_size, crop_top_left, target_size);
     `batch["loss_mask"]`, when present, weighs the loss per latent pixel (masked loss).
+    `batch["regularisation"]` (a list of bools), when present, marks regularisation samples: their target
+    is the base model's own prediction, made inside `base_model()` (the adapter switched off).
     """
     latents = batch["latents"]
     noisy = objective.noisy_latents(latents, draw)
     prediction = family.predict(components, noisy, draw.timesteps, batch["text"], batch)
-    return objective.loss(prediction, objective.target(latents, draw), draw.timesteps, batch.get("loss_mask"))
+    target = objective.target(latents, draw)
+    regularisation = batch.get("regularisation")
+    if regularisation is not None and any(regularisation):
+        if base_model is None:
+            raise ConfigError("regularisation data (is_regularisation_data) needs the base model's predictions: "
+                              "train an adapter (model_type 'lora')")
+        with torch.no_grad(), base_model():
+            base = family.predict(components, noisy, draw.timesteps, batch["text"], batch)
+        chosen = torch.tensor(regularisation, device=target.device)
+        target = select_per_sample(~chosen, target, base.to(target.dtype))
+    return objective.loss(prediction, target, draw.timesteps, batch.get("loss_mask"))

@@ -92,12 +92,14 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
+    from simpletuner.train.adapters import check_regularisation
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    check_regularisation(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)

@@ -119,7 +119,7 @@ def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], se
     batch["latents"], batch["text"] = latents, text
     batch = run.family.draw_conditioning(run.components, batch, generator)
     draw = run.objective.draw(latents, generator)
-    return training_loss(run.family, run.components, run.objective, batch, draw)
+    return training_loss(run.family, run.components, run.objective, batch, draw, run.trained.base_model)
 
 
 def _to(value: Any, device: torch.device) -> Any:
