@@ -272,7 +272,7 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                   (None, True, "true", "True")),
     "save_text_encoder": Unsupported("trained text encoders are always saved"),
     "text_encoder_limit": Unsupported("text-encoder training runs for the whole run", _off_or(25, "25", 100, "100")),
-    "sdxl_refiner_uses_full_range": Unsupported("use refiner_training_strength=1.0"),
+    "sdxl_refiner_uses_full_range": Unsupported("leave refiner_training off to train the whole schedule"),
     "i_know_what_i_am_doing": Unsupported("safety checks cannot be turned off"),
     "smoldit": Unsupported("SmolDiT is not supported"),
     "aura_flow": Unsupported("AuraFlow is not supported"),

@@ -402,8 +402,8 @@ class TrainingConfig(StrictModel):
     timestep_bias_portion: float = Field(0.25, ge=0, le=1, description="Share of timesteps biased (earlier/later).")
     refiner_training: bool = Field(False, description="Train on the last refiner_training_strength of the schedule "
                                    "(SDXL refiner, or a second-stage expert).")
-    refiner_training_strength: float = Field(0.2, gt=0, le=1, description="Share of the schedule, at its end, that "
-                                             "the refiner learns (0.2: timesteps 199-0).")
+    refiner_training_strength: float = Field(0.2, gt=0, lt=1, description="Share of the schedule, at its end, that "
+                                             "the refiner learns (0.2: timesteps 199-0; flow matching: sigmas up to 0.2); in (0, 1).")
     refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
                                                    "base model of an expert pair).")
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
