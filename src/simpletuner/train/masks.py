@@ -35,6 +35,9 @@ def mask_partners(datasets: Iterable[DatasetConfig]) -> dict[str, DatasetConfig]
                               "conditioning_data; set conditioning_data on the image dataset its masks belong to")
     for image_id, partner in partners.items():
         image = by_id[image_id]
+        if partner.type == "huggingface":
+            raise ConfigError(f"dataset {partner.id!r}: conditioning_type='mask' reads mask files; type "
+                              "'huggingface' is not supported for masks: use a local or aws dataset")
         if image.vae_cache_clear_each_epoch:
             raise ConfigError(f"dataset {image_id!r}: vae_cache_clear_each_epoch cannot be combined with the masks "
                               f"of conditioning_data={partner.id!r} (conditioning_type='mask'): masks follow the "
