@@ -82,3 +82,10 @@ def test_options_of_features_not_built_yet_are_refused_not_ignored(tmp_path, tin
     assert main(["config", "check", str(config), *option]) == 2
     assert option[0].lstrip("-") in capsys.readouterr().err
     _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_text_encoder_training_on_a_t5_family_is_refused_naming_both(tmp_path, tiny_model, capsys, family):
+    err = _fails(capsys, write_run(tmp_path, tiny_model(family), family, train_text_encoder=True))
+    assert "train_text_encoder" in err and f"model_family {family!r}" in err and "T5" in err
+    _nothing_written(tmp_path)

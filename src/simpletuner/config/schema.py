@@ -545,6 +545,14 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _text_encoder_training_without_t5(self) -> "TrainingConfig":
+        if self.train_text_encoder and self.model_family in ("flux", "sd3", "pixart_sigma", "deepfloyd"):
+            raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
+                             "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
+                             "SD 1.x/2.x and SDXL only); remove train_text_encoder")
+        return self
+
+    @model_validator(mode="after")
     def _bf16_optimizer(self) -> "TrainingConfig":
         if self.optimizer == "adamw_bf16" and self.mixed_precision != "bf16":
             raise ValueError(f"optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not "
