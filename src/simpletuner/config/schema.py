@@ -301,6 +301,15 @@ class TrainingConfig(StrictModel):
     train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL).")
     text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoder(s); default: "
                                           "learning_rate.")
+    freeze_encoder: bool = Field(True, description="With train_text_encoder: freeze the text encoders' layers that "
+                                 "freeze_encoder_strategy names (SimpleTuner's layer-range freezing).")
+    freeze_encoder_before: int = Field(12, ge=0, description="Layer index of freeze_encoder_strategy 'before' "
+                                       "(freezes layers below it), 'between' and 'outside'.")
+    freeze_encoder_after: int = Field(17, ge=0, description="Layer index of freeze_encoder_strategy 'after' "
+                                      "(freezes layers above it), 'between' and 'outside'.")
+    freeze_encoder_strategy: Literal["before", "between", "after", "outside"] = Field(
+        "after", description="Which encoder layers freeze, as SimpleTuner counts them (layer n, before b, after a): "
+        "before: n < b; after: n > a; between: n > b or n < a; outside: b <= n <= a.")
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
     # data

@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 TRAINING: dict[str, str] = {
     "controlnet": "ControlNet training",
     "controlnet_model_name_or_path": "ControlNet training",
-    "train_text_encoder": "text-encoder training",
-    "text_encoder_lr": "text-encoder training",
     "base_model_precision": "quantised base models",
     "text_encoder_1_precision": "quantised text encoders",
     "text_encoder_2_precision": "quantised text encoders",

@@ -110,7 +110,8 @@ def trained_lora(family: ModelFamily, components: Components, trained: Trained,
     """The run's LoRA (the denoiser's adapter) as the input of every LoRA writer."""
     from simpletuner.train.adapters import TrainedLora
 
-    return TrainedLora.from_models(components.pipeline_class, {family.denoiser_name(): trained.model}, metadata)
+    return TrainedLora.from_models(components.pipeline_class,
+                                   {family.denoiser_name(): trained.model, **trained.text_encoders}, metadata)
 
 
 def export_model(family: ModelFamily, components: Components, trained: Trained, cfg: Any,

@@ -41,9 +41,11 @@ class Trained:
     kind: Literal["full", "lora", "lycoris"]
     model: nn.Module
     module: nn.Module
+    text_encoders: dict[str, nn.Module] = field(default_factory=dict)  # train_text_encoder: component -> encoder
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        modules = [self.module, *self.text_encoders.values()]
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     @contextmanager
     def base_model(self) -> Iterator[nn.Module]:

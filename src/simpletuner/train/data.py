@@ -229,17 +229,18 @@ class TrainingData:
     def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
               caption_rng: random.Random) -> dict[str, Any]:
         """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning."""
-        means, stds, texts, conditioning = [], [], [], []
+        means, stds, texts, conditioning, chosen = [], [], [], [], []
         for ref, entry in zip(refs, self._latent_entries(refs)):
             data = self.datasets[ref.dataset_id]
             means.append(entry["mean"])
             stds.append(entry["std"])
             candidates = data.captions[ref.record]
             caption = candidates[0] if len(candidates) == 1 else caption_rng.choice(candidates)
+            chosen.append(caption)
             texts.append(data.text_store.get(text_key(caption, self.text_identity)))
             conditioning.append(family.sample_conditioning(data.plan(ref)))
         batch: dict[str, Any] = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
-                                 "text": _stack_entries(texts)}
+                                 "text": _stack_entries(texts), "captions": chosen}
         if conditioning and conditioning[0]:
             batch.update(_stack_entries(conditioning))
         if any(self.datasets[ref.dataset_id].regularisation for ref in refs):
