@@ -130,3 +130,11 @@ def test_regularisation_data_in_full_training_is_refused_naming_both(tmp_path: P
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "'prior'" in err and "is_regularisation_data" in err and "model_type" in err and "'full'" in err
+
+
+def test_regularisation_data_with_text_encoder_training_is_refused_naming_both(tmp_path: Path, tiny_model,
+                                                                              capsys) -> None:
+    config = _regularisation_run(tmp_path, tiny_model("sd1x"), train_text_encoder=True)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is_regularisation_data" in err and "train_text_encoder" in err

@@ -12,6 +12,7 @@ latent size, so a changed mask, crop or bucket is a miss, never a stale hit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -52,12 +53,16 @@ class MaskItem:
     flip: bool = False
 
 
-def mask_item(location: str, record: ImageRecord, url: str, plan: ImagePlan, scale: int,
-              flip: bool = False) -> MaskItem:
-    """The item of the mask file `record` (under `location`, at `url`) for an image planned as `plan`."""
+def mask_item(location: str, record: ImageRecord, plan: ImagePlan, scale: int, flip: bool = False) -> MaskItem:
+    """The item of the mask file `record` (under `location`) for an image planned as `plan`; `scale` is the
+    number of pixels per latent cell."""
     width, height = plan.target_size
     latent_size = (height // scale, width // scale)
     key = mask_key(SourceIdentity.of(location, record), Transform.of(plan, flip), latent_size)
+    if "://" in location:
+        url = f"{location.rstrip('/')}/{record.path}"
+    else:
+        url = os.path.join(location, *record.path.split("/"))
     return MaskItem(key, url, plan, latent_size, flip)
 
 

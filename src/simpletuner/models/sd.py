@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from simpletuner.models import flavours as flavour_tables

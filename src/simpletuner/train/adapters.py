@@ -89,6 +89,10 @@ def check_regularisation(cfg: Any, datasets: Sequence[Any]) -> None:
         if dataset.is_regularisation_data and "lora" not in cfg.model_type:
             raise ConfigError(REGULARISATION_NEEDS_ADAPTER.format(dataset=f"dataset {dataset.id!r}",
                                                                   model_type=cfg.model_type))
+        if dataset.is_regularisation_data and cfg.train_text_encoder:
+            raise ConfigError(f"dataset {dataset.id!r}: is_regularisation_data cannot be combined with "
+                              "train_text_encoder=true: the base model's prediction would read the trained text "
+                              "encoders' outputs; remove one of the two")
 
 
 def prepare_trainable(

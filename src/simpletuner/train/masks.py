@@ -47,7 +47,6 @@ def mask_partners(datasets: Iterable[DatasetConfig]) -> dict[str, DatasetConfig]
 
 def mask_items_for(image_scan: Any, partner_scan: Any, latent_items: dict[int, Any], scale: int) -> dict[int, MaskItem]:
     """Record index -> the mask item of each training image that has a mask file."""
-    from simpletuner.cache.latents import _join
     from simpletuner.cache.masks import mask_item
     from simpletuner.data.pairing import pair_by_path
 
@@ -59,8 +58,7 @@ def mask_items_for(image_scan: Any, partner_scan: Any, latent_items: dict[int, A
     for index, latent in latent_items.items():
         mask_path = pairs.get(records[index].path)
         if mask_path is not None:
-            items[index] = mask_item(location, partner_records[mask_path], _join(location, mask_path), latent.plan,
-                                     scale, latent.flip)
+            items[index] = mask_item(location, partner_records[mask_path], latent.plan, scale, latent.flip)
     return items
 
 
