@@ -94,10 +94,10 @@ def test_a_fully_masked_region_gives_no_gradient_from_its_pixels(tiny_model) -> 
 
 
 def _masked_run(root: Path, model: Path, *, white_right: bool = True, black: bool = False,
-                masks: Path | None = None, **options) -> Path:
+                masks: Path | None = None, family: str = "sd1x", **options) -> Path:
     """A run whose images each have a mask file (black everywhere, or half black) in a mask dataset
     (written to root/masks, or an existing `masks` folder)."""
-    config = write_run(root, model, "sd1x", images=6, disable_validation=True, **options)
+    config = write_run(root, model, family, images=6, disable_validation=True, **options)
     images = [] if masks else sorted(Path(options.get("dataset") or root / "dataset").glob("*.png"))
     masks = masks or root / "masks"
     masks.mkdir(exist_ok=True)
@@ -116,13 +116,15 @@ def _masked_run(root: Path, model: Path, *, white_right: bool = True, black: boo
 
 
 @pytest.mark.slow
-def test_black_masks_train_nothing(tmp_path: Path, tiny_model, capsys) -> None:
+@pytest.mark.parametrize("family", ["sd1x", "flux"])
+def test_black_masks_train_nothing(tmp_path: Path, tiny_model, family: str) -> None:
     """Every pixel masked: the loss is exactly zero and the LoRA stays at its initial (zero) effect."""
-    config = _masked_run(tmp_path, tiny_model("sd1x"), black=True, max_train_steps=2)
+    config = _masked_run(tmp_path, tiny_model(family), black=True, max_train_steps=2, family=family)
     assert main(["train", str(config)]) == 0
     assert set(metrics(tmp_path / "output").values()) == {0.0}
     weights = load_file(tmp_path / "output" / "pytorch_lora_weights.safetensors")
-    assert all(torch.count_nonzero(tensor) == 0 for key, tensor in weights.items() if "lora_B" in key)
+    lora_b = [tensor for key, tensor in weights.items() if "lora_B" in key]
+    assert lora_b and all(torch.count_nonzero(tensor) == 0 for tensor in lora_b)
     shards = sorted(path.name for path in (tmp_path / "cache").rglob("masks_rank0*.shard"))
     assert shards, "no mask entries were cached"
     assert main(["train", str(config), f"--output_dir={tmp_path / 'again'}"]) == 0
