@@ -60,6 +60,13 @@ def test_lora_on_the_text_encoders_loads_in_diffusers_and_changes_the_text(tmp_p
     image_after = _sample(pipeline, size)
     assert torch.isfinite(image_after).all() and not torch.equal(image_before, image_after)
 
+    # `simpletuner export --format merged` fuses the text encoders' LoRA too
+    assert main(["export", str(output), "--format", "merged", "--output", str(tmp_path / "merged")]) == 0
+    merged = DiffusionPipeline.from_pretrained(tmp_path / "merged")
+    with_lora = DiffusionPipeline.from_pretrained(model)
+    with_lora.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors")
+    torch.testing.assert_close(_prompt_embeds(merged), _prompt_embeds(with_lora), rtol=1e-4, atol=1e-5)
+
 
 def test_full_text_encoder_training_exports_it_and_resumes_exactly(tmp_path: Path, tiny_model) -> None:
     from diffusers import DiffusionPipeline

@@ -174,16 +174,21 @@ def apply_lora(
     return model
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
 def add_lora_adapter(model: nn.Module, config: Any) -> None:
     """Freeze `model` and inject a peft LoRA adapter named "default" built from `config`."""
     from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
     try:
-        if hasattr(model, "add_adapter"):  # diffusers and transformers models keep their peft bookkeeping
+        if hasattr(model, "add_adapter") and not _is_transformers_model(model):  # diffusers' peft bookkeeping
             model.add_adapter(config)
-        else:
+        else:  # transformers 5's add_adapter asks for a newer peft than this environment's: peft injects it
             inject_adapter_in_model(config, model)
+            model.peft_config = {"default": config}  # where peft's state-dict helpers look for it
     except ValueError as error:
         raise ConfigError(f"LoRA target modules {sorted(config.target_modules)} do not fit "
                           f"{type(model).__name__}: {error}") from error

@@ -78,17 +78,11 @@ def freeze_layers(encoder: nn.Module, strategy: str, before: int, after: int) ->
 
 
 def add_text_encoder_lora(encoder: nn.Module, cfg: Any) -> None:
-    """A peft LoRA ("default") on the encoder's attention projections, injected by peft itself (transformers'
-    own `add_adapter` asks for a newer peft than this environment's)."""
-    from peft import inject_adapter_in_model
+    """A peft LoRA ("default") on the encoder's attention projections, with the UNet LoRA's settings."""
+    from simpletuner.train.adapters import apply_lora
 
-    from simpletuner.train.adapters import lora_config
-
-    config = lora_config(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_dora=cfg.use_dora,
-                         target_modules=LORA_TARGETS, init=cfg.lora_init_type)
-    encoder.requires_grad_(False)
-    inject_adapter_in_model(config, encoder)
-    encoder.peft_config = {"default": config}  # where peft's state-dict helpers look for it
+    apply_lora(encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_dora=cfg.use_dora,
+               target_modules=LORA_TARGETS, init=cfg.lora_init_type)
 
 
 def encode_in_step(family: ModelFamily, components: Components,
