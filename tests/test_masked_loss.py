@@ -15,6 +15,7 @@ from train_helpers import metrics, write_run
 from simpletuner.cache.keys import SourceIdentity, Transform
 from simpletuner.cache.latents import load_pixels
 from simpletuner.cache.masks import latent_mask, mask_key
+from simpletuner.cache.store import TensorStore
 from simpletuner.cli import main
 from simpletuner.data.records import ImagePlan, ImageRecord
 
@@ -117,7 +118,7 @@ def _masked_run(root: Path, model: Path, *, white_right: bool = True, black: boo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1x", "flux"])
-def test_black_masks_train_nothing(tmp_path: Path, tiny_model, family: str) -> None:
+def test_black_masks_train_nothing(tmp_path: Path, tiny_model, family: str, capsys) -> None:
     """Every pixel masked: the loss is exactly zero and the LoRA stays at its initial (zero) effect."""
     config = _masked_run(tmp_path, tiny_model(family), black=True, max_train_steps=2, family=family)
     assert main(["train", str(config)]) == 0
@@ -129,6 +130,13 @@ def test_black_masks_train_nothing(tmp_path: Path, tiny_model, family: str) -> N
     assert shards, "no mask entries were cached"
     assert main(["train", str(config), f"--output_dir={tmp_path / 'again'}"]) == 0
     assert sorted(path.name for path in (tmp_path / "cache").rglob("masks_rank0*.shard")) == shards  # all hits
+
+    # masks are live entries: `cache prune` keeps them, and `cache` finds them all
+    assert main(["cache", "prune", str(config)]) == 0
+    assert len(TensorStore(str(tmp_path / "cache" / "vae" / "shapes"))) == 12  # 6 latents + 6 masks
+    capsys.readouterr()
+    assert main(["cache", str(config)]) == 0
+    assert "masks: 6 unique, 6 already cached, 0 encoded" in capsys.readouterr().out
 
 
 @pytest.mark.slow
