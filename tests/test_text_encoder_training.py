@@ -138,3 +138,23 @@ def test_text_encoder_lr_gives_the_encoders_their_own_group() -> None:
     lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert all(lrs[id(p)] == 1e-4 for p in unet.parameters())
     assert all(lrs[id(p)] == 5e-6 for p in encoder.parameters())
+
+
+def test_text_encoder_lora_resumes_exactly(tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("sd1x")
+    options = {"train_text_encoder": True, "text_encoder_lr": 5e-3, "caption_dropout_probability": 0.3,
+               "disable_validation": True, "max_train_steps": 4, "checkpointing_steps": 2}
+    straight = write_run(tmp_path / "straight", model, "sd1x", **options)
+    assert main(["train", str(straight)]) == 0
+    resumed_root = tmp_path / "resumed"
+    resumed = write_run(resumed_root, model, "sd1x", dataset=tmp_path / "straight" / "dataset",
+                        resume_from_checkpoint="latest", **options)
+    shutil.copytree(tmp_path / "straight" / "output" / "checkpoints" / "step-000002",
+                    resumed_root / "output" / "checkpoints" / "step-000002")
+    assert main(["train", str(resumed)]) == 0
+    full, second = metrics(tmp_path / "straight" / "output"), metrics(resumed_root / "output")
+    assert sorted(second) == [3, 4] and all(second[step] == full[step] for step in (3, 4)), (second, full)
+    final_a = load_file(tmp_path / "straight" / "output" / "pytorch_lora_weights.safetensors")
+    final_b = load_file(resumed_root / "output" / "pytorch_lora_weights.safetensors")
+    assert any(key.startswith("text_encoder.") for key in final_a)
+    assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
