@@ -142,8 +142,7 @@ def test_conditioning_pairs_and_unpaired_conditioning_is_noted(tmp_path):
                {"id": "masks", "instance_data_dir": "masks", "dataset_type": "conditioning", "conditioning_type": "mask"},
                {"id": "edges", "instance_data_dir": "masks", "dataset_type": "conditioning"}]
     report = check_settings(load_settings(_setup(tmp_path, datasets=entries)))
-    # pairing resolves; training on conditioning is not built yet, which check says up front
-    assert len(report.problems) == 1 and "dataset 'photos': conditioning_data = 'masks'" in report.problems[0]
-    assert "not implemented in this version yet" in report.problems[0]
+    # pairing resolves; a mask partner trains with masked loss, so nothing is refused
+    assert not any("conditioning_data" in problem for problem in report.problems), report.problems
     assert any("'edges' is paired with no image dataset" in note for note in report.notes)
     assert not any("'masks' is paired" in note for note in report.notes)

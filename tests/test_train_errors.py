@@ -82,8 +82,8 @@ def test_checkpoint_of_another_configuration(tmp_path, tiny_model, capsys):
     assert sorted((tmp_path / "output" / "checkpoints").iterdir()) == checkpoints
 
 
-@pytest.mark.parametrize("option", [["--controlnet", "true"], ["--train_text_encoder", "true"],
-                                    ["--base_model_precision", "int8-quanto"], ["--validation_randomize", "true"]])
+@pytest.mark.parametrize("option", [["--controlnet", "true"], ["--base_model_precision", "int8-quanto"],
+                                    ["--validation_randomize", "true"]])
 def test_options_of_features_not_built_yet_are_refused_not_ignored(tmp_path, tiny_model, capsys, option):
     config = write_run(tmp_path, tiny_model("sd1x"), "sd1x")
     err = _fails(capsys, config, *option)
@@ -348,3 +348,10 @@ def test_a_file_size_limit_while_saving_a_checkpoint_is_one_line_and_resume_work
     assert [p.name for p in checkpoints.iterdir()] == ["step-000002"]
     assert main(["train", str(config), *resume]) == 0
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_text_encoder_training_on_a_t5_family_is_refused_naming_both(tmp_path, tiny_model, capsys, family):
+    err = _fails(capsys, write_run(tmp_path, tiny_model(family), family, train_text_encoder=True))
+    assert "train_text_encoder" in err and f"model_family {family!r}" in err and "T5" in err
+    _nothing_written(tmp_path)

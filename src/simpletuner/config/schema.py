@@ -160,8 +160,8 @@ class DatasetConfig(StrictModel):
     probability: float = Field(1.0, ge=0, description="Relative weight when sampling among datasets.")
     disable_after_epoch_step: int | None = Field(None, ge=0, description="Stop sampling this dataset after this "
                                                  "many steps.")
-    is_regularisation_data: bool = Field(False, description="Prior-preservation images (predicted by the "
-                                         "frozen base model).")
+    is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
+                                         "model's own prediction, the adapter switched off (model_type lora).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
@@ -302,6 +302,15 @@ class TrainingConfig(StrictModel):
     train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL).")
     text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoder(s); default: "
                                           "learning_rate.")
+    freeze_encoder: bool = Field(True, description="With train_text_encoder: freeze the text encoders' layers that "
+                                 "freeze_encoder_strategy names (SimpleTuner's layer-range freezing).")
+    freeze_encoder_before: int = Field(12, ge=0, description="Layer index of freeze_encoder_strategy 'before' "
+                                       "(freezes layers below it), 'between' and 'outside'.")
+    freeze_encoder_after: int = Field(17, ge=0, description="Layer index of freeze_encoder_strategy 'after' "
+                                      "(freezes layers above it), 'between' and 'outside'.")
+    freeze_encoder_strategy: Literal["before", "between", "after", "outside"] = Field(
+        "after", description="Which encoder layers freeze, as SimpleTuner counts them (layer n, before b, after a): "
+        "before: n < b; after: n > a; between: n > b or n < a; outside: b <= n <= a.")
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
     lora_format: list[Literal["diffusers", "comfyui"]] = Field(
@@ -411,8 +420,8 @@ class TrainingConfig(StrictModel):
     timestep_bias_portion: float = Field(0.25, ge=0, le=1, description="Share of timesteps biased (earlier/later).")
     refiner_training: bool = Field(False, description="Train on the last refiner_training_strength of the schedule "
                                    "(SDXL refiner, or a second-stage expert).")
-    refiner_training_strength: float = Field(0.2, gt=0, le=1, description="Share of the schedule, at its end, that "
-                                             "the refiner learns (0.2: timesteps 199-0).")
+    refiner_training_strength: float = Field(0.2, gt=0, lt=1, description="Share of the schedule, at its end, that "
+                                             "the refiner learns (0.2: timesteps 199-0; flow matching: sigmas up to 0.2); in (0, 1).")
     refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
                                                    "base model of an expert pair).")
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
@@ -564,6 +573,21 @@ class TrainingConfig(StrictModel):
                              "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
                              "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
                              "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+        return self
+
+    @model_validator(mode="after")
+    def _bitfit_trains_the_full_model(self) -> "TrainingConfig":
+        if self.layer_freeze_strategy == "bitfit" and trains_adapter(self):
+            raise ValueError(f"layer_freeze_strategy='bitfit' (use_bitfit) trains the base model's biases and needs "
+                             f"model_type 'full', but model_type is {self.model_type!r}; remove one of the two")
+        return self
+
+    @model_validator(mode="after")
+    def _text_encoder_training_without_t5(self) -> "TrainingConfig":
+        if self.train_text_encoder and self.model_family in ("flux", "sd3", "pixart_sigma", "deepfloyd"):
+            raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
+                             "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
+                             "SD 1.x/2.x and SDXL only); remove train_text_encoder")
         return self
 
     @model_validator(mode="after")

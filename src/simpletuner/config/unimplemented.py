@@ -18,9 +18,6 @@ if TYPE_CHECKING:
 TRAINING: dict[str, str] = {
     "controlnet": "ControlNet training",
     "controlnet_model_name_or_path": "ControlNet training",
-    "train_text_encoder": "text-encoder training",
-    "text_encoder_lr": "text-encoder training",
-    "layer_freeze_strategy": "bias-only (BitFit) training",
     "base_model_precision": "quantised base models",
     "text_encoder_1_precision": "quantised text encoders",
     "text_encoder_2_precision": "quantised text encoders",
@@ -36,8 +33,7 @@ TRAINING: dict[str, str] = {
     "validation_lycoris_strength": "LyCORIS strength in validation",
 }
 DATASET: dict[str, str] = {
-    "is_regularisation_data": "prior-preservation (regularisation) training",
-    "conditioning_data": "masked loss and ControlNet conditioning in training",
+    "conditioning_data": "ControlNet conditioning in training (masks, conditioning_type 'mask', are built)",
 }
 
 
@@ -59,9 +55,11 @@ def unimplemented_problems(training: TrainingConfig, datasets: list[DatasetConfi
     """One line per option set to a feature this version does not do yet."""
     problems = [f"{name} = {value!r}: {feature} is not implemented in this version yet; remove the option"
                 for name, value, feature in _set(training, TRAINING)]
+    masks = {dataset.id for dataset in datasets if dataset.conditioning_type == "mask"}
     for dataset in datasets:
         problems += [f"dataset {dataset.id!r}: {name} = {value!r}: {feature} is not implemented in this version "
-                     "yet; remove the option" for name, value, feature in _set(dataset, DATASET)]
+                     "yet; remove the option" for name, value, feature in _set(dataset, DATASET)
+                     if not (name == "conditioning_data" and value in masks)]
     return problems
 
 

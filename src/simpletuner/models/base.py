@@ -333,6 +333,10 @@ class ModelFamily(ABC):
     def trains_refiner_range(self, cfg: TrainingConfig) -> bool:
         return cfg.refiner_training
 
+    def trainable_text_encoders(self, components: Components) -> list[str]:
+        """Components that train_text_encoder trains (their text_outputs are differentiable); none by default."""
+        return []
+
     def drop_captions(self, components: Components, text: Mapping[str, Tensor], empty_text: Mapping[str, Tensor],
                       keep: Tensor, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Caption dropout: where `keep` is False, use the empty caption's text outputs.

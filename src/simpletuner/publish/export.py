@@ -151,10 +151,12 @@ def run_metadata(run: Run, steps: int) -> dict[str, str]:
 
 def trained_lora(family: ModelFamily, components: Components, trained: Trained,
                  metadata: Mapping[str, str]) -> TrainedLora:
-    """The run's LoRA (the denoiser's adapter) as the input of every LoRA writer."""
+    """The run's LoRA (the denoiser's adapter, and the text encoders' where they train) as the input of every
+    LoRA writer."""
     from simpletuner.train.adapters import TrainedLora
 
-    return TrainedLora.from_models(components.pipeline_class, {family.denoiser_name(): trained.model}, metadata)
+    return TrainedLora.from_models(components.pipeline_class,
+                                   {family.denoiser_name(): trained.model, **trained.text_encoders}, metadata)
 
 
 def export_model(family: ModelFamily, components: Components, trained: Trained, cfg: Any,

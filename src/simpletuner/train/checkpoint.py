@@ -60,7 +60,7 @@ IDENTITY_KEYS = (
     "aspect_bucket_rounding",
 )
 # options that enter the identity only when set, so checkpoints made before they existed still resume
-IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections",)
+IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections", "layer_freeze_strategy")
 # dataset options that say where caches live, not what trains: a moved cache resumes
 _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
 _SECRET = re.compile(r"secret|access_key|token|password|webhook_config", re.IGNORECASE)  # webhook URLs are secrets
@@ -111,7 +111,8 @@ def run_identity(cfg: Any, datasets: Sequence[Any] = ()) -> dict[str, Any]:
     enter as ids plus one hash of their settings, credentials left out.
     """
     identity = {key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS}
-    identity.update({key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS_WHEN_SET if getattr(cfg, key, None)})
+    identity.update({key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS_WHEN_SET
+                     if getattr(cfg, key, None) not in (None, False, "none")})
     entries = [{k: v for k, v in _without_secrets(_jsonable(d)).items() if k not in _WHERE_NOT_WHAT}
                for d in datasets]
     identity["dataset_ids"] = [e.get("id") for e in entries]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -29,6 +29,7 @@ from simpletuner.log import get_logger
 if TYPE_CHECKING:
     from simpletuner.cache.jobs import CacheSummary, LazyCache
     from simpletuner.cache.latents import LatentItem, SourceReader
+    from simpletuner.cache.masks import MaskItem
     from simpletuner.cache.store import TensorStore
     from simpletuner.config.load import Settings
     from simpletuner.data.buckets import BucketAssignment
@@ -54,6 +55,8 @@ class DatasetData:
     encoder: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # for epochs after the first
     read_source: SourceReader | None = None  # reads sources that are no files (Hugging Face rows)
     sequential: bool = False  # its source is a stream: read in order, or from the start again
+    masks: dict[int, MaskItem] = field(default_factory=dict)  # record index -> its loss mask (masked loss)
+    regularisation: bool = False  # is_regularisation_data: the base model's predictions are the targets
 
     def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         if self.on_demand is None:
@@ -133,7 +136,9 @@ class TrainingData:
                 text_store=_open_store(text_location, None),
                 read_source=storage.source_reader() if hf else None,
                 sequential=hf and storage.sequential,
+                regularisation=dataset.is_regularisation_data,
             )
+        _attach_masks(settings, scans, prepared, family.vae_scale_factor(components))
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
         return cls(prepared, vae_id, text_id, report.getvalue())
@@ -162,6 +167,7 @@ class TrainingData:
                 summaries.append(cache_texts(_all_captions(data), data.text_store,
                                              _text_encoder(family, components), self.text_identity,
                                              progress=progress))
+                summaries += self._cache_masks(data, progress)
                 continue
             # in source order inside each bucket, and a stream read by one thread: one pass per bucket
             items = sorted(data.latent_items.values(), key=lambda item: item.source)
@@ -174,7 +180,21 @@ class TrainingData:
                 self._drop_failed(data, failed)
             summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
+            summaries += self._cache_masks(data, progress)
         return summaries
+
+    def _cache_masks(self, data: DatasetData, progress: bool) -> list[CacheSummary]:
+        """Cache the dataset's loss masks; an image whose mask cannot be read leaves training (reported)."""
+        from simpletuner.cache.masks import cache_masks
+
+        if not data.masks:
+            return []
+        summary = cache_masks(list(data.masks.values()), data.latent_store, data.storage_options, progress=progress)
+        failed = {failure.key for failure in summary.failed}
+        if failed:
+            lost = {index for index, item in data.masks.items() if item.key in failed}
+            self._drop_failed(data, {item.key for index, item in data.latent_items.items() if index in lost})
+        return [summary]
 
     def _drop_failed(self, data: DatasetData, failed: set[str]) -> None:
         """Images that failed to encode are reported by the cache job; here they leave training."""
@@ -189,6 +209,7 @@ class TrainingData:
         keys: dict[str, set[str]] = {}
         for data in self.datasets.values():
             keys.setdefault(data.latent_store.url, set()).update(item.key for item in data.latent_items.values())
+            keys[data.latent_store.url].update(item.key for item in data.masks.values())
             keys.setdefault(data.text_store.url, set()).update(
                 item.key for item in text_items(_all_captions(data), self.text_identity))
         return keys
@@ -208,20 +229,36 @@ class TrainingData:
     def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
               caption_rng: random.Random) -> dict[str, Any]:
         """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning."""
-        means, stds, texts, conditioning = [], [], [], []
+        means, stds, texts, conditioning, chosen = [], [], [], [], []
         for ref, entry in zip(refs, self._latent_entries(refs)):
             data = self.datasets[ref.dataset_id]
             means.append(entry["mean"])
             stds.append(entry["std"])
             candidates = data.captions[ref.record]
             caption = candidates[0] if len(candidates) == 1 else caption_rng.choice(candidates)
+            chosen.append(caption)
             texts.append(data.text_store.get(text_key(caption, self.text_identity)))
             conditioning.append(family.sample_conditioning(data.plan(ref)))
         batch: dict[str, Any] = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
-                                 "text": _stack_entries(texts)}
+                                 "text": _stack_entries(texts), "captions": chosen}
         if conditioning and conditioning[0]:
             batch.update(_stack_entries(conditioning))
+        if any(self.datasets[ref.dataset_id].regularisation for ref in refs):
+            batch["regularisation"] = [self.datasets[ref.dataset_id].regularisation for ref in refs]
+        if any(self.datasets[ref.dataset_id].masks for ref in refs):
+            batch["loss_mask"] = self._masks(refs, batch["latent_mean"])
         return batch
+
+    def _masks(self, refs: Sequence[SampleRef], means: torch.Tensor) -> torch.Tensor:
+        """[B, 1, h, w] loss weights of a batch (masked loss); 1 where an image has no mask."""
+        from simpletuner.train.masks import batch_masks
+
+        entries = []
+        for ref in refs:
+            data = self.datasets[ref.dataset_id]
+            item = data.masks.get(_stand_in(data, ref))
+            entries.append(None if item is None else data.latent_store.get(item.key))
+        return batch_masks(entries, means)
 
     def _latent_entries(self, refs: Sequence[SampleRef]) -> list[dict[str, torch.Tensor]]:
         """Each ref's latent entry, in order; a dataset's refs are fetched (or encoded) together."""
@@ -238,6 +275,15 @@ class TrainingData:
         store = next(iter(self.datasets.values())).text_store
         entry = store.get(text_key(EMPTY_CAPTION, self.text_identity))
         return {name: tensor.unsqueeze(0) for name, tensor in entry.items()}
+
+
+def _attach_masks(settings: Settings, scans: dict[str, Any], prepared: dict[str, DatasetData], scale: int) -> None:
+    from simpletuner.train.masks import mask_items_for, mask_partners
+
+    for image_id, partner in mask_partners(settings.datasets).items():
+        if image_id in prepared and partner.id in scans:
+            data = prepared[image_id]
+            data.masks = mask_items_for(scans[image_id], scans[partner.id], data.latent_items, scale)
 
 
 def _all_captions(data: DatasetData) -> list[str]:

@@ -93,6 +93,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     from simpletuner.config.packages import check_packages
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
+    from simpletuner.train.adapters import check_regularisation
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.validate import validation_plan
 
@@ -100,6 +101,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
     check_packages(cfg, settings.datasets)
+    check_regularisation(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
@@ -160,6 +162,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     from simpletuner.train.ema import EMA
     from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
+    from simpletuner.train.text_encoders import prepare_text_encoders
     from simpletuner.train.trackers import open_tracker
 
     cfg = settings.training
@@ -168,6 +171,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     denoiser = family.denoiser(components)
     trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
+    trained.text_encoders = prepare_text_encoders(family, components, cfg)
     trained.module.to(accelerator.device)
     if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
         trained.cast_trainable(trained_weight_dtype(cfg))
@@ -183,7 +187,9 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
               if d.id in data.datasets],
         rank=accelerator.process_index, world_size=accelerator.num_processes)
     total_steps = _total_steps(cfg, sampler.steps_in_epoch)
-    optimizer = accelerator.prepare_optimizer(build_optimizer(trained.parameters(), cfg, accelerator.device.type))
+    text_parameters = [p for encoder in trained.text_encoders.values() for p in encoder.parameters()]
+    optimizer = accelerator.prepare_optimizer(build_optimizer(trained.parameters(), cfg, accelerator.device.type,
+                                                              text_encoder_params=text_parameters))
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
     ema = None
     if cfg.use_ema:

@@ -206,13 +206,18 @@ def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], se
     cpu_generator = torch.Generator().manual_seed(seed)
     raw = {key: _to(value, device) for key, value in raw.items()}
     mean, std, text = raw.pop("latent_mean"), raw.pop("latent_std"), raw.pop("text")
+    captions = raw.pop("captions", None)
     latents = run.family.latents_from_distribution(run.components, mean, std, generator)
     keep = caption_keep_mask(latents.shape[0], run.cfg.caption_dropout_probability, cpu_generator).to(device)
+    if run.trained.text_encoders:  # trained encoders: their outputs now, not the cache's
+        from simpletuner.train.text_encoders import encode_in_step
+
+        text, empty_text = encode_in_step(run.family, run.components, captions)
     text, batch = run.family.drop_captions(run.components, text, empty_text, keep, raw)
     batch["latents"], batch["text"] = latents, text
     batch = run.family.draw_conditioning(run.components, batch, generator)
     draw = run.objective.draw(latents, generator)
-    return training_loss(run.family, run.components, run.objective, batch, draw)
+    return training_loss(run.family, run.components, run.objective, batch, draw, run.trained.base_model)
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -337,7 +342,7 @@ def _checkpoint_parts(run: Run) -> dict[str, Any]:
     states: dict[str, Any] = {"optimizer": run.optimizer, "lr_scheduler": run.lr_scheduler}
     if run.ema is not None:
         states["ema"] = run.ema
-    return {"modules": {"trained": run.trained.module}, "states": states,
+    return {"modules": {"trained": run.trained.module, **run.trained.text_encoders}, "states": states,
             "rank_states": {"sampler": run.sampler}}
 
 
@@ -368,14 +373,16 @@ def _validate(run: Run, step: int) -> list[Path]:
 
     images: list[Path] = []
     if run.accelerator.is_main_process:
-        denoiser = run.family.denoiser(run.components)
+        modules = [run.family.denoiser(run.components), *run.trained.text_encoders.values()]
         set_train_mode(run.optimizer, False)
-        denoiser.eval()
+        for module in modules:
+            module.eval()
         try:
             images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
                            _init_images(run))
         finally:
-            denoiser.train()
+            for module in modules:
+                module.train()
             set_train_mode(run.optimizer, True)
     run.accelerator.wait_for_everyone()
     return images
