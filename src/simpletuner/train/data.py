@@ -10,9 +10,10 @@ training step needs.
 from __future__ import annotations
 
 import io
+import json
 import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
@@ -21,7 +22,8 @@ from simpletuner.errors import DataError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
-    from simpletuner.cache.jobs import CacheSummary, LazyCache
+    from simpletuner.cache.jobs import CacheSummary, Failure, LazyCache
+    from simpletuner.cache.text import LazyTexts
     from simpletuner.cache.latents import LatentItem
     from simpletuner.cache.store import TensorStore
     from simpletuner.config.load import Settings
@@ -32,9 +34,25 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class SkippedEntry:
+    """An image left out of this run, and why (one line of output_dir/skipped.jsonl)."""
+
+    dataset: str
+    path: str
+    stage: str  # "caption" (its caption file could not be read), "cache" (encoding failed), "train" (on demand)
+    reason: str
+
+
 @dataclass
 class DatasetData:
-    """One image dataset, ready to train: its buckets, captions, latent entries and stores."""
+    """One image dataset, ready to train: its buckets, captions, latent entries and stores.
+
+    An image that cannot be used (caption unreadable, decode or read failure when caching)
+    leaves `assignment`, `captions` and `latent_items` before the sampler is built; with
+    on-demand caching, one that fails during training joins `failed` and leaves every later
+    batch. Nothing ever stands in for it.
+    """
 
     dataset_id: str
     storage_options: dict[str, Any]
@@ -43,12 +61,14 @@ class DatasetData:
     latent_items: dict[int, LatentItem]  # record index -> its latent entry (key, source file, plan)
     latent_store: TensorStore
     text_store: TensorStore
-    on_demand: LazyCache | None = None  # encodes missing latents when a batch needs them
+    latents: LazyCache | None = None  # reads latents; encodes missing (on demand) or corrupt ones
+    texts: LazyTexts | None = None  # reads text entries; encodes corrupt ones again
+    failed: set[int] = field(default_factory=set)  # records that failed during training (on demand)
 
-    def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
-        if self.on_demand is None:
-            return self.latent_store.get(_latent_item(self, ref).key)
-        return self.on_demand.get(self.latent_items[ref.record].work())
+    def latent_entries(self, refs: Sequence[SampleRef]) -> list[dict[str, torch.Tensor] | None]:
+        """Each sample's own latent entry (None where its image failed to load)."""
+        assert self.latents is not None, "ensure_cached() opens the latent reader"
+        return self.latents.get_many([self.latent_items[ref.record].work() for ref in refs])
 
 
 @dataclass
@@ -59,6 +79,9 @@ class TrainingData:
     latent_identity: EncoderIdentity
     text_identity: EncoderIdentity
     scan_report: str
+    skipped: list[SkippedEntry] = field(default_factory=list)
+    report_path: str | None = None  # where skipped entries are appended (see `open_report`)
+    _writes_shared: bool = True
 
     @classmethod
     def prepare(cls, settings: Settings, family: ModelFamily, components: Components) -> TrainingData:
@@ -76,6 +99,7 @@ class TrainingData:
         vae_id = latent_identity(family, components, settings.training)
         text_id = text_identity(family, components, settings.training)
         prepared: dict[str, DatasetData] = {}
+        skipped: list[SkippedEntry] = []
         for dataset in settings.datasets:
             scan = scans.get(dataset.id)
             if dataset.dataset_type != "image" or scan is None or scan.assignment is None:
@@ -85,20 +109,41 @@ class TrainingData:
             records = [assignment.records[i] for i in indices]
             items = latent_items(dataset.location(), records, [assignment.plan(i) for i in indices], vae_id)
             resolver = CaptionResolver.from_config(dataset, DatasetStorage.from_config(dataset))
+            captions, unreadable = _read_captions(resolver, indices, records)
             latent_location = latent_cache_for(dataset, settings.training)
             text_location = text_cache_for(dataset, settings.datasets, settings.training).location
-            prepared[dataset.id] = DatasetData(
+            data = DatasetData(
                 dataset_id=dataset.id,
                 storage_options=storage_options_for(dataset.location(), dataset if dataset.type == "aws" else None),
                 assignment=assignment,
-                captions={index: resolver.candidates(record.path) for index, record in zip(indices, records)},
+                captions=captions,
                 latent_items=dict(zip(indices, items)),
                 latent_store=_open_store(latent_location, dataset),
                 text_store=_open_store(text_location, None),
             )
+            skipped += _drop(data, {index: ("caption", reason) for index, reason in unreadable.items()})
+            prepared[dataset.id] = data
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
-        return cls(prepared, vae_id, text_id, report.getvalue())
+        return cls(prepared, vae_id, text_id, report.getvalue(), skipped)
+
+    # ---------------------------------------------------------------- the run's report
+    def open_report(self, path: str, start: bool = True) -> None:
+        """Report skipped images at `path` (JSON lines); `start` (one process) writes it anew with those so far.
+
+        Skips before training are the same on every rank: only the process that started the report
+        writes them. Skips during training (on demand) are appended by the rank that met them.
+        """
+        self.report_path, self._writes_shared = path, start
+        if start:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.writelines(_jsonl(self.skipped))
+
+    def _skip(self, entries: list[SkippedEntry], shared: bool) -> None:
+        self.skipped += entries
+        if self.report_path is not None and entries and (self._writes_shared or not shared):
+            with open(self.report_path, "a", encoding="utf-8") as handle:
+                handle.writelines(_jsonl(entries))
 
     # ---------------------------------------------------------------- caching
     def ensure_cached(self, family: ModelFamily, components: Components, *, vae_batch_size: int,
@@ -108,32 +153,20 @@ class TrainingData:
         With `on_demand`, latents are left to be encoded (and stored) when a batch first needs them.
         """
         from simpletuner.cache.latents import cache_latents, lazy_latents
-        from simpletuner.cache.text import cache_texts
+        from simpletuner.cache.text import cache_texts, lazy_texts
 
         summaries = []
         for data in self.datasets.values():
-            if on_demand:
-                data.on_demand = lazy_latents(data.latent_store, _latent_encoder(family, components),
-                                              data.storage_options)
-                summaries.append(cache_texts(_all_captions(data), data.text_store,
-                                             _text_encoder(family, components), self.text_identity,
-                                             progress=progress))
-                continue
-            summaries.append(cache_latents(data.latent_items.values(), data.latent_store,
-                                           _latent_encoder(family, components), batch_size=vae_batch_size,
-                                           storage_options=data.storage_options, progress=progress))
-            failed = {failure.key for failure in summaries[-1].failed}
-            if failed:
-                self._drop_failed(data, failed)
+            data.latents = lazy_latents(data.latent_store, _latent_encoder(family, components), data.storage_options)
+            data.texts = lazy_texts(data.text_store, _text_encoder(family, components), self.text_identity)
+            if not on_demand:
+                summaries.append(cache_latents(data.latent_items.values(), data.latent_store,
+                                               _latent_encoder(family, components), batch_size=vae_batch_size,
+                                               storage_options=data.storage_options, progress=progress))
+                self._skip(_drop(data, _not_cached(data, summaries[-1].failed)), shared=True)
             summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
         return summaries
-
-    def _drop_failed(self, data: DatasetData, failed: set[str]) -> None:
-        """Images that failed to encode are reported by the cache job; here they leave training."""
-        data.latent_items = {index: item for index, item in data.latent_items.items() if item.key not in failed}
-        if not data.latent_items:
-            raise DataError(f"dataset {data.dataset_id!r}: every image failed to encode (see the report above)")
 
     def live_keys(self) -> dict[str, set[str]]:
         """Store location -> every key this configuration reads from it (for `cache prune`)."""
@@ -150,37 +183,63 @@ class TrainingData:
         return [store for data in self.datasets.values() for store in (data.latent_store, data.text_store)]
 
     def close(self) -> None:
-        """Commit latents encoded on demand and release the stores."""
+        """Commit entries encoded during training (on demand, or again for corrupt ones) and release the stores."""
         for data in self.datasets.values():
-            if data.on_demand is not None:
-                data.on_demand.close()
+            for reader in (data.latents, data.texts):
+                if reader is not None:
+                    reader.close()
         for store in self.stores():
             store.close()
 
     # ---------------------------------------------------------------- batches
     def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
-              caption_rng: random.Random) -> dict[str, Any]:
-        """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning."""
-        means, stds, texts, conditioning = [], [], [], []
-        for ref in refs:
-            data = self.datasets[ref.dataset_id]
-            entry = data.latent_entry(ref)
-            means.append(entry["mean"])
-            stds.append(entry["std"])
-            candidates = data.captions[ref.record]
-            caption = candidates[0] if len(candidates) == 1 else caption_rng.choice(candidates)
-            texts.append(data.text_store.get(text_key(caption, self.text_identity)))
-            conditioning.append(family.sample_conditioning(data.assignment.plan(ref.record)))
-        batch: dict[str, Any] = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
+              caption_rng: random.Random, refill: Iterator[Sequence[SampleRef]] | None = None) -> dict[str, Any]:
+        """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning.
+
+        A sample whose image fails to load (on-demand caching) is left out of the batch and
+        reported; when every sample of a batch fails, the next one is drawn from `refill`.
+        """
+        usable, entries = self._usable(refs)
+        while not usable:
+            if refill is None:
+                raise DataError(f"every image of a batch failed to load ({', '.join(r.path for r in refs)}); "
+                                f"see the report {self.report_path or 'above'}")
+            refs = next(refill)
+            usable, entries = self._usable(refs)
+        data = self.datasets[usable[0].dataset_id]
+        assert data.texts is not None, "ensure_cached() opens the text reader"
+        captions = [_pick(data.captions[ref.record], caption_rng) for ref in usable]
+        texts = data.texts.embeddings(captions)
+        conditioning = [family.sample_conditioning(data.assignment.plan(ref.record)) for ref in usable]
+        batch: dict[str, Any] = {"latent_mean": torch.stack([e["mean"] for e in entries]),
+                                 "latent_std": torch.stack([e["std"] for e in entries]),
                                  "text": _stack_entries(texts)}
         if conditioning and conditioning[0]:
             batch.update(_stack_entries(conditioning))
         return batch
 
+    def _usable(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
+        """The refs whose own latent entry is available, and those entries; failures are reported."""
+        usable, entries, failures = [], [], []
+        for dataset_id in dict.fromkeys(ref.dataset_id for ref in refs):
+            data = self.datasets[dataset_id]
+            mine = [ref for ref in refs if ref.dataset_id == dataset_id and ref.record not in data.failed]
+            for ref, entry in zip(mine, data.latent_entries(mine)):
+                if entry is not None:
+                    usable.append(ref)
+                    entries.append(entry)
+                    continue
+                data.failed.add(ref.record)
+                failure = data.latents.failed[data.latent_items[ref.record].key]
+                failures.append(SkippedEntry(dataset_id, ref.path, "train", failure.reason))
+        self._skip(failures, shared=False)
+        return usable, entries
+
     def empty_text(self) -> dict[str, torch.Tensor]:
         """Text outputs of the empty caption (batch of one), for caption dropout."""
-        store = next(iter(self.datasets.values())).text_store
-        entry = store.get(text_key(EMPTY_CAPTION, self.text_identity))
+        texts = next(iter(self.datasets.values())).texts
+        assert texts is not None, "ensure_cached() opens the text reader"
+        (entry,) = texts.embeddings([EMPTY_CAPTION])
         return {name: tensor.unsqueeze(0) for name, tensor in entry.items()}
 
 
@@ -200,13 +259,63 @@ def training_image(data: DatasetData, index: int) -> Any:
     return Image.fromarray(array)
 
 
-def _latent_item(data: DatasetData, ref: SampleRef) -> LatentItem:
-    item = data.latent_items.get(ref.record)
-    if item is not None:
-        return item
-    # the image failed to encode (reported when caching): a sibling of its bucket stands in
-    target = data.assignment.plan(ref.record).target_size
-    return next(item for item in data.latent_items.values() if item.plan.target_size == target)
+def _pick(candidates: list[str], rng: random.Random) -> str:
+    return candidates[0] if len(candidates) == 1 else rng.choice(candidates)
+
+
+def _read_captions(resolver: Any, indices: list[int], records: list[Any]) -> tuple[dict[int, list[str]],
+                                                                                  dict[int, str]]:
+    """Each record's captions, and {record: reason} for those whose caption file cannot be read."""
+    captions, unreadable = {}, {}
+    for index, record in zip(indices, records):
+        try:
+            captions[index] = resolver.candidates(record.path)
+        except OSError as error:
+            unreadable[index] = f"caption file unreadable: {type(error).__name__}: {error.strerror or error}"
+            logger.warning("skipping %s: its %s", record.path, unreadable[index])
+    return captions, unreadable
+
+
+def _not_cached(data: DatasetData, failures: Sequence[Failure]) -> dict[int, tuple[str, str]]:
+    """{record: ("cache", reason)} for images whose latent is not in the store after caching.
+
+    Read from the store (which every rank sees whole after the job), so all ranks drop the
+    same images; reasons come from this rank's failures, then from those other ranks recorded.
+    """
+    keys = [item.key for item in data.latent_items.values()]
+    present = data.latent_store.contains_many(keys)
+    if present.all():
+        return {}
+    reasons = {failure.key: failure.reason for failure in failures}
+    if len(reasons) < int((~present).sum()):
+        recorded = {entry.get("key"): entry.get("reason", "") for entry in data.latent_store.failures()}
+        reasons = {**recorded, **reasons}
+    return {index: ("cache", reasons.get(item.key, "not in the cache after encoding"))
+            for (index, item), hit in zip(data.latent_items.items(), present) if not hit}
+
+
+def _drop(data: DatasetData, records: dict[int, tuple[str, str]]) -> list[SkippedEntry]:
+    """Take these records ({record: (stage, reason)}) out of the dataset; say which buckets this empties."""
+    if not records:
+        return []
+    data.assignment, emptied = data.assignment.without(records)
+    for index in records:
+        data.latent_items.pop(index, None)
+        data.captions.pop(index, None)
+    for width, height in emptied:
+        logger.warning("dataset %r: bucket %dx%d has no image left (every one failed): dropped",
+                       data.dataset_id, width, height)
+    logger.warning("dataset %r: %d image(s) left out of training (see the report of skipped images)",
+                   data.dataset_id, len(records))
+    if not data.latent_items:
+        raise DataError(f"dataset {data.dataset_id!r}: no image is left to train on: every one failed "
+                        "(reasons above and in output_dir/skipped.jsonl)")
+    return [SkippedEntry(data.dataset_id, data.assignment.records[index].path, stage, reason)
+            for index, (stage, reason) in records.items()]
+
+
+def _jsonl(entries: Sequence[SkippedEntry]) -> list[str]:
+    return [json.dumps(asdict(entry)) + "\n" for entry in entries]
 
 
 def _stack_entries(entries: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
