@@ -19,6 +19,7 @@ from itertools import groupby
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 from simpletuner.cache.store import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ENTRIES, CorruptEntry, TensorStore
+from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
@@ -262,9 +263,11 @@ class LazyCache:
     """Get-or-encode-and-put: for training without a caching pass first.
 
     A miss is encoded on the spot with `encode_fn`, stored, and returned; later
-    reads (and later runs) hit. A stored entry that fails its checksum is encoded
-    again the same way (with a warning). An item whose `load` fails is recorded in
-    `failed` (key, source, reason), gets None, and is not tried again by this cache.
+    reads (and later runs) hit. A stored entry that fails its checks (`CorruptEntry`)
+    is encoded again the same way, with a warning; if its source cannot be loaded
+    either, a `UserError` names `cache verify --repair`. An item whose `load` fails
+    is recorded in `failed` (key, source, reason), gets None, and is not tried again
+    by this cache.
     Call `close()` (or use `with`) to commit.
     """
 
@@ -283,7 +286,7 @@ class LazyCache:
         self.hits = 0
         self.misses = 0
         self.failed: dict[str, Failure] = {}
-        self.reencoded: list[str] = []  # keys whose stored entry was corrupt
+        self.corrupt: dict[str, CorruptEntry] = {}  # keys whose stored entry failed its checks, encoded again
 
     def _cached(self, item: WorkItem) -> Entry | None:
         if item.key in self.writer:
@@ -295,7 +298,7 @@ class LazyCache:
         except CorruptEntry as error:
             logger.warning("%s; encoding it again from %s (run `simpletuner cache verify --repair CONFIG` "
                            "to drop the bad entries)", error, item.source or "its source")
-            self.reencoded.append(item.key)
+            self.corrupt[item.key] = error
             return None
 
     def get_many(self, items: Sequence[WorkItem]) -> list[Entry | None]:
@@ -319,6 +322,10 @@ class LazyCache:
                     inputs.append(self.load(item.payload))
                     loaded.append(item)
                 except Exception as error:  # noqa: BLE001 - a sample that fails to load is recorded, not fatal
+                    if item.key in self.corrupt:  # nothing to encode it from again: the store must be repaired
+                        raise UserError(f"{self.corrupt[item.key]}, and its source {item.source} cannot be read "
+                                        f"({type(error).__name__}: {error}): run `simpletuner cache verify --repair "
+                                        "CONFIG` to drop the bad entries, then run again") from None
                     self.failed[item.key] = Failure(item.key, item.source, f"{type(error).__name__}: {error}")
                     logger.warning("skipping %s: %s", item.source or item.key, error)
             if loaded:

@@ -109,6 +109,8 @@ class TrainingData:
             records = [assignment.records[i] for i in indices]
             items = latent_items(dataset.location(), records, [assignment.plan(i) for i in indices], vae_id)
             resolver = CaptionResolver.from_config(dataset, DatasetStorage.from_config(dataset))
+            skipped += [SkippedEntry(dataset.id, scan.assignment.records[record].path, "caption", reason)
+                        for record, reason in scan.unreadable_captions.items()]
             captions, unreadable = _read_captions(resolver, indices, records)
             latent_location = latent_cache_for(dataset, settings.training)
             text_location = text_cache_for(dataset, settings.datasets, settings.training).location
@@ -199,13 +201,13 @@ class TrainingData:
         A sample whose image fails to load (on-demand caching) is left out of the batch and
         reported; when every sample of a batch fails, the next one is drawn from `refill`.
         """
-        usable, entries = self._usable(refs)
+        usable, entries = self.entries(refs)
         while not usable:
             if refill is None:
                 raise DataError(f"every image of a batch failed to load ({', '.join(r.path for r in refs)}); "
                                 f"see the report {self.report_path or 'above'}")
             refs = next(refill)
-            usable, entries = self._usable(refs)
+            usable, entries = self.entries(refs)
         data = self.datasets[usable[0].dataset_id]
         assert data.texts is not None, "ensure_cached() opens the text reader"
         captions = [_pick(data.captions[ref.record], caption_rng) for ref in usable]
@@ -218,7 +220,7 @@ class TrainingData:
             batch.update(_stack_entries(conditioning))
         return batch
 
-    def _usable(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
+    def entries(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
         """The refs whose own latent entry is available, and those entries; failures are reported."""
         usable, entries, failures = [], [], []
         for dataset_id in dict.fromkeys(ref.dataset_id for ref in refs):
