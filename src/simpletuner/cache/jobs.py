@@ -19,6 +19,7 @@ from itertools import groupby
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 from simpletuner.cache.store import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ENTRIES, CorruptEntry, TensorStore
+from simpletuner.data.storage import is_transient
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 
@@ -46,6 +47,7 @@ class Failure:
     key: str
     source: str
     reason: str
+    transient: bool = False  # a connection or service error (worth a later try), not a bad file
 
 
 @dataclass
@@ -326,7 +328,8 @@ class LazyCache:
                         raise UserError(f"{self.corrupt[item.key]}, and its source {item.source} cannot be read "
                                         f"({type(error).__name__}: {error}): run `simpletuner cache verify --repair "
                                         "CONFIG` to drop the bad entries, then run again") from None
-                    self.failed[item.key] = Failure(item.key, item.source, f"{type(error).__name__}: {error}")
+                    self.failed[item.key] = Failure(item.key, item.source, f"{type(error).__name__}: {error}",
+                                                    is_transient(error))
                     logger.warning("skipping %s: %s", item.source or item.key, error)
             if loaded:
                 for item, entry in zip(loaded, split_batch(self.encode_fn(self.collate(inputs)), len(loaded))):

@@ -203,9 +203,9 @@ class TrainingData:
         """
         usable, entries = self.entries(refs)
         while not usable:
-            if refill is None:
+            if refill is None or all(len(d.failed) >= len(d.latent_items) for d in self.datasets.values()):
                 raise DataError(f"every image of a batch failed to load ({', '.join(r.path for r in refs)}); "
-                                f"see the report {self.report_path or 'above'}")
+                                f"see {self.report_path or 'the warnings above'}")
             refs = next(refill)
             usable, entries = self.entries(refs)
         data = self.datasets[usable[0].dataset_id]
@@ -221,8 +221,13 @@ class TrainingData:
         return batch
 
     def entries(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
-        """The refs whose own latent entry is available, and those entries; failures are reported."""
-        usable, entries, failures = [], [], []
+        """The refs whose own latent entry is available, and those entries; failures are reported.
+
+        Raises DataError when every image of the batch failed with a connection or service error
+        (after the retry policy): the storage is unreachable, and skipping on would skip everything.
+        """
+        usable, entries = [], []
+        failures: dict[tuple[str, int], Failure] = {}
         for dataset_id in dict.fromkeys(ref.dataset_id for ref in refs):
             data = self.datasets[dataset_id]
             mine = [ref for ref in refs if ref.dataset_id == dataset_id and ref.record not in data.failed]
@@ -230,11 +235,18 @@ class TrainingData:
                 if entry is not None:
                     usable.append(ref)
                     entries.append(entry)
-                    continue
-                data.failed.add(ref.record)
-                failure = data.latents.failed[data.latent_items[ref.record].key]
-                failures.append(SkippedEntry(dataset_id, ref.path, "train", failure.reason))
-        self._skip(failures, shared=False)
+                else:
+                    failures[(dataset_id, ref.record)] = data.latents.failed[data.latent_items[ref.record].key]
+        for (dataset_id, record), failure in failures.items():
+            self.datasets[dataset_id].failed.add(record)
+        paths = {(ref.dataset_id, ref.record): ref.path for ref in refs}
+        self._skip([SkippedEntry(dataset_id, paths[(dataset_id, record)], "train", failure.reason)
+                    for (dataset_id, record), failure in failures.items()], shared=False)
+        if not usable and failures and all(failure.transient for failure in failures.values()):
+            example = next(iter(failures.values()))
+            raise DataError(f"cannot read any image of a batch, e.g. {example.source} ({example.reason}), after "
+                            "retries: the storage looks unreachable. Check it (endpoint, network), then resume "
+                            "with --resume_from_checkpoint latest")
         return usable, entries
 
     def empty_text(self) -> dict[str, torch.Tensor]:
