@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -361,3 +362,33 @@ def test_generic_job_with_plain_work_items(tmp_path):
     assert all(len({v % 2 for v in batch}) == 1 for batch in batches)  # batches stay within a group
     assert store.get(f"{7:032x}")["v"].item() == 14
     assert isinstance(LazyCache(store, encode, load=lambda v: v, collate=list).get(items[3])["v"], torch.Tensor)
+
+
+# ---- high bit depth ---------------------------------------------------------------------------------
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from bad_inputs import gradient16, gray16_png, rgb48_png
+
+    plan = ImagePlan((64, 64), (64, 64), (0, 0, 64, 64), (64, 64))
+    expected = torch.from_numpy((gradient16() / 65535 * 255).round()).float() / 127.5 - 1
+    gray16_png(tmp_path / "gray.png")
+    pixels = load_pixels(str(tmp_path / "gray.png"), plan)
+    assert (pixels >= 1.0).float().mean() < 0.05  # Pillow's convert() alone makes 99.6% of it white
+    for channel in range(3):
+        assert torch.allclose(pixels[channel], expected, atol=1 / 127.5)
+    rgb48_png(tmp_path / "rgb.png")
+    pixels = load_pixels(str(tmp_path / "rgb.png"), plan)
+    assert torch.allclose(pixels[0], expected, atol=1 / 127.5)
+    assert torch.allclose(pixels[1], expected.flip(-1), atol=1 / 127.5)
+    half = torch.from_numpy((gradient16() // 2 / 65535 * 255).round()).float() / 127.5 - 1
+    assert torch.allclose(pixels[2], half, atol=1 / 127.5)
+
+
+def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
+    from PIL import Image
+
+    from simpletuner.cache.latents import to_8bit
+
+    values = np.linspace(0, 65535, 16).reshape(4, 4)
+    assert np.asarray(to_8bit(Image.fromarray(values.astype(np.int32), "I"))).max() == 255
+    floats = to_8bit(Image.fromarray((values / 65535).astype(np.float32), "F"))
+    assert floats.mode == "L" and np.asarray(floats)[0, 0] == 0 and np.asarray(floats)[-1, -1] == 255

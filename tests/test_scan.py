@@ -188,3 +188,25 @@ def test_find_links_checks_partners():
     with pytest.raises(ConfigError, match="must name a dataset with dataset_type='conditioning'"):
         find_links([DatasetConfig(id="a", instance_data_dir="/a", conditioning_data="b"),
                     DatasetConfig(id="b", instance_data_dir="/b")])
+
+
+# ---- sources that cannot be read as they are ------------------------------------------------------
+def test_a_self_referential_symlink_is_a_skipped_entry_with_its_reason(tmp_path, pets, capsys):
+    os.symlink("loop.jpg", pets / "loop.jpg")
+    config = _config(tmp_path, f'[[datasets]]\nid = "pets"\ninstance_data_dir = "{pets}"\n')
+    assert main(["scan", config]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "unreadable" in line)
+    assert "loop.jpg" in line and "symbolic links" in line
+
+
+def test_a_tiny_image_is_named_as_enlarged_or_skipped_by_minimum_image_size(tmp_path, pets, capsys):
+    _put(pets / "dot.jpg", _jpeg(1, 1))
+    entry = f'[[datasets]]\nid = "pets"\ninstance_data_dir = "{pets}"\n'
+    (tmp_path / "unset.toml").write_text(open(_config(tmp_path, entry)).read().replace("minimum_image_size = 128\n", ""))
+    assert main(["scan", str(tmp_path / "unset.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "enlarged more than 2x" in out and "dot.jpg: 1x1 -> 256x256" in out
+    assert main(["scan", _config(tmp_path, entry)]) == 0  # minimum_image_size = 128: it is skipped instead
+    out = capsys.readouterr().out
+    assert "too small (e.g." in out and "dot.jpg" in out and "enlarged" not in out
