@@ -119,6 +119,7 @@ class TensorStore:
             logger.warning("cache %s: ignoring unreadable manifest segment %s (%s)", self.url, name, error)
         self.segments = segments
         self.manifest = Manifest(segments)
+        self._checked_rows = np.zeros(len(self.manifest), dtype=bool)  # rows whose bytes passed their checks
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -141,10 +142,12 @@ class TensorStore:
         return self._read_row(row)
 
     def _read_row(self, row: int) -> dict[str, "torch.Tensor"]:
-        """The entry's tensors, after checking its bytes against the manifest's length and CRC-32.
+        """The entry's tensors, its bytes checked against the manifest's length and CRC-32.
 
         Raises `CorruptEntry` for a shard that is missing or too short, a checksum
-        mismatch or an unreadable header (the same checks as `cache verify`).
+        mismatch or an unreadable header (the same checks as `cache verify`). The
+        checksum is computed on the entry's first read by this reader only: entries
+        are immutable once written, and later reads (the next epochs) skip it.
         """
         m = self.manifest
         shard, offset, length = m.shard_names[m.shard[row]], int(m.offset[row]), int(m.length[row])
@@ -168,8 +171,10 @@ class TensorStore:
         length = int(self.manifest.length[row])
         if len(data) != length:
             raise corrupt(f"the shard ends {length - len(data)} bytes before the entry does")
-        if zlib.crc32(data) != int(self.manifest.crc[row]):
-            raise corrupt("checksum mismatch")
+        if not self._checked_rows[row]:
+            if zlib.crc32(data) != int(self.manifest.crc[row]):
+                raise corrupt("checksum mismatch")
+            self._checked_rows[row] = True
         try:
             return decode_entry(data, 0)
         except (ValueError, TypeError, KeyError, RuntimeError, struct.error, UnicodeDecodeError) as error:
