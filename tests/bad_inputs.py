@@ -151,5 +151,5 @@ KINDS = [
     Kind("unreadable-caption", add_unreadable_caption, "caption unreadable", 0, "caption", unprivileged=True),
     Kind("self-symlink", add_self_symlink, "loop.png", 0, None),
     Kind("1x1", add_tiny, "enlarged more than 2x", 0, None),
-    Kind("every-image-broken", only_broken, None, 2, None, ("no image is left to train on",)),
+    Kind("every-image-broken", only_broken, None, 2, "cache", ("no image is left to train on",)),
 ]

@@ -73,8 +73,8 @@ def test_bad_input(tmp_path: Path, tiny_model, capsys, kind: Kind) -> None:
         error_lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(error_lines) == 1 and kind.run_says[0] in error_lines[0], err
     else:
-        report = [json.loads(line) for line in (tmp_path / "output" / "skipped.jsonl").read_text().splitlines()]
-        assert sorted(row["path"] for row in report) == sorted(left_out)
-        assert all(row["stage"] == kind.stage and row["reason"] for row in report), report
         assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()
+    report = [json.loads(line) for line in (tmp_path / "output" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(row["path"] for row in report) == sorted(left_out)
+    assert all(row["stage"] == kind.stage and row["reason"] for row in report), report
     assert snapshot(dataset) == before

@@ -419,7 +419,16 @@ def load_index(cache: WritableLocation, location: str) -> ImageIndex | None:
 
 
 def save_index(cache: WritableLocation, index: ImageIndex) -> None:
-    cache.write_bytes(INDEX_FILE, index.to_bytes())
+    """Write the index atomically; a full disk (or a file size limit) is a DataError naming the place."""
+    import errno
+
+    try:
+        cache.write_bytes(INDEX_FILE, index.to_bytes())
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise DataError(f"cannot save the image index in {cache.url}: {os.strerror(error.errno)}; free space "
+                        "(or set cache_dir elsewhere), then run again") from None
 
 
 # --------------------------------------------------------------------------- scanning

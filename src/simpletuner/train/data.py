@@ -124,6 +124,7 @@ class TrainingData:
                 text_store=_open_store(text_location, None),
             )
             skipped += _drop(data, {index: ("caption", reason) for index, reason in unreadable.items()})
+            _check_left(data, None)
             prepared[dataset.id] = data
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
@@ -166,6 +167,7 @@ class TrainingData:
                                                _latent_encoder(family, components), batch_size=vae_batch_size,
                                                storage_options=data.storage_options, progress=progress))
                 self._skip(_drop(data, _not_cached(data, summaries[-1].failed)), shared=True)
+                _check_left(data, self.report_path)
             summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
         return summaries
@@ -321,11 +323,15 @@ def _drop(data: DatasetData, records: dict[int, tuple[str, str]]) -> list[Skippe
                        data.dataset_id, width, height)
     logger.warning("dataset %r: %d image(s) left out of training (see the report of skipped images)",
                    data.dataset_id, len(records))
-    if not data.latent_items:
-        raise DataError(f"dataset {data.dataset_id!r}: no image is left to train on: every one failed "
-                        "(reasons above and in output_dir/skipped.jsonl)")
     return [SkippedEntry(data.dataset_id, data.assignment.records[index].path, stage, reason)
             for index, (stage, reason) in records.items()]
+
+
+def _check_left(data: DatasetData, report_path: str | None) -> None:
+    if not data.latent_items:
+        listed = f"; listed in {report_path}" if report_path else ""
+        raise DataError(f"dataset {data.dataset_id!r}: no image is left to train on: every one failed "
+                        f"(reasons above{listed})")
 
 
 def _jsonl(entries: Sequence[SkippedEntry]) -> list[str]:
