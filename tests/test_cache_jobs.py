@@ -392,3 +392,63 @@ def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
     assert np.asarray(to_8bit(Image.fromarray(values.astype(np.int32), "I"))).max() == 255
     floats = to_8bit(Image.fromarray((values / 65535).astype(np.float32), "F"))
     assert floats.mode == "L" and np.asarray(floats)[0, 0] == 0 and np.asarray(floats)[-1, -1] == 255
+
+
+def _corrupt_last_entry(store_dir) -> None:
+    (shard,) = store_dir.glob("shards/*.shard")
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0xFF  # the last entry's tensor bytes
+    shard.write_bytes(bytes(data))
+
+
+def _elsewhere(item: WorkItem, source: str) -> WorkItem:
+    """The same key, read from another file."""
+    return dataclasses.replace(item, payload=dataclasses.replace(item.payload, source=source))
+
+
+def test_lazy_cache_encodes_corrupt_entries_again(dataset, tmp_path, caplog):
+    location, records, plans = dataset
+    store = TensorStore(str(tmp_path / "cache"))
+    items = [item.work() for item in latent_items(location, records[:3], plans[:3], VAE)]
+    encoder = PoolingVAE()
+    with lazy_latents(store, encoder) as lazy:
+        good = lazy.get_many(items)
+    _corrupt_last_entry(tmp_path / "cache")
+    with caplog.at_level("WARNING"), lazy_latents(TensorStore(store.url), encoder) as lazy:
+        again = lazy.get_many(items)
+        assert len(lazy.corrupt) == 1 and encoder.samples == 4  # the one corrupt entry, encoded again
+    assert all(torch.equal(a["mean"], b["mean"]) for a, b in zip(again, good))
+    assert "checksum mismatch" in caplog.text and "cache verify --repair" in caplog.text
+
+
+def test_lazy_cache_records_failed_loads_and_stops_on_a_corrupt_entry_without_source(dataset, tmp_path):
+    from simpletuner.errors import UserError
+
+    location, records, plans = dataset
+    store = TensorStore(str(tmp_path / "cache"))
+    items = [item.work() for item in latent_items(location, records[:3], plans[:3], VAE)]
+    encoder = PoolingVAE()
+    with lazy_latents(store, encoder) as lazy:
+        lazy.get_many(items[:2])
+        missing = _elsewhere(items[2], str(tmp_path / "gone.png"))
+        assert lazy.get_many([missing, items[0]])[0] is None  # not stored: recorded, None, not retried
+        assert lazy.failed[missing.key].reason.startswith("FileNotFoundError")
+        assert not lazy.failed[missing.key].transient
+        assert lazy.get(missing) is None and encoder.samples == 2
+    assert [f["key"] for f in TensorStore(store.url).failures()] == [missing.key]
+    _corrupt_last_entry(tmp_path / "cache")
+    stored = [item for item in items[:2] if not _reads(store.url, item.key)]
+    assert len(stored) == 1
+    with lazy_latents(TensorStore(store.url), encoder) as lazy:
+        with pytest.raises(UserError, match="is corrupt .checksum mismatch.*cache verify --repair"):
+            lazy.get(_elsewhere(stored[0], str(tmp_path / "gone.png")))
+
+
+def _reads(url: str, key: str) -> bool:
+    from simpletuner.cache.store import CorruptEntry
+
+    try:
+        TensorStore(url).get(key)
+    except CorruptEntry:
+        return False
+    return True
