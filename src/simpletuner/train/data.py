@@ -210,11 +210,12 @@ class TrainingData:
                                 f"see {self.report_path or 'the warnings above'}")
             refs = next(refill)
             usable, entries = self.entries(refs)
-        data = self.datasets[usable[0].dataset_id]
-        assert data.texts is not None, "ensure_cached() opens the text reader"
-        captions = [_pick(data.captions[ref.record], caption_rng) for ref in usable]
-        texts = data.texts.embeddings(captions)
-        conditioning = [family.sample_conditioning(data.assignment.plan(ref.record)) for ref in usable]
+        texts, conditioning = [], []
+        for ref in usable:
+            data = self.datasets[ref.dataset_id]
+            assert data.texts is not None, "ensure_cached() opens the text reader"
+            texts += data.texts.embeddings([_pick(data.captions[ref.record], caption_rng)])
+            conditioning.append(family.sample_conditioning(data.assignment.plan(ref.record)))
         batch: dict[str, Any] = {"latent_mean": torch.stack([e["mean"] for e in entries]),
                                  "latent_std": torch.stack([e["std"] for e in entries]),
                                  "text": _stack_entries(texts)}
