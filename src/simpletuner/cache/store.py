@@ -24,6 +24,9 @@ Why this design:
   about 40 MB of numpy arrays.
 - Readers see the manifest as of `open`/`refresh()`; entries are immutable once
   written, so concurrent readers need no locks.
+- A reader checks each entry's length and CRC-32 (kept in the manifest) on its first
+  read of it and raises `CorruptEntry` on a mismatch; a full disk while writing is one
+  `CacheDiskFull` (a UserError), and the partial shard is deleted.
 """
 
 from __future__ import annotations
@@ -313,7 +316,8 @@ class ShardWriter:
     def get(self, key: str) -> dict[str, "torch.Tensor"]:
         """An entry put but not yet committed."""
         i = self._pending[key]
-        self._file.flush()
+        with self._disk_full_guard():
+            self._file.flush()
         self._file.seek(self._offsets[i])
         data = self._file.read(self._lengths[i])
         return decode_entry(data, 0)
