@@ -1,5 +1,6 @@
 """A cache location on S3 (a real moto server on 127.0.0.1): write, read, resume, verify, prune."""
 
+import pytest
 import torch
 
 from s3server import ACCESS_KEY, REGION, SECRET_KEY
@@ -107,9 +108,11 @@ def test_open_image_reads_s3_through_the_retry_policy(s3_server, tmp_path):
     assert is_transient(caught.value)
 
 
+@pytest.mark.slow
 def test_s3_outage_during_on_demand_caching_stops_with_one_line(tmp_path, tiny_model):
     """A dataset on a real S3 server that goes away mid-run: the batch's reads retry, fail, and the run
-    stops with one DataError line (exit 2 through the CLI) instead of skipping every image."""
+    stops with one DataError line (exit 2 through the CLI) instead of skipping every image; the same
+    when the outage begins before caching up front."""
     import json
     import random
     import time
@@ -144,6 +147,7 @@ def test_s3_outage_during_on_demand_caching_stops_with_one_line(tmp_path, tiny_m
     components = family.load(settings.training)
     data = TrainingData.prepare(settings, family, components)
     data.ensure_cached(family, components, vae_batch_size=2, progress=False, on_demand=True)
+    up_front = TrainingData.prepare(settings, family, components)  # scanned now; cached after the outage begins
     sampler = MultiDatasetSampler.from_config(
         settings.training, [SamplerDataset.from_config(settings.datasets[0], data.datasets["shapes"].assignment)])
     batch = data.batch(next(sampler), family, components, random.Random(0))  # the server is up: read and encoded
@@ -156,4 +160,7 @@ def test_s3_outage_during_on_demand_caching_stops_with_one_line(tmp_path, tiny_m
     message = str(caught.value)
     assert "looks unreachable" in message and "s3://" in message and "\n" not in message
     assert {entry.stage for entry in data.skipped} == {"train"} and len(data.skipped) == 2
+    with pytest.raises(DataError) as caught:  # caching up front: every read fails after retries
+        up_front.ensure_cached(family, components, vae_batch_size=2, progress=False)
+    assert "looks unreachable" in str(caught.value) and "\n" not in str(caught.value)
 

@@ -179,7 +179,7 @@ def _batches(stream: Iterator[tuple], encoder: _HalvingEncoder, failed: list[Fai
         items, inputs = [], []
         for item, value, error in members:
             if error is not None:
-                failed.append(Failure(item.key, item.source, f"{type(error).__name__}: {error}"))
+                failed.append(Failure(item.key, item.source, f"{type(error).__name__}: {error}", is_transient(error)))
                 logger.warning("skipping %s: %s", item.source or item.key, error)
                 continue
             items.append(item)

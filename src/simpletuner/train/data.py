@@ -166,7 +166,12 @@ class TrainingData:
                 summaries.append(cache_latents(data.latent_items.values(), data.latent_store,
                                                _latent_encoder(family, components), batch_size=vae_batch_size,
                                                storage_options=data.storage_options, progress=progress))
-                self._skip(_drop(data, _not_cached(data, summaries[-1].failed)), shared=True)
+                failures = summaries[-1].failed
+                self._skip(_drop(data, _not_cached(data, failures)), shared=True)
+                if not data.latent_items and failures and all(failure.transient for failure in failures):
+                    raise DataError(f"dataset {data.dataset_id!r}: cannot read any image, e.g. {failures[0].source} "
+                                    f"({failures[0].reason}), after retries: the storage looks unreachable. "
+                                    "Check it (endpoint, network), then run again")
                 _check_left(data, self.report_path)
             summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
