@@ -85,7 +85,6 @@ def test_open_image_reads_s3_through_the_retry_policy(s3_server, tmp_path):
     """`open_image` retries connection errors with the policy's backoff, then raises (bounded)."""
     import socket
 
-    import pytest
     from PIL import Image
 
     from simpletuner.cache.latents import open_image
@@ -117,7 +116,6 @@ def test_s3_outage_during_on_demand_caching_stops_with_one_line(tmp_path, tiny_m
     import random
     import time
 
-    import pytest
     from moto.server import ThreadedMotoServer
 
     from s3server import S3Server
