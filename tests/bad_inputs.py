@@ -1,8 +1,10 @@
 """The corpus of bad inputs, as data: one small function per KIND that adds its files to a dataset folder.
 
 `KINDS` is the table the parametrised test in test_bad_inputs.py runs over: what each kind writes, what
-`scan` must say about it, whether `train` completes (exit 0) or stops with one line (exit 2), which
-images the run's skipped.jsonl must list (with the stage that left them out), and text the run prints.
+`scan` must say about it (None where the header-only scan cannot see it: broken pixel data shows when
+it is decoded, and the run's report names it), whether `train` completes (exit 0) or stops with one line
+(exit 2), which images the run's skipped.jsonl must list (with the stage that left them out), and text
+the run prints.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def add_unreadable_caption(folder: Path) -> list[str]:
 
 def add_self_symlink(folder: Path) -> list[str]:
     os.symlink("loop.png", folder / "loop.png")
-    return []
+    return ["loop.png"]
 
 
 def add_tiny(folder: Path) -> list[str]:
@@ -144,12 +146,12 @@ class Kind:
 
 KINDS = [
     Kind("broken-png", add_broken, None, 0, "cache", ("broken.png", "FAILED and skipped")),
-    Kind("decompression-bomb", add_bomb, None, 0, "cache", ("bomb.png", "DecompressionBombError")),
+    Kind("decompression-bomb", add_bomb, "over Pillow's decompression-bomb limit", 0, "scan"),
     Kind("bucket-all-failing", add_failing_bucket, None, 0, "cache", ("has no image left", "dropped")),
     Kind("16-bit", add_16bit, None, 0, None),
     Kind("latin-1-caption", add_latin1_caption, None, 0, None, ("cafe.txt is not UTF-8", "read it as cp1252")),
     Kind("unreadable-caption", add_unreadable_caption, "caption unreadable", 0, "caption", unprivileged=True),
-    Kind("self-symlink", add_self_symlink, "loop.png", 0, None),
+    Kind("self-symlink", add_self_symlink, "Too many levels of symbolic links", 0, "scan"),
     Kind("1x1", add_tiny, "enlarged more than 2x", 0, None),
     Kind("every-image-broken", only_broken, None, 2, "cache", ("no image is left to train on",)),
 ]

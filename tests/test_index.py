@@ -246,3 +246,22 @@ def test_a_full_disk_while_saving_the_index_is_one_line(tmp_path):
         assert os.listdir(disk / "index") == []  # the temporary file is gone
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_undecodable_from_its_header(tmp_path):
+    from bad_inputs import bomb_png
+
+    from simpletuner.data.index import UNDECODABLE, skipped_rows
+
+    bomb_png(tmp_path / "bomb.png")
+    storage = DatasetStorage(str(tmp_path))
+    (entry,) = storage.list_images()
+    result = read_header(storage, entry)
+    assert result.status == UNDECODABLE and (result.width, result.height) == (30000, 30000)
+    assert "900,000,000 pixels" in result.detail and "MAX_IMAGE_PIXELS" in result.detail
+    with pytest.raises(Image.DecompressionBombError):  # what Pillow would do when caching it
+        Image.open(tmp_path / "bomb.png")
+    index = ImageIndex("x", PathTable.from_paths(["bomb.png", "ok.png"]), np.zeros(2, np.int64), np.zeros(2),
+                       np.zeros(2, np.int32), np.zeros(2, np.int32), np.array([UNDECODABLE, OK], np.uint8),
+                       {0: result.detail})
+    assert list(skipped_rows(index)) == [("bomb.png", f"undecodable: {result.detail}")]

@@ -203,7 +203,8 @@ def test_a_self_referential_symlink_is_a_skipped_entry_with_its_reason(tmp_path,
 def test_a_tiny_image_is_named_as_enlarged_or_skipped_by_minimum_image_size(tmp_path, pets, capsys):
     _put(pets / "dot.jpg", _jpeg(1, 1))
     entry = f'[[datasets]]\nid = "pets"\ninstance_data_dir = "{pets}"\n'
-    (tmp_path / "unset.toml").write_text(open(_config(tmp_path, entry)).read().replace("minimum_image_size = 128\n", ""))
+    unset = open(_config(tmp_path, entry)).read().replace("minimum_image_size = 128\n", "")
+    (tmp_path / "unset.toml").write_text(unset)
     assert main(["scan", str(tmp_path / "unset.toml")]) == 0
     out = capsys.readouterr().out
     assert "warning:" in out and "enlarged more than 2x" in out and "dot.jpg: 1x1 -> 256x256" in out

@@ -40,7 +40,8 @@ class SkippedEntry:
 
     dataset: str
     path: str
-    stage: str  # "caption" (its caption file could not be read), "cache" (encoding failed), "train" (on demand)
+    stage: str  # "scan" (the index could not use the file), "caption" (its caption file could not be read),
+    #             "cache" (loading or encoding failed), "train" (the same, on demand)
     reason: str
 
 
@@ -91,6 +92,7 @@ class TrainingData:
         from simpletuner.commands.scan import scan_settings
         from simpletuner.config.references import latent_cache_for, text_cache_for
         from simpletuner.data.captions import CaptionResolver
+        from simpletuner.data.index import skipped_rows
         from simpletuner.data.storage import DatasetStorage
         from simpletuner.train.encoders import latent_identity, text_identity
 
@@ -109,6 +111,8 @@ class TrainingData:
             records = [assignment.records[i] for i in indices]
             items = latent_items(dataset.location(), records, [assignment.plan(i) for i in indices], vae_id)
             resolver = CaptionResolver.from_config(dataset, DatasetStorage.from_config(dataset))
+            skipped += [SkippedEntry(dataset.id, path, "scan", reason)
+                        for path, reason in skipped_rows(scan.result.index)]
             skipped += [SkippedEntry(dataset.id, scan.assignment.records[record].path, "caption", reason)
                         for record, reason in scan.unreadable_captions.items()]
             captions, unreadable = _read_captions(resolver, indices, records)
