@@ -1,6 +1,7 @@
 """Every bad input of the corpus (tests/bad_inputs.py), through the real CLI: `scan` says what it sees,
 `train` completes or stops with one line (exit 2, no traceback), the run's skipped.jsonl lists what was
-left out and why, and the dataset's files are byte-identical afterwards."""
+left out and why, the batches the run builds hold each sample's own latent and none of what was left
+out, and the dataset's files are byte-identical afterwards."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import KINDS, Kind
-from train_helpers import write_run
+from train_helpers import assert_epoch_uses_own_latents, write_run
 
 from simpletuner.cli import main
 from simpletuner.demo.dataset import write_dataset
@@ -74,6 +75,8 @@ def test_bad_input(tmp_path: Path, tiny_model, capsys, kind: Kind) -> None:
         assert len(error_lines) == 1 and kind.run_says[0] in error_lines[0], err
     else:
         assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()
+        if not (kind.unprivileged and os.geteuid() == 0):  # this process reads what the run could not
+            assert assert_epoch_uses_own_latents(config, set(left_out)) > 0
     report = [json.loads(line) for line in (tmp_path / "output" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(row["path"] for row in report) == sorted(left_out)
     assert all(row["stage"] == kind.stage and row["reason"] for row in report), report

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from bad_inputs import bomb_png, broken_png
-from train_helpers import write_run
+from train_helpers import own_latent, prepared_data, write_run
 
 from simpletuner.cli import main
 from simpletuner.demo.dataset import write_dataset
@@ -37,38 +37,10 @@ def _bad_dataset(root: Path) -> Path:
     return dataset
 
 
-def _prepared(config: Path, on_demand: bool):
-    from simpletuner.config.load import load_settings
-    from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
-    from simpletuner.models.registry import get_family
-    from simpletuner.train.data import TrainingData
-
-    settings = load_settings(str(config), [])
-    family = get_family("sd1x")
-    components = family.load(settings.training)
-    data = TrainingData.prepare(settings, family, components)
-    data.ensure_cached(family, components, vae_batch_size=4, progress=False, on_demand=on_demand)
-    (dataset,) = [d for d in settings.datasets if d.id in data.datasets]
-    sampler = MultiDatasetSampler.from_config(
-        settings.training, [SamplerDataset.from_config(dataset, data.datasets[dataset.id].assignment)])
-    return data, family, components, sampler
-
-
-def _own_latent(data, family, components, ref) -> torch.Tensor:
-    """The latent mean of the sample's own image, encoded now."""
-    from simpletuner.cache.latents import load_pixels
-
-    item = data.datasets[ref.dataset_id].latent_items[ref.record]
-    pixels = load_pixels(item.source, item.plan)[None]
-    with torch.no_grad():
-        mean, _std = family.encode_images(components, pixels)
-    return mean[0].float()
-
-
 @pytest.mark.parametrize("on_demand", [False, True], ids=["cached", "on-demand"])
 def test_failed_images_leave_the_epoch_and_nothing_stands_in(tmp_path, tiny_model, on_demand):
     config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", dataset=_bad_dataset(tmp_path))
-    data, family, components, sampler = _prepared(config, on_demand)
+    data, family, components, sampler = prepared_data(config, on_demand)
     shapes = data.datasets["shapes"]
     seen: list[str] = []
     for _ in range(2 * sampler.steps_in_epoch):
@@ -79,7 +51,7 @@ def test_failed_images_leave_the_epoch_and_nothing_stands_in(tmp_path, tiny_mode
         batch = data.batch(usable, family, components, random.Random(0))
         assert torch.equal(batch["latent_mean"], torch.stack([entry["mean"] for entry in entries]))
         for ref, entry in zip(usable, entries):  # each sample's latent is its own image's
-            assert torch.allclose(entry["mean"], _own_latent(data, family, components, ref), atol=1e-5), ref.path
+            assert torch.allclose(entry["mean"], own_latent(data, family, components, ref), atol=1e-5), ref.path
         seen += [ref.path for ref in usable]
     assert not (BAD | {BOMB}) & set(seen)
     assert {path.split("/")[-1] for path in seen} == {f"{i:04d}.png" for i in range(12)}

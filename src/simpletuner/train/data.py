@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from simpletuner.cache.keys import EMPTY_CAPTION, EncoderIdentity, text_key
+from simpletuner.cache.keys import EMPTY_CAPTION, EncoderIdentity
 from simpletuner.errors import DataError
 from simpletuner.log import get_logger
 
