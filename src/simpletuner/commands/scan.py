@@ -148,7 +148,7 @@ def _unopenable(path: str) -> str | None:
     import os
 
     try:
-        os.close(os.open(path, os.O_RDONLY))
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # non-blocking: a FIFO must not hang the scan
     except OSError as error:
         return f"{type(error).__name__}: {error.strerror or error}"
     return None

@@ -139,7 +139,8 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
                  on_demand: bool = False, report_path: str | None = None) -> TrainingData:
     """Scan the datasets (printing the report) and encode what the caches lack (printing summaries);
     with `on_demand`, latents are left to be encoded when a batch first needs them. Images left out
-    (unreadable caption, failed encode) are listed in `report_path` (JSON lines), when given."""
+    (the index's skips, unreadable captions, failed loads or encodes) are listed in `report_path`
+    (JSON lines), when given."""
     from simpletuner.train.data import TrainingData
 
     data = TrainingData.prepare(settings, family, components)
