@@ -143,14 +143,20 @@ class TrainingData:
         """
         self.report_path, self._writes_shared = path, start
         if start:
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.writelines(_jsonl(self.skipped))
+            self._write_report("w", self.skipped)
 
     def _skip(self, entries: list[SkippedEntry], shared: bool) -> None:
         self.skipped += entries
         if self.report_path is not None and entries and (self._writes_shared or not shared):
-            with open(self.report_path, "a", encoding="utf-8") as handle:
+            self._write_report("a", entries)
+
+    def _write_report(self, mode: str, entries: Sequence[SkippedEntry]) -> None:
+        """Write or append lines; a failure (e.g. a full disk) is a warning, and the run goes on without them."""
+        try:
+            with open(self.report_path, mode, encoding="utf-8") as handle:
                 handle.writelines(_jsonl(entries))
+        except OSError as error:
+            logger.warning("could not write the report of skipped images %s: %s", self.report_path, error)
 
     # ---------------------------------------------------------------- caching
     def ensure_cached(self, family: ModelFamily, components: Components, *, vae_batch_size: int,
