@@ -3,7 +3,8 @@
 Each `Architecture` holds the literal configuration of the released checkpoint's denoiser (copied
 from its `config.json`; no network needed), a `tiny` configuration of the same classes for the CPU
 check, the shapes of what the text/latent caches hand the training step (latents, encoder hidden
-states, pooled embeddings, SDXL time ids, Flux ids and guidance, PixArt's mask), and how the
+states, pooled embeddings, SDXL time ids, Flux ids and guidance, PixArt's mask, Hunyuan-DiT's second
+text stream, masks and image meta size), and how the
 denoiser is called. No text encoder or VAE is built: the arithmetic is that of the real denoiser.
 
 Full-size models are instantiated directly on the target device (and in the target dtype), so a
@@ -122,6 +123,26 @@ PIXART_SIGMA_1024 = {  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, transformer/con
     "use_additional_conditions": False,
 }
 
+HUNYUAN_DIT_V12 = {  # Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers, transformer/config.json (1.5B parameters)
+    "activation_fn": "gelu-approximate",
+    "attention_head_dim": 88,
+    "cross_attention_dim": 1024,
+    "cross_attention_dim_t5": 2048,
+    "hidden_size": 1408,
+    "in_channels": 4,
+    "learn_sigma": True,
+    "mlp_ratio": 4.3637,
+    "norm_type": "layer_norm",
+    "num_attention_heads": 16,
+    "num_layers": 40,
+    "patch_size": 2,
+    "pooled_projection_dim": 1024,
+    "sample_size": 128,
+    "text_len": 77,
+    "text_len_t5": 256,
+    "use_style_cond_and_image_meta_size": False,
+}
+
 # --- tiny configurations: same classes, same code paths, a few kB of weights ------------------------
 
 SD15_TINY = {
@@ -187,6 +208,20 @@ PIXART_TINY = {
     "num_attention_heads": 4,
     "num_layers": 2,
     "sample_size": 8,
+}
+
+HUNYUAN_DIT_TINY = {
+    **HUNYUAN_DIT_V12,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "cross_attention_dim_t5": 32,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_layers": 4,
+    "pooled_projection_dim": 32,
+    "sample_size": 8,
+    "text_len": 8,
+    "text_len_t5": 8,
 }
 
 # LoRA targets of diffusers' example scripts for each family (train_text_to_image_lora.py,
@@ -305,6 +340,33 @@ def _call_pixart(model, noisy, timesteps, batch):
     return out.chunk(2, dim=1)[0]  # learned sigma: the first half is the noise prediction
 
 
+def hunyuan_rotary_embedding(model, latent_height: int, latent_width: int, device) -> tuple[torch.Tensor, ...]:
+    """(cos, sin) of the image tokens, as HunyuanDiTPipeline builds them (its grid crop in a 512 px square)."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    patch = model.config.patch_size
+    grid = (latent_height // patch, latent_width // patch)
+    crop = get_resize_crop_region_for_grid(grid, 512 // VAE_SCALE // patch)
+    return get_2d_rotary_pos_embed(model.inner_dim // model.num_heads, crop, grid, device=device, output_type="pt")
+
+
+def _call_hunyuan_dit(model, noisy, timesteps, batch):
+    out = model(
+        noisy,
+        timesteps.to(noisy.dtype),  # as the pipeline passes them: its timestep embedding runs in their dtype
+        encoder_hidden_states=batch["encoder_hidden_states"],
+        text_embedding_mask=batch["encoder_attention_mask"],
+        encoder_hidden_states_t5=batch["encoder_hidden_states_t5"],
+        text_embedding_mask_t5=batch["encoder_attention_mask_t5"],
+        image_meta_size=batch["image_meta_size"],
+        style=torch.zeros(noisy.shape[0], dtype=torch.long, device=noisy.device),
+        image_rotary_emb=hunyuan_rotary_embedding(model, *noisy.shape[-2:], noisy.device),
+        return_dict=False,
+    )[0]
+    return out.chunk(2, dim=1)[0]  # learned sigma
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "sd15": Architecture(
         "sd15", "SD 1.5 UNet", "UNet2DConditionModel", SD15_UNET, SD15_TINY,
@@ -330,6 +392,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         "pixart", "PixArt Sigma 1024", "PixArtTransformer2DModel", PIXART_SIGMA_1024, PIXART_TINY,
         TextShape(300, 4096), TextShape(8, 32), 4, "epsilon", UNET_LORA_TARGETS, 1024,
         ("BasicTransformerBlock",), False, _call_pixart,
+    ),
+    # (text: the BERT stream; make_batch adds mT5's 256 x 2048. The reference's DDPM step draws an epsilon
+    # target; Hunyuan-DiT trains on v-prediction, whose target costs the same arithmetic.)
+    "hunyuan_dit": Architecture(
+        "hunyuan_dit", "Hunyuan-DiT v1.2", "HunyuanDiT2DModel", HUNYUAN_DIT_V12, HUNYUAN_DIT_TINY,
+        TextShape(77, 1024), TextShape(8, 32), 4, "epsilon", UNET_LORA_TARGETS, 1024,
+        ("HunyuanDiTBlock",), False, _call_hunyuan_dit,
     ),
 }
 
@@ -395,6 +464,14 @@ def make_batch(
         out["guidance"] = torch.full((batch,), 3.5)
     if arch.name == "pixart":
         out["encoder_attention_mask"] = torch.ones(batch, text.tokens)
+    if arch.name == "hunyuan_dit":
+        config = arch.model_config(tiny)
+        out["encoder_attention_mask"] = torch.ones(batch, text.tokens)
+        out["encoder_hidden_states_t5"] = randn(batch, config["text_len_t5"], config["cross_attention_dim_t5"])
+        out["encoder_attention_mask_t5"] = torch.ones(batch, config["text_len_t5"])
+        # original size, target size, crop top-left: (h, w, h, w, 0, 0)
+        out["image_meta_size"] = torch.tensor([resolution, resolution, resolution, resolution, 0, 0],
+                                              dtype=torch.float32).repeat(batch, 1)
     return out
 
 

@@ -41,7 +41,8 @@ LEVERS = ("bf16_base", "channels_last", "flash", "compile", "fused_adamw", "no_s
 DEFAULT_LEVERS = LEVERS  # until H100 before/after rows say otherwise, every lever is on
 
 # benchmark architecture -> SimpleTuner model_family
-FAMILY_OF = {"sd15": "sd1x", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "pixart": "pixart_sigma"}
+FAMILY_OF = {"sd15": "sd1x", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "pixart": "pixart_sigma",
+             "hunyuan_dit": "hunyuan_dit"}
 
 
 def parse_levers(spec: str) -> tuple[str, ...]:
@@ -121,6 +122,15 @@ def _pixart_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"latents": batch["latents"], "text": text}
 
 
+def _hunyuan_dit_batch(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    text = {"prompt_embeds": batch["encoder_hidden_states"], "prompt_attention_mask": batch["encoder_attention_mask"],
+            "prompt_embeds_2": batch["encoder_hidden_states_t5"],
+            "prompt_attention_mask_2": batch["encoder_attention_mask_t5"]}
+    meta = batch["image_meta_size"]
+    return {"latents": batch["latents"], "text": text, "original_size": meta[:, 0:2], "target_size": meta[:, 2:4],
+            "crop_top_left": meta[:, 4:6]}
+
+
 # --- what `family.load` would have read: the release's scheduler, the tokenizers' lengths ---------------
 
 
@@ -161,6 +171,14 @@ def _pixart_modules() -> dict[str, Any]:  # PixArt-Sigma-XL-2-1024-MS
             "tokenizer": None}  # T5's length: the family's default (300)
 
 
+def _hunyuan_dit_modules() -> dict[str, Any]:  # HunyuanDiT-v1.2-Diffusers
+    from diffusers import DDPMScheduler
+
+    return {"scheduler": DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.018,
+                                       beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
+                                       timestep_spacing="leading", clip_sample=False)}
+
+
 @dataclass(frozen=True)
 class FamilyInputs:
     """How the benchmark stands in for a family's loaded checkpoint and collated batch."""
@@ -175,6 +193,7 @@ FAMILY_INPUTS: dict[str, FamilyInputs] = {
     "sd3": FamilyInputs(_sd3_batch, _sd3_modules),
     "flux": FamilyInputs(_flux_batch, _flux_modules),
     "pixart_sigma": FamilyInputs(_pixart_batch, _pixart_modules),
+    "hunyuan_dit": FamilyInputs(_hunyuan_dit_batch, _hunyuan_dit_modules),
 }
 
 

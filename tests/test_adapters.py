@@ -6,7 +6,8 @@ import torch
 
 from simpletuner.config.schema import TrainingConfig
 from simpletuner.errors import ConfigError, UserError
-from simpletuner.train.adapters import LORA_WEIGHTS, prepare_trainable, save_lora_weights, save_lycoris_weights
+from simpletuner.publish.lora_files import save_lora_weights
+from simpletuner.train.adapters import LORA_WEIGHTS, prepare_trainable, save_lycoris_weights
 from simpletuner.train.checkpoint import trainable_tensors
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -35,6 +35,7 @@ PUBLISHED_PARAMETERS = {  # denoiser parameter counts of the released checkpoint
     "sd3": 2_028_328_000,
     "flux": 11_901_408_320,
     "pixart": 610_856_096,
+    "hunyuan_dit": 1_499_952_032,  # Hunyuan-DiT v1.2: published as 1.5B
 }
 
 
@@ -52,6 +53,24 @@ def test_forward_flops_match_the_anchors_at_full_size():
     # the hand-derived Flux formula and the counted one agree to a hundredth of a percent
     assert flux_forward_flops_closed_form(1024, 512) == pytest.approx(flux, rel=1e-4)
     assert forward_flops("sdxl", batch=3, resolution=1024) == 3 * sdxl
+
+
+def test_hunyuan_dit_forward_flops_match_a_hand_count_at_full_size():
+    """Hunyuan-DiT v1.2 at 1024 px: 4096 image tokens, 77 BERT + 256 mT5 text tokens, 40 blocks of width 1408."""
+    tokens, text, width, depth = (1024 // 8 // 2) ** 2, 77 + 256, 1408, 40
+    ffn = int(width * 4.3637)
+    block = (6 * tokens * width * width  # self-attention q, k, v, out; cross-attention q, out
+             + 2 * text * 1024 * width  # cross-attention k, v over the 1024-wide text
+             + 2 * tokens * width * ffn  # feed-forward
+             + 2 * tokens * tokens * width + 2 * tokens * text * width  # QK^T and AV, self and cross
+             + width * width)  # the block's shift from the conditioning
+    skips = sum(1 for layer in range(depth) if layer > depth // 2) * tokens * 2 * width * width  # long skips
+    text_projection = 256 * (2048 * 8192 + 8192 * 1024)  # mT5 2048 -> 8192 -> 1024
+    patches = tokens * 16 * width + tokens * width * 32  # 2x2x4 patch embedding, 2x2x8 output (learned sigma)
+    by_hand = 2 * (depth * block + skips + text_projection + patches)
+    counted = forward_flops("hunyuan_dit", batch=1, resolution=1024)
+    assert counted / 1e12 == pytest.approx(14.37, rel=0.01)
+    assert by_hand == pytest.approx(counted, rel=1e-3)  # the rest: pooler, time and size embedders
 
 
 def test_training_flops_factors():
@@ -151,7 +170,7 @@ def test_flux_tiny_on_cpu_lora_and_full():
     assert full.step_tflop == pytest.approx(1.5 * lora.step_tflop)  # factor 3 against 2
 
 
-@pytest.mark.parametrize("name", ["sd3", "pixart"])
+@pytest.mark.parametrize("name", ["sd3", "pixart", "hunyuan_dit"])
 def test_sd3_and_pixart_tiny_on_cpu_run_our_family_step(name):
     report = train_step.main(["--model", name, "--mode", "lora", "--batch", "2", *COMMON, "--levers", "all,-compile"])
     _check(report)
@@ -169,7 +188,7 @@ def test_every_architecture_is_wired_to_its_registered_family():
     assert set(FAMILY_INPUTS) == set(FAMILY_OF.values())
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart", "hunyuan_dit"])
 def test_our_loss_is_the_denoiser_called_as_the_reference_calls_it(name):
     """The family's predict over the mapped batch computes what the reference's direct call computes."""
     arch = ARCHITECTURES[name]
@@ -179,7 +198,7 @@ def test_our_loss_is_the_denoiser_called_as_the_reference_calls_it(name):
     batch = make_batch(arch, batch=2, resolution=64, tiny=True, generator=torch.Generator().manual_seed(1))
     if name == "flux":
         batch["guidance"] = torch.full((2,), cfg.flux_guidance_value)  # the family's constant guidance
-    if name == "pixart":
+    if name in ("pixart", "hunyuan_dit"):
         batch["encoder_attention_mask"][0, -3:] = 0  # padding: the mask must reach the transformer
     family_batch = FAMILY_INPUTS[family.name].batch(batch)
     draw = objective.draw(batch["latents"], torch.Generator().manual_seed(2))

@@ -181,6 +181,7 @@ def bucket_settings(draw) -> BucketSettings:
         crop_style=draw(st.sampled_from(["center", "centre", "random", "corner"])),
         crop_aspect=draw(st.sampled_from(["square", "preserve", "closest", "random"])),
         crop_aspect_buckets=tuple(draw(st.lists(st.floats(0.25, 4.0), min_size=1, max_size=5))),
+        aspect_rounding=draw(st.sampled_from([None, None, 1, 2, 4])),
     )
 
 
@@ -200,9 +201,11 @@ def assert_side_bound(side: int, ideal: float, g: int) -> None:
 
 def target_aspect(plan: ImagePlan, s: BucketSettings) -> float:
     """The aspect the target was computed for: the image's, or the one a crop chose."""
+    from simpletuner.data.buckets import image_aspect
+
     w, h = plan.original_size
     if not s.crop or s.crop_aspect == "preserve":
-        return w / h
+        return image_aspect(w, h, s)
     if s.crop_aspect == "square":
         return 1.0
     chosen = [a for a in s.crop_aspect_buckets if target_size_for_aspect(a, s) == plan.target_size]
@@ -447,3 +450,102 @@ def test_a_columnar_view_is_not_walked_record_by_record():
     assert view.reads == 0
     assert result.table() == assign_buckets(recs, pixel(512), 4, seed=0).table()
     assert result.plan(9) == plan_image(1536, 1024, pixel(512))
+
+
+# ----------------------------------------------------------------------------- aspect_bucket_rounding
+
+
+def test_rounding_is_read_from_the_training_options():
+    dataset = DatasetConfig(id="d", instance_data_dir="/x")
+    training = TrainingConfig(model_family="sdxl", pretrained_model_name_or_path="m", aspect_bucket_rounding=2)
+    assert BucketSettings.from_config(dataset, training, 64).aspect_rounding == 2
+    unset = training.model_copy(update={"aspect_bucket_rounding": None})
+    assert BucketSettings.from_config(dataset, unset, 64).aspect_rounding is None
+
+
+@pytest.mark.parametrize("places", [0, 10])
+def test_rounding_outside_one_to_nine_places_is_refused(places):
+    with pytest.raises(ConfigError, match="aspect_bucket_rounding must be 1 to 9"):
+        pixel_area(aspect_rounding=places)
+
+
+@pytest.mark.parametrize(
+    ("size", "places", "expected"),
+    [((1920, 1080), 2, 1.78), ((1080, 1920), 2, 0.56), ((1920, 1080), 1, 1.8), ((1000, 30000), 1, 0.1),
+     ((1920, 1080), None, 1920 / 1080)],
+)
+def test_image_aspect_rounds_as_simpletuner(size, places, expected):
+    from simpletuner.data.buckets import image_aspect
+
+    assert image_aspect(*size, pixel_area(aspect_rounding=places)) == expected
+
+
+def test_one_decimal_place_joins_aspects_that_exact_ratios_keep_apart():
+    # 1.26 and 1.34 land in different 8-pixel buckets; at one decimal place both are 1.3
+    exact, rounded = pixel_area(1024, 8), pixel_area(1024, 8, aspect_rounding=1)
+    a, b = plan_image(1260, 1000, exact), plan_image(1340, 1000, exact)
+    assert a.target_size != b.target_size
+    assert plan_image(1260, 1000, rounded).target_size == plan_image(1340, 1000, rounded).target_size
+    assert plan_image(1260, 1000, rounded).target_size == target_size_for_aspect(1.3, rounded)
+
+
+def test_rounding_changes_the_plan_and_so_the_latent_key():
+    from simpletuner.cache.keys import EncoderIdentity, SourceIdentity, Transform, latent_key
+
+    record = ImageRecord("a.jpg", 10, 1.0, 1340, 1000)
+    encoder = EncoderIdentity("m", "vae", "float32")
+    source = SourceIdentity.of("/d", record)
+    exact = plan_image(1340, 1000, pixel_area(1024, 8))
+    rounded = plan_image(1340, 1000, pixel_area(1024, 8, aspect_rounding=1))
+    assert exact != rounded
+    assert latent_key(source, Transform.of(exact), encoder) != latent_key(source, Transform.of(rounded), encoder)
+
+
+@hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(16, 4000), st.integers(16, 4000), st.integers(16, 4000), st.integers(16, 4000),
+    st.integers(1, 3), st.sampled_from(["pixel", "area", "pixel_area"]), st.booleans(),
+)
+def test_equal_rounded_aspects_share_a_bucket(w1, h1, w2, h2, places, kind, preserve_crop):
+    from simpletuner.data.buckets import image_aspect
+
+    resolution = {"pixel": 512, "area": 0.5, "pixel_area": 768}[kind]
+    crop = {"crop": True, "crop_aspect": "preserve", "crop_style": "center"} if preserve_crop else {}
+    s = BucketSettings(resolution=resolution, resolution_type=kind, alignment=16, aspect_rounding=places, **crop)
+    a, b = plan_image(w1, h1, s), plan_image(w2, h2, s)
+    if image_aspect(w1, h1, s) == image_aspect(w2, h2, s):
+        assert a.target_size == b.target_size
+    for plan, (w, h) in ((a, (w1, h1)), (b, (w2, h2))):
+        assert plan.target_size == target_size_for_aspect(image_aspect(w, h, s), s)
+        if preserve_crop:  # the crop covers the bucket from the whole image, scaled
+            assert plan.resized_size[0] >= plan.target_size[0] and plan.resized_size[1] >= plan.target_size[1]
+
+
+# ----------------------------------------------------------------------------- crops drawn again each epoch
+
+
+def test_epoch_plans_draw_random_crops_again_in_the_same_bucket():
+    sizes = [(96, 64), (64, 96), (200, 64), (64, 64)] * 3
+    s = pixel_area(32, 8, crop=True, crop_style="random")
+    assignment = assign_buckets(records(sizes), s, 2, seed=7)
+    moved = 0
+    for record in range(len(sizes)):
+        first = assignment.epoch_plan(record, 0)
+        assert first == assignment.plan(record)
+        for epoch in (1, 2, 5):
+            plan = assignment.epoch_plan(record, epoch)
+            assert plan == assignment.epoch_plan(record, epoch)  # the same every time it is asked
+            assert (plan.target_size, plan.resized_size, plan.original_size) == (
+                first.target_size, first.resized_size, first.original_size)
+            left, top, right, bottom = plan.crop_box
+            assert 0 <= left and 0 <= top and right <= plan.resized_size[0] and bottom <= plan.resized_size[1]
+            moved += plan.crop_box != first.crop_box
+    assert moved > 10  # 9 of the 12 images have room to move, over three later epochs
+
+
+@pytest.mark.parametrize("crop", [{"crop": True, "crop_style": "center"}, {"crop": True, "crop_style": "corner"}, {}])
+def test_epoch_plans_of_fixed_crops_never_change(crop):
+    s = pixel_area(32, 8, **crop)
+    assignment = assign_buckets(records([(96, 64), (64, 96), (200, 64)] * 2), s, 2, seed=7)
+    assert not s.crops_vary
+    assert all(assignment.epoch_plan(r, 3) == assignment.plan(r) for r in range(len(assignment.records)))

@@ -241,7 +241,8 @@ def test_lycoris_targets_the_flux_blocks(tiny):
 
 
 def test_lora_export_loads_into_the_flux_pipeline(tiny, tmp_path):
-    from simpletuner.train.adapters import apply_lora, save_lora_weights
+    from simpletuner.publish.lora_files import save_lora_weights
+    from simpletuner.train.adapters import apply_lora
 
     family, components, cfg = load(tiny["dev"])
     transformer = apply_lora(components["transformer"], rank=4, target_modules=family.adapter_targets(cfg))

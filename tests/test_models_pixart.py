@@ -208,7 +208,11 @@ def test_lora_on_the_transformer_trains_and_exports_in_peft_format(tiny, tmp_pat
     with torch.no_grad():  # a trained-looking adapter (lora_B starts at zero)
         for parameter in trained.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
-    written = family.save_lora(tmp_path / "lora", components, {"transformer": trained.model})
+    from simpletuner.publish.lora_files import write_peft_lora
+    from simpletuner.train.adapters import TrainedLora
+
+    lora = TrainedLora.from_models(components.pipeline_class, {"transformer": trained.model})
+    written = write_peft_lora(tmp_path / "lora", lora)
     assert written.name == "adapter_model.safetensors" and (tmp_path / "lora" / "adapter_config.json").is_file()
     base = PixArtTransformer2DModel.from_pretrained(tiny["pixart_sigma"], subfolder="transformer")
     loaded = PeftModel.from_pretrained(base, tmp_path / "lora")

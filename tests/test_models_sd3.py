@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
@@ -241,7 +242,8 @@ def test_pipeline_samples_two_steps_with_the_models_scheduler(tiny):
 def test_lora_export_loads_into_the_sd3_pipeline(tiny, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from simpletuner.train.adapters import apply_lora, save_lora_weights
+    from simpletuner.publish.lora_files import save_lora_weights
+    from simpletuner.train.adapters import apply_lora
 
     family, components, cfg = load(tiny["sd3"])
     transformer = apply_lora(components["transformer"], rank=4, target_modules=family.adapter_targets(cfg))
@@ -339,3 +341,72 @@ def test_half_precision_frozen_transformer_takes_fp32_inputs(tiny):
         loss = training_loss(family, components, family.objective(cfg, components),
                              {"latents": latents, "text": text}, draw)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- skip-layer guidance in validation
+def _validate(tmp_path, family, components, cfg):
+    import numpy as np
+    from PIL import Image
+
+    from simpletuner.validate import run_validation, validation_plan
+
+    seen: list = []
+    hook = components["transformer"].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("skip_layers")), with_kwargs=True)
+    try:
+        files = run_validation(validation_plan(cfg, family), family, components, cfg, step=0)
+    finally:
+        hook.remove()
+    return np.asarray(Image.open(files[0]), dtype=np.int16), seen
+
+
+def test_skip_layer_guidance_reaches_the_transformer_and_changes_the_image(tiny, tmp_path):
+    options = dict(validation_prompt="a red cat", validation_resolution="32", validation_num_inference_steps=10,
+                   validation_guidance=4.0, tokenizer_max_length=32)
+    family, components, plain = load(tiny["sd3"], output_dir=str(tmp_path / "plain"), **options)
+    slg = plain.model_copy(update={"output_dir": str(tmp_path / "slg"), "validation_guidance_skip_layers": [1],
+                                   "validation_guidance_skip_scale": 8.0})
+    without, calls_without = _validate(tmp_path, family, components, plain)
+    with_slg, calls_with = _validate(tmp_path, family, components, slg)
+    assert set(calls_without) == {None}
+    # 10 steps, start 0.01, stop 0.2: the pipeline adds a prediction without block 1 at step 1 only
+    assert calls_with.count([1]) == 1 and len(calls_with) == 11
+    assert np.abs(with_slg - without).max() > 0
+
+
+def test_skip_layer_guidance_inputs_follow_the_options(tiny):
+    from simpletuner.models.sd3 import skip_layer_guidance
+
+    cfg = config(tiny["sd3"])
+    assert skip_layer_guidance(cfg) == {}
+    cfg = config(tiny["sd3"], validation_guidance_skip_layers="[7, 8, 9]", validation_guidance_skip_layers_start=0.0,
+                 validation_guidance_skip_layers_stop=1.0)
+    assert skip_layer_guidance(cfg) == {"skip_guidance_layers": [7, 8, 9], "skip_layer_guidance_start": 0.0,
+                                        "skip_layer_guidance_stop": 1.0, "skip_layer_guidance_scale": 2.8}
+
+
+def test_skip_layers_outside_the_transformer_and_an_empty_window_are_refused(tiny):
+    from pydantic import ValidationError
+
+    with pytest.raises(UserError, match=r"validation_guidance_skip_layers=\[1, 2\]: layer\(s\) \[2\] do not exist"):
+        load(tiny["sd3"], validation_guidance_skip_layers=[1, 2])
+    with pytest.raises(ValidationError, match="layer indices count from 0"):
+        config(tiny["sd3"], validation_guidance_skip_layers=[-1])
+    with pytest.raises(ValidationError, match="validation_guidance_skip_layers_start"):
+        config(tiny["sd3"], validation_guidance_skip_layers=[1], validation_guidance_skip_layers_start=0.5,
+               validation_guidance_skip_layers_stop=0.2)
+
+
+def test_other_families_ignore_skip_layer_guidance_with_a_warning(tiny, caplog):
+    from simpletuner.validate import validation_plan
+
+    cfg = TrainingConfig(model_family="flux", pretrained_model_name_or_path=str(tiny["flux"]),
+                         validation_prompt="a cat", validation_guidance_skip_layers=[1])
+    with caplog.at_level("WARNING"):
+        assert validation_plan(cfg, get_family("flux")) is not None
+    assert "validation_guidance_skip_layers is ignored for model_family 'flux'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        validation_plan(config(tiny["sd3"], validation_prompt="a cat", validation_guidance_skip_layers=[1]),
+                        get_family("sd3"))
+    assert "ignored" not in caplog.text

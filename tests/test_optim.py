@@ -7,7 +7,7 @@ from torch import nn
 
 from simpletuner.config.schema import TrainingConfig
 from simpletuner.errors import UserError
-from simpletuner.train.optim import build_optimizer, parameter_groups, set_train_mode
+from simpletuner.train.optim import build_optimizer, parameter_groups, set_train_mode, trained_weight_dtype
 
 PACKAGES = {
     "adamw8bit": "bitsandbytes",
@@ -15,6 +15,8 @@ PACKAGES = {
     "prodigy": "prodigyopt",
     "lion": "lion_pytorch",
     "adamw_schedulefree": "schedulefree",
+    "optimi-adamw": "optimi",
+    "optimi-lion": "optimi",
 }
 
 
@@ -74,7 +76,8 @@ def test_each_optimizer_trains_or_names_its_package(name):
     model = _model()
     cfg = _cfg(optimizer=name, learning_rate=1.0 if name == "prodigy" else 1e-2)
     if importlib.util.find_spec(PACKAGES.get(name, "torch")) is None:
-        with pytest.raises(UserError, match=f"pip install {PACKAGES[name].replace('_', '-')}"):
+        package = {"optimi": "torch-optimi"}.get(PACKAGES[name], PACKAGES[name].replace("_", "-"))
+        with pytest.raises(UserError, match=f"pip install {package}"):
             build_optimizer(model, cfg, "cpu")
         return
     optimizer = build_optimizer(model, cfg, "cpu")
@@ -86,6 +89,59 @@ def test_missing_package_names_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # makes `import lion_pytorch` fail
     with pytest.raises(UserError, match=r"optimizer='lion' needs the 'lion-pytorch' package.*pip install lion-pytorch"):
         build_optimizer(_model(), _cfg(optimizer="lion"), "cpu")
+
+
+def _regression(dtype: torch.dtype, make, steps: int = 300) -> tuple[torch.Tensor, float]:
+    """Fit 16 weights, stored in `dtype` and started at 1.0, to a random linear map: (weights, final loss)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(256, 16, generator=generator)
+    targets = inputs @ torch.randn(16, 1, generator=generator)
+    weights = nn.Parameter(torch.ones(16, 1, dtype=dtype))
+    optimizer = make(weights)
+    for _ in range(steps):
+        loss = ((inputs.to(dtype) @ weights).float() - targets).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    final = weights.detach().float()
+    return final, ((inputs @ final) - targets).pow(2).mean().item()
+
+
+def test_adamw_bf16_tracks_fp32_adamw_where_plain_bf16_adamw_drifts():
+    # lr 1e-3 moves weights near 1.0 by less than half a bf16 step (2**-8): rounded away unless compensated
+    options = {"learning_rate": 1e-3, "adam_weight_decay": 0.0}
+    reference, reference_loss = _regression(torch.float32, lambda p: build_optimizer([p], _cfg(**options), "cpu"))
+    kahan, kahan_loss = _regression(
+        torch.bfloat16, lambda p: build_optimizer([p], _cfg(optimizer="adamw_bf16", **options), "cpu"))
+    plain, plain_loss = _regression(torch.bfloat16, lambda p: build_optimizer([p], _cfg(**options), "cpu"))
+    kahan_gap, plain_gap = (kahan - reference).abs().max().item(), (plain - reference).abs().max().item()
+    assert kahan_gap < 2 ** -7, kahan_gap  # within one bf16 step (at 1.0) of every fp32 weight
+    assert plain_gap > 20 * kahan_gap, (plain_gap, kahan_gap)
+    assert abs(kahan_loss - reference_loss) < 0.01 * reference_loss < abs(plain_loss - reference_loss)
+
+
+def test_adamw_bf16_is_torch_optimis_adamw_with_kahan_summation():
+    import optimi
+
+    weights = nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    cfg = _cfg(optimizer="adamw_bf16", learning_rate=3e-4, adam_beta2=0.99, adam_epsilon=1e-6)
+    optimizer = build_optimizer([weights], cfg, "cpu")
+    assert isinstance(optimizer, optimi.AdamW)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["beta1"], group["beta2"], group["eps"], group["kahan_sum"]) == (3e-4, 0.9, 0.99, 1e-6, True)
+    assert trained_weight_dtype(cfg) == torch.bfloat16 and trained_weight_dtype(_cfg()) is None
+
+
+def test_adamw_bf16_refuses_fp32_weights():
+    with pytest.raises(UserError, match="optimizer='adamw_bf16' trains torch.bfloat16 weights, but trainable "
+                                        "weights are torch.float32"):
+        build_optimizer(_model(), _cfg(optimizer="adamw_bf16"), "cpu")
+
+
+def test_missing_optimi_names_torch_optimi(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optimi", None)
+    with pytest.raises(UserError, match=r"needs the 'torch-optimi' package.*pip install torch-optimi"):
+        build_optimizer(_model().to(torch.bfloat16), _cfg(optimizer="adamw_bf16"), "cpu")
 
 
 def test_schedulefree_switches_weights_for_evaluation():

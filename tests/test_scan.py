@@ -211,3 +211,16 @@ def test_a_tiny_image_is_named_as_enlarged_or_skipped_by_minimum_image_size(tmp_
     assert main(["scan", _config(tmp_path, entry)]) == 0  # minimum_image_size = 128: it is skipped instead
     out = capsys.readouterr().out
     assert "too small (e.g." in out and "dot.jpg" in out and "enlarged" not in out
+
+
+def test_when_no_image_is_usable_the_skipped_section_says_why(tmp_path):
+    # Every image is read fine by the index but too small for the plan: the report must not say "skipped: none".
+    root = tmp_path / "small"
+    _put(root / "a.jpg", _jpeg(64, 64))
+    _put(root / "b.jpg", _jpeg(80, 64))
+    config = _config(tmp_path, f'[[datasets]]\nid = "small"\ninstance_data_dir = "{root}"\n')
+    done = subprocess.run([sys.executable, "-m", "simpletuner", "scan", config], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "skipped:       none" not in done.stdout
+    assert "skipped:       2" in done.stdout and "2 too small (e.g. a.jpg" in done.stdout
+    assert "usable images: 0" in done.stdout

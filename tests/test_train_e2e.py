@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,9 +147,48 @@ def test_lycoris_lokr_run_writes_a_file_lycoris_loads(tmp_path: Path, tiny_model
     assert main(["train", str(config)]) == 0
     weights = tmp_path / "output" / "pytorch_lora_weights.safetensors"
     assert any("lokr_w" in key for key in load_file(weights))
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lycoris" and header["simpletuner.steps"] == "2"
+    assert json.loads(header["lycoris_config"])["algo"] == "lokr"
     pipeline = DiffusionPipeline.from_pretrained(model)
     before = _sample(pipeline, 32)
     network, _ = create_lycoris_from_weights(1.0, str(weights), pipeline.unet)
     network.merge_to()
     after = _sample(pipeline, 32)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+
+
+def _train_in_own_process(config: Path) -> None:
+    """`simpletuner train` in a fresh process (accelerate keeps one mixed precision per process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "simpletuner", "train", str(config)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_adamw_bf16_trains_bf16_weights_and_resumes_exactly(tmp_path: Path, tiny_model) -> None:
+    """SimpleTuner's default optimiser: the LoRA is trained and saved in bf16, and resume is exact."""
+    model = tiny_model("sd1x")
+    options = dict(optimizer="adamw_bf16", mixed_precision="bf16", disable_validation=True, max_train_steps=4,
+                   checkpointing_steps=2)
+    straight = write_run(tmp_path / "straight", model, "sd1x", **options)
+    _train_in_own_process(straight)
+    full = metrics(tmp_path / "straight" / "output")
+    final_a = load_file(tmp_path / "straight" / "output" / "pytorch_lora_weights.safetensors")
+    assert final_a and {tensor.dtype for tensor in final_a.values()} == {torch.bfloat16}
+
+    resumed_root = tmp_path / "resumed"
+    resumed = write_run(resumed_root, model, "sd1x", dataset=tmp_path / "straight" / "dataset",
+                        resume_from_checkpoint="latest", **options)
+    shutil.copytree(tmp_path / "straight" / "output" / "checkpoints" / "step-000002",
+                    resumed_root / "output" / "checkpoints" / "step-000002")
+    _train_in_own_process(resumed)
+    second_half = metrics(resumed_root / "output")
+    assert sorted(second_half) == [3, 4]
+    assert all(second_half[step] == full[step] for step in (3, 4)), (second_half, full)
+    final_b = load_file(resumed_root / "output" / "pytorch_lora_weights.safetensors")
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)

@@ -21,6 +21,7 @@ FAMILIES = {
     "flux": ("flux", "lora", "full", 32),
     "pixart_sigma": ("pixart_sigma", "lora", "full", 32),
     "kolors": ("kolors", "lora", "full", 64),
+    "hunyuan_dit": ("hunyuan_dit", "lora", "full", 32),
     "deepfloyd_if": ("deepfloyd", "deepfloyd-lora", "deepfloyd-full", 32),
     "deepfloyd_if_stage2": ("deepfloyd", "deepfloyd-stage2-lora", "deepfloyd-stage2", 64),
 }
@@ -31,12 +32,19 @@ def _sample(pipeline, tiny: str) -> np.ndarray:
     return pipeline(**sample_kwargs(tiny), output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
+# families whose text lengths the model fixes (Hunyuan-DiT's transformer takes exactly 77 + 256 tokens)
+FIXED_TEXT_LENGTH = {"hunyuan_dit"}
+# families whose pipeline has no LoRA loader: the adapter is peft's format
+PEFT_LORA = {"pixart_sigma", "hunyuan_dit"}
+
+
 def _train(tmp_path: Path, tiny_model, tiny: str, lora: bool) -> Path:
     model_family, lora_type, full_type, resolution = FAMILIES[tiny]
+    text_length = {} if tiny in FIXED_TEXT_LENGTH else {"tokenizer_max_length": 32}
     config = write_run(tmp_path, tiny_model(tiny), tiny, model_family=model_family,
                        model_type=lora_type if lora else full_type, resolution=resolution,
                        validation_resolution=str(resolution), max_train_steps=2, checkpointing_steps=2,
-                       validation_steps=2, learning_rate=1e-3 if lora else 1e-4, tokenizer_max_length=32)
+                       validation_steps=2, learning_rate=1e-3 if lora else 1e-4, **text_length)
     assert main(["train", str(config)]) == 0
     output = tmp_path / "output"
     losses = metrics(output)
@@ -53,7 +61,7 @@ def test_lora(tmp_path: Path, tiny_model, tiny: str) -> None:
     output = _train(tmp_path, tiny_model, tiny, lora=True)
     pipeline = DiffusionPipeline.from_pretrained(tiny_model(tiny))
     before = _sample(pipeline, tiny)
-    if tiny == "pixart_sigma":  # PixArt's pipeline has no LoRA loader: the adapter is peft's format
+    if tiny in PEFT_LORA:
         from peft import PeftModel
 
         pipeline.transformer = PeftModel.from_pretrained(pipeline.transformer, output)

@@ -68,6 +68,9 @@ def validation_plan(cfg: TrainingConfig, family: ModelFamily) -> ValidationPlan 
         prompts.update({_slug(name): prompt for name, prompt in library.items()})
     if not prompts:
         return None
+    if cfg.validation_guidance_skip_layers and not family.skip_layer_guidance:
+        logger.warning("validation_guidance_skip_layers is ignored for model_family %r: its pipeline has no "
+                       "skip-layer guidance (SimpleTuner drops it too)", cfg.model_family)
     text = cfg.validation_resolution or str(family.default_resolution(cfg))
     return ValidationPlan(prompts, parse_resolutions(text, family.alignment), cfg.validation_seed)
 

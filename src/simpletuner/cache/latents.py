@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 
 from simpletuner.cache.jobs import CacheSummary, EncodeFn, LazyCache, WorkItem, run_cache_job
 from simpletuner.cache.keys import EncoderIdentity, SourceIdentity, Transform, latent_key
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # LANCZOS: the sharpest of Pillow's filters when downsampling (the usual case), and
 # what SimpleTuner uses. Antialiased, so no moire from large sources.
 RESAMPLE = "LANCZOS"
+SourceReader = Callable[[str], bytes]  # a source URL -> the encoded image (for sources that are no files)
 
 
 def prepare_image(image: "Image.Image", plan: ImagePlan, flip: bool = False) -> "torch.Tensor":
@@ -163,6 +164,13 @@ def _stack(pixels: list["torch.Tensor"]) -> "torch.Tensor":
     return torch.stack(pixels)
 
 
+def _loader(storage_options: dict[str, Any] | None, read_source: SourceReader | None):
+    """Pixels of an item: its source opened by fsspec (with `storage_options`), or read by `read_source`."""
+    if read_source is None:
+        return lambda item: load_pixels(item.source, item.plan, item.flip, storage_options)
+    return lambda item: load_pixels(read_source(item.source), item.plan, item.flip)
+
+
 def cache_latents(
     items: Iterable[LatentItem],
     store: "TensorStore",
@@ -170,6 +178,7 @@ def cache_latents(
     *,
     batch_size: int = 8,
     storage_options: dict[str, Any] | None = None,
+    read_source: SourceReader | None = None,
     **job_options: Any,
 ) -> CacheSummary:
     """Encode the items' images the store lacks (batched by target size) and store their entries.
@@ -177,19 +186,18 @@ def cache_latents(
     `encode_fn(pixels)` gets a (B, 3, H, W) float32 CPU tensor in [-1, 1] (it moves
     it to its device and dtype) and returns {"mean": (B, ...), "std": (B, ...)} (see
     `latent_entry`); out-of-memory errors halve the batch. A file that fails to
-    open or decode is recorded and skipped. `job_options` go to `run_cache_job`
+    open or decode is recorded and skipped. Sources that are no files (rows of a Hugging Face
+    dataset) are read by `read_source(item.source)`. `job_options` go to `run_cache_job`
     (rank, world_size, num_workers, progress, shard_entries, ...).
     """
     return run_cache_job(
-        [item.work() for item in items], store, encode_fn,
-        load=lambda item: load_pixels(item.source, item.plan, item.flip, storage_options),
+        [item.work() for item in items], store, encode_fn, load=_loader(storage_options, read_source),
         collate=_stack, batch_size=batch_size, kind="latents", unit="img", **job_options,
     )
 
 
 def lazy_latents(store: "TensorStore", encode_fn: EncodeFn, storage_options: dict[str, Any] | None = None,
-                 **options: Any) -> LazyCache:
+                 read_source: SourceReader | None = None, **options: Any) -> LazyCache:
     """A LazyCache of latents: `cache.get(item.work())` reads, or encodes and stores, one entry."""
-    return LazyCache(store, encode_fn, load=lambda item: load_pixels(item.source, item.plan, item.flip,
-                                                                     storage_options),
-                     collate=_stack, writer_name="lazy-latents", **options)
+    return LazyCache(store, encode_fn, load=_loader(storage_options, read_source), collate=_stack,
+                     writer_name="lazy-latents", **options)

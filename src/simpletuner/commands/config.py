@@ -22,17 +22,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simpletuner.config.check import check_settings
-    from simpletuner.config.load import load_settings
+    from simpletuner.config.check import check_file
+    from simpletuner.config.load import problem_list
     from simpletuner.errors import ConfigError
+    from simpletuner.log import get_logger
+    from simpletuner.models.registry import flavour_problem, resolve_checkpoint
 
-    settings = load_settings(args.file, getattr(args, "overrides", []) or [])
-    report = check_settings(settings)
+    report, loaded = check_file(args.file, getattr(args, "overrides", []) or [])
+    for warning in loaded.warnings:
+        get_logger(__name__).warning(warning)
+    if problem := flavour_problem(loaded.partial_training()):
+        report.problems.append(problem)
+    elif loaded.training is not None and not loaded.training.pretrained_model_name_or_path:
+        checkpoint = resolve_checkpoint(loaded.training).pretrained_model_name_or_path
+        report.summary = [f"base model: {checkpoint} (model_flavour {loaded.training.model_flavour or 'default'})"
+                          if line.startswith("base model: ") else line for line in report.summary]
     print("\n".join(report.summary))
     for note in report.notes:
         print(f"note: {note}")
     if report.problems:
-        count = f"{len(report.problems)} problems" if len(report.problems) > 1 else "a problem"
-        raise ConfigError(f"{count} in {args.file}:\n" + "\n".join(f"  - {p}" for p in report.problems))
+        raise ConfigError(problem_list(report.problems, args.file))
     print("configuration OK", file=sys.stderr)
     return 0

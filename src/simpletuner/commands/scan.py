@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from simpletuner.config.schema import DatasetConfig, TrainingConfig
     from simpletuner.data.buckets import BucketAssignment, SkipReport
     from simpletuner.data.index import ScanResult
-    from simpletuner.data.storage import FileEntry
+    from simpletuner.data.hf import HuggingFaceStorage
+    from simpletuner.data.storage import DatasetStorage, FileEntry
     from simpletuner.models.base import ModelFamily
 
 ACCEPTS_OVERRIDES = True
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.load import load_settings
+    from simpletuner.models.registry import with_checkpoint
 
-    settings = load_settings(args.config, getattr(args, "overrides", None) or [])
+    settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
     scan_settings(settings, sys.stdout)
     return 0
 
@@ -50,6 +52,7 @@ class DatasetScan:
     files: list["FileEntry"]  # every file under the location (images and others)
     result: "ScanResult"
     upstream: "SkipReport"  # the index's own skips (unreadable, truncated...)
+    storage: "DatasetStorage | HuggingFaceStorage"  # where its images are read from
     assignment: "BucketAssignment | None" = None
     problems: list[str] = field(default_factory=list)
     unreadable_captions: dict[int, str] = field(default_factory=dict)  # record -> why; left out of `assignment`
@@ -79,18 +82,24 @@ def scan_settings(settings: "Settings", out: TextIO) -> list[DatasetScan]:
 
 def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO) -> DatasetScan:
     from simpletuner.data.index import index_location, scan_dataset
-    from simpletuner.data.storage import DatasetStorage, image_extensions
+    from simpletuner.data.storage import image_extensions, open_source
 
-    storage = DatasetStorage.from_config(dataset)
+    storage = open_source(dataset)
     cache = index_location(dataset, training.cache_dir)
     files = storage.list_files()
     extensions = image_extensions()
-    images = [entry for entry in files if _extension(entry.path) in extensions]
+    # every row of a Hugging Face dataset holds an image (rows have no extension)
+    images = files if dataset.type == "huggingface" else [e for e in files if _extension(e.path) in extensions]
     result = scan_dataset(storage, cache, listing=images)
-    scan = DatasetScan(dataset.id, files, result, _index_skips(result))
-    print(f"dataset {dataset.id!r} ({dataset.location()})", file=out)
-    print(f"  files found:   {len(images)} images ({result.read} read, {result.reused} unchanged since the last "
-          f"scan){_other_files(files, extensions)}", file=out)
+    scan = DatasetScan(dataset.id, files, result, _index_skips(result), storage)
+    print(f"dataset {dataset.id!r} ({storage.url if dataset.type == 'huggingface' else dataset.location()})",
+          file=out)
+    if dataset.type == "huggingface":
+        print(f"  rows found:    {len(images)} ({result.read} read, {result.reused} unchanged since the last scan)",
+              file=out)
+    else:
+        print(f"  files found:   {len(images)} images ({result.read} read, {result.reused} unchanged since the last "
+              f"scan){_other_files(files, extensions)}", file=out)
     print(f"  index:         {cache.url}", file=out)
     if dataset.dataset_type == "conditioning":
         _print_skips(scan.upstream, out)
@@ -99,12 +108,15 @@ def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO) 
     try:
         scan.assignment = _assign(dataset, training, result, scan.upstream)
     except Exception as error:
+        from simpletuner.data.buckets import NoUsableImages
         from simpletuner.errors import DataError
 
         if not isinstance(error, DataError):
             raise
         scan.problems.append(_with_location(str(error), dataset, files, extensions))
-        _print_skips(scan.upstream, out)
+        # the planning stage's exclusions (too small, ...) beside the index's own
+        _print_skips(_combined(scan.upstream, error.skipped) if isinstance(error, NoUsableImages) else scan.upstream,
+                     out)
         print("  usable images: 0", file=out)
         return scan
     every = _combined(scan.upstream, scan.assignment.skipped)
@@ -241,8 +253,8 @@ def _print_buckets(assignment: "BucketAssignment", out: TextIO) -> None:
 
 
 def _with_location(message: str, dataset: "DatasetConfig", files: list["FileEntry"], extensions: frozenset[str]) -> str:
-    if any(_extension(entry.path) in extensions for entry in files):
-        return message
+    if dataset.type == "huggingface" or any(_extension(entry.path) in extensions for entry in files):
+        return message  # (a Hugging Face dataset's rows are all images)
     return (f"{message}\n  looked in {dataset.location()} for {', '.join(sorted(extensions))} files"
             f"{_other_files(files, extensions) or '; the location holds no files at all'}")
 

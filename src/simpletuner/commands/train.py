@@ -20,9 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.load import load_settings
+    from simpletuner.models.registry import with_checkpoint
     from simpletuner.train.trainer import train
 
-    settings = load_settings(args.config, getattr(args, "overrides", None) or [])
+    settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
     result = train(settings)
     print(f"trained {result.steps} steps; outputs: {', '.join(str(p) for p in result.outputs)}")
     return 0

@@ -11,11 +11,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simpletuner.config.load import Settings
+from collections.abc import Sequence
+
+from simpletuner.config.load import Loaded, Settings, read_settings
+from simpletuner.config.packages import missing_packages
 from simpletuner.config.references import latent_cache_for, text_cache_for
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
 from simpletuner.config.unimplemented import unimplemented_problems
 
+# files that look like images; `scan` decides which ones really are (this only catches an empty folder)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".avif", ".jxl"})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -71,6 +76,14 @@ def _path_problem(name: str, value: str, folder: bool) -> str | None:
     return None
 
 
+def _holds_an_image(folder: Path) -> bool:
+    """Whether any file under `folder` has an image suffix (stops at the first one found)."""
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES for name in files):
+            return True
+    return False
+
+
 def _dataset_problems(dataset: DatasetConfig) -> list[str]:
     """Local sources exist and are readable (paths were made absolute by loading)."""
     if dataset.type != "local" or dataset.dataset_type == "text_embeds":
@@ -78,7 +91,11 @@ def _dataset_problems(dataset: DatasetConfig) -> list[str]:
     name = f"dataset {dataset.id!r}:"
     problems = []
     if dataset.instance_data_dir:
-        problems.append(_path_problem(f"{name} instance_data_dir", dataset.instance_data_dir, folder=True))
+        problem = _path_problem(f"{name} instance_data_dir", dataset.instance_data_dir, folder=True)
+        if problem is None and not _holds_an_image(Path(dataset.instance_data_dir)):
+            problem = (f"{name} instance_data_dir {dataset.instance_data_dir!r} holds no image files "
+                       f"({', '.join(sorted(IMAGE_SUFFIXES))}), in it or below it")
+        problems.append(problem)
     if dataset.parquet is not None and "://" not in dataset.parquet.path:
         problems.append(_path_problem(f"{name} parquet.path", dataset.parquet.path, folder=False))
     if isinstance(dataset.caption_filter_list, str) and "://" not in dataset.caption_filter_list:
@@ -112,6 +129,9 @@ def check_settings(settings: Settings) -> CheckReport:
     report = CheckReport()
     report.problems += _training_problems(training)
     report.problems += unimplemented_problems(training, settings.datasets)
+    missing, less = missing_packages(training, settings.datasets)
+    report.problems += missing
+    report.notes += less
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
         if dataset.dataset_type == "image" and not dataset.text_embeds:
@@ -125,6 +145,9 @@ def check_settings(settings: Settings) -> CheckReport:
                                 "(set conditioning_data on the image dataset)")
         if dataset.type == "aws":
             report.notes.append(f"dataset {dataset.id!r} is on S3 ({dataset.location()}): not checked (no network)")
+        if dataset.type == "huggingface":
+            report.notes.append(f"dataset {dataset.id!r} is a Hugging Face dataset ({dataset.location()}): loaded "
+                                "by `scan` and `train`, not here")
     report.summary = _summary(settings)
     return report
 
@@ -150,3 +173,19 @@ def _summary(settings: Settings) -> list[str]:
         lines.append(f"  disabled: {', '.join(d.id for d in settings.disabled_datasets)}")
     lines += [f"cache: {training.cache_dir}", f"output: {training.output_dir}"]
     return lines
+
+
+def check_file(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[CheckReport, Loaded]:
+    """Every problem of a configuration in one round: training options, the dataset file, references between
+    datasets, local paths and features not built yet; the summary when the configuration loads."""
+    loaded = read_settings(path, overrides)
+    if not loaded.problems:
+        return check_settings(loaded.settings()), loaded
+    report = CheckReport(problems=list(loaded.problems))
+    if loaded.training is not None:
+        report.problems += _training_problems(loaded.training)
+        report.problems += missing_packages(loaded.training, loaded.datasets)[0]
+    report.problems += unimplemented_problems(loaded.partial_training(), loaded.datasets)
+    for dataset in loaded.datasets:
+        report.problems += _dataset_problems(dataset)
+    return report, loaded

@@ -31,10 +31,97 @@ def _off_or(*values: Any) -> tuple[Any, ...]:
     return OFF_VALUES + values
 
 
+def _group(reason: str, defaults: dict[str, Any]) -> dict[str, Unsupported]:
+    """Options of one feature we lack; each is harmless at its "off" value or SimpleTuner's default."""
+    return {name: Unsupported(reason, _off_or(*([] if default is None else [default, str(default)])))
+            for name, default in defaults.items()}
+
+
+# SimpleTuner's current option registry (tests/data/simpletuner_options_current.txt) beyond the seed-era names.
+CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
+    **_group("group offloading is not built", {
+        "enable_group_offload": None, "group_offload_type": "block_level", "group_offload_blocks_per_group": 1,
+        "group_offload_use_stream": None, "group_offload_to_disk_path": None, "group_offload_text_encoder": None,
+        "group_offload_vae": None}),
+    **_group("RamTorch offloading is not built", {
+        "ramtorch": None, "ramtorch_target_modules": None, "ramtorch_text_encoder": None, "ramtorch_vae": None,
+        "ramtorch_controlnet": None, "ramtorch_transformer_percent": 100, "ramtorch_text_encoder_percent": 100,
+        "ramtorch_disable_sync_hooks": None, "ramtorch_disable_extensions": None}),
+    **_group("block swapping is not built", {"musubi_blocks_to_swap": 0, "musubi_block_swap_device": "cpu"}),
+    **_group("activations are recomputed by PyTorch's checkpointing", {"gradient_checkpointing_backend": "torch"}),
+    **_group("video models are not supported", {
+        "enable_chunked_feed_forward": None, "feed_forward_chunk_size": None, "wan_force_2_1_time_embedding": None,
+        "vae_enable_patch_conv": None, "vae_enable_temporal_roll": None}),
+    **_group("audio models are not supported", {
+        "lyrics_embedder_train": None, "lyrics_embedder_optimizer": None, "lyrics_embedder_lr": None,
+        "lyrics_embedder_lr_scheduler": None, "audio_max_duration_seconds": None, "audio_min_duration_seconds": None,
+        "audio_channels": 1, "audio_duration_interval": 3.0, "audio_truncation_mode": "beginning",
+        "validation_lyrics": None, "validation_audio_duration": 30.0}),
+    **_group("CREPA (video representation alignment) is not supported", {
+        "crepa_enabled": None, "crepa_block_index": 8, "crepa_lambda": 0.5, "crepa_adjacent_distance": 1,
+        "crepa_adjacent_tau": 1.0, "crepa_encoder": "dinov2_vitg14", "crepa_encoder_image_size": 518,
+        "crepa_drop_vae_encoder": None, "crepa_normalize_by_frames": True, "crepa_spatial_align": True}),
+    **_group("scheduled sampling is not built", {
+        "scheduled_sampling_max_step_offset": 0, "scheduled_sampling_strategy": "uniform",
+        "scheduled_sampling_probability": 0.0, "scheduled_sampling_prob_start": 0.0,
+        "scheduled_sampling_prob_end": 0.5, "scheduled_sampling_ramp_steps": 0, "scheduled_sampling_start_step": 0,
+        "scheduled_sampling_ramp_shape": "linear", "scheduled_sampling_sampler": "unipc",
+        "scheduled_sampling_order": 2, "scheduled_sampling_reflexflow": None,
+        "scheduled_sampling_reflexflow_alpha": 1.0, "scheduled_sampling_reflexflow_beta1": 10.0,
+        "scheduled_sampling_reflexflow_beta2": 1.0}),
+    **_group("Diff2Flow is not built", {"diff2flow_enabled": None, "diff2flow_loss": None}),
+    **_group("validation with extra adapters is not built", {
+        "validation_adapter_path": None, "validation_adapter_name": None, "validation_adapter_strength": 1.0,
+        "validation_adapter_mode": "adapter_only", "validation_adapter_config": None}),
+    **_group("external validation scripts are not built", {
+        "validation_method": "simpletuner-local", "validation_external_script": None,
+        "validation_external_background": None}),
+    **_group("live validation previews are not built", {"validation_preview": None, "validation_preview_steps": 1}),
+    **_group("validation runs by steps (validation_steps)", {"validation_epoch_interval": None}),
+    **_group("checkpoints are saved by steps (checkpointing_steps)", {"checkpoint_epoch_interval": None}),
+    **_group("rolling checkpoints are not built", {
+        "checkpointing_rolling_steps": 0, "checkpoints_rolling_total_limit": 1}),
+    **_group("evaluation sets are not supported", {"eval_epoch_interval": None, "eval_loss_disable": None}),
+    **_group("ControlNet training is not built in this version yet", {"controlnet_custom_config": None}),
+    **_group("channel-wise control training is not built", {"control": None}),
+    **_group("TREAD (token routing) is not built in this version yet", {"tread_config": None}),
+    **_group("quantisation is not built in this version yet", {"quantization_config": None}),
+    **_group("SingLoRA is not built", {"peft_lora_mode": "standard", "singlora_ramp_up_steps": 0}),
+    **_group("one conditioning dataset is paired with each image dataset; combined sampling is not built",
+             {"conditioning_multidataset_sampling": "random"}),
+    **_group("huber_c is constant over timesteps", {"huber_schedule": "constant"}),
+    **_group("masked loss is not built in this version yet", {"masked_loss_probability": 1.0}),
+    **_group("set prevent_upscaling on a dataset", {"max_upscale_threshold": None}),
+    **_group("set repeats on the dataset", {"allow_dataset_oversubscription": None}),
+    **_group("flow-matching timesteps are sampled from the flow_* schedules", {"flow_custom_timesteps": None}),
+    **_group("attention uses PyTorch SDPA", {"sla_config": None}),
+    **_group("latents are always cached (vae_cache_ondemand encodes missing ones on first use)",
+             {"vae_cache_disable": None}),
+    **_group("Gemma text encoders (Sana, Lumina 2, LTX-2) are not supported",
+             {"pretrained_gemma_model_name_or_path": None}),
+    **_group("FLUX.2 is not supported", {"custom_text_encoder_intermediary_layers": None}),
+    **_group("report_to is tensorboard, wandb or none", {"custom_tracker": None}),
+    **_group("launcher settings: pass them to `accelerate launch` (or torchrun) yourself", {
+        "accelerate_config": None, "accelerate_extra_args": None, "num_processes": 1, "num_machines": 1,
+        "main_process_ip": "127.0.0.1", "main_process_port": 29500, "machine_rank": 0, "same_network": True,
+        "dynamo_backend": "no", "dynamo_mode": None, "dynamo_fullgraph": None, "dynamo_dynamic": None,
+        "dynamo_use_regional_compilation": None, "context_parallel_size": 1,
+        "context_parallel_comm_strategy": "allgather"}),
+    **_group("FSDP and DeepSpeed are not built in this version yet", {
+        "deepspeed_config": None, "fsdp_enable": None, "fsdp_version": 2, "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": None,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None,
+        "fsdp_activation_checkpointing": None, "fsdp_transformer_layer_cls_to_wrap": None}),
+}
+
+
 # SimpleTuner spelling -> our field name (same meaning).
 ALIASES: dict[str, str] = {
     "validation_disable": "disable_validation",
     "min_snr_gamma": "snr_gamma",
+    "checkpoint_step_interval": "checkpointing_steps",  # the current release's names
+    "validation_step_interval": "validation_steps",
+    "use_gradient_checkpointing": "gradient_checkpointing",  # config.env's name, used in quickstart JSON too
 }
 DATASET_ALIASES: dict[str, str] = {
     "disable": "disabled",
@@ -46,17 +133,16 @@ VALUE_ALIASES: dict[tuple[str, str], str] = {
 }
 # Hints for values SimpleTuner accepts and we do not.
 VALUE_HINTS: dict[tuple[str, str], str] = {
-    ("optimizer", "adamw_bf16"): "SimpleTuner's bf16 AdamW: use optimizer=adamw with mixed_precision=bf16",
-    ("optimizer", "optimi-adamw"): "use optimizer=adamw",
-    ("optimizer", "optimi-lion"): "use optimizer=lion",
     ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
     ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
     ("report_to", "all"): "use tensorboard or wandb",
     ("base_model_precision", "int8-torchao"): "torchao is not supported: use int8-quanto",
     ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
-    ("model_family", "hunyuan_dit"): "Hunyuan DiT is not supported",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
+    ("flux_lora_target", "controlnet"): "ControlNet training is not built in this version yet",
+    ("flux_lora_target", "all+ffs+embedder+controlnet"): "ControlNet training is not built in this version yet",
+    ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
 }
 
 # Options that cannot change what is trained: SimpleTuner's own worker pools, logging and
@@ -92,6 +178,16 @@ IGNORED: dict[str, str] = {
     "accelerator_cache_clear_interval": "device memory is managed by PyTorch",
     "seed_for_each_device": "every process derives its own seed from seed",
     "non_ema_revision": "revision is used",
+    "validation_disable_unconditional": "validation never renders the unconditional (empty prompt) image",
+    "gradient_checkpointing_interval": "gradient_checkpointing recomputes every block; the interval trades memory "
+                                       "only, never the result",
+    "num_eval_images": "read only by evaluation (evaluation_type, eval datasets), which is refused when set",
+    "offload_during_save": "moving weights to the CPU while saving changes memory use only, never the result",
+    "delete_model_after_load": "the Hub download cache is left as it is (deleting it changes disk use only)",
+    "checkpointing_use_tempdir": "checkpoints are always written under a temporary name, then renamed",
+    "model_card_private": "read only with push_to_hub, which is refused when set",
+    "validation_multigpu": "validation images are rendered on the main process",
+    "validation_stitch_input_location": "validation images are saved alone, never stitched beside their input",
 }
 DATASET_IGNORED: dict[str, str] = {
     "preserve_data_backend_cache": "the index is incremental and always kept",
@@ -104,13 +200,12 @@ DATASET_IGNORED: dict[str, str] = {
 }
 
 UNSUPPORTED: dict[str, Unsupported] = {
-    "model_flavour": Unsupported("choose the checkpoint with pretrained_model_name_or_path"),
     "hidream_use_load_balancing_loss": Unsupported("HiDream is not supported"),
     "hidream_load_balancing_loss_weight": Unsupported("HiDream is not supported"),
     "ltx_train_mode": Unsupported("video models are not supported", _off_or("i2v")),
-    "ltx_i2v_prob": Unsupported("video models are not supported"),
+    "ltx_i2v_prob": Unsupported("video models are not supported", _off_or(0.1, "0.1")),
     "ltx_protect_first_frame": Unsupported("video models are not supported"),
-    "ltx_partial_noise_fraction": Unsupported("video models are not supported"),
+    "ltx_partial_noise_fraction": Unsupported("video models are not supported", _off_or(0.05, "0.05")),
     "framerate": Unsupported("video models are not supported"),
     "validation_num_video_frames": Unsupported("video models are not supported"),
     "sana_complex_human_instruction": Unsupported("Sana is not supported"),
@@ -118,29 +213,29 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "soft_min_snr_sigma_data": Unsupported("use snr_gamma (min-SNR weighting)"),
     "snr_weight": Unsupported("prediction_type=sample loss mixing is not supported", _off_or(1, 1.0, "1", "1.0")),
     "disable_segmented_timestep_sampling": Unsupported("timesteps are sampled independently per sample"),
-    "compress_disk_cache": Unsupported("the cache store chooses its own encoding"),
+    "compress_disk_cache": Unsupported("the cache store chooses its own encoding", _off_or(True, "true", "True")),
     "aspect_bucket_disable_rebuild": Unsupported("buckets are rebuilt only when their inputs change"),
     "ignore_missing_files": Unsupported("missing files are always reported"),
     "delete_unwanted_images": Unsupported("source data is never deleted; small images are skipped and reported"),
     "delete_problematic_images": Unsupported("source data is never deleted; broken images are skipped and reported"),
-    "cache_dir_text": Unsupported("set cache_dir (the cache root) or a text_embeds dataset's cache_dir"),
+    "cache_dir_text": Unsupported("set cache_dir (the cache root) or a text_embeds dataset's cache_dir",
+                                  _off_or("cache")),
     "cache_dir_vae": Unsupported("set cache_dir (the cache root) or a dataset's cache_dir_vae"),
-    "caption_strategy": Unsupported("set caption_strategy on each dataset entry"),
+    "caption_strategy": Unsupported("set caption_strategy on each dataset entry", _off_or("filename")),
     "instance_prompt": Unsupported("set instance_prompt on each dataset entry"),
     "prepend_instance_prompt": Unsupported("set prepend_instance_prompt on each dataset entry"),
     "only_instance_prompt": Unsupported("set only_instance_prompt on each dataset entry"),
     "parquet_caption_column": Unsupported("set parquet.caption_column on each dataset entry"),
     "parquet_filename_column": Unsupported("set parquet.filename_column on each dataset entry"),
     "dataloader_prefetch": Unsupported("the loader always prefetches"),
-    "dataloader_prefetch_qlen": Unsupported("the loader always prefetches"),
+    "dataloader_prefetch_qlen": Unsupported("the loader always prefetches", _off_or(10, "10")),
     "ignore_final_epochs": Unsupported("set max_train_steps alone to train by steps"),
-    "gradient_checkpointing_interval": Unsupported("gradient_checkpointing covers every block"),
     "distillation_method": Unsupported("distillation is not supported"),
     "distillation_config": Unsupported("distillation is not supported"),
     "offload_during_startup": Unsupported("components are loaded when needed"),
     "offload_param_path": Unsupported("DeepSpeed NVMe offload is configured in the DeepSpeed config"),
     "optimizer_config": Unsupported("use the optimiser options (adam_beta1, adam_weight_decay, ...)"),
-    "optimizer_cpu_offload_method": Unsupported("optimiser CPU offload is not supported", _off_or("none")),
+    "optimizer_cpu_offload_method": Unsupported("optimiser CPU offload is not supported", _off_or("none", "offload")),
     "optimizer_offload_gradients": Unsupported("optimiser CPU offload is not supported"),
     "fuse_optimizer": Unsupported("fused AdamW is used on CUDA automatically"),
     "optimizer_beta1": Unsupported("use adam_beta1"),
@@ -159,15 +254,10 @@ UNSUPPORTED: dict[str, Unsupported] = {
                                                            _off_or("openai/clip-vit-large-patch14-336")),
     "eval_steps_interval": Unsupported("evaluation sets are not supported"),
     "eval_timesteps": Unsupported("evaluation sets are not supported", _off_or(28, "28")),
-    "num_eval_images": Unsupported("evaluation sets are not supported", _off_or(4, "4")),
     "eval_dataset_id": Unsupported("evaluation sets are not supported"),
     "validation_seed_source": Unsupported("validation seeds use a CPU generator", _off_or("cpu")),
     "validation_torch_compile_mode": Unsupported("validation_torch_compile uses the default mode",
                                                  _off_or("default", "max-autotune")),
-    "validation_guidance_skip_layers": Unsupported("skip-layer guidance is not supported"),
-    "validation_guidance_skip_layers_start": Unsupported("skip-layer guidance is not supported", _off_or(0.01)),
-    "validation_guidance_skip_layers_stop": Unsupported("skip-layer guidance is not supported", _off_or(0.2)),
-    "validation_guidance_skip_scale": Unsupported("skip-layer guidance is not supported", _off_or(2.8)),
     "validation_using_datasets": Unsupported("img2img validation from datasets is not supported"),
     "validation_prompt_library": Unsupported("SimpleTuner's built-in prompt library is not included; "
                                              "use user_prompt_library"),
@@ -181,18 +271,18 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "freeze_encoder": Unsupported("text encoders are frozen unless train_text_encoder",
                                   (None, True, "true", "True")),
     "save_text_encoder": Unsupported("trained text encoders are always saved"),
-    "text_encoder_limit": Unsupported("text-encoder training runs for the whole run", _off_or(25, "25")),
+    "text_encoder_limit": Unsupported("text-encoder training runs for the whole run", _off_or(25, "25", 100, "100")),
     "sdxl_refiner_uses_full_range": Unsupported("use refiner_training_strength=1.0"),
     "i_know_what_i_am_doing": Unsupported("safety checks cannot be turned off"),
-    "hunyuan_dit": Unsupported("Hunyuan DiT is not supported"),
     "smoldit": Unsupported("SmolDiT is not supported"),
     "aura_flow": Unsupported("AuraFlow is not supported"),
     "use_8bit_adam": Unsupported("use optimizer=adamw8bit"),
     "use_adafactor_optimizer": Unsupported("use optimizer=adafactor"),
     "use_prodigy_optimizer": Unsupported("use optimizer=prodigy"),
     "use_dadapt_optimizer": Unsupported("D-Adaptation is not supported"),
-    "adam_bfloat16": Unsupported("use optimizer=adamw with mixed_precision=bf16"),
+    "adam_bfloat16": Unsupported("use optimizer=adamw_bf16"),
     "disable_compel": Unsupported("prompt weighting (compel) is not supported", (None, True, "true", "True")),
+    **CURRENT_RELEASE_UNSUPPORTED,
 }
 DATASET_UNSUPPORTED: dict[str, Unsupported] = {
     "image_embeds": Unsupported("latents go to the dataset's cache_dir_vae"),
@@ -206,8 +296,7 @@ DATASET_UNSUPPORTED: dict[str, Unsupported] = {
     "max_num_samples": Unsupported("sample limits are not supported"),
     "text_cache_ondemand": Unsupported("text embeddings are always cached before training"),
     "text_cache_disable": Unsupported("text embeddings are always cached"),
-    "huggingface": Unsupported("Hugging Face datasets are not supported: use type local or aws"),
-    "config": Unsupported("Hugging Face datasets are not supported: use type local or aws"),
+    "config": Unsupported("a dataset entry's own `config` block is not supported"),
     "audio": Unsupported("audio datasets are not supported"),
     "video": Unsupported("video datasets are not supported"),
     "cache_file_suffix": Unsupported("cache entries are named by a hash of their settings"),
@@ -279,7 +368,7 @@ ENV_LAUNCHER: dict[str, str] = {
 # Old SimpleTuner switches that named the model family.
 FAMILY_SWITCHES: dict[str, str] = {
     "sd3": "sd3", "flux": "flux", "pixart_sigma": "pixart_sigma", "kolors": "kolors", "legacy": "legacy",
-    "sdxl": "sdxl",
+    "sdxl": "sdxl", "hunyuan_dit": "hunyuan_dit",
 }
 
 

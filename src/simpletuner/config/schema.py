@@ -15,12 +15,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelFamily = Literal["legacy", "sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "kolors", "deepfloyd"]
+ModelFamily = Literal["legacy", "sd1x", "sd2x", "sdxl", "sd3", "flux", "pixart_sigma", "kolors", "deepfloyd",
+                      "hunyuan_dit"]
 ModelType = Literal["full", "lora", "deepfloyd-full", "deepfloyd-lora", "deepfloyd-stage2", "deepfloyd-stage2-lora"]
 ResolutionType = Literal["pixel", "area", "pixel_area"]
 CropStyle = Literal["center", "centre", "random", "corner"]
 CropAspect = Literal["square", "preserve", "closest", "random"]
-CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv"]
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv", "huggingface"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
 Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "nf4-bnb"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
@@ -35,7 +36,8 @@ def trains_adapter(cfg: "TrainingConfig") -> bool:
 class StrictModel(BaseModel):
     """Base for every configuration model: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)  # inf and nan are never a setting: every float is finite
 
 
 class ParquetOptions(StrictModel):
@@ -52,11 +54,31 @@ class ParquetOptions(StrictModel):
     height_column: str | None = Field(None, description="Column with the image height, if known.")
 
 
+class HuggingFaceOptions(StrictModel):
+    """SimpleTuner's `huggingface` block of a type=huggingface entry; the same keys at the entry's top level win."""
+
+    dataset_name: str | None = Field(None, description="As the entry's dataset_name.")
+    dataset_config: str | None = Field(None, description="As the entry's dataset_config.")
+    split: str | None = Field(None, description="As the entry's split.")
+    revision: str | None = Field(None, description="As the entry's revision.")
+    image_column: str | None = Field(None, description="As the entry's image_column.")
+    caption_column: str | list[str] | None = Field(None, description="As the entry's caption_column.")
+    fallback_caption_column: str | None = Field(None, description="As the entry's fallback_caption_column.")
+    streaming: bool | None = Field(None, description="As the entry's streaming.")
+    cache_dir: str | None = Field(None, description="Where the datasets library keeps downloads and Arrow files "
+                                  "(default: the entry's cache_dir when it is a local folder, as in SimpleTuner; "
+                                  "else the library's own, HF_DATASETS_CACHE).")
+    filter_func: dict | None = Field(None, description="Not built: refused (filter the rows beforehand, e.g. "
+                                     "Dataset.filter then save_to_disk).")
+    composite_image_config: dict | None = Field(None, description="Not built: refused (grid images are not split).")
+
+
 class DatasetConfig(StrictModel):
     """One entry of `multidatabackend.json` (or one `[[datasets]]` table in TOML)."""
 
     id: str = Field(description="Unique name of the dataset; also names its caches.")
-    type: Literal["local", "aws"] = Field("local", description="Where the files live: a local folder or S3.")
+    type: Literal["local", "aws", "huggingface"] = Field("local", description="Where the files live: a local "
+                                                         "folder, S3, or a Hugging Face dataset (dataset_name).")
     dataset_type: Literal["image", "text_embeds", "conditioning"] = Field(
         "image", description="image: training images; text_embeds: where text embeddings are cached; "
         "conditioning: masks or ControlNet inputs paired with an image dataset."
@@ -72,9 +94,28 @@ class DatasetConfig(StrictModel):
         None, description="S3 secret key; falls back to AWS_SECRET_ACCESS_KEY."
     )
     aws_data_prefix: str = Field("", description="Key prefix of the images inside the bucket.")
+    dataset_name: str | None = Field(None, description="type=huggingface: a Hub dataset id, or a local folder "
+                                     "(written by save_to_disk, or of parquet files or images that load_dataset "
+                                     "reads). Every row is one image, named row-000000, row-000001, ...")
+    dataset_config: str | None = Field(None, description="type=huggingface: the dataset's configuration (subset) "
+                                       "name.")
+    split: str | None = Field(None, description="type=huggingface: the split to train on (default train).")
+    revision: str | None = Field(None, description="type=huggingface: Hub revision (branch, tag or commit).")
+    image_column: str | None = Field(None, description="type=huggingface: the column holding the images (default "
+                                     "image): an Image feature or raw bytes.")
+    caption_column: str | list[str] | None = Field(None, description="type=huggingface, caption_strategy="
+                                                   "huggingface: the caption column (default caption), or several "
+                                                   "whose non-empty values are all candidate captions.")
+    fallback_caption_column: str | None = Field(None, description="type=huggingface: column used where the caption "
+                                                "columns are empty.")
+    streaming: bool | None = Field(None, description="type=huggingface: read the rows as a stream (load_dataset's "
+                                   "streaming=True) instead of from Arrow files; each pass reads from the start.")
+    huggingface: HuggingFaceOptions | None = Field(None, description="SimpleTuner's block of Hugging Face options "
+                                                   "(the same names at the entry's top level win).")
     caption_strategy: CaptionStrategy = Field(
         "filename", description="Where captions come from: the file name, a .txt beside each image, "
-        "the instance_prompt, or a parquet/jsonl/csv metadata file (parquet options)."
+        "the instance_prompt, a parquet/jsonl/csv metadata file (parquet options), or a Hugging Face dataset's "
+        "caption_column (huggingface, the default of type=huggingface)."
     )
     instance_prompt: str | None = Field(None, description="Caption for caption_strategy=instanceprompt, or a prefix.")
     prepend_instance_prompt: bool = Field(False, description="Put instance_prompt before every caption.")
@@ -88,7 +129,7 @@ class DatasetConfig(StrictModel):
         "to the file name. SimpleTuner silently trains on an empty caption; we never do."
     )
     parquet: ParquetOptions | None = Field(None, description="Metadata file options for parquet/jsonl/csv captions.")
-    resolution: float | None = Field(None, description="Target resolution; defaults to the training resolution. "
+    resolution: float | None = Field(None, gt=0, description="Target resolution; defaults to the training resolution. "
                                      "Pixels of the shorter side (pixel), megapixels (area), or pixels whose "
                                      "square gives the area (pixel_area).")
     resolution_type: ResolutionType | None = Field(None, description="How resolution is read; defaults to the "
@@ -124,8 +165,20 @@ class DatasetConfig(StrictModel):
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
-    vae_cache_clear_each_epoch: bool = Field(False, description="Re-encode latents every epoch (for random crops).")
+    vae_cache_clear_each_epoch: bool = Field(False, description="With random crops (crop, crop_style random): draw "
+                                             "each image's crop position again every epoch after the first and "
+                                             "encode those latents when their batch needs them (not stored; epoch "
+                                             "0 uses the cache). The bucket stays. Without random crops every "
+                                             "epoch's latents equal the cached ones, so the cache is used.")
     skip_file_discovery: str = Field("", description="Accepted for compatibility; discovery is incremental here.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _huggingface_captions(cls, data: object) -> object:
+        # as in SimpleTuner, a Hugging Face dataset's captions come from its caption column unless told otherwise
+        if isinstance(data, dict) and data.get("type") == "huggingface" and "caption_strategy" not in data:
+            return {**data, "caption_strategy": "huggingface"}
+        return data
 
     @model_validator(mode="after")
     def _check_location(self) -> "DatasetConfig":
@@ -135,6 +188,27 @@ class DatasetConfig(StrictModel):
             raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
             raise ValueError(f"dataset {self.id!r}: type 'aws' needs aws_bucket_name")
+        if self.type == "huggingface":
+            if not (self.dataset_name or (self.huggingface and self.huggingface.dataset_name)):
+                raise ValueError(f"dataset {self.id!r}: type 'huggingface' needs dataset_name")
+            block = self.huggingface or HuggingFaceOptions()
+            for name, feature in (("filter_func", "filtering rows (filter them beforehand, e.g. Dataset.filter "
+                                   "then save_to_disk)"), ("composite_image_config", "splitting grid images")):
+                if getattr(block, name):
+                    raise ValueError(f"dataset {self.id!r}: huggingface.{name}: {feature} is not implemented in "
+                                     "this version yet; remove the option")
+            if self.caption_strategy not in ("huggingface", "instanceprompt"):
+                raise ValueError(f"dataset {self.id!r}: type 'huggingface' takes caption_strategy 'huggingface' or "
+                                 f"'instanceprompt', not {self.caption_strategy!r}")
+        elif self.caption_strategy == "huggingface":
+            raise ValueError(f"dataset {self.id!r}: caption_strategy 'huggingface' needs type 'huggingface'")
+        else:
+            stray = [name for name in HuggingFaceOptions.model_fields if name != "cache_dir"
+                     and name in type(self).model_fields and getattr(self, name) is not None]
+            stray += ["huggingface"] if self.huggingface is not None else []
+            if stray:
+                raise ValueError(f"dataset {self.id!r}: {', '.join(stray)} apply to type 'huggingface' only, and "
+                                 f"this entry has type {self.type!r}")
         if self.caption_strategy in ("parquet", "jsonl", "csv") and self.parquet is None:
             raise ValueError(f"dataset {self.id!r}: caption_strategy {self.caption_strategy!r} needs parquet options")
         if self.caption_strategy == "instanceprompt" and not self.instance_prompt:
@@ -142,10 +216,12 @@ class DatasetConfig(StrictModel):
         return self
 
     def location(self) -> str:
-        """The dataset's root as a URL-like string: a folder or s3://bucket/prefix."""
+        """The dataset's root as a URL-like string: a folder or s3://bucket/prefix (huggingface: dataset_name)."""
         if self.type == "aws":
             prefix = self.aws_data_prefix.strip("/")
             return f"s3://{self.aws_bucket_name}/{prefix}" if prefix else f"s3://{self.aws_bucket_name}"
+        if self.type == "huggingface":
+            return str(self.dataset_name or (self.huggingface and self.huggingface.dataset_name))
         return str(self.instance_data_dir)
 
 
@@ -154,10 +230,15 @@ class TrainingConfig(StrictModel):
 
     # model
     model_family: ModelFamily = Field(description="Architecture: legacy (= SD 1.x/2.x), sd1x, sd2x, sdxl, sd3, "
-                                      "flux, pixart_sigma, kolors, deepfloyd.")
+                                      "flux, pixart_sigma, kolors, deepfloyd, hunyuan_dit.")
     model_type: ModelType = Field("lora", description="What trains: LoRA/LyCORIS adapter or the full model. "
                                   "SimpleTuner defaults to full; an adapter is the safer start.")
-    pretrained_model_name_or_path: str = Field(description="Hub id or local diffusers folder of the base model.")
+    model_flavour: str | None = Field(None, description="SimpleTuner's name for a base checkpoint of the family "
+                                      "(sdxl: base-1.0, flux: dev or schnell, sd3: medium or large, ...); used "
+                                      "when pretrained_model_name_or_path is not set. Unset: the family's default "
+                                      "flavour (DeepFloyd has none). docs/COMPATIBILITY.md lists them.")
+    pretrained_model_name_or_path: str | None = Field(None, description="Hub id or local diffusers folder of the "
+                                                      "base model; unset: the checkpoint of model_flavour.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     variant: str | None = Field(None, description="Weight variant to load, e.g. fp16.")
     pretrained_vae_model_name_or_path: str | None = Field(None, description="A separate VAE (e.g. an fp16-fix VAE).")
@@ -178,8 +259,9 @@ class TrainingConfig(StrictModel):
     text_encoder_2_precision: Precision = Field("no_change", description="Quantise text encoder 2.")
     text_encoder_3_precision: Precision = Field("no_change", description="Quantise text encoder 3.")
     text_encoder_4_precision: Precision = Field("no_change", description="Quantise text encoder 4.")
-    quantize_via: Literal["cpu", "accelerator"] = Field("accelerator", description="Where quantisation runs: the "
-                                                        "accelerator is fast, the CPU needs less device memory.")
+    quantize_via: Literal["cpu", "accelerator", "pipeline"] = Field(
+        "accelerator", description="Where quantisation runs: the accelerator is fast, the CPU needs less device "
+        "memory. Read only when a *_precision option quantises; alone it changes nothing.")
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
@@ -228,20 +310,21 @@ class TrainingConfig(StrictModel):
     resolution: float | None = Field(None, gt=0, description="Default training resolution of datasets; unset: the "
                                      "model family's native resolution (SD 1.x 512, SD 2.x 768, DeepFloyd 64 / 256, "
                                      "the others 1024). SimpleTuner defaults to 1024 for every family.")
-    resolution_type: ResolutionType = Field("pixel_area", description="How resolution is read. SimpleTuner "
-                                            "defaults to pixel; pixel_area keeps the pixel count of a square of "
-                                            "that side for every aspect, which matches how models were trained.")
+    resolution_type: ResolutionType = Field("pixel_area", description="How resolution is read (SimpleTuner's "
+                                            "default too): pixel_area keeps the pixel count of a square of that "
+                                            "side for every aspect, which matches how models were trained.")
     minimum_image_size: float | None = Field(None, description="Default minimum_image_size of datasets.")
     maximum_image_size: float | None = Field(None, description="Default maximum_image_size of datasets.")
     target_downsample_size: float | None = Field(None, description="Default target_downsample_size of datasets.")
-    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Decimal places of aspect-ratio "
-                                               "buckets (default: exact bucket sizes).")
+    aspect_bucket_rounding: int | None = Field(None, ge=1, le=9, description="Round each image's aspect ratio "
+                                               "(width/height) to this many decimal places before bucketing, so "
+                                               "near-equal aspects share a bucket. Unset: the exact ratio "
+                                               "(SimpleTuner rounds to 2 places when unset).")
     aspect_bucket_alignment: Literal[8, 16, 32, 64] | None = Field(None, description="Bucket sides are multiples "
                                                                    "of this (default: the model's; 64, or 8 for "
                                                                    "DeepFloyd).")
     caption_dropout_probability: float = Field(0.1, ge=0, le=1, description="Share of steps trained on the "
-                                               "empty caption (keeps classifier-free guidance working). "
-                                               "SimpleTuner defaults to 0.")
+                                               "empty caption (keeps classifier-free guidance working).")
     caption_dropout_size_conditioning: bool = Field(True, description="SDXL-style models: a dropped caption "
                                                     "also zeroes the size/crop (refiner: aesthetic) conditioning.")
     data_backend_sampling: Literal["auto-weighting", "uniform"] = Field(
@@ -253,8 +336,7 @@ class TrainingConfig(StrictModel):
                                  "full fine-tuning; 1e-4 suits LoRA.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial", "sine"] = Field(
-        "constant_with_warmup", description="Learning-rate schedule. SimpleTuner defaults to sine; a constant "
-        "rate after warm-up is the safer default for adapters.")
+        "constant_with_warmup", description="Learning-rate schedule (SimpleTuner's default too).")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     lr_num_cycles: float = Field(1, gt=0, description="Cycles of cosine_with_restarts and sine.")
     lr_power: float = Field(1.0, gt=0, description="Power of the polynomial schedule.")
@@ -262,8 +344,12 @@ class TrainingConfig(StrictModel):
                           "cosine.")
     lr_scale: bool = Field(False, description="Multiply learning_rate by processes x batch size x accumulation.")
     lr_scale_sqrt: bool = Field(False, description="With lr_scale: use the square root of that product.")
-    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree"] = Field(
-        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion", "adamw_schedulefree", "adamw_bf16",
+                       "optimi-adamw", "optimi-lion"] = Field(
+        "adamw", description="Optimiser; fused AdamW on CUDA. Others need their package installed. adamw_bf16 "
+        "(SimpleTuner's default; needs mixed_precision=bf16) keeps the trained weights in bf16 and updates them "
+        "with Kahan summation (torch-optimi); optimi-adamw and optimi-lion are torch-optimi's, with Kahan "
+        "summation where weights are bf16.")
     adam_beta1: float = Field(0.9, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
@@ -272,6 +358,9 @@ class TrainingConfig(StrictModel):
     grad_clip_method: Literal["norm", "value"] = Field("norm", description="norm: scale the whole gradient to "
                                                        "max_grad_norm; value: clip each element. SimpleTuner "
                                                        "defaults to value; norm is the standard, better-tested one.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="An update whose loss or gradient norm is nan or inf is "
+                                     "skipped (and counted in metrics.jsonl); after this many in a row the run stops "
+                                     "with exit 2, exporting nothing.")
     train_batch_size: int = Field(1, ge=1, description="Samples per step per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser updates.")
@@ -279,6 +368,11 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
+                                       "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
+                                       "The saved model keeps diffusers' usual separate projections. Not with "
+                                       "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
+                                       "between q, k and v.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -374,17 +468,26 @@ class TrainingConfig(StrictModel):
                                             "validation (1.0: none).")
     validation_no_cfg_until_timestep: int = Field(2, ge=0, description="Flux with real guidance: skip guidance on "
                                                   "the first N steps.")
+    validation_guidance_skip_layers: list[int] | None = Field(
+        None, description="SD3: skip-layer guidance in validation: indices of the transformer blocks skipped in an "
+        "extra prediction that guides away from it (e.g. [7, 8, 9] for SD 3.5 Medium); unset: off. Other families' "
+        "pipelines have no such input: they ignore it with a warning, as SimpleTuner does.")
+    validation_guidance_skip_layers_start: float = Field(0.01, ge=0, le=1, description="Skip-layer guidance "
+                                                         "starts after this share of the validation steps.")
+    validation_guidance_skip_layers_stop: float = Field(0.2, ge=0, le=1, description="Skip-layer guidance stops "
+                                                        "at this share of the validation steps.")
+    validation_guidance_skip_scale: float = Field(2.8, ge=0, description="Scale of skip-layer guidance (2.8 suits "
+                                                  "three skipped layers).")
     validation_randomize: bool = Field(False, description="Random seeds for validation images.")
     validation_on_startup: bool = Field(False, description="Sample validation images before the first step.")
     validation_torch_compile: bool = Field(False, description="torch.compile the validation pipeline.")
     validation_lycoris_strength: float = Field(1.0, ge=0, description="LyCORIS multiplier for validation images.")
-    validation_disable_unconditional: bool = Field(False, description="Skip the unconditional (empty prompt) "
-                                                   "validation image.")
     disable_validation: bool = Field(False, description="Never sample validation images.")
     # publishing
     push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (hub_model_id).")
     push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint.")
-    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora.")
+    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora; read only "
+                                     "with push_to_hub.")
     model_card_note: str | None = Field(None, description="Text put at the top of the model card.")
     model_card_safe_for_work: bool = Field(False, description="Leave out the not-for-all-audiences tag.")
     webhook_config: str | None = Field(None, description="JSON file with a webhook (url, webhook_type "
@@ -405,6 +508,45 @@ class TrainingConfig(StrictModel):
     def _zero_means_unset(cls, value: object) -> object:
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
+
+    @field_validator("validation_guidance_skip_layers", mode="before")
+    @classmethod
+    def _layers_from_text(cls, value: object) -> object:
+        # config.env and the command line give "[7, 8, 9]" or "7,8,9"
+        if not isinstance(value, str):
+            return value
+        text = value.strip().strip("[]").strip()
+        if text.lower() in ("", "none", "null"):
+            return None
+        return [part.strip() for part in text.split(",")]
+
+    @model_validator(mode="after")
+    def _skip_layer_guidance_window(self) -> "TrainingConfig":
+        start, stop = self.validation_guidance_skip_layers_start, self.validation_guidance_skip_layers_stop
+        if any(layer < 0 for layer in self.validation_guidance_skip_layers or ()):
+            raise ValueError(f"validation_guidance_skip_layers={self.validation_guidance_skip_layers}: layer "
+                             "indices count from 0")
+        if self.validation_guidance_skip_layers and start >= stop:
+            raise ValueError(f"validation_guidance_skip_layers_start ({start}) must be below "
+                             f"validation_guidance_skip_layers_stop ({stop}): they bound the share of validation "
+                             "steps that use skip-layer guidance")
+        return self
+
+    @model_validator(mode="after")
+    def _fusion_trains_the_full_model(self) -> "TrainingConfig":
+        if self.fuse_qkv_projections and trains_adapter(self):
+            raise ValueError(f"fuse_qkv_projections=true needs model_type 'full' (got {self.model_type!r}): peft and "
+                             "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
+                             "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
+                             "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_optimizer(self) -> "TrainingConfig":
+        if self.optimizer == "adamw_bf16" and self.mixed_precision != "bf16":
+            raise ValueError(f"optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not "
+                             f"{self.mixed_precision!r}); for fp32 weights use optimizer 'adamw'")
+        return self
 
     @model_validator(mode="after")
     def _deepfloyd_model_types(self) -> "TrainingConfig":

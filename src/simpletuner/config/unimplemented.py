@@ -1,12 +1,13 @@
 """Options the schema accepts (SimpleTuner's names, documented) whose feature this version does not do yet.
 
 Setting one to anything but its default is an error naming the option, never a
-silent no-op. Remove an entry here in the commit that implements it.
+silent no-op (an option in ONLY_WHEN only when the setting it depends on reads it).
+Remove an entry here in the commit that implements it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from simpletuner.errors import ConfigError
 
@@ -25,9 +26,7 @@ TRAINING: dict[str, str] = {
     "text_encoder_2_precision": "quantised text encoders",
     "text_encoder_3_precision": "quantised text encoders",
     "text_encoder_4_precision": "quantised text encoders",
-    "quantize_via": "quantised base models",
-    "aspect_bucket_rounding": "rounded aspect buckets",
-    "lr_end": "a final learning rate for polynomial and sine schedules",
+    "lr_end": "a final learning rate for polynomial, sine and cosine schedules",
     "input_perturbation_steps": "input perturbation limited to the first steps",
     "ema_validation": "validation with EMA weights (validation uses the trained weights)",
     "validation_guidance_rescale": "guidance rescale in validation",
@@ -35,10 +34,8 @@ TRAINING: dict[str, str] = {
     "validation_randomize": "random validation seeds",
     "validation_torch_compile": "compiled validation pipelines",
     "validation_lycoris_strength": "LyCORIS strength in validation",
-    "validation_disable_unconditional": "skipping the unconditional validation image",
     "push_to_hub": "uploading to the Hugging Face Hub",
     "push_checkpoints_to_hub": "uploading to the Hugging Face Hub",
-    "hub_model_id": "uploading to the Hugging Face Hub",
     "model_card_note": "model cards",
     "model_card_safe_for_work": "model cards",
     "webhook_config": "webhook notifications",
@@ -47,14 +44,21 @@ TRAINING: dict[str, str] = {
 DATASET: dict[str, str] = {
     "is_regularisation_data": "prior-preservation (regularisation) training",
     "conditioning_data": "masked loss and ControlNet conditioning in training",
-    "vae_cache_clear_each_epoch": "re-encoding latents every epoch",
+}
+
+
+# Options that matter only under another setting: set alone they ask for nothing this version lacks.
+# (lr_end: SimpleTuner reads it only in these schedules.)
+ONLY_WHEN: dict[str, Callable[[TrainingConfig], bool]] = {
+    "lr_end": lambda t: t.lr_scheduler in ("polynomial", "sine", "cosine", "cosine_with_restarts"),
 }
 
 
 def _set(model: TrainingConfig | DatasetConfig, names: dict[str, str]) -> list[tuple[str, object, str]]:
     fields = type(model).model_fields
     return [(name, getattr(model, name), feature) for name, feature in names.items()
-            if name in fields and getattr(model, name) != fields[name].default]
+            if name in fields and getattr(model, name) != fields[name].default
+            and ONLY_WHEN.get(name, lambda _: True)(model)]
 
 
 def unimplemented_problems(training: TrainingConfig, datasets: list[DatasetConfig]) -> list[str]:

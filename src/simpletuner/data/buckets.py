@@ -30,8 +30,14 @@ the bucket is cropped out of it at the crop_style position. Unlike SimpleTuner,
 which crops at the image's native resolution unless maximum_image_size is set,
 crops here always see the whole image scaled to the bucket.
 
-Bounds, with (w, h) the ideal target sides computed from the aspect ratio before
-rounding (asserted by the property tests):
+aspect_bucket_rounding (SimpleTuner's option): an image's own aspect ratio
+(width/height) is rounded to that many decimal places before its bucket is computed
+(crop off, crop_aspect preserve and closest), so images whose rounded aspects are
+equal share a bucket; unset, the exact ratio is used. A ratio that rounds to 0 is
+taken as the smallest step, 10^-places.
+
+Bounds, with (w, h) the ideal target sides computed from the aspect ratio (rounded,
+with aspect_bucket_rounding) before aligning (asserted by the property tests):
 
 * every target side is a positive multiple of g;
 * every target side is within g/2 of its ideal, or equals g where the ideal is
@@ -107,6 +113,7 @@ class BucketSettings:
     crop_aspect: str = "square"
     crop_aspect_buckets: tuple[float, ...] = ()
     small_bucket_policy: str = "merge"
+    aspect_rounding: int | None = None  # decimal places of image aspect ratios (aspect_bucket_rounding)
 
     def __post_init__(self) -> None:
         _check_settings(self)
@@ -135,6 +142,7 @@ class BucketSettings:
                 crop_aspect=dataset.crop_aspect,
                 crop_aspect_buckets=tuple(float(a) for a in dataset.crop_aspect_buckets or ()),
                 small_bucket_policy=dataset.small_bucket_policy,
+                aspect_rounding=training.aspect_bucket_rounding,
             )
         except ConfigError as error:
             raise ConfigError(f"dataset {dataset.id!r}: {error}") from None
@@ -143,6 +151,11 @@ class BucketSettings:
     def is_random(self) -> bool:
         """Whether plans depend on the per-image seed (random crops or random aspects)."""
         return self.crop and (self.crop_style == "random" or self.crop_aspect == "random")
+
+    @property
+    def crops_vary(self) -> bool:
+        """Whether a crop position can be drawn again for an image already in its bucket (random crops)."""
+        return self.crop and self.crop_style == "random"
 
     def area_pixels(self, value: float) -> float:
         """A size option (resolution, minimum...) as a pixel area; area types only."""
@@ -156,6 +169,8 @@ def _check_settings(s: BucketSettings) -> None:
     _check_choice("crop_style", s.crop_style, _CROP_STYLES)
     _check_choice("crop_aspect", s.crop_aspect, _CROP_ASPECTS)
     _check_choice("small_bucket_policy", s.small_bucket_policy, _SMALL_BUCKET_POLICIES)
+    if s.aspect_rounding is not None and not 1 <= s.aspect_rounding <= 9:
+        raise ConfigError(f"aspect_bucket_rounding must be 1 to 9 decimal places, got {s.aspect_rounding}")
     if s.alignment < 1:
         raise ConfigError(f"alignment must be a positive number of pixels, got {s.alignment}")
     if s.resolution_type == "area" and s.resolution > _MAX_AREA_MEGAPIXELS:
@@ -192,9 +207,38 @@ def image_seed(seed: int | None, path: str) -> int:
     return int.from_bytes(digest, "little")
 
 
+def epoch_image_seed(seed: int | None, path: str, epoch: int) -> int:
+    """The per-image seed of an epoch's crop: `image_seed` in epoch 0, a fresh one in every later epoch."""
+    if epoch == 0:
+        return image_seed(seed, path)
+    digest = hashlib.blake2b(f"{seed}\0{path}\0epoch {epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def redraw_crop(plan: ImagePlan, settings: BucketSettings, rng_seed: int) -> ImagePlan:
+    """The same image in the same bucket, resized the same, with its crop position drawn again.
+
+    Only random crop positions (crop on, crop_style random) change; any other plan comes back as it is.
+    The bucket stays, so a crop_aspect drawn at random keeps the aspect it was given.
+    """
+    if not settings.crops_vary:
+        return plan
+    again = plan_for_target(*plan.original_size, plan.target_size, settings, rng_seed)
+    return plan if isinstance(again, Skip) else again
+
+
 def align(value: float, alignment: int) -> int:
     """The multiple of `alignment` nearest to `value`, at least `alignment`."""
     return max(alignment, int(math.floor(value / alignment + 0.5)) * alignment)
+
+
+def image_aspect(width: int, height: int, settings: BucketSettings) -> float:
+    """width / height, rounded to settings.aspect_rounding decimal places when set (at least 10^-places)."""
+    aspect = width / height
+    places = settings.aspect_rounding
+    if places is None:
+        return aspect
+    return max(round(aspect, places), 10.0**-places)
 
 
 def target_size_for_aspect(aspect: float, settings: BucketSettings) -> tuple[int, int]:
@@ -219,7 +263,7 @@ def plan_image(width: int, height: int, settings: BucketSettings, rng_seed: int 
     if problem is not None:
         return problem
     if not settings.crop:
-        target = target_size_for_aspect(width / height, settings)
+        target = target_size_for_aspect(image_aspect(width, height, settings), settings)
         if settings.prevent_upscaling and (target[0] > width or target[1] > height):
             return _upscale_skip(width, height, target)
         return ImagePlan((width, height), target, (0, 0, target[0], target[1]), target)
@@ -264,9 +308,10 @@ def _upscale_skip(width: int, height: int, resized: tuple[int, int]) -> Skip:
 def _crop_aspect(width: int, height: int, s: BucketSettings, rng: random.Random) -> float:
     if s.crop_aspect == "square":
         return 1.0
+    aspect = image_aspect(width, height, s)
     if s.crop_aspect == "preserve":
-        return width / height
-    closest = min(s.crop_aspect_buckets, key=lambda a: abs(math.log(a) - math.log(width / height)))
+        return aspect
+    closest = min(s.crop_aspect_buckets, key=lambda a: abs(math.log(a) - math.log(aspect)))
     if s.crop_aspect == "closest":
         return closest
     # random: any bucket the image covers without upscaling (as SimpleTuner), else the closest
@@ -391,6 +436,8 @@ class BucketAssignment:
     plan_table: np.ndarray  # (rows, 8) int32, see _PLAN_COLUMNS
     skipped: SkipReport
     merges: tuple[BucketMerge, ...] = ()
+    settings: BucketSettings | None = None  # what planned it (None: plans cannot be drawn again)
+    seed: int | None = None
 
     def __len__(self) -> int:
         return int(self.order.shape[0])
@@ -408,6 +455,14 @@ class BucketAssignment:
             raise KeyError(f"record {record} ({self.records[record].path}) is not in any bucket")
         ow, oh, rw, rh, left, top, tw, th = (int(v) for v in self.plan_table[row])
         return ImagePlan((ow, oh), (rw, rh), (left, top, left + tw, top + th), (tw, th))
+
+    def epoch_plan(self, record: int, epoch: int) -> ImagePlan:
+        """The record's plan in an epoch: its own plan in epoch 0; later, a random crop drawn again for the
+        epoch (same bucket and resize), see `redraw_crop`."""
+        plan = self.plan(record)
+        if epoch == 0 or self.settings is None:
+            return plan
+        return redraw_crop(plan, self.settings, epoch_image_seed(self.seed, self.records[record].path, epoch))
 
     def plans(self) -> Iterator[tuple[int, ImagePlan]]:
         """(record position, plan) of every usable image, bucket by bucket."""
@@ -463,6 +518,14 @@ class BucketAssignment:
 # --------------------------------------------------------------------------- assignment
 
 
+class NoUsableImages(DataError):
+    """No image of a dataset is usable; `skipped` counts why each planned image was excluded."""
+
+    def __init__(self, message: str, skipped: SkipReport) -> None:
+        super().__init__(message)
+        self.skipped = skipped
+
+
 def assign_buckets(
     records: Sequence[ImageRecord],
     settings: BucketSettings,
@@ -494,7 +557,8 @@ def assign_buckets(
     builder.settle_small_buckets(batch_size)
     assignment = builder.finish(batch_size)
     if len(assignment) == 0:
-        raise DataError(_no_usable_message(dataset_id, len(records), assignment.skipped, upstream))
+        raise NoUsableImages(_no_usable_message(dataset_id, len(records), assignment.skipped, upstream),
+                             assignment.skipped)
     return assignment
 
 
@@ -640,6 +704,8 @@ class _Builder:
             plan_table=self.plans,
             skipped=self.skipped,
             merges=tuple(self.merges),
+            settings=self.settings,
+            seed=self.seed,
         )
 
 

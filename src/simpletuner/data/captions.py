@@ -8,6 +8,7 @@ Strategies (DatasetConfig.caption_strategy):
 - parquet / jsonl / csv: a metadata table (DatasetConfig.parquet) mapping file
   names to captions, with a fallback column;
 - instanceprompt: instance_prompt for every image.
+- huggingface: a Hugging Face dataset's caption_column(s), else its fallback_caption_column.
 Then only_instance_prompt / prepend_instance_prompt, then caption_filter_list.
 
 A missing caption raises DataError naming the file, or falls back to the file
@@ -31,6 +32,7 @@ from simpletuner.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from simpletuner.config.schema import DatasetConfig
+    from simpletuner.data.hf import HuggingFaceStorage
 
 _TRAILING_NUMBERING = re.compile(r"(?:\s*\(\d+\)|\s+\d+)+$")
 _REGEX_CHARACTERS = set(".^$*+?{}[]\\|()")
@@ -209,7 +211,7 @@ def _read_metadata(path: str, dataset: "DatasetConfig", storage: DatasetStorage)
 class CaptionResolver:
     """Captions of a dataset's images, as configured. `candidates(path)` lists them, `pick` chooses one."""
 
-    def __init__(self, dataset: "DatasetConfig", storage: DatasetStorage,
+    def __init__(self, dataset: "DatasetConfig", storage: "DatasetStorage | HuggingFaceStorage",
                  filters: Sequence[CaptionFilter] = (), metadata: MetadataCaptions | None = None):
         self.dataset, self.storage, self.filters, self.metadata = dataset, storage, list(filters), metadata
         if (dataset.only_instance_prompt or dataset.prepend_instance_prompt) and not dataset.instance_prompt:
@@ -217,7 +219,7 @@ class CaptionResolver:
             raise ConfigError(f"dataset {dataset.id!r}: {option} needs instance_prompt")
 
     @classmethod
-    def from_config(cls, dataset: "DatasetConfig", storage: DatasetStorage) -> "CaptionResolver":
+    def from_config(cls, dataset: "DatasetConfig", storage: "DatasetStorage | HuggingFaceStorage") -> "CaptionResolver":
         metadata = None
         if dataset.caption_strategy in ("parquet", "jsonl", "csv") and not dataset.only_instance_prompt:
             metadata = MetadataCaptions.load(dataset, storage)
@@ -231,6 +233,10 @@ class CaptionResolver:
             return ([caption] if caption else []), "its file name gives no text"
         if strategy == "instanceprompt":
             return [str(self.dataset.instance_prompt)], ""
+        if strategy == "huggingface":  # storage is a HuggingFaceStorage (the schema allows no other)
+            spec = self.storage.spec
+            columns = " or ".join(repr(c) for c in (*spec.caption_columns, spec.fallback_caption_column) if c)
+            return self.storage.captions(path), f"its row has no text in column {columns}"
         if strategy == "textfile":
             text_path = os.path.splitext(path)[0] + ".txt"
             try:

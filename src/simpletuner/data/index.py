@@ -498,7 +498,7 @@ def _read_all(storage: DatasetStorage, entries: list[FileEntry], workers: int | 
         return []
     # local reads from the page cache are CPU-bound under the GIL: one thread per core overlaps the syscalls;
     # remote reads wait on the network: many requests in flight
-    workers = workers or (min(4, _usable_cores()) if storage.is_local else 32)
+    workers = workers or storage.read_workers or (min(4, _usable_cores()) if storage.is_local else 32)
     chunk = 256 if storage.is_local else 8
     chunks = [entries[i:i + chunk] for i in range(0, len(entries), chunk)]
     results: list[HeaderResult] = []

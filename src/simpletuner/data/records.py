@@ -47,3 +47,4 @@ class SampleRef:
     path: str
     bucket: tuple[int, int]  # target (width, height)
     record: int = -1  # position in the dataset's index (BucketAssignment.plan(record) gives its plan)
+    epoch: int = 0  # the sampler's epoch that handed it out

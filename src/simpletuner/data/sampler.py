@@ -173,7 +173,7 @@ class MultiDatasetSampler:
         records = epoch.passes[chained // images, int(assignment.bucket_offsets[bucket]) + chained % images]
         size = assignment.buckets[bucket]
         return [
-            SampleRef(dataset.dataset_id, assignment.records[record].path, size, record)
+            SampleRef(dataset.dataset_id, assignment.records[record].path, size, record, plan.epoch)
             for record in records.tolist()
         ]
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from simpletuner.config.schema import DatasetConfig
+    from simpletuner.data.hf import HuggingFaceStorage
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -230,6 +231,8 @@ class DatasetStorage:
     It has no method that writes, moves or deletes anything: sources stay as they are.
     """
 
+    read_workers: int | None = None  # threads reading image headers (None: as many as suit the location)
+
     def __init__(self, url: str, dataset: "DatasetConfig | None" = None, retry: RetryPolicy | None = None):
         self.url = url
         self._fs, self._root, self.is_local = _filesystem(url, dataset)
@@ -341,6 +344,16 @@ def decode_text(data: bytes, name: str) -> str:
 
 
 TEXT_FALLBACKS = ("cp1252", "latin-1")
+
+
+def open_source(dataset: "DatasetConfig") -> "DatasetStorage | HuggingFaceStorage":
+    """The read-only source of a dataset entry: its folder or bucket, or its Hugging Face dataset's rows."""
+    if dataset.type == "huggingface":
+        from simpletuner.data.hf import HuggingFaceStorage
+
+        return HuggingFaceStorage.from_config(dataset)
+    return DatasetStorage.from_config(dataset)
+
 
 # --------------------------------------------------------------------------- writable places
 

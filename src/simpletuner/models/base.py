@@ -48,6 +48,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "KolorsPipeline": "kolors",
     "IFPipeline": "deepfloyd",
     "IFSuperResolutionPipeline": "deepfloyd (stage II)",
+    "HunyuanDiTPipeline": "hunyuan_dit",
 }
 
 # validation_noise_scheduler -> diffusers class (epsilon / v-prediction families)
@@ -146,6 +147,9 @@ class ModelFamily(ABC):
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
     t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
+    skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
+    modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
+    lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -373,12 +377,9 @@ class ModelFamily(ABC):
         """The module that trains (the UNet or transformer)."""
         return components[self.denoiser_name()]
 
-    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
-        """Write trained LoRA adapters (component name -> model carrying a peft adapter) where the family's
-        pipeline loads them: diffusers' pytorch_lora_weights.safetensors, through its save_lora_weights."""
-        from simpletuner.train.adapters import save_lora_weights
-
-        return save_lora_weights(directory, components.pipeline_class, models)
+    def architecture(self, components: Components) -> str:
+        """The base model's id in Stability AI's model spec (modelspec.architecture)."""
+        return self.modelspec_architecture or self.name
 
     @abstractmethod
     def pipeline(self, components: Components) -> DiffusionPipeline:
@@ -450,9 +451,18 @@ def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]
     try:
         path = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=_offline())
     except Exception as error:  # hub errors come in many classes; all mean "cannot get it"
-        mode = "offline (HF_HUB_OFFLINE is set) and it is not in the cache" if _offline() else str(error)
-        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch model_index.json: {mode}") from error
+        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch model_index.json: "
+                        f"{_fetch_hint(error)}") from error
     return json.loads(Path(path).read_text())
+
+
+def _fetch_hint(error: Exception) -> str:
+    if _offline():
+        return ("offline (HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache; download it once on a "
+                "machine with network, or set pretrained_model_name_or_path to a local folder")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{reason} If this machine has no network: set HF_HUB_OFFLINE=1 to use a copy already in the Hugging "
+            "Face cache, or set pretrained_model_name_or_path to a local folder (saved with save_pretrained)")
 
 
 def _scheduler_class(entry: Sequence[str]) -> Any:

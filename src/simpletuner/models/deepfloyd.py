@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, DTypePolicy, ModelFamily, declared, read_model_index
 from simpletuner.models.pixart import learned_variance_split
@@ -76,6 +78,8 @@ class DeepFloydFamily(ModelFamily):
     """DeepFloyd IF stage I (64 px) or II (256 px): pixel space, T5, epsilon with learned-range variance."""
 
     name: ClassVar[str] = "deepfloyd"
+    flavours: ClassVar[Flavours] = flavour_tables.DEEPFLOYD  # model_flavour -> Hub checkpoint
+    modelspec_architecture: ClassVar[str] = "deepfloyd-if"
     alignment: ClassVar[int] = 8
     native_resolution: ClassVar[int] = STAGE_RESOLUTION[1]
     default_prediction_type: ClassVar[str] = "epsilon"
@@ -96,12 +100,19 @@ class DeepFloydFamily(ModelFamily):
         return unet_preset_name(cfg)
 
     def default_resolution(self, cfg: TrainingConfig) -> int:
-        """64 px for stage I, 256 px for stage II (named by model_type, else read from the model)."""
-        stage = stage_from_model_type(cfg.model_type)
+        """64 px for stage I, 256 px for stage II (named by model_type or model_flavour, else read from the model)."""
+        stage = stage_from_model_type(cfg.model_type) or self._stage_from_flavour(cfg)
         if stage is None:
             index = read_model_index(cfg.pretrained_model_name_or_path, cfg.revision)
             stage = 2 if index.get("_class_name") == STAGE_PIPELINES[2] else 1
         return STAGE_RESOLUTION[stage]
+
+    def _stage_from_flavour(self, cfg: TrainingConfig) -> int | None:
+        """The stage a flavour names (i-...: I, ii-...: II), when the checkpoint is that flavour's."""
+        checkpoint = self.flavours.checkpoint(cfg.model_flavour) if cfg.model_flavour else None
+        if checkpoint is None or cfg.pretrained_model_name_or_path not in (None, checkpoint):
+            return None
+        return 2 if cfg.model_flavour.startswith("ii-") else 1
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:

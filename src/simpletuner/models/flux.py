@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.log import get_logger
 from simpletuner.models.base import Components, ComponentSpec
 from simpletuner.models.sd import tokenize
@@ -97,6 +99,7 @@ class FluxFamily(FlowMatchingFamily):
     """Flux.1 dev (guidance-distilled) and schnell (timestep-distilled, no guidance embedding)."""
 
     name: ClassVar[str] = "flux"
+    flavours: ClassVar[Flavours] = flavour_tables.FLUX  # model_flavour -> Hub checkpoint
     text_max_length: ClassVar[int] = 512  # dev; schnell 256
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
     t5_component: ClassVar[str | None] = "text_encoder_2"
@@ -115,6 +118,9 @@ class FluxFamily(FlowMatchingFamily):
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return cfg.flux_lora_target
+
+    def architecture(self, components: Components) -> str:
+        return "flux-1-dev" if _has_guidance(components["transformer"]) else "flux-1-schnell"
 
     def t5_max_length(self, cfg: TrainingConfig, modules: Mapping[str, Any]) -> int:
         return flux_text_length(cfg, modules.get("tokenizer_2"), _has_guidance(modules["transformer"]))

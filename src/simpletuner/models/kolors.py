@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.models.base import Components, ComponentSpec
 from simpletuner.models.sdxl import SDXLFamily
 from simpletuner.models.t5_text import text_length
@@ -28,6 +30,8 @@ class KolorsFamily(SDXLFamily):
     """Kolors: 1024 px, epsilon, 1100 training timesteps (the scheduler config says so), ChatGLM text."""
 
     name: ClassVar[str] = "kolors"
+    flavours: ClassVar[Flavours] = flavour_tables.KOLORS  # model_flavour -> Hub checkpoint
+    modelspec_architecture: ClassVar[str] = "kolors"
     text_max_length: ClassVar[int] = 256
     pipeline_classes: ClassVar[tuple[str, ...]] = ("KolorsPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (

@@ -13,13 +13,13 @@ optional; the latents' size in pixels stands in).
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from simpletuner.errors import UserError
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
 from simpletuner.models.t5_text import encode_t5, text_length
@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
-
-PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
 def learned_variance_split(prediction: Tensor, channels: int) -> Tensor:
@@ -42,6 +40,9 @@ class PixArtSigmaFamily(ModelFamily):
     """PixArt Sigma: a DiT over 4-channel SDXL-VAE latents with a T5-XXL encoder, epsilon prediction."""
 
     name: ClassVar[str] = "pixart_sigma"
+    flavours: ClassVar[Flavours] = flavour_tables.PIXART_SIGMA  # model_flavour -> Hub checkpoint
+    modelspec_architecture: ClassVar[str] = "pixart-sigma"
+    lora_loader: ClassVar[bool] = False  # LoRAs load through peft (PeftModel.from_pretrained)
     alignment: ClassVar[int] = 16  # VAE factor 8 x patch size 2
     native_resolution: ClassVar[int] = 1024  # also released at 512 and 2048 px
     default_prediction_type: ClassVar[str] = "epsilon"
@@ -108,27 +109,6 @@ class PixArtSigmaFamily(ModelFamily):
                                  encoder_attention_mask=text["prompt_attention_mask"], timestep=timesteps,
                                  added_cond_kwargs=added, return_dict=False)[0]
         return learned_variance_split(prediction, noisy_latents.shape[1])
-
-    def save_lora(self, directory: str | Path, components: Components, models: Mapping[str, nn.Module]) -> Path:
-        """The transformer's adapter in peft's format (adapter_config.json, adapter_model.safetensors).
-
-        Neither PixArtSigmaPipeline nor its transformer has a diffusers LoRA loader; load it with
-        `pipe.transformer = peft.PeftModel.from_pretrained(pipe.transformer, directory)`.
-        """
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        unexpected = sorted(set(models) - {"transformer"})
-        if unexpected:
-            raise UserError(f"PixArt LoRA export takes the transformer's adapter only, not {', '.join(unexpected)}")
-        model = models["transformer"]
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        model.peft_config["default"].save_pretrained(str(directory))
-        weights = {f"base_model.model.{key}": value.detach().contiguous()
-                   for key, value in get_peft_model_state_dict(model).items()}
-        save_file(weights, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
-        return directory / PEFT_WEIGHTS
 
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ class StableDiffusionFamily(ModelFamily):
     """SD 1.x / 2.x: 4-channel latents, one CLIP encoder, epsilon or v-prediction."""
 
     name: ClassVar[str] = "legacy"
+    flavours: ClassVar[Flavours] = flavour_tables.LEGACY  # model_flavour -> Hub checkpoint
     alignment: ClassVar[int] = 8
     native_resolution: ClassVar[int] = 512
     default_prediction_type: ClassVar[str] = "epsilon"
@@ -57,6 +60,13 @@ class StableDiffusionFamily(ModelFamily):
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
+
+    def architecture(self, components: Components) -> str:
+        """SD 1.x, or SD 2.x (a 1024-wide text encoder) at 768 px v-prediction or 512 px epsilon."""
+        if self.name != "sd2x" and components["unet"].config.cross_attention_dim != 1024:
+            return "stable-diffusion-v1"
+        v = components.settings["prediction_type"] == "v_prediction"
+        return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
 
     @torch.no_grad()
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
@@ -88,11 +98,13 @@ class SD1Family(StableDiffusionFamily):
     """Stable Diffusion 1.x: 512 px, epsilon."""
 
     name: ClassVar[str] = "sd1x"
+    flavours: ClassVar[Flavours] = flavour_tables.SD1X  # model_flavour -> Hub checkpoint
 
 
 class SD2Family(StableDiffusionFamily):
     """Stable Diffusion 2.x: 768 px v-prediction (2.x-base: 512 px epsilon; the scheduler config says which)."""
 
     name: ClassVar[str] = "sd2x"
+    flavours: ClassVar[Flavours] = flavour_tables.SD2X  # model_flavour -> Hub checkpoint
     native_resolution: ClassVar[int] = 768
     default_prediction_type: ClassVar[str] = "v_prediction"

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily
@@ -123,6 +125,7 @@ class SD3Family(FlowMatchingFamily):
     """SD3 / SD3.5: MM-DiT over 16-channel latents, two CLIPs and T5."""
 
     name: ClassVar[str] = "sd3"
+    flavours: ClassVar[Flavours] = flavour_tables.SD3  # model_flavour -> Hub checkpoint
     text_max_length: ClassVar[int] = 154  # T5 tokens; SD3 was trained with 77 + 77
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
@@ -137,7 +140,9 @@ class SD3Family(FlowMatchingFamily):
         ComponentSpec("scheduler", "diffusers:FlowMatchEulerDiscreteScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = SD3_ADAPTER_PRESETS
+    modelspec_architecture: ClassVar[str] = "stable-diffusion-v3"
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")
+    skip_layer_guidance: ClassVar[bool] = True
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
@@ -145,6 +150,7 @@ class SD3Family(FlowMatchingFamily):
     def settings_from(self, cfg: TrainingConfig, index: Mapping[str, Any], modules: Mapping[str, Any]) -> dict:
         settings = super().settings_from(cfg, index, modules)
         clip_uncond = cfg.sd3_clip_uncond_behaviour
+        _check_skip_layers(cfg, int(modules["transformer"].config.num_layers))
         settings.update(
             clip_tokens=int(modules["tokenizer"].model_max_length),
             clip_uncond=clip_uncond,
@@ -220,4 +226,25 @@ class SD3Family(FlowMatchingFamily):
         return pipeline(prompt=prompt, negative_prompt=cfg.validation_negative_prompt, width=width, height=height,
                         num_inference_steps=cfg.validation_num_inference_steps,
                         guidance_scale=cfg.validation_guidance, generator=generator,
-                        num_images_per_prompt=cfg.num_validation_images, max_sequence_length=length).images
+                        num_images_per_prompt=cfg.num_validation_images, max_sequence_length=length,
+                        **skip_layer_guidance(cfg)).images
+
+
+def skip_layer_guidance(cfg: TrainingConfig) -> dict[str, Any]:
+    """StableDiffusion3Pipeline's skip-layer guidance inputs from validation_guidance_skip_*; {} when off.
+
+    The pipeline applies it only with classifier-free guidance (validation_guidance above 1).
+    """
+    if not cfg.validation_guidance_skip_layers:
+        return {}
+    return {"skip_guidance_layers": list(cfg.validation_guidance_skip_layers),
+            "skip_layer_guidance_start": cfg.validation_guidance_skip_layers_start,
+            "skip_layer_guidance_stop": cfg.validation_guidance_skip_layers_stop,
+            "skip_layer_guidance_scale": cfg.validation_guidance_skip_scale}
+
+
+def _check_skip_layers(cfg: TrainingConfig, num_layers: int) -> None:
+    outside = [layer for layer in cfg.validation_guidance_skip_layers or () if layer >= num_layers]
+    if outside:
+        raise UserError(f"validation_guidance_skip_layers={list(cfg.validation_guidance_skip_layers)}: layer(s) "
+                        f"{outside} do not exist; this transformer has blocks 0 to {num_layers - 1}")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from simpletuner.models import flavours as flavour_tables
+from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily, declared
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, tokenize, unet_preset_name
@@ -47,6 +49,7 @@ class SDXLFamily(ModelFamily):
     """SDXL base and refiner. The refiner is recognised by its pipeline's requires_aesthetics_score."""
 
     name: ClassVar[str] = "sdxl"
+    flavours: ClassVar[Flavours] = flavour_tables.SDXL  # model_flavour -> Hub checkpoint
     alignment: ClassVar[int] = 64
     native_resolution: ClassVar[int] = 1024
     default_prediction_type: ClassVar[str] = "epsilon"
@@ -62,9 +65,15 @@ class SDXLFamily(ModelFamily):
         ComponentSpec("scheduler", "diffusers:EulerDiscreteScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS
+    modelspec_architecture: ClassVar[str] = "stable-diffusion-xl-v1-base"
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
+
+    def architecture(self, components: Components) -> str:
+        if components.pipeline_class == "StableDiffusionXLImg2ImgPipeline":
+            return "stable-diffusion-xl-v1-refiner"
+        return self.modelspec_architecture
 
     def check_model_index(self, source: str, index: Mapping[str, Any]) -> None:
         super().check_model_index(source, index)
@@ -188,6 +197,7 @@ class SDXLRefinerFamily(SDXLFamily):
     """The SDXL refiner by name ("sdxl_refiner"): as sdxl, and it must be a refiner."""
 
     name: ClassVar[str] = "sdxl_refiner"
+    flavours: ClassVar[Flavours] = flavour_tables.SDXL  # model_flavour -> Hub checkpoint
 
     def check_model_index(self, source: str, index: Mapping[str, Any]) -> None:
         super().check_model_index(source, index)

@@ -5,8 +5,8 @@
     pipe = DiffusionPipeline.from_pretrained(path)
     images = pipe(**tiny.sample_kwargs("sdxl")).images    # 2 steps at 32x32
 
-Each pipeline uses the family's real classes (UNet2DConditionModel, SD3/Flux/PixArt
-transformers, AutoencoderKL, CLIP, T5, ChatGLM), locally trained tokenizers and the
+Each pipeline uses the family's real classes (UNet2DConditionModel, SD3/Flux/PixArt/Hunyuan-DiT
+transformers, AutoencoderKL, CLIP, T5, ChatGLM, BERT), locally trained tokenizers and the
 family's real scheduler type, at 1-6 MB. A build is atomic (written under a
 temporary name and renamed) and reused when its marker file matches the family,
 the seed and the recipe (a hash of these modules and the library versions).
@@ -28,7 +28,9 @@ from typing import Any, Callable
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
-from simpletuner.testing.tiny_tokenizers import CHATGLM_MAX_LENGTH, CLIP_MAX_LENGTH, T5_MAX_LENGTH, TokenizerKit
+from simpletuner.testing.tiny_tokenizers import (
+    BERT_MAX_LENGTH, CHATGLM_MAX_LENGTH, CLIP_MAX_LENGTH, MT5_MAX_LENGTH, T5_MAX_LENGTH, TokenizerKit,
+)
 
 logger = get_logger(__name__)
 
@@ -40,7 +42,7 @@ _RNG_TURN = threading.Lock()
 
 # Widths of the text encoders (hidden sizes), different on purpose. SD3 pads its
 # two CLIPs' concatenated states (32 + 48) up to the T5 width (96), as the real one does.
-CLIP_L, CLIP_G, CLIP_SD3_G, T5_DIM, CHATGLM_DIM = 32, 64, 48, 96, 64
+CLIP_L, CLIP_G, CLIP_SD3_G, T5_DIM, CHATGLM_DIM, BERT_DIM = 32, 64, 48, 96, 64, 40
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ SPECS: dict[str, TinySpec] = {
         TinySpec("flux", "FluxPipeline", "flow_matching", {**_CLIP, "tokenizer_2": T5_MAX_LENGTH}, latent_channels=16),
         TinySpec("pixart_sigma", "PixArtSigmaPipeline", "epsilon", _T5),
         TinySpec("kolors", "KolorsPipeline", "epsilon", {"tokenizer": CHATGLM_MAX_LENGTH}),
+        TinySpec("hunyuan_dit", "HunyuanDiTPipeline", "v_prediction",
+                 {"tokenizer": BERT_MAX_LENGTH, "tokenizer_2": MT5_MAX_LENGTH}, vae_scale_factor=8),
         TinySpec("deepfloyd_if", "IFPipeline", "epsilon", _T5, **_PIXELS),
         TinySpec("deepfloyd_if_stage2", "IFSuperResolutionPipeline", "epsilon", _T5, sample_size=64,
                  input_image_size=32, **_PIXELS),
@@ -139,8 +143,8 @@ def sample_kwargs(family: str, prompt: str = "a red fox in the snow, photo") -> 
     }
     if family in _LONG_TEXT_TOKENIZER:
         kwargs["max_sequence_length"] = spec.text_max_lengths[_LONG_TEXT_TOKENIZER[family]]
-    if family == "pixart_sigma":
-        kwargs["use_resolution_binning"] = False  # its bins start at 256 px
+    if family in ("pixart_sigma", "hunyuan_dit"):
+        kwargs["use_resolution_binning"] = False  # bins start at 256 px (PixArt), 768 px (Hunyuan-DiT)
     if family.startswith(("pixart", "deepfloyd")):
         kwargs["clean_caption"] = False  # needs bs4 and ftfy, which are not dependencies
     if spec.input_image_size:
@@ -409,6 +413,49 @@ def _kolors(kit: TokenizerKit, seed: int) -> Any:
     )
 
 
+def _hunyuan_dit(kit: TokenizerKit, seed: int) -> Any:
+    """As HunyuanDiT-v1.1 (image size and style conditioning on; v1.2 turns it off), with a VAE
+    that downsamples by 8: the pipeline computes its rotary grid from height // 8."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+
+    from simpletuner.testing import tiny_parts as parts
+
+    with parts.seeded(seed, "transformer"):
+        transformer = HunyuanDiT2DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            patch_size=2,
+            sample_size=4,  # latent side: 32 px
+            hidden_size=32,
+            num_layers=4,  # 4 blocks: one long skip connection, as the real 40 have 19
+            mlp_ratio=2.0,
+            learn_sigma=True,
+            cross_attention_dim=BERT_DIM,
+            cross_attention_dim_t5=T5_DIM,
+            pooled_projection_dim=32,
+            text_len=BERT_MAX_LENGTH,
+            text_len_t5=MT5_MAX_LENGTH,
+            use_style_cond_and_image_meta_size=True,
+        )
+    scheduler = DDPMScheduler(  # as HunyuanDiT-v1.2's scheduler_config.json
+        beta_start=0.00085, beta_end=0.018, beta_schedule="scaled_linear", prediction_type="v_prediction",
+        steps_offset=1, timestep_spacing="leading", clip_sample=False, variance_type="fixed_small",
+    )
+    return HunyuanDiTPipeline(
+        vae=parts.vae(4, 32, shift=False, seed=seed, blocks=parts.VAE_BLOCKS_8X),
+        text_encoder=parts.bert_text(kit.bert, BERT_DIM, seed=seed),
+        tokenizer=kit.bert,
+        transformer=transformer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=parts.t5_encoder(kit.mt5, T5_DIM, seed=seed),
+        tokenizer_2=kit.mt5,
+    )
+
+
 def _if_scheduler(**extra: Any) -> Any:
     from diffusers import DDPMScheduler
 
@@ -451,6 +498,7 @@ _ASSEMBLERS: dict[str, Callable[[TokenizerKit, int], Any]] = {
     "flux": _flux,
     "pixart_sigma": _pixart_sigma,
     "kolors": _kolors,
+    "hunyuan_dit": _hunyuan_dit,
     "deepfloyd_if": lambda kit, seed: _deepfloyd(kit, seed, stage=1),
     "deepfloyd_if_stage2": lambda kit, seed: _deepfloyd(kit, seed, stage=2),
 }

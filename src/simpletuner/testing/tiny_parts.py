@@ -17,6 +17,7 @@ import torch
 
 VAE_BLOCKS = (16, 32, 32)  # three levels: vae_scale_factor 4
 VAE_SCALE_FACTOR = 2 ** (len(VAE_BLOCKS) - 1)
+VAE_BLOCKS_8X = (16, 32, 32, 32)  # four levels: vae_scale_factor 8, for pipelines that assume the real VAE's 8
 
 
 @contextmanager
@@ -28,10 +29,12 @@ def seeded(seed: int, name: str) -> Iterator[None]:
         yield
 
 
-def vae(latent_channels: int, sample_size: int, *, shift: bool, seed: int) -> Any:
+def vae(latent_channels: int, sample_size: int, *, shift: bool, seed: int,
+        blocks: tuple[int, ...] = VAE_BLOCKS) -> Any:
     """AutoencoderKL with calibrated `scaling_factor` (and `shift_factor` when `shift`).
 
-    16-channel VAEs drop the quant convs as SD3's and Flux's do.
+    16-channel VAEs drop the quant convs as SD3's and Flux's do. `blocks`: the channels of
+    each level (VAE_BLOCKS_8X for a pipeline that hard-codes the factor 8, as Hunyuan-DiT's).
     """
     from diffusers import AutoencoderKL
 
@@ -40,9 +43,9 @@ def vae(latent_channels: int, sample_size: int, *, shift: bool, seed: int) -> An
         model = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
-            up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
-            block_out_channels=VAE_BLOCKS,
+            down_block_types=("DownEncoderBlock2D",) * len(blocks),
+            up_block_types=("UpDecoderBlock2D",) * len(blocks),
+            block_out_channels=blocks,
             layers_per_block=1,
             latent_channels=latent_channels,
             norm_num_groups=8,
@@ -100,6 +103,25 @@ def clip_text(tokenizer: Any, hidden: int, *, projection: bool, seed: int, name:
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     with seeded(seed, name):
         return cls(config)
+
+
+def bert_text(tokenizer: Any, hidden: int, *, seed: int) -> Any:
+    """A BertModel over the tiny WordPiece vocabulary (Hunyuan-DiT's bilingual CLIP is a BERT)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with seeded(seed, "bert"):
+        return BertModel(config)
 
 
 def t5_encoder(tokenizer: Any, d_model: int, *, seed: int, name: str = "t5") -> Any:

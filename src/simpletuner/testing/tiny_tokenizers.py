@@ -1,7 +1,8 @@
 """Tokenizers for the tiny test models, trained locally in well under a second.
 
-No hub: a CLIP byte-level BPE is trained with the `tokenizers` library, T5 and
-ChatGLM get sentencepiece unigram models trained on generated prompts. The
+No hub: a CLIP byte-level BPE is trained with the `tokenizers` library, a BERT WordPiece
+vocabulary is built with its normaliser and pre-tokeniser, T5 (and mT5) and ChatGLM get
+sentencepiece unigram models trained on generated prompts. The
 prompts and the training are fixed, so the same tokenizers come out every time.
 """
 
@@ -18,6 +19,10 @@ from typing import Any
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 128
 CHATGLM_MAX_LENGTH = 128
+BERT_MAX_LENGTH = 77  # Hunyuan-DiT's bilingual CLIP (a BERT) and its mT5, as its pipeline pads them
+MT5_MAX_LENGTH = 256
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -80,6 +85,29 @@ def train_clip_tokenizer(prompts: list[str], vocab_size: int = 1000) -> Any:
     vocab = _ordered_vocab(set(model["vocab"]), model["merges"])
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in model["merges"]])
     tokenizer.model_max_length = CLIP_MAX_LENGTH
+    return tokenizer
+
+
+def build_bert_tokenizer(prompts: list[str]) -> Any:
+    """A BERT WordPiece tokenizer (lower-casing, as bert-base-uncased): [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+
+    The vocabulary is built, not trained (the `tokenizers` WordPiece trainer breaks ties in hash
+    order, so two processes would disagree): every word of the prompts, as BERT's normaliser and
+    pre-tokeniser split them, and every character alone and as a `##` continuation, so an unseen
+    word is spelled out rather than unknown. Ids after the specials are in sorted order.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import BertTokenizer
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = {word for prompt in prompts
+             for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(prompt))}
+    characters = {char for word in words for char in word}
+    learned = sorted(words | characters | {f"##{char}" for char in characters})
+    vocab = {token: index for index, token in enumerate([*BERT_SPECIALS, *learned])}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    tokenizer.model_max_length = BERT_MAX_LENGTH
     return tokenizer
 
 
@@ -171,9 +199,23 @@ class TokenizerKit:
         return train_clip_tokenizer(self.prompts)
 
     @cached_property
+    def _t5_sentencepiece(self) -> bytes:
+        return train_sentencepiece(self.prompts, 800, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+
+    @cached_property
     def t5(self) -> Any:
-        model = train_sentencepiece(self.prompts, 800, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
-        return t5_tokenizer_from_sentencepiece(model)
+        return t5_tokenizer_from_sentencepiece(self._t5_sentencepiece)
+
+    @cached_property
+    def mt5(self) -> Any:
+        """Hunyuan-DiT's mT5 tokenizer in miniature: the T5 one, padded to the pipeline's 256 tokens."""
+        tokenizer = t5_tokenizer_from_sentencepiece(self._t5_sentencepiece)
+        tokenizer.model_max_length = MT5_MAX_LENGTH
+        return tokenizer
+
+    @cached_property
+    def bert(self) -> Any:
+        return build_bert_tokenizer(self.prompts)
 
     @cached_property
     def chatglm(self) -> Any:

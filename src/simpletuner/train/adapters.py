@@ -2,16 +2,18 @@
 
 `prepare_trainable` freezes what must not train and returns a `Trained`: the parameters for
 the optimiser, the module whose trainable parameters checkpoints hold, and how to export it.
-LoRA exports in diffusers' format (`pytorch_lora_weights.safetensors`, loaded by a pipeline's
-`load_lora_weights`); LyCORIS exports in LyCORIS's own format (loaded through `lycoris`).
+A LoRA leaves training as a `TrainedLora` (its weights in peft's names, its configuration), from
+which `simpletuner.publish` writes the LoRA files; `merge_lora` fuses one into a model. LyCORIS
+exports in LyCORIS's own format (loaded through `lycoris`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +43,12 @@ class Trained:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def cast_trainable(self, dtype: torch.dtype) -> None:
+        """Store the trainable parameters (only) in `dtype`; frozen weights keep theirs."""
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.data = parameter.data.to(dtype)
 
 
 def prepare_trainable(
@@ -80,6 +88,16 @@ def prepare_trainable(
 # -------------------------------------------------------------------------------------- LoRA
 
 
+def lora_config(*, rank: int, alpha: float | None = None, dropout: float = 0.0, use_dora: bool = False,
+                target_modules: Sequence[str], init: str = "default") -> Any:
+    """The peft LoraConfig of a run's LoRA (alpha defaults to the rank: scale 1)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                      use_dora=use_dora, target_modules=list(target_modules),
+                      init_lora_weights=True if init == "default" else init)
+
+
 def apply_lora(
     model: nn.Module,
     *,
@@ -91,13 +109,18 @@ def apply_lora(
     init: str = "default",
 ) -> nn.Module:
     """Freeze `model` and add a peft LoRA adapter ("default") to the named modules; return `model`."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     if not target_modules:
         raise ConfigError("LoRA needs target modules; the model family gave none")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        use_dora=use_dora, target_modules=list(target_modules),
-                        init_lora_weights=True if init == "default" else init)
+    config = lora_config(rank=rank, alpha=alpha, dropout=dropout, use_dora=use_dora,
+                         target_modules=target_modules, init=init)
+    add_lora_adapter(model, config)
+    return model
+
+
+def add_lora_adapter(model: nn.Module, config: Any) -> None:
+    """Freeze `model` and inject a peft LoRA adapter named "default" built from `config`."""
+    from peft import inject_adapter_in_model
+
     model.requires_grad_(False)
     try:
         if hasattr(model, "add_adapter"):  # diffusers and transformers models keep their peft bookkeeping
@@ -105,37 +128,90 @@ def apply_lora(
         else:
             inject_adapter_in_model(config, model)
     except ValueError as error:
-        raise ConfigError(f"LoRA target modules {list(target_modules)} do not fit {type(model).__name__}: "
-                          f"{error}") from error
-    return model
+        raise ConfigError(f"LoRA target modules {sorted(config.target_modules)} do not fit "
+                          f"{type(model).__name__}: {error}") from error
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' LoRA format (no component prefix)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict
+@dataclass
+class TrainedLora:
+    """A trained LoRA in diffusers' module names: what every LoRA file format is written from.
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-
-
-def save_lora_weights(directory: str | Path, pipeline_class: Any, components: Mapping[str, nn.Module]) -> Path:
-    """Write `pytorch_lora_weights.safetensors` through the pipeline class's `save_lora_weights`.
-
-    `components`: pipeline component name (unet, transformer, text_encoder, text_encoder_2) ->
-    model carrying a peft LoRA. The adapter configuration (rank, alpha, DoRA) travels in the file.
+    `layers`: pipeline component (unet, transformer, text_encoder, ...) -> its adapter weights in peft's
+    names without the component prefix (`<module>.lora_A.weight`, `<module>.lora_B.weight`, and
+    `<module>.lora_magnitude_vector` for DoRA); `configs`: component -> the peft LoraConfig as a dict
+    (rank, alpha, DoRA, targets); `metadata`: the file header entries (publish.metadata).
     """
-    if isinstance(pipeline_class, str):
-        import diffusers
 
-        pipeline_class = getattr(diffusers, pipeline_class)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {}
-    for name, model in components.items():
-        kwargs[f"{name}_lora_layers"] = lora_state_dict(model)
-        kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    pipeline_class.save_lora_weights(directory, weight_name=LORA_WEIGHTS, safe_serialization=True, **kwargs)
-    return directory / LORA_WEIGHTS
+    pipeline_class: str
+    layers: dict[str, dict[str, torch.Tensor]]
+    configs: dict[str, dict[str, Any]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_models(cls, pipeline_class: str, models: Mapping[str, nn.Module],
+                    metadata: Mapping[str, str] | None = None) -> TrainedLora:
+        """A copy, on the CPU, of the adapters ("default") of `models` (component name -> model carrying a
+        peft LoRA)."""
+        from peft import get_peft_model_state_dict
+
+        layers = {name: {key: value.detach().to("cpu", copy=True).contiguous()  # a copy: never the live weights
+                         for key, value in get_peft_model_state_dict(model).items()}
+                  for name, model in models.items()}
+        configs = {name: _jsonable_config(model.peft_config["default"].to_dict()) for name, model in models.items()}
+        return cls(pipeline_class, layers, configs, dict(metadata or {}))
+
+    def modules(self, component: str) -> list[str]:
+        """The adapted modules of a component, by name."""
+        return sorted({key.rsplit(".lora_", 1)[0] for key in self.layers[component]})
+
+    def alpha(self, component: str, module: str) -> float:
+        """The alpha a module trained with (peft's alpha_pattern, else lora_alpha)."""
+        config = self.configs[component]
+        return float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+
+    def rank(self, component: str, module: str) -> int:
+        config = self.configs[component]
+        return int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """peft's rule: a pattern applies when the module name ends with it (on a dot boundary)."""
+    for pattern, value in patterns.items():
+        if module == pattern or module.endswith(f".{pattern}"):
+            return value
+    return default
+
+
+def _jsonable_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({key: sorted(value) if isinstance(value, set) else value
+                                  for key, value in config.items()}, default=str))
+
+
+def merge_lora(model: nn.Module, layers: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> nn.Module:
+    """Fuse a LoRA (peft-named weights and its LoraConfig as a dict) into `model`'s weights, leaving a
+    plain model with no adapter layers; every weight must find its module."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    lora = LoraConfig(**{key: value for key, value in config.items() if key in LoraConfig.__dataclass_fields__})
+    add_lora_adapter(model, lora)
+    result = set_peft_model_state_dict(model, dict(layers), adapter_name="default")
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if unexpected or missing:
+        raise UserError(f"the LoRA does not fit {type(model).__name__}: {len(unexpected)} weights have no module, "
+                        f"{len(missing)} adapter weights are missing, e.g. {(unexpected or missing)[0]}")
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge(safe_merge=True)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+    return model
 
 
 def load_lora_into(model: nn.Module, file: str | Path, *, prefix: str | None = "unet") -> None:
@@ -218,12 +294,20 @@ def load_lycoris_weights(network: nn.Module, file: str | Path) -> None:
     network.load_weights(str(file))
 
 
-def save_lycoris_weights(directory: str | Path, network: nn.Module, config: Mapping[str, Any] | None = None) -> Path:
-    """Write the LyCORIS network to `pytorch_lora_weights.safetensors` (LyCORIS format)."""
+def save_lycoris_weights(directory: str | Path, network: nn.Module, config: Mapping[str, Any] | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the LyCORIS network to `pytorch_lora_weights.safetensors` (LyCORIS format), with `metadata`
+    and the lycoris_config in its header; written under a temporary name, made 0644, then renamed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LORA_WEIGHTS
+    temp = directory / f".tmp-{LORA_WEIGHTS}"
     dtype = next(network.parameters()).dtype
-    metadata = {"lycoris_config": json.dumps(dict(config))} if config else None
-    network.save_weights(str(path), dtype, metadata)
+    header = {**(metadata or {}), **({"lycoris_config": json.dumps(dict(config))} if config else {})}
+    try:
+        network.save_weights(str(temp), dtype, header or None)
+        os.chmod(temp, 0o644)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
     return path

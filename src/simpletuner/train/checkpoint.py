@@ -27,7 +27,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,7 @@ from torch import nn
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.writes import explained_write_errors
 
 logger = get_logger(__name__)
 
@@ -55,7 +57,10 @@ IDENTITY_KEYS = (
     "pretrained_transformer_model_name_or_path", "controlnet", "lora_type", "lora_rank", "lora_alpha", "use_dora",
     "unet_lora_target", "flux_lora_target", "lycoris_config", "train_text_encoder", "refiner_training",
     "optimizer", "use_ema", "resolution", "resolution_type", "train_batch_size",
+    "aspect_bucket_rounding",
 )
+# options that enter the identity only when set, so checkpoints made before they existed still resume
+IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections",)
 # dataset options that say where caches live, not what trains: a moved cache resumes
 _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
 _SECRET = re.compile(r"secret|access_key|token|password", re.IGNORECASE)
@@ -106,6 +111,7 @@ def run_identity(cfg: Any, datasets: Sequence[Any] = ()) -> dict[str, Any]:
     enter as ids plus one hash of their settings, credentials left out.
     """
     identity = {key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS}
+    identity.update({key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS_WHEN_SET if getattr(cfg, key, None)})
     entries = [{k: v for k, v in _without_secrets(_jsonable(d)).items() if k not in _WHERE_NOT_WHAT}
                for d in datasets]
     identity["dataset_ids"] = [e.get("id") for e in entries]
@@ -235,22 +241,46 @@ def save_checkpoint(
     root = checkpoints_dir(output_dir)
     name = checkpoint_name(progress.step)
     temp = root / f"{_TEMP}{name}"
-    if processes.is_main:
-        remove_partial(output_dir)
-        temp.mkdir(parents=True)
-    processes.barrier()
-    torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
-    if processes.is_main:
-        _write_shared(temp, modules, states, config, write_extra)
-    processes.barrier()
     final = root / name
+    with _explained(output_dir, name, temp):
+        if processes.is_main:
+            remove_partial(output_dir)
+            temp.mkdir(parents=True)
+        processes.barrier()
+        torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
+        if processes.is_main:
+            _write_shared(temp, modules, states, config, write_extra)
+        processes.barrier()
+        if processes.is_main:
+            _seal(temp, progress, processes.world_size, identity or {})
+            _replace(temp, final)
     if processes.is_main:
-        _seal(temp, progress, processes.world_size, identity or {})
-        _replace(temp, final)
         _rotate(output_dir, total_limit)
         logger.info("saved checkpoint %s", final)
     processes.barrier()
     return final
+
+
+@contextmanager
+def _explained(output_dir: str | os.PathLike[str], name: str, temp: Path) -> Iterator[None]:
+    """A failed write (disk full...) removes the half-written folder and stops with one line; older
+    checkpoints are untouched (rotation runs only after a save completes). With several processes,
+    the others stop at their next barrier when this one exits."""
+    try:
+        with explained_write_errors(f"write checkpoint {name} in {checkpoints_dir(output_dir)}",
+                                    checkpoints_dir(output_dir), _intact(output_dir)):
+            yield
+    except UserError:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _intact(output_dir: str | os.PathLike[str]) -> str:
+    found = list_checkpoints(output_dir)
+    if not found:
+        return "no earlier checkpoint exists; free space and start again"
+    return (f"the previous checkpoint {found[-1].name} is intact: free space, then resume with "
+            "--resume_from_checkpoint latest")
 
 
 def _write_shared(temp: Path, modules: Mapping[str, nn.Module], states: Mapping[str, Stateful],

@@ -5,6 +5,13 @@
 each caption's text entry with the family's encoder identities. `ensure_cached`
 encodes what the stores lack; `batch` turns a sampler batch into the tensors a
 training step needs.
+
+A dataset with vae_cache_clear_each_epoch and random crops trains epoch 0 from the
+cache; in every later epoch each image's crop position is drawn again for that epoch
+(`BucketAssignment.epoch_plan`) and its latent is encoded when its batch needs it,
+never stored (a cache cleared every epoch holds nothing a later epoch reads).
+Without random crops every epoch's latents are the cached ones, so the cache serves.
+An image that fails to load for a later epoch is left out like any other failure.
 """
 
 from __future__ import annotations
@@ -13,22 +20,22 @@ import io
 import json
 import random
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from simpletuner.cache.keys import EMPTY_CAPTION, EncoderIdentity
-from simpletuner.errors import DataError
+from simpletuner.errors import DataError, UserError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
     from simpletuner.cache.jobs import CacheSummary, Failure, LazyCache
+    from simpletuner.cache.latents import LatentItem, SourceReader
     from simpletuner.cache.text import LazyTexts
-    from simpletuner.cache.latents import LatentItem
     from simpletuner.cache.store import TensorStore
     from simpletuner.config.load import Settings
     from simpletuner.data.buckets import BucketAssignment
-    from simpletuner.data.records import SampleRef
+    from simpletuner.data.records import ImagePlan, SampleRef
     from simpletuner.models.base import Components, ModelFamily
 
 logger = get_logger(__name__)
@@ -51,8 +58,8 @@ class DatasetData:
 
     An image that cannot be used (caption unreadable, decode or read failure when caching)
     leaves `assignment`, `captions` and `latent_items` before the sampler is built; with
-    on-demand caching, one that fails during training joins `failed` and leaves every later
-    batch. Nothing ever stands in for it.
+    on-demand caching, or when a later epoch's crop is encoded again, one that fails during
+    training joins `failed` and leaves every later batch. Nothing ever stands in for it.
     """
 
     dataset_id: str
@@ -64,12 +71,67 @@ class DatasetData:
     text_store: TensorStore
     latents: LazyCache | None = None  # reads latents; encodes missing (on demand) or corrupt ones
     texts: LazyTexts | None = None  # reads text entries; encodes corrupt ones again
-    failed: set[int] = field(default_factory=set)  # records that failed during training (on demand)
+    failed: set[int] = field(default_factory=set)  # records that failed during training
+    reencode_each_epoch: bool = False  # vae_cache_clear_each_epoch with random crops
+    encoder: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # for epochs after the first
+    read_source: SourceReader | None = None  # reads sources that are no files (Hugging Face rows)
+    sequential: bool = False  # its source is a stream: read in order, or from the start again
+    epoch_failures: dict[str, Failure] = field(default_factory=dict)  # key -> why a later epoch's load failed
 
     def latent_entries(self, refs: Sequence[SampleRef]) -> list[dict[str, torch.Tensor] | None]:
-        """Each sample's own latent entry (None where its image failed to load)."""
+        """Each sample's own latent entry (None where its image failed to load): read from the cache,
+        or, for a later epoch's redrawn crop, encoded now (not stored)."""
         assert self.latents is not None, "ensure_cached() opens the latent reader"
-        return self.latents.get_many([self.latent_items[ref.record].work() for ref in refs])
+        entries: list[dict[str, torch.Tensor] | None] = [None] * len(refs)
+        later = [i for i, ref in enumerate(refs) if self.reencode_each_epoch and ref.epoch != 0]
+        cached = [i for i, ref in enumerate(refs) if not (self.reencode_each_epoch and ref.epoch != 0)]
+        for i, entry in zip(cached, self.latents.get_many([self.latent_items[refs[i].record].work() for i in cached])):
+            entries[i] = entry
+        for i, entry in zip(later, self._encode_epoch([refs[i] for i in later])):
+            entries[i] = entry
+        return entries
+
+    def _encode_epoch(self, refs: Sequence[SampleRef]) -> list[dict[str, torch.Tensor] | None]:
+        """Latents of the refs' epoch crops, encoded together; None (and a recorded failure) where loading fails."""
+        from simpletuner.cache.jobs import Failure, split_batch
+        from simpletuner.cache.latents import load_pixels
+        from simpletuner.data.storage import is_transient
+
+        if not refs:
+            return []
+        assert self.encoder is not None, "ensure_cached sets the encoder of a dataset re-encoded every epoch"
+        loaded, pixels = [], []
+        for position, ref in enumerate(refs):
+            item = self.latent_items[ref.record]
+            try:
+                pixels.append(load_pixels(self.source(item.source), self.plan(ref),
+                                          storage_options=self.storage_options))
+                loaded.append(position)
+            except Exception as error:  # noqa: BLE001 - a sample that fails to load is left out, not fatal
+                self.epoch_failures[item.key] = Failure(item.key, item.source, f"{type(error).__name__}: {error}",
+                                                        is_transient(error))
+                logger.warning("skipping %s: %s", item.source, error)
+        entries: list[dict[str, torch.Tensor] | None] = [None] * len(refs)
+        if loaded:
+            for position, entry in zip(loaded, split_batch(self.encoder(torch.stack(pixels)), len(loaded))):
+                entries[position] = entry
+        return entries
+
+    def failure(self, ref: SampleRef) -> Failure:
+        """Why the ref's latent entry could not be had (after `latent_entries` gave None for it)."""
+        key = self.latent_items[ref.record].key
+        assert self.latents is not None, "ensure_cached() opens the latent reader"
+        return self.latents.failed.get(key) or self.epoch_failures[key]
+
+    def source(self, name: str) -> Any:
+        """What `load_pixels` reads for a source name: the file itself, or a row's bytes (Hugging Face)."""
+        return self.read_source(name) if self.read_source is not None else name
+
+    def plan(self, ref: SampleRef) -> ImagePlan:
+        """How the sample's pixels are prepared: its own plan, or its epoch's when re-encoded every epoch."""
+        if self.reencode_each_epoch:
+            return self.assignment.epoch_plan(ref.record, ref.epoch)
+        return self.assignment.plan(ref.record)
 
 
 @dataclass
@@ -93,7 +155,6 @@ class TrainingData:
         from simpletuner.config.references import latent_cache_for, text_cache_for
         from simpletuner.data.captions import CaptionResolver
         from simpletuner.data.index import skipped_rows
-        from simpletuner.data.storage import DatasetStorage
         from simpletuner.train.encoders import latent_identity, text_identity
 
         report = io.StringIO()
@@ -109,8 +170,10 @@ class TrainingData:
             assignment = scan.assignment
             indices = [int(i) for i in assignment.order.tolist()]
             records = [assignment.records[i] for i in indices]
-            items = latent_items(dataset.location(), records, [assignment.plan(i) for i in indices], vae_id)
-            resolver = CaptionResolver.from_config(dataset, DatasetStorage.from_config(dataset))
+            storage = scan.storage  # for a Hugging Face dataset, its url names the dataset's fingerprint
+            items = latent_items(storage.url, records, [assignment.plan(i) for i in indices], vae_id)
+            resolver = CaptionResolver.from_config(dataset, storage)
+            hf = dataset.type == "huggingface"
             skipped += [SkippedEntry(dataset.id, path, "scan", reason)
                         for path, reason in skipped_rows(scan.result.index)]
             skipped += [SkippedEntry(dataset.id, scan.assignment.records[record].path, "caption", reason)
@@ -119,6 +182,7 @@ class TrainingData:
             latent_location = latent_cache_for(dataset, settings.training)
             text_location = text_cache_for(dataset, settings.datasets, settings.training).location
             data = DatasetData(
+                reencode_each_epoch=dataset.vae_cache_clear_each_epoch and _crops_vary(assignment, dataset.id),
                 dataset_id=dataset.id,
                 storage_options=storage_options_for(dataset.location(), dataset if dataset.type == "aws" else None),
                 assignment=assignment,
@@ -126,6 +190,8 @@ class TrainingData:
                 latent_items=dict(zip(indices, items)),
                 latent_store=_open_store(latent_location, dataset),
                 text_store=_open_store(text_location, None),
+                read_source=storage.source_reader() if hf else None,
+                sequential=hf and storage.sequential,
             )
             skipped += _drop(data, {index: ("caption", reason) for index, reason in unreadable.items()})
             _check_left(data, None)
@@ -170,12 +236,22 @@ class TrainingData:
 
         summaries = []
         for data in self.datasets.values():
-            data.latents = lazy_latents(data.latent_store, _latent_encoder(family, components), data.storage_options)
+            if on_demand and data.sequential:
+                raise UserError(f"dataset {data.dataset_id!r} is streamed: its images are read in order, so "
+                                "vae_cache_ondemand (random order) would re-read the stream for every batch; "
+                                "set streaming=false or vae_cache_ondemand=false")
+            if data.reencode_each_epoch:
+                data.encoder = _latent_encoder(family, components)
+            data.latents = lazy_latents(data.latent_store, _latent_encoder(family, components), data.storage_options,
+                                        read_source=data.read_source)
             data.texts = lazy_texts(data.text_store, _text_encoder(family, components), self.text_identity)
             if not on_demand:
-                summaries.append(cache_latents(data.latent_items.values(), data.latent_store,
-                                               _latent_encoder(family, components), batch_size=vae_batch_size,
-                                               storage_options=data.storage_options, progress=progress))
+                # in source order inside each bucket, and a stream read by one thread: one pass per bucket
+                items = sorted(data.latent_items.values(), key=lambda item: item.source)
+                loaders = {"num_workers": 0} if data.sequential else {}
+                summaries.append(cache_latents(items, data.latent_store, _latent_encoder(family, components),
+                                               batch_size=vae_batch_size, storage_options=data.storage_options,
+                                               read_source=data.read_source, progress=progress, **loaders))
                 failures = summaries[-1].failed
                 self._skip(_drop(data, _not_cached(data, failures)), shared=True)
                 if not data.latent_items and failures and all(failure.transient for failure in failures):
@@ -230,7 +306,7 @@ class TrainingData:
             data = self.datasets[ref.dataset_id]
             assert data.texts is not None, "ensure_cached() opens the text reader"
             texts += data.texts.embeddings([_pick(data.captions[ref.record], caption_rng)])
-            conditioning.append(family.sample_conditioning(data.assignment.plan(ref.record)))
+            conditioning.append(family.sample_conditioning(data.plan(ref)))
         batch: dict[str, Any] = {"latent_mean": torch.stack([e["mean"] for e in entries]),
                                  "latent_std": torch.stack([e["std"] for e in entries]),
                                  "text": _stack_entries(texts)}
@@ -254,7 +330,7 @@ class TrainingData:
                     usable.append(ref)
                     entries.append(entry)
                 else:
-                    failures[(dataset_id, ref.record)] = data.latents.failed[data.latent_items[ref.record].key]
+                    failures[(dataset_id, ref.record)] = data.failure(ref)
         for (dataset_id, record), failure in failures.items():
             self.datasets[dataset_id].failed.add(record)
         paths = {(ref.dataset_id, ref.record): ref.path for ref in refs}
@@ -286,7 +362,7 @@ def training_image(data: DatasetData, index: int) -> Any:
     from simpletuner.cache.latents import load_pixels
 
     item = data.latent_items[index]
-    pixels = load_pixels(item.source, item.plan, storage_options=data.storage_options)
+    pixels = load_pixels(data.source(item.source), item.plan, storage_options=data.storage_options)
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
 
@@ -341,6 +417,15 @@ def _drop(data: DatasetData, records: dict[int, tuple[str, str]]) -> list[Skippe
                    data.dataset_id, len(records))
     return [SkippedEntry(data.dataset_id, data.assignment.records[index].path, stage, reason)
             for index, (stage, reason) in records.items()]
+
+
+def _crops_vary(assignment: BucketAssignment, dataset_id: str) -> bool:
+    settings = assignment.settings
+    if settings is not None and settings.crops_vary:
+        return True
+    logger.info("dataset %r: vae_cache_clear_each_epoch: its crops are fixed (crop_style is not random), so every "
+                "epoch's latents equal the cached ones; the cache is used", dataset_id)
+    return False
 
 
 def _check_left(data: DatasetData, report_path: str | None) -> None:

@@ -3,6 +3,10 @@
 Parameters with fewer than two dimensions (biases, norm scales, DoRA magnitudes) get no weight
 decay. Optional optimisers are imported only when chosen; a missing package is a UserError that
 says what to install.
+
+adamw_bf16 (SimpleTuner's default) trains bf16 weights: torch-optimi's AdamW with Kahan-compensated
+updates, so steps smaller than a bf16 weight's precision accumulate instead of being rounded away.
+`trained_weight_dtype` tells the trainer which dtype the trainable weights must have.
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ _PACKAGES = {
     "prodigy": ("prodigyopt", "prodigyopt"),
     "lion": ("lion_pytorch", "lion-pytorch"),
     "adamw_schedulefree": ("schedulefree", "schedulefree"),
+    "adamw_bf16": ("optimi", "torch-optimi"),
+    "optimi-adamw": ("optimi", "torch-optimi"),
+    "optimi-lion": ("optimi", "torch-optimi"),
 }
+# optimizer name -> the dtype its trainable weights must have (others keep the trainer's fp32 weights)
+_WEIGHT_DTYPES = {"adamw_bf16": torch.bfloat16}
+
+
+def trained_weight_dtype(cfg: TrainingConfig) -> torch.dtype | None:
+    """The dtype the optimiser needs the trainable weights in, or None where any dtype is fine."""
+    return _WEIGHT_DTYPES.get(cfg.optimizer)
 
 
 def parameter_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -77,12 +91,26 @@ def build_optimizer(
                               use_bias_correction=True)
     if name == "lion":
         return module.Lion(groups, lr=lr, betas=betas)
+    if name == "adamw_bf16":
+        _check_dtype(groups, torch.bfloat16, name)
+        return module.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, kahan_sum=True)
+    if name == "optimi-adamw":  # Kahan summation where weights are bf16/fp16 (optimi's default)
+        return module.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon)
+    if name == "optimi-lion":
+        return module.Lion(groups, lr=lr, betas=betas)
     if name == "adamw_schedulefree":
         optimizer = module.AdamWScheduleFree(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon,
                                              warmup_steps=cfg.lr_warmup_steps)
         optimizer.train()
         return optimizer
     raise UserError(f"optimizer={name!r} is unknown; accepted: adamw, {', '.join(_PACKAGES)}")
+
+
+def _check_dtype(groups: list[dict[str, Any]], dtype: torch.dtype, name: str) -> None:
+    wrong = sorted({str(p.dtype) for group in groups for p in group["params"] if p.dtype != dtype})
+    if wrong:
+        raise UserError(f"optimizer={name!r} trains {dtype} weights, but trainable weights are {', '.join(wrong)}: "
+                        f"cast them first (the trainer does this by `trained_weight_dtype`)")
 
 
 def set_train_mode(optimizer: torch.optim.Optimizer, training: bool) -> None:

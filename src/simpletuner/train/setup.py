@@ -93,20 +93,24 @@ def make_accelerator(settings: Settings) -> Accelerator:
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
+    from simpletuner.config.packages import check_packages
     from simpletuner.config.unimplemented import check_implemented
-    from simpletuner.models.registry import get_family
+    from simpletuner.models.registry import get_family, with_checkpoint
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.validate import validation_plan
 
+    settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    check_packages(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resumed_at = 0
     if resume_from is not None:
-        check_compatible(resume_from, identity, accelerator.num_processes)
+        resumed_at = check_compatible(resume_from, identity, accelerator.num_processes)["step"]
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
@@ -116,7 +120,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand,
                         report_path=str(Path(cfg.output_dir) / SKIPPED_REPORT))
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator))
+                           Processes.from_accelerator(accelerator), resumed_at)
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -158,11 +162,11 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes) -> Run:
+                    resume_from: Path | None, processes: Processes, resumed_at: int = 0) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
-    from simpletuner.train.optim import build_optimizer
+    from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
     from simpletuner.train.trackers import open_tracker
 
@@ -173,6 +177,12 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.module.to(accelerator.device)
+    if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
+        trained.cast_trainable(trained_weight_dtype(cfg))
+    if cfg.fuse_qkv_projections:
+        from simpletuner.train.fusion import fuse_qkv
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
     if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
@@ -188,7 +198,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         ema = EMA(trained.parameters(), cfg.ema_decay, update_every=cfg.ema_update_interval or 1,
                   device="cpu" if cfg.ema_device == "cpu" else None)
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
-                           run_config=cfg.model_dump(mode="json"))
+                           run_config=cfg.model_dump(mode="json"), resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
                sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)

@@ -4,12 +4,16 @@ One optimiser update = `gradient_accumulation_steps` micro-batches from the
 sampler. Every random choice of a micro-batch (noise, timesteps, caption choice
 and dropout) comes from a generator seeded by (seed, step, micro-batch, rank), so
 a resumed run draws exactly what the uninterrupted run would have drawn. The loss
-and grad norm stay on the device until a logging step reads them.
+and grad norm stay on the device until a logging step reads them. An update whose
+loss or grad norm is not finite is skipped (see `nonfinite.py` for what that costs);
+`max_nonfinite_steps` of them in a row stop the run. One run at a time may use an
+output_dir (`runlock.py`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,49 +42,107 @@ class TrainResult:
 
 def train(settings: Settings) -> TrainResult:
     """Train as `settings` says; returns where the results are."""
-    from simpletuner.train.setup import build_run, make_accelerator
+    from simpletuner.train.runlock import run_lock
+    from simpletuner.train.setup import build_run, check_output_dir, make_accelerator
 
     accelerator = make_accelerator(settings)
-    run = build_run(settings, accelerator)
-    try:
-        return run_training(run)
-    finally:
-        run.tracker.finish()
-        run.data.close()
+    check_output_dir(settings.training.output_dir)
+    with run_lock(settings.training.output_dir, enabled=accelerator.is_main_process):
+        run = build_run(settings, accelerator)
+        try:
+            return run_training(run)
+        finally:
+            run.tracker.finish()
+            run.data.close()
 
 
 def run_training(run: Run) -> TrainResult:
     """Resume if asked, then train to run.total_steps, checkpoint, validate and export."""
     from tqdm.auto import tqdm
 
+    from simpletuner.train.nonfinite import NonFiniteGuard
+
     step = _resume(run)
+    if run.accelerator.is_main_process:  # metrics.jsonl describes this run: nothing after its first step
+        _truncate_metrics(Path(run.cfg.output_dir) / "metrics.jsonl", step)
     result = TrainResult(Path(run.cfg.output_dir), run.total_steps)
+    guard = NonFiniteGuard(run.cfg.max_nonfinite_steps, run.device)
     empty_text = {name: tensor.to(run.device) for name, tensor in run.data.empty_text().items()}
-    if step == 0 and run.validation is not None:
-        _validate(run, 0)
     bar = tqdm(total=run.total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=not run.accelerator.is_main_process)
+    if step == 0 and run.validation is not None:
+        _pause(bar, "validating the base model", lambda: _validate(run, 0))
     window = _Window()
-    while step < run.total_steps:
-        loss, grad_norm, wait = _update(run, step, empty_text)
-        step += 1
-        window.add(step, loss, grad_norm, wait, run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps)
-        if step % run.cfg.logging_steps == 0 or step == run.total_steps:
-            result.losses.update(_log(run, window, bar))
-        bar.update(1)
-        if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
-            _save_checkpoint(run, step)
-        if run.validation is not None and step % run.cfg.validation_steps == 0:
-            _validate(run, step)
-    bar.close()
+    try:  # the bar is closed before an error is printed below it
+        while step < run.total_steps:
+            update = _update(run, step, empty_text, guard)
+            step += 1
+            window.add(step, update, run.cfg.train_batch_size * run.cfg.gradient_accumulation_steps)
+            if step % run.cfg.logging_steps == 0 or step == run.total_steps:
+                result.losses.update(_log(run, window, bar))
+                guard.check(step, lambda: _advice(run))
+            bar.update(1)
+            if step % run.cfg.checkpointing_steps == 0 and step < run.total_steps:
+                guard.check(step, lambda: _advice(run))
+                _pause(bar, "saving a checkpoint", lambda: _save_checkpoint(run, step))
+            if run.validation is not None and step % run.cfg.validation_steps == 0:
+                _pause(bar, "validating", lambda: _validate(run, step))
+    finally:
+        bar.close()
+    guard.check(step, lambda: _advice(run))
     _save_checkpoint(run, step)
-    result.outputs = _export(run)
+    result.outputs = _export(run, step)
     return result
 
 
+def _pause(bar: Any, doing: str, work: Any) -> None:
+    """Say on the progress bar what the loop is doing while it does not step (validation, checkpoints)."""
+    bar.set_postfix_str(f"{doing}…", refresh=True)
+    work()
+    bar.set_postfix_str("", refresh=True)
+
+
+def _advice(run: Run) -> str:
+    from simpletuner.train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run.cfg.output_dir)
+    where = f"; the last checkpoint is {found[-1]}" if found else "; no checkpoint was saved yet"
+    return (f"{where}. Lower learning_rate (now {run.cfg.learning_rate:g}), check the data, or raise "
+            "max_nonfinite_steps")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows after `step` (logged by an interrupted or earlier run), so this run does not repeat them."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if _row_step(line) <= step]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept))
+    temporary.replace(path)
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; infinity for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 # ------------------------------------------------------------------ one update
-def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One optimiser update; returns (loss, grad norm) as device tensors, and seconds spent waiting for data."""
+@dataclass
+class _Update:
+    """What one update leaves for logging: device tensors until a logging step reads them."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # True: the loss or grad norm was not finite and the optimiser did not step
+    learning_rate: float  # the rate this update used (host value: the scheduler lives on the host)
+    wait: float  # seconds spent waiting for data
+
+
+def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any) -> _Update:
+    """One optimiser update (skipped when its loss or gradient norm is not finite)."""
     cfg = run.cfg
     accumulation = cfg.gradient_accumulation_steps
     total = torch.zeros((), device=run.device)
@@ -97,12 +159,26 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor]) -> tuple[t
         total += loss.detach() / accumulation
     _all_reduce_gradients(run)
     grad_norm = _clip(run)
-    run.optimizer.step()
+    # with fp16, overflowing gradients are the GradScaler's to skip (see nonfinite.py)
+    skipped = _agree(run, guard.flag(total, grad_norm, gradients=run.accelerator.scaler is None))
+    learning_rate = run.lr_scheduler.get_last_lr()[0]
+    guard.step(run.optimizer, skipped)
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update(step + 1)
-    return total, grad_norm, wait
+    return _Update(total, grad_norm, skipped, learning_rate, wait)
+
+
+def _agree(run: Run, flag: torch.Tensor) -> torch.Tensor:
+    """Every process skips when one does (its loss was not finite): a one-element all-reduce, no host read."""
+    if run.accelerator.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    agreed = flag.to(torch.int32)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed.bool()
 
 
 def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
@@ -170,19 +246,23 @@ class _Window:
     steps: list[int] = field(default_factory=list)
     losses: list[torch.Tensor] = field(default_factory=list)
     grad_norms: list[torch.Tensor] = field(default_factory=list)
+    skipped: list[torch.Tensor] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
     wait: float = 0.0
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, wait: float, samples: int) -> None:
+    def add(self, step: int, update: _Update, samples: int) -> None:
         self.steps.append(step)
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm.to(loss.device).float())
-        self.wait += wait
+        self.losses.append(update.loss)
+        self.grad_norms.append(update.grad_norm.to(update.loss.device).float())
+        self.skipped.append(update.skipped)
+        self.learning_rates.append(update.learning_rate)
+        self.wait += update.wait
         self.samples += samples
 
     def reset(self) -> None:
-        self.steps, self.losses, self.grad_norms = [], [], []
+        self.steps, self.losses, self.grad_norms, self.skipped, self.learning_rates = [], [], [], [], []
         self.wait, self.samples, self.started = 0.0, 0, time.perf_counter()
 
 
@@ -190,20 +270,24 @@ def _log(run: Run, window: _Window, bar: Any) -> dict[int, float]:
     """Read the window's values (the only host synchronisation), log them, and reset the window."""
     losses = run.accelerator.reduce(torch.stack(window.losses), reduction="mean").tolist()
     norms = torch.stack(window.grad_norms).tolist()
+    skipped = torch.stack(window.skipped).tolist()
+    rates = window.learning_rates
     seconds = time.perf_counter() - window.started
-    learning_rate = run.lr_scheduler.get_last_lr()[0]
     samples_per_second = window.samples * run.accelerator.num_processes / max(seconds, 1e-9)
     if run.accelerator.is_main_process:
         from simpletuner.train.trackers import training_scalars
 
-        for step, loss, norm in zip(window.steps, losses, norms):
+        for step, loss, norm, rate in zip(window.steps, losses, norms, rates):
             last = step == window.steps[-1]
             run.tracker.log_scalars(training_scalars(
-                loss=loss, learning_rate=learning_rate, grad_norm=norm,
+                loss=loss, learning_rate=rate, grad_norm=norm,
                 samples_per_second=samples_per_second if last else None,
                 data_wait_seconds=window.wait if last else None), step)
-        _append_metrics(run, window.steps, losses, norms, learning_rate)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
+        _append_metrics(run, window.steps, losses, norms, rates, skipped)
+        postfix = {"loss": f"{losses[-1]:.4f}", "lr": f"{rates[-1]:.2e}"}
+        if any(skipped):
+            postfix["skipped"] = f"{sum(skipped)} non-finite"
+        bar.set_postfix(postfix, refresh=False)
     loop_logger.debug("steps %s: %.2f samples/s, %.3f s waiting for data", window.steps, samples_per_second,
                       window.wait)
     logged = dict(zip(window.steps, losses))
@@ -211,11 +295,21 @@ def _log(run: Run, window: _Window, bar: Any) -> dict[int, float]:
     return logged
 
 
-def _append_metrics(run: Run, steps: list[int], losses: list[float], norms: list[float], lr: float) -> None:
+def _append_metrics(run: Run, steps: list[int], losses: list[float], norms: list[float], rates: list[float],
+                    skipped: list[bool]) -> None:
+    """One row per step: its loss, grad norm, the learning rate its update used, and whether it was skipped
+    (strict JSON: a nan or inf loss or grad norm is written as null)."""
     path = Path(run.cfg.output_dir) / "metrics.jsonl"
     with path.open("a") as handle:
-        for step, loss, norm in zip(steps, losses, norms):
-            handle.write(json.dumps({"step": step, "loss": loss, "grad_norm": norm, "lr": lr}) + "\n")
+        for step, loss, norm, lr, skip in zip(steps, losses, norms, rates, skipped):
+            row = {"step": step, "loss": _finite(loss), "grad_norm": _finite(norm), "lr": lr}
+            if skip:
+                row["skipped"] = True  # not finite: the optimiser did not step
+            handle.write(json.dumps(row) + "\n")
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 # ------------------------------------------------------------------ checkpoints, validation, export
@@ -228,12 +322,13 @@ def _checkpoint_parts(run: Run) -> dict[str, Any]:
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
+    from simpletuner.publish.export import checkpoint_lora_writer
     from simpletuner.train.checkpoint import Progress, save_checkpoint
 
     return save_checkpoint(run.cfg.output_dir, Progress(step=step, epoch=run.sampler.epoch),
                            config=run.cfg.model_dump(mode="json"), identity=run.identity,
                            processes=run.processes, total_limit=run.cfg.checkpoints_total_limit,
-                           **_checkpoint_parts(run))
+                           write_extra=checkpoint_lora_writer(run, step), **_checkpoint_parts(run))
 
 
 def _resume(run: Run) -> int:
@@ -243,7 +338,7 @@ def _resume(run: Run) -> int:
         return 0
     progress = load_checkpoint(run.resume_from, identity=run.identity, processes=run.processes,
                                **_checkpoint_parts(run))
-    logger.warning("resumed from %s at step %d", run.resume_from, progress.step)
+    logger.info("resumed from %s at step %d", run.resume_from, progress.step)
     return progress.step
 
 
@@ -281,11 +376,28 @@ def _init_images(run: Run) -> dict[tuple[int, int], Any]:
     return run.init_images
 
 
-def _export(run: Run) -> list[Path]:
-    from simpletuner.publish.export import export_model
+def _export(run: Run, step: int) -> list[Path]:
+    from simpletuner.publish.export import export_model, run_metadata
+    from simpletuner.train.writes import explained_write_errors
 
     outputs: list[Path] = []
     if run.accelerator.is_main_process:
-        outputs = export_model(run.family, run.components, run.trained, run.cfg, run.ema)
+        _check_finite(run)
+        output_dir = Path(run.cfg.output_dir)
+        with explained_write_errors(f"export the model into {output_dir}", output_dir,
+                                    "the final checkpoint is complete: free space, then run again with "
+                                    "--resume_from_checkpoint latest to export"):
+            outputs = export_model(run.family, run.components, run.trained, run.cfg, run.ema,
+                                   run_metadata(run, step))
     run.accelerator.wait_for_everyone()
     return outputs
+
+
+def _check_finite(run: Run) -> None:
+    """Never export nan or inf weights (one host read, once per run)."""
+    from simpletuner.errors import UserError
+
+    finite = torch.stack([p.detach().isfinite().all() for p in run.trained.parameters()]).all()
+    if not bool(finite):
+        raise UserError(f"the trained weights hold nan or inf values: nothing was exported to {run.cfg.output_dir}; "
+                        "lower learning_rate and train again from an earlier checkpoint")
