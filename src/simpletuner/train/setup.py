@@ -66,6 +66,9 @@ class Run:
         return self.accelerator.device
 
 
+SKIPPED_REPORT = "skipped.jsonl"  # in output_dir: every image this run left out, with its reason
+
+
 def check_output_dir(output_dir: str) -> Path:
     """Create output_dir if needed and prove it writable, before any long work."""
     path = Path(output_dir)
@@ -116,7 +119,8 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         set_seed(cfg.seed)
     components = family.load(cfg).to(accelerator.device)
     _configure_vae(components, cfg)
-    data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
+    data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand,
+                        report_path=str(Path(cfg.output_dir) / SKIPPED_REPORT))
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
                            Processes.from_accelerator(accelerator), resumed_at)
 
@@ -138,14 +142,18 @@ def scaled_learning_rate(cfg: Any, processes: int) -> float:
 
 
 def prepare_data(settings: Settings, family: ModelFamily, components: Components, accelerator: Accelerator,
-                 on_demand: bool = False) -> TrainingData:
+                 on_demand: bool = False, report_path: str | None = None) -> TrainingData:
     """Scan the datasets (printing the report) and encode what the caches lack (printing summaries);
-    with `on_demand`, latents are left to be encoded when a batch first needs them."""
+    with `on_demand`, latents are left to be encoded when a batch first needs them. Images left out
+    (the index's skips, unreadable captions, failed loads or encodes) are listed in `report_path`
+    (JSON lines), when given."""
     from simpletuner.train.data import TrainingData
 
     data = TrainingData.prepare(settings, family, components)
     if accelerator.is_main_process:
         print(data.scan_report, end="", flush=True)
+    if report_path is not None:  # the main process starts it; every rank appends what fails in training
+        data.open_report(report_path, start=accelerator.is_main_process)
     for summary in data.ensure_cached(family, components, vae_batch_size=settings.training.vae_batch_size,
                                       progress=accelerator.is_main_process,
                                       on_demand=on_demand):

@@ -168,7 +168,7 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
         started = time.perf_counter()
         refs = next(run.sampler)
         seed = _micro_seed(cfg.seed, step, micro, run.accelerator.process_index)
-        batch = run.data.batch(refs, run.family, run.components, random.Random(seed))
+        batch = run.data.batch(refs, run.family, run.components, random.Random(seed), refill=run.sampler)
         wait += time.perf_counter() - started
         with run.accelerator.autocast():
             loss = _loss(run, batch, empty_text, seed)
