@@ -11,7 +11,7 @@ Adding an option: add one field here, with a description, then run
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -369,6 +369,26 @@ class TrainingConfig(StrictModel):
                                        "The saved model keeps diffusers' usual separate projections. Not with "
                                        "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
                                        "between q, k and v.")
+    # sharded training (config/sharding.py)
+    fsdp_enable: bool = Field(False, description="Shard a full fine-tune's weights, gradients and optimiser state "
+                              "over the processes with PyTorch FSDP2, through accelerate. Not with deepspeed_config.")
+    fsdp_version: Literal[1, 2] = Field(2, description="FSDP version; only 2 (FSDP2, DTensor) is built.")
+    fsdp_reshard_after_forward: bool = Field(True, description="FSDP: free the gathered weights after each "
+                                             "forward (less memory, one more all-gather in backward).")
+    fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
+        "SHARDED_STATE_DICT", description="FSDP checkpoints: each process writes its shard (torch.distributed."
+        "checkpoint), or the full weights and optimiser state are gathered to the first process.")
+    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="FSDP: accelerate loads the weights on the "
+                                                 "first process only and broadcasts them when sharding.")
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
+        "TRANSFORMER_BASED_WRAP", description="FSDP: which submodules become their own shard unit (transformer "
+        "blocks, modules above a size, or the whole model as one).")
+    fsdp_transformer_layer_cls_to_wrap: str | None = Field(None, description="FSDP: comma-separated block class "
+                                                           "names to wrap (default: the model's _no_split_modules).")
+    deepspeed_config: str | dict[str, Any] | None = Field(None, description="DeepSpeed ZeRO 1/2/3 through "
+                                                          "accelerate: a DeepSpeed JSON file, or its JSON inline. "
+                                                          "Optimiser offload: zero_optimization.offload_optimizer. "
+                                                          "Needs the deepspeed extra and CUDA.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -535,6 +555,17 @@ class TrainingConfig(StrictModel):
                              "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
                              "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
                              "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding(self) -> "TrainingConfig":
+        from simpletuner.config.sharding import read_deepspeed_config, sharding_problems
+
+        if self.deepspeed_config:
+            read_deepspeed_config(self.deepspeed_config)
+        problems = sharding_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -64,6 +64,14 @@ _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"
 _SECRET = re.compile(r"secret|access_key|token|password", re.IGNORECASE)
 
 
+class Collective(Protocol):
+    """A checkpoint part every process writes and reads (sharded weights and optimiser state)."""
+
+    def save(self, folder: Path, is_main: bool) -> None: ...
+
+    def load(self, folder: Path, is_main: bool) -> None: ...
+
+
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -229,12 +237,14 @@ def save_checkpoint(
     processes: Processes = Processes(),
     total_limit: int | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    collective: Collective | None = None,
 ) -> Path:
     """Write a checkpoint of `progress.step` and return its folder (on every process).
 
     `modules`: name -> unwrapped module whose trainable parameters are saved; `states`: name ->
     object with state_dict (optimizer, lr_scheduler, ema), saved by rank 0; `rank_states`: saved
-    by every process (sampler); `write_extra(folder)` runs on rank 0 before the folder is sealed.
+    by every process (sampler); `write_extra(folder)` runs on rank 0 before the folder is sealed;
+    `collective.save(folder, is_main)` runs on every process (sharded training's weights and optimiser).
     """
     root = checkpoints_dir(output_dir)
     name = checkpoint_name(progress.step)
@@ -244,6 +254,8 @@ def save_checkpoint(
         temp.mkdir(parents=True)
     processes.barrier()
     torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
+    if collective is not None:
+        collective.save(temp, processes.is_main)
     if processes.is_main:
         _write_shared(temp, modules, states, config, write_extra)
     processes.barrier()
@@ -360,6 +372,7 @@ def load_checkpoint(
     rank_states: Mapping[str, Stateful] | None = None,
     identity: Mapping[str, Any] | None = None,
     processes: Processes = Processes(),
+    collective: Collective | None = None,
 ) -> Progress:
     """Restore a checkpoint into freshly built objects (built as when it was saved: same trainable
     parameters, optimiser over them in the same order) and this process's RNG; return the progress
@@ -368,6 +381,8 @@ def load_checkpoint(
     meta = check_compatible(path, identity, processes.world_size) if identity is not None else read_meta(path)
     for name, module in modules.items():
         _load_trainable(module, path / f"{name}.safetensors")
+    if collective is not None:  # before the states: the lr scheduler's state names the optimiser's
+        collective.load(path, processes.is_main)
     for name, state in states.items():
         state.load_state_dict(_torch_load(path / f"{name}.pt"))
     payload = _torch_load(path / f"rank-{processes.rank:05d}.pt")

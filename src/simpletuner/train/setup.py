@@ -9,7 +9,7 @@ and tracker are built. The trainer never branches on a family's name.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import torch
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.sharding import Plain, Sharding
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -55,6 +56,7 @@ class Run:
     identity: dict[str, Any]
     total_steps: int
     resume_from: Path | None
+    sharding: Sharding = field(default_factory=Plain)  # replicated, FSDP2 or DeepSpeed: train/sharding.py
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
 
     @property
@@ -83,9 +85,15 @@ def check_output_dir(output_dir: str) -> Path:
 def make_accelerator(settings: Settings) -> Accelerator:
     from accelerate import Accelerator
 
+    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu
+
     cfg = settings.training
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=1)  # accumulation is counted by the trainer itself
+    plugins = accelerator_plugins(cfg)  # FSDP2 or DeepSpeed, when asked for
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=1, **plugins)  # the trainer counts accumulation
+    if "fsdp_plugin" in plugins:
+        enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    return accelerator
 
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
@@ -157,6 +165,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     from simpletuner.train.ema import EMA
     from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
+    from simpletuner.train.sharding import sharding_for
     from simpletuner.train.trackers import open_tracker
 
     cfg = settings.training
@@ -180,7 +189,13 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
               if d.id in data.datasets],
         rank=accelerator.process_index, world_size=accelerator.num_processes)
     total_steps = _total_steps(cfg, sampler.steps_in_epoch)
-    optimizer = accelerator.prepare_optimizer(build_optimizer(trained.parameters(), cfg, accelerator.device.type))
+    sharding = sharding_for(accelerator, cfg)
+    optimizer = sharding.prepare(accelerator, trained.module,
+                                 build_optimizer(trained.parameters(), cfg, accelerator.device.type))
+    if sharding.sharded and validation is not None and not sharding.validates:
+        logger.warning("validation is skipped: its pipeline runs on the first process, and %s weights are "
+                       "sharded over all of them", type(sharding).__name__)
+        validation = None
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
     ema = None
     if cfg.use_ema:
@@ -190,7 +205,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                            run_config=cfg.model_dump(mode="json"))
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
-               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)
+               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding)
 
 
 def _total_steps(cfg: Any, batches_per_epoch: int) -> int:

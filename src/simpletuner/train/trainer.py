@@ -95,7 +95,7 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor]) -> tuple[t
             loss = _loss(run, batch, empty_text, seed)
         run.accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
-    _all_reduce_gradients(run)
+    run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
     run.optimizer.step()
     run.lr_scheduler.step()
@@ -134,32 +134,21 @@ def _micro_seed(seed: int | None, step: int, micro: int, rank: int) -> int:
     return hash((seed or 0, step, micro, rank)) & 0x7FFF_FFFF_FFFF
 
 
-def _all_reduce_gradients(run: Run) -> None:
-    """Average gradients over processes (one flat all-reduce; the model itself is never wrapped)."""
-    world = run.accelerator.num_processes
-    if world == 1:
-        return
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    grads = [p.grad for p in run.trained.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(reduced)
-
-
 def _clip(run: Run) -> torch.Tensor:
     """Clip as configured; returns the gradient norm (before clipping by norm) as a device tensor."""
     parameters = run.trained.parameters()
     if run.cfg.max_grad_norm > 0 and run.cfg.grad_clip_method == "norm":
         norm = run.accelerator.clip_grad_norm_(parameters, run.cfg.max_grad_norm)
-        return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+        return _whole(norm.detach()) if isinstance(norm, torch.Tensor) else torch.tensor(float(norm or 0.0))
     if run.cfg.max_grad_norm > 0:
         run.accelerator.clip_grad_value_(parameters, run.cfg.max_grad_norm)
-    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    grads = [_whole(p.grad.detach().float().norm()) for p in parameters if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros((), device=run.device)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a sharded (DTensor) value: FSDP2's norms are reduced over the processes."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # ------------------------------------------------------------------ logging
@@ -223,8 +212,7 @@ def _checkpoint_parts(run: Run) -> dict[str, Any]:
     states: dict[str, Any] = {"optimizer": run.optimizer, "lr_scheduler": run.lr_scheduler}
     if run.ema is not None:
         states["ema"] = run.ema
-    return {"modules": {"trained": run.trained.module}, "states": states,
-            "rank_states": {"sampler": run.sampler}}
+    return run.sharding.checkpoint_parts({"trained": run.trained.module}, states, {"sampler": run.sampler})
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
@@ -286,7 +274,8 @@ def _export(run: Run, step: int) -> list[Path]:
     from simpletuner.publish.export import export_model, run_metadata
 
     outputs: list[Path] = []
-    if run.accelerator.is_main_process:
-        outputs = export_model(run.family, run.components, run.trained, run.cfg, run.ema, run_metadata(run, step))
+    with run.sharding.whole(run.components, run.trained) as (components, trained):  # every process gathers
+        if run.accelerator.is_main_process:
+            outputs = export_model(run.family, components, trained, run.cfg, run.ema, run_metadata(run, step))
     run.accelerator.wait_for_everyone()
     return outputs
