@@ -107,7 +107,7 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "dynamo_backend": "no", "dynamo_mode": None, "dynamo_fullgraph": None, "dynamo_dynamic": None,
         "dynamo_use_regional_compilation": None, "context_parallel_size": 1,
         "context_parallel_comm_strategy": "allgather"}),
-    **_group("FSDP1's settings: FSDP2 (fsdp_enable) gathers as it needs, keeps weights on the accelerator and "
+    **_group("not built with fsdp_enable: FSDP2 here gathers as it needs, keeps weights on the accelerator and "
              "recomputes activations with gradient_checkpointing", {
         "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None, "fsdp_activation_checkpointing": None}),
 }

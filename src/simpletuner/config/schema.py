@@ -378,8 +378,9 @@ class TrainingConfig(StrictModel):
     fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
         "SHARDED_STATE_DICT", description="FSDP checkpoints: each process writes its shard (torch.distributed."
         "checkpoint), or the full weights and optimiser state are gathered to the first process.")
-    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="FSDP: accelerate loads the weights on the "
-                                                 "first process only and broadcasts them when sharding.")
+    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="FSDP: when sharding, accelerate keeps the "
+                                                 "first process's weights and broadcasts them; a FULL_STATE_DICT "
+                                                 "checkpoint is read by the first process and broadcast on resume.")
     fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
         "TRANSFORMER_BASED_WRAP", description="FSDP: which submodules become their own shard unit (transformer "
         "blocks, modules above a size, or the whole model as one).")

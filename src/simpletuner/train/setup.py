@@ -101,11 +101,13 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
+    from simpletuner.train.sharding import sharding_for
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    sharding = sharding_for(accelerator, cfg)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
@@ -121,7 +123,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator))
+                           Processes.from_accelerator(accelerator), sharding)
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -159,13 +161,12 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes) -> Run:
+                    resume_from: Path | None, processes: Processes, sharding: Sharding | None = None) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
     from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
-    from simpletuner.train.sharding import sharding_for
     from simpletuner.train.trackers import open_tracker
 
     cfg = settings.training
@@ -189,7 +190,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
               if d.id in data.datasets],
         rank=accelerator.process_index, world_size=accelerator.num_processes)
     total_steps = _total_steps(cfg, sampler.steps_in_epoch)
-    sharding = sharding_for(accelerator, cfg)
+    sharding = sharding or Plain()
     optimizer = sharding.prepare(accelerator, trained.module,
                                  build_optimizer(trained.parameters(), cfg, accelerator.device.type))
     if sharding.sharded and validation is not None and not sharding.validates:

@@ -73,6 +73,7 @@ def deepspeed_settings(cfg: Any) -> dict[str, Any]:
     config["gradient_clipping"] = cfg.max_grad_norm if cfg.grad_clip_method == "norm" else 0.0
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the process count
     config.setdefault("zero_allow_untested_optimizer", True)  # the optimiser is ours (build_optimizer)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)  # and stays ours when its state is offloaded
     return config
 
 
@@ -115,11 +116,11 @@ def sharding_for(accelerator: Accelerator, cfg: Any) -> "Sharding":
 
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
-        return FSDP2(cfg.fsdp_state_dict_type, cfg.fsdp_cpu_ram_efficient_loading)
+        return FSDP2(state_dict_type=cfg.fsdp_state_dict_type, ram_efficient=cfg.fsdp_cpu_ram_efficient_loading)
     if kind == DistributedType.DEEPSPEED:
         from simpletuner.config.sharding import zero_stage
 
-        return DeepSpeed(zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config))
+        return DeepSpeed(stage=zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config))
     if cfg.deepspeed_config:
         raise UserError("deepspeed_config: accelerate runs DeepSpeed only on CUDA processes (none here); "
                         "remove deepspeed_config to train unsharded")
