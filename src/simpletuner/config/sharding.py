@@ -28,7 +28,7 @@ def read_deepspeed_config(value: str | Mapping[str, Any]) -> dict[str, Any]:
         config = dict(value)
     else:
         text = value.strip()
-        if text.startswith("{"):
+        if text.startswith(("{", "[")):
             config = _parse(text, "inline JSON")
         else:
             path = Path(text).expanduser()
