@@ -175,19 +175,6 @@ class Plain(Sharding):
     pass
 
 
-class _Collective:
-    """Checkpoint part written and read by every process (save_checkpoint's `collective`)."""
-
-    def __init__(self, sharding: Sharding) -> None:
-        self.sharding = sharding
-
-    def save(self, folder: Path, is_main: bool) -> None:
-        self.sharding.save(folder, is_main)
-
-    def load(self, folder: Path, is_main: bool) -> None:
-        self.sharding.load(folder, is_main)
-
-
 def _without_optimizer(states: Mapping[str, Any]) -> dict[str, Any]:
     return {name: state for name, state in states.items() if name != "optimizer"}
 
@@ -212,7 +199,7 @@ class FSDP2(Sharding):
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
                          rank_states: Mapping[str, Any]) -> dict[str, Any]:
         return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
-                "collective": _Collective(self)}
+                "collective": self}  # save/load below, on every process
 
     def _options(self, full: bool, **extra: Any) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -233,7 +220,8 @@ class FSDP2(Sharding):
             from safetensors.torch import save_file
 
             trainable = {name for name, p in self.module.named_parameters() if p.requires_grad}
-            save_file({k: v.contiguous() for k, v in model.items() if k in trainable}, str(folder / "trained.safetensors"))
+            save_file({k: v.contiguous() for k, v in model.items() if k in trainable},
+                      str(folder / "trained.safetensors"))
             torch.save(optim, folder / "optimizer.pt")
 
     def load(self, folder: Path, is_main: bool) -> None:
@@ -257,9 +245,10 @@ class FSDP2(Sharding):
         read = is_main or not broadcast
         model = load_file(str(folder / "trained.safetensors")) if read else {}
         optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True) if read else {}
-        options = self._options(True, broadcast_from_rank0=broadcast, strict=False)
-        set_model_state_dict(self.module, model, options=options)
-        set_optimizer_state_dict(self.module, self.optimizer, optim, options=self._options(True, broadcast_from_rank0=broadcast))
+        set_model_state_dict(self.module, model, options=self._options(True, broadcast_from_rank0=broadcast,
+                                                                         strict=False))  # buffers are not saved
+        set_optimizer_state_dict(self.module, self.optimizer, optim,
+                                 options=self._options(True, broadcast_from_rank0=broadcast))
 
     @contextmanager
     def whole(self, components: Components, trained: Trained) -> Iterator[tuple[Components, Trained]]:
@@ -275,7 +264,8 @@ class FSDP2(Sharding):
         copy = plain_class.from_config(self.module.config)
         copy.load_state_dict(full, strict=True, assign=True)
         name = next(key for key, value in components.modules.items() if value is self.module)
-        yield replace(components, modules={**components.modules, name: copy}), replace(trained, model=copy, module=copy)
+        yield (replace(components, modules={**components.modules, name: copy}),
+               replace(trained, model=copy, module=copy))
 
 
 @dataclass
@@ -299,7 +289,7 @@ class DeepSpeed(Sharding):
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
                          rank_states: Mapping[str, Any]) -> dict[str, Any]:
         return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
-                "collective": _Collective(self)}
+                "collective": self}  # save/load below, on every process
 
     def save(self, folder: Path, is_main: bool) -> None:
         self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_TAG, save_latest=False)
