@@ -10,6 +10,10 @@ A checkpoint is a folder `output_dir/checkpoints/step-000500/` holding
                             its own states (the sampler's position)
     anything `write_extra` adds (e.g. pytorch_lora_weights.safetensors, for people)
 
+Under sharded training a `collective` part, written and read by every process, holds the trained
+weights and optimiser state instead (train/sharding.py: `fsdp/` or `deepspeed/` folders, or FSDP's
+gathered `trained.safetensors` and `optimizer.pt`).
+
 It is written under `.tmp-step-000500/` and renamed once every process has written its part,
 so a folder named `step-*` with a meta.json is always complete. Temporary folders left by a
 crash are ignored and removed by the next save. Old checkpoints are rotated out only after a
