@@ -107,11 +107,9 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "dynamo_backend": "no", "dynamo_mode": None, "dynamo_fullgraph": None, "dynamo_dynamic": None,
         "dynamo_use_regional_compilation": None, "context_parallel_size": 1,
         "context_parallel_comm_strategy": "allgather"}),
-    **_group("FSDP and DeepSpeed are not built in this version yet", {
-        "deepspeed_config": None, "fsdp_enable": None, "fsdp_version": 2, "fsdp_reshard_after_forward": True,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": None,
-        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None,
-        "fsdp_activation_checkpointing": None, "fsdp_transformer_layer_cls_to_wrap": None}),
+    **_group("not built with fsdp_enable: FSDP2 here gathers as it needs, keeps weights on the accelerator and "
+             "recomputes activations with gradient_checkpointing", {
+        "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None, "fsdp_activation_checkpointing": None}),
 }
 
 

@@ -11,7 +11,7 @@ Adding an option: add one field here, with a description, then run
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -387,6 +387,27 @@ class TrainingConfig(StrictModel):
                                        "The saved model keeps diffusers' usual separate projections. Not with "
                                        "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
                                        "between q, k and v.")
+    # sharded training (config/sharding.py)
+    fsdp_enable: bool = Field(False, description="Shard a full fine-tune's weights, gradients and optimiser state "
+                              "over the processes with PyTorch FSDP2, through accelerate. Not with deepspeed_config.")
+    fsdp_version: Literal[1, 2] = Field(2, description="FSDP version; only 2 (FSDP2, DTensor) is built.")
+    fsdp_reshard_after_forward: bool = Field(True, description="FSDP: free the gathered weights after each "
+                                             "forward (less memory, one more all-gather in backward).")
+    fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
+        "SHARDED_STATE_DICT", description="FSDP checkpoints: each process writes its shard (torch.distributed."
+        "checkpoint), or the full weights and optimiser state are gathered to the first process.")
+    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="FSDP: when sharding, accelerate keeps the "
+                                                 "first process's weights and broadcasts them; a FULL_STATE_DICT "
+                                                 "checkpoint is read by the first process and broadcast on resume.")
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
+        "TRANSFORMER_BASED_WRAP", description="FSDP: which submodules become their own shard unit (transformer "
+        "blocks, modules above a size, or the whole model as one).")
+    fsdp_transformer_layer_cls_to_wrap: str | None = Field(None, description="FSDP: comma-separated block class "
+                                                           "names to wrap (default: the model's _no_split_modules).")
+    deepspeed_config: str | dict[str, Any] | None = Field(None, description="DeepSpeed ZeRO 1/2/3 through "
+                                                          "accelerate: a DeepSpeed JSON file, or its JSON inline. "
+                                                          "Optimiser offload: zero_optimization.offload_optimizer. "
+                                                          "Needs the deepspeed extra and CUDA.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -588,6 +609,17 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
                              "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
                              "SD 1.x/2.x and SDXL only); remove train_text_encoder")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding(self) -> "TrainingConfig":
+        from simpletuner.config.sharding import read_deepspeed_config, sharding_problems
+
+        if self.deepspeed_config:
+            read_deepspeed_config(self.deepspeed_config)
+        problems = sharding_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,10 @@ A checkpoint is a folder `output_dir/checkpoints/step-000500/` holding
                             its own states (the sampler's position)
     anything `write_extra` adds (e.g. pytorch_lora_weights.safetensors, for people)
 
+Under sharded training a `collective` part, written and read by every process, holds the trained
+weights and optimiser state instead (train/sharding.py: `fsdp/` or `deepspeed/` folders, or FSDP's
+gathered `trained.safetensors` and `optimizer.pt`).
+
 It is written under `.tmp-step-000500/` and renamed once every process has written its part,
 so a folder named `step-*` with a meta.json is always complete. Temporary folders left by a
 crash are ignored and removed by the next save. Old checkpoints are rotated out only after a
@@ -64,6 +68,14 @@ IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections", "layer_freeze_strategy")
 # dataset options that say where caches live, not what trains: a moved cache resumes
 _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
 _SECRET = re.compile(r"secret|access_key|token|password|webhook_config", re.IGNORECASE)  # webhook URLs are secrets
+
+
+class Collective(Protocol):
+    """A checkpoint part every process writes and reads (sharded weights and optimiser state)."""
+
+    def save(self, folder: Path, is_main: bool) -> None: ...
+
+    def load(self, folder: Path, is_main: bool) -> None: ...
 
 
 class Stateful(Protocol):
@@ -232,12 +244,14 @@ def save_checkpoint(
     processes: Processes = Processes(),
     total_limit: int | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    collective: Collective | None = None,
 ) -> Path:
     """Write a checkpoint of `progress.step` and return its folder (on every process).
 
     `modules`: name -> unwrapped module whose trainable parameters are saved; `states`: name ->
     object with state_dict (optimizer, lr_scheduler, ema), saved by rank 0; `rank_states`: saved
-    by every process (sampler); `write_extra(folder)` runs on rank 0 before the folder is sealed.
+    by every process (sampler); `write_extra(folder)` runs on rank 0 before the folder is sealed;
+    `collective.save(folder, is_main)` runs on every process (sharded training's weights and optimiser).
     """
     root = checkpoints_dir(output_dir)
     name = checkpoint_name(progress.step)
@@ -249,6 +263,8 @@ def save_checkpoint(
             temp.mkdir(parents=True)
         processes.barrier()
         torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
+        if collective is not None:
+            collective.save(temp, processes.is_main)
         if processes.is_main:
             _write_shared(temp, modules, states, config, write_extra)
         processes.barrier()
@@ -387,6 +403,7 @@ def load_checkpoint(
     rank_states: Mapping[str, Stateful] | None = None,
     identity: Mapping[str, Any] | None = None,
     processes: Processes = Processes(),
+    collective: Collective | None = None,
 ) -> Progress:
     """Restore a checkpoint into freshly built objects (built as when it was saved: same trainable
     parameters, optimiser over them in the same order) and this process's RNG; return the progress
@@ -395,6 +412,8 @@ def load_checkpoint(
     meta = check_compatible(path, identity, processes.world_size) if identity is not None else read_meta(path)
     for name, module in modules.items():
         _load_trainable(module, path / f"{name}.safetensors")
+    if collective is not None:  # before the states: the lr scheduler's state names the optimiser's
+        collective.load(path, processes.is_main)
     for name, state in states.items():
         state.load_state_dict(_torch_load(path / f"{name}.pt"))
     payload = _torch_load(path / f"rank-{processes.rank:05d}.pt")

@@ -9,7 +9,7 @@ and tracker are built. The trainer never branches on a family's name.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import torch
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.sharding import Plain, Sharding
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -55,6 +56,7 @@ class Run:
     identity: dict[str, Any]
     total_steps: int
     resume_from: Path | None
+    sharding: Sharding = field(default_factory=Plain)  # replicated, FSDP2 or DeepSpeed: train/sharding.py
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
 
     @property
@@ -86,9 +88,15 @@ def check_output_dir(output_dir: str) -> Path:
 def make_accelerator(settings: Settings) -> Accelerator:
     from accelerate import Accelerator
 
+    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu
+
     cfg = settings.training
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=1)  # accumulation is counted by the trainer itself
+    plugins = accelerator_plugins(cfg)  # FSDP2 or DeepSpeed, when asked for
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=1, **plugins)  # the trainer counts accumulation
+    if "fsdp_plugin" in plugins:
+        enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    return accelerator
 
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
@@ -98,6 +106,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     from simpletuner.models.registry import get_family, with_checkpoint
     from simpletuner.train.adapters import check_regularisation
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
+    from simpletuner.train.sharding import sharding_for
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
@@ -105,6 +114,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     check_implemented(cfg, settings.datasets)
     check_packages(cfg, settings.datasets)
     check_regularisation(cfg, settings.datasets)
+    sharding = sharding_for(accelerator, cfg)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
@@ -122,7 +132,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand,
                         report_path=str(Path(cfg.output_dir) / SKIPPED_REPORT))
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator), resumed_at)
+                           Processes.from_accelerator(accelerator), resumed_at, sharding)
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -164,7 +174,8 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes, resumed_at: int = 0) -> Run:
+                    resume_from: Path | None, processes: Processes, resumed_at: int = 0,
+                    sharding: Sharding | None = None) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
@@ -196,8 +207,14 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         rank=accelerator.process_index, world_size=accelerator.num_processes)
     total_steps = _total_steps(cfg, sampler.steps_in_epoch)
     text_parameters = [p for encoder in trained.text_encoders.values() for p in encoder.parameters()]
-    optimizer = accelerator.prepare_optimizer(build_optimizer(trained.parameters(), cfg, accelerator.device.type,
-                                                              text_encoder_params=text_parameters))
+    sharding = sharding or Plain()
+    optimizer = sharding.prepare(accelerator, trained.module,
+                                 build_optimizer(trained.parameters(), cfg, accelerator.device.type,
+                                                 text_encoder_params=text_parameters))
+    if sharding.sharded and validation is not None and not sharding.validates:
+        logger.warning("validation is skipped: its pipeline runs on the first process, and %s weights are "
+                       "sharded over all of them", type(sharding).__name__)
+        validation = None
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
     ema = None
     if cfg.use_ema:
@@ -208,7 +225,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                            resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
-               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)
+               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding)
 
 
 def _total_steps(cfg: Any, batches_per_epoch: int) -> int:

@@ -174,7 +174,7 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
             loss = _loss(run, batch, empty_text, seed)
         run.accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
-    _all_reduce_gradients(run)
+    run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
     # with fp16, overflowing gradients are the GradScaler's to skip (see nonfinite.py)
     skipped = _agree(run, guard.flag(total, grad_norm, gradients=run.accelerator.scaler is None))
@@ -232,32 +232,21 @@ def _micro_seed(seed: int | None, step: int, micro: int, rank: int) -> int:
     return hash((seed or 0, step, micro, rank)) & 0x7FFF_FFFF_FFFF
 
 
-def _all_reduce_gradients(run: Run) -> None:
-    """Average gradients over processes (one flat all-reduce; the model itself is never wrapped)."""
-    world = run.accelerator.num_processes
-    if world == 1:
-        return
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    grads = [p.grad for p in run.trained.parameters() if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(reduced)
-
-
 def _clip(run: Run) -> torch.Tensor:
     """Clip as configured; returns the gradient norm (before clipping by norm) as a device tensor."""
     parameters = run.trained.parameters()
     if run.cfg.max_grad_norm > 0 and run.cfg.grad_clip_method == "norm":
         norm = run.accelerator.clip_grad_norm_(parameters, run.cfg.max_grad_norm)
-        return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+        return _whole(norm.detach()) if isinstance(norm, torch.Tensor) else torch.tensor(float(norm or 0.0))
     if run.cfg.max_grad_norm > 0:
         run.accelerator.clip_grad_value_(parameters, run.cfg.max_grad_norm)
-    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    grads = [_whole(p.grad.detach().float().norm()) for p in parameters if p.grad is not None]
     return torch.stack(grads).norm() if grads else torch.zeros((), device=run.device)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a sharded (DTensor) value: FSDP2's norms are reduced over the processes."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 # ------------------------------------------------------------------ logging
@@ -342,8 +331,8 @@ def _checkpoint_parts(run: Run) -> dict[str, Any]:
     states: dict[str, Any] = {"optimizer": run.optimizer, "lr_scheduler": run.lr_scheduler}
     if run.ema is not None:
         states["ema"] = run.ema
-    return {"modules": {"trained": run.trained.module, **run.trained.text_encoders}, "states": states,
-            "rank_states": {"sampler": run.sampler}}
+    return run.sharding.checkpoint_parts({"trained": run.trained.module, **run.trained.text_encoders}, states,
+                                         {"sampler": run.sampler})
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
@@ -410,23 +399,23 @@ def _export(run: Run, step: int) -> list[Path]:
     from simpletuner.train.writes import explained_write_errors
 
     outputs: list[Path] = []
-    if run.accelerator.is_main_process:
-        _check_finite(run)
-        output_dir = Path(run.cfg.output_dir)
-        with explained_write_errors(f"export the model into {output_dir}", output_dir,
-                                    "the final checkpoint is complete: free space, then run again with "
-                                    "--resume_from_checkpoint latest to export"):
-            outputs = export_model(run.family, run.components, run.trained, run.cfg, run.ema,
-                                   run_metadata(run, step))
+    with run.sharding.whole(run.components, run.trained) as (components, trained):  # every process gathers
+        if run.accelerator.is_main_process:
+            _check_finite(trained.parameters(), run.cfg.output_dir)
+            output_dir = Path(run.cfg.output_dir)
+            with explained_write_errors(f"export the model into {output_dir}", output_dir,
+                                        "the final checkpoint is complete: free space, then run again with "
+                                        "--resume_from_checkpoint latest to export"):
+                outputs = export_model(run.family, components, trained, run.cfg, run.ema, run_metadata(run, step))
     run.accelerator.wait_for_everyone()
     return outputs
 
 
-def _check_finite(run: Run) -> None:
+def _check_finite(parameters: list[torch.Tensor], output_dir: str) -> None:
     """Never export nan or inf weights (one host read, once per run)."""
     from simpletuner.errors import UserError
 
-    finite = torch.stack([p.detach().isfinite().all() for p in run.trained.parameters()]).all()
+    finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all()
     if not bool(finite):
-        raise UserError(f"the trained weights hold nan or inf values: nothing was exported to {run.cfg.output_dir}; "
+        raise UserError(f"the trained weights hold nan or inf values: nothing was exported to {output_dir}; "
                         "lower learning_rate and train again from an earlier checkpoint")
