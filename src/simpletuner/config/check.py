@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from simpletuner.config.load import Loaded, Settings, read_settings
 from simpletuner.config.references import latent_cache_for, text_cache_for
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
+from simpletuner.config.quantisation import missing_libraries
 from simpletuner.config.unimplemented import unimplemented_problems
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -114,6 +115,7 @@ def check_settings(settings: Settings) -> CheckReport:
     report = CheckReport()
     report.problems += _training_problems(training)
     report.problems += unimplemented_problems(training, settings.datasets)
+    report.problems += missing_libraries(training)
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
         if dataset.dataset_type == "image" and not dataset.text_embeds:

@@ -136,8 +136,6 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
     ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
     ("report_to", "all"): "use tensorboard or wandb",
-    ("base_model_precision", "int8-torchao"): "torchao is not supported: use int8-quanto",
-    ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
     ("flux_lora_target", "controlnet"): "ControlNet training is not built in this version yet",

@@ -92,12 +92,14 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
+    from simpletuner.train.quantize import check_quantisation, quantize_components
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    check_quantisation(cfg, accelerator.device)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
@@ -109,7 +111,9 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-    components = family.load(cfg).to(accelerator.device)
+    components = family.load(cfg)
+    quantize_components(family, components, cfg, accelerator.device)  # frozen weights, before any adapter
+    components.to(accelerator.device)
     _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
