@@ -368,6 +368,10 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing_interval: int | None = Field(None, ge=1, description="With gradient_checkpointing: "
+                                                        "recompute only every n-th block of the denoiser (1 or "
+                                                        "unset: every block); larger n keeps more activations and "
+                                                        "recomputes less.")
     fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
                                        "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
                                        "The saved model keeps diffusers' usual separate projections. Not with "

@@ -176,8 +176,10 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-    if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-        denoiser.enable_gradient_checkpointing()
+    if cfg.gradient_checkpointing:
+        from simpletuner.train.checkpointing import enable_checkpointing
+
+        enable_checkpointing(denoiser, cfg.gradient_checkpointing_interval)
     denoiser.train()
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
