@@ -100,3 +100,51 @@ def test_gradient_checkpointing_interval_is_an_option(tmp_path: Path) -> None:
     assert cfg.gradient_checkpointing_interval == 2
     with pytest.raises(ConfigError, match="gradient_checkpointing_interval"):
         load_config(_config(tmp_path, gradient_checkpointing_interval=0))
+
+
+def _components(tiny_model, family: str = "flux"):
+    from simpletuner.config.schema import TrainingConfig
+    from simpletuner.models.registry import get_family
+
+    cfg = TrainingConfig(model_family=family, pretrained_model_name_or_path=str(tiny_model(family)),
+                         data_backend_config="d.json", output_dir="o")
+    return get_family(family).load(cfg)
+
+
+def _data(**flags):
+    from types import SimpleNamespace
+
+    dataset = SimpleNamespace(on_demand=flags.get("on_demand"), reencode_each_epoch=flags.get("reencode", False))
+    return SimpleNamespace(datasets={"images": dataset})
+
+
+def test_text_encoders_and_the_vae_are_parked_once_the_caches_are_complete(tiny_model) -> None:
+    from simpletuner.train.offload import park_encoders
+
+    components = _components(tiny_model)
+    parked = park_encoders(components, _data(), torch.device("cpu"))
+    assert sorted(parked.names) == ["text_encoder", "text_encoder_2", "vae"]
+    assert all(p.device.type == "cpu" for name in parked.names for p in components[name].parameters())
+    assert "transformer" not in parked.names  # the denoiser stays where the step runs
+
+
+@pytest.mark.parametrize("flags", [{"on_demand": object()}, {"reencode": True}])
+def test_the_vae_stays_when_training_encodes_latents(tiny_model, flags) -> None:
+    from simpletuner.train.offload import park_encoders
+
+    parked = park_encoders(_components(tiny_model), _data(**flags), torch.device("cpu"))
+    assert sorted(parked.names) == ["text_encoder", "text_encoder_2"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_parked_encoders_come_to_the_device_only_for_validation(tiny_model) -> None:
+    from simpletuner.train.offload import park_encoders
+
+    components = _components(tiny_model).to("cuda")
+    parked = park_encoders(components, _data(), torch.device("cuda"))
+    assert next(components["text_encoder"].parameters()).device.type == "cpu"
+    assert next(components["transformer"].parameters()).device.type == "cuda"
+    with parked.on_device():
+        assert all(next(components[n].parameters()).device.type == "cuda" for n in parked.names)
+    assert all(next(components[n].parameters()).device.type == "cpu" for n in parked.names)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from simpletuner.train.checkpoint import Processes
     from simpletuner.train.data import TrainingData
     from simpletuner.train.ema import EMA
+    from simpletuner.train.offload import Parked
     from simpletuner.train.trackers import Tracker
     from simpletuner.validate import ValidationPlan
 
@@ -56,6 +57,7 @@ class Run:
     total_steps: int
     resume_from: Path | None
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
+    parked: Parked | None = None  # frozen encoders waiting on the CPU while the step runs
 
     @property
     def cfg(self):
@@ -116,8 +118,13 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     components.to(accelerator.device)
     _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
-    return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator))
+    from simpletuner.train.offload import park_encoders
+
+    parked = park_encoders(components, data, accelerator.device)  # the caches are complete
+    run = _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
+                          Processes.from_accelerator(accelerator))
+    run.parked = parked
+    return run
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:

@@ -9,6 +9,7 @@ and grad norm stay on the device until a logging step reads them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -257,8 +258,9 @@ def _validate(run: Run, step: int) -> None:
         set_train_mode(run.optimizer, False)
         denoiser.eval()
         try:
-            run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
-                           _init_images(run))
+            with run.parked.on_device() if run.parked else contextlib.nullcontext():
+                run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
+                               _init_images(run))
         finally:
             denoiser.train()
             set_train_mode(run.optimizer, True)
