@@ -5,17 +5,21 @@
 
 Method (CPU, no GPU needed):
 - Parameters: each denoiser is built with its published width (benchmarks/architectures.py) but only
-  a few repeated blocks (one per block list; two for Hunyuan-DiT, whose second half carries skip
-  projections), in bf16 with random weights, and quantised with the trainer's own function
+  a few repeated blocks (one per block list; four for Hunyuan-DiT, whose blocks past the middle
+  carry skip projections), in bf16 with random weights, and quantised with the trainer's own function
   (`simpletuner.train.quantize.quantize_module`: optimum-quanto int8, bitsandbytes nf4). The bytes of
   every stored tensor (quantised data, scales, quantisation state) are counted per block and
-  extrapolated by block count to the full model: total = rest + sum over block lists of
-  (bytes of its built blocks) x (published count / built count).
+  extrapolated by block count to the full model: total = rest + for every block of the full model
+  (its layout read from the full model built on the meta device) the bytes of the built block of
+  the same layout.
 - Activations: the same reduced-depth model runs forward on PyTorch's meta device (shapes only, no
   arithmetic) with a latent that requires a gradient, as under LoRA or full training; the bytes of
   every tensor autograd saves for backward, less the weights themselves and less the attention
   probability matrices (flash / memory-efficient attention keeps none), are summed. Depth k and 2k
-  give the bytes per block, extrapolated by block count. Batch 1, bf16.
+  give the bytes per block, extrapolated by block count. Batch 1, bf16. With gradient checkpointing
+  of every block (SimpleTuner's Flux examples turn it on) the step keeps the part outside the
+  blocks, each block's inputs (counted the same way, by forward pre-hooks) and one block's
+  activations while it is recomputed; the total column uses this figure.
 - Gradients and optimiser: LoRA (rank 16 on the family's diffusers targets) trains fp32 weights with
   AdamW: 4 bytes of gradient and 8 of state per trained weight. Full training: fp32 weights, fp32
   gradients, AdamW state (16 bytes per weight). Sharded rows are the per-rank share computed
@@ -55,7 +59,7 @@ BLOCK_LISTS = {
     "pixart": (("transformer_blocks", "num_layers"),),
     "hunyuan_dit": (("blocks", "num_layers"),),
 }
-BUILT_BLOCKS = {"hunyuan_dit": 2}  # one block of each half (the second half has skip projections)
+BUILT_BLOCKS = {"hunyuan_dit": 4}  # blocks past the middle have skip projections (and pair with earlier ones)
 LORA_RANK = 16
 # SimpleTuner's published Flux LoRA figures at 1024 px, and this issue's goals
 ANCHORS = {"lora-bf16": (30, 24), "lora-int8": (18, 14), "lora-nf4": (9, 9)}
@@ -69,16 +73,17 @@ class Row:
     parameters: float  # bytes
     gradients: float
     optimizer: float
-    activations: float
+    activations: float  # every activation kept for backward
+    checkpointed: float  # with gradient checkpointing of every block
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.checkpointed
 
 
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes of every stored tensor of `module`: parameters, buffers and quantised payloads."""
-    seen: set[int] = set()
+    seen: dict[int, torch.Tensor] = {}  # keeps each counted tensor alive, so no id is reused
     total = 0
 
     def add(tensor: torch.Tensor) -> None:
@@ -96,7 +101,7 @@ def tensor_bytes(module: nn.Module) -> int:
                     add(part)
         key = id(tensor)
         if key not in seen:
-            seen.add(key)
+            seen[key] = tensor
             total += tensor.numel() * tensor.element_size()
 
     for tensor in [*module.parameters(), *module.buffers()]:
@@ -121,12 +126,31 @@ def _build(arch: Architecture, config: dict, device: str) -> nn.Module:
     return model.requires_grad_(False)
 
 
-def extrapolated_bytes(model: nn.Module, arch: Architecture, full: dict, built: dict) -> float:
-    """Bytes of the full model from a reduced one: the rest once, each block list by its count."""
+def _signature(block: nn.Module) -> tuple:
+    return tuple((name, tuple(p.shape)) for name, p in block.named_parameters())
+
+
+def block_layout(arch: Architecture, full: dict, reduced: nn.Module) -> dict[str, list[int]]:
+    """For every block of the full model (built on the meta device, no memory), the index of the block of
+    `reduced` (unquantised) with the same parameter layout."""
+    model = _build(arch, full, "meta")
+    layout = {}
+    for attribute, _ in BLOCK_LISTS[arch.name]:
+        built = {}
+        for index, block in enumerate(getattr(reduced, attribute)):
+            built.setdefault(_signature(block), index)
+        layout[attribute] = [built[_signature(block)] for block in getattr(model, attribute)]
+    return layout
+
+
+def extrapolated_bytes(model: nn.Module, arch: Architecture, layout: dict[str, list[int]]) -> float:
+    """Bytes of the full model from a reduced one: the rest once, and each block of the full model as many
+    bytes as the built block of the same layout (`block_layout`)."""
     total = float(tensor_bytes(model))
-    for attribute, key in BLOCK_LISTS[arch.name]:
+    for attribute, _ in BLOCK_LISTS[arch.name]:
         blocks = getattr(model, attribute)
-        total += tensor_bytes(blocks) * (full[key] / built[key] - 1)
+        total -= sum(tensor_bytes(b) for b in blocks)
+        total += sum(tensor_bytes(blocks[index]) for index in layout[attribute])
     return total
 
 
@@ -145,13 +169,15 @@ def lora_weights(model: nn.Module, arch: Architecture, full: dict, built: dict) 
     return rest + sum(per_list[a] * full[k] / built[k] for a, k in BLOCK_LISTS[arch.name])
 
 
-def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bool) -> float:
-    """Bytes autograd saves for backward in one forward of `config` on the meta device (batch 1, bf16)."""
+def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bool) -> tuple[float, float]:
+    """One forward of `config` on the meta device (batch 1, bf16): the bytes autograd saves for backward, and
+    the bytes of the blocks' distinct inputs (what checkpointing every block keeps instead)."""
     model = _build(arch, config, "meta")
     batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
              for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
     weights = {id(p) for p in model.parameters()}
     saved = 0
+    inputs: dict[int, torch.Tensor] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal saved
@@ -161,19 +187,35 @@ def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bo
             saved += tensor.numel() * tensor.element_size()
         return tensor
 
+    def keep_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for value in [*args, *kwargs.values()]:
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    inputs.setdefault(id(tensor), tensor)
+
+    for attribute, _ in BLOCK_LISTS[arch.name]:
+        for block in getattr(model, attribute):
+            block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
     noisy = batch["latents"].requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         arch.call(model, noisy, torch.ones(1, device="meta"), batch)
-    return float(saved)
+    return float(saved), float(sum(t.numel() * t.element_size() for t in inputs.values()))
 
 
-def extrapolated_activations(arch: Architecture, tiny: bool, resolution: int, full: dict, built: dict) -> float:
-    base = activation_bytes(arch, built, resolution, tiny)
-    total = base
+def extrapolated_activations(arch: Architecture, tiny: bool, resolution: int, full: dict,
+                             built: dict) -> tuple[float, float]:
+    """Activations of the full model without and with checkpointing of every block. Checkpointed: the part
+    outside the blocks, every block's inputs, and one block's activations (recomputed during backward)."""
+    saved, inputs = activation_bytes(arch, built, resolution, tiny)
+    plain, kept, per_block = saved, inputs, []
     for attribute, key in BLOCK_LISTS[arch.name]:
-        doubled = activation_bytes(arch, reduced_config(arch, tiny, 2, attribute), resolution, tiny)
-        total += (doubled - base) / built[key] * (full[key] - built[key])
-    return total
+        saved_2, inputs_2 = activation_bytes(arch, reduced_config(arch, tiny, 2, attribute), resolution, tiny)
+        block = (saved_2 - saved) / built[key]
+        per_block.append(block)
+        plain += block * (full[key] - built[key])
+        kept += (inputs_2 - inputs) / built[key] * (full[key] - built[key])
+    outside = saved - sum(block * built[key] for block, (_, key) in zip(per_block, BLOCK_LISTS[arch.name]))
+    return plain, outside + kept + max(per_block)
 
 
 def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, ...]) -> list[Row]:
@@ -182,26 +224,27 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
 
     arch = ARCHITECTURES[name]
     full, built = dict(arch.model_config(tiny)), reduced_config(arch, tiny)
-    activations = extrapolated_activations(arch, tiny, resolution, full, built)
+    activations = extrapolated_activations(arch, tiny, resolution, full, built)  # (plain, checkpointed)
     model = _build(arch, built, "cpu")
-    bf16 = extrapolated_bytes(model, arch, full, built)
+    layout = block_layout(arch, full, model)
+    bf16 = extrapolated_bytes(model, arch, layout)
     lora = lora_weights(model, arch, full, built)
     parameters = bf16 / 2  # bf16: 2 bytes per weight
-    rows = [Row(name, "lora-bf16", bf16 + 4 * lora, 4 * lora, 8 * lora, activations)]
+    rows = [Row(name, "lora-bf16", bf16 + 4 * lora, 4 * lora, 8 * lora, *activations)]
     for precision, mode in (("int8-quanto", "lora-int8"), ("nf4-bnb", "lora-nf4")):
         quantised = _build(arch, built, "cpu")
         quantised.load_state_dict(model.state_dict())
         quantize_module(quantised, precision)
-        rows.append(Row(name, mode, extrapolated_bytes(quantised, arch, full, built) + 4 * lora, 4 * lora,
-                        8 * lora, activations))
+        rows.append(Row(name, mode, extrapolated_bytes(quantised, arch, layout) + 4 * lora, 4 * lora,
+                        8 * lora, *activations))
         del quantised
     del model
-    rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, activations))
+    rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *activations))
     for world in world_sizes:
         rows.append(Row(name, f"full-zero2 x{world}", 4 * parameters, 4 * parameters / world,
-                        8 * parameters / world, activations))
+                        8 * parameters / world, *activations))
         rows.append(Row(name, f"full-zero3/fsdp x{world}", 4 * parameters / world, 4 * parameters / world,
-                        8 * parameters / world, activations))
+                        8 * parameters / world, *activations))
     return rows
 
 
@@ -232,11 +275,11 @@ def gpu_peak(name: str, resolution: int, precision: str) -> float:
 
 
 def table(rows: list[Row], anchors: bool = True, unit: tuple[str, int] = ("GiB", GIB)) -> str:
-    lines = ["| model | mode | parameters | gradients | optimiser | activations | total | SimpleTuner | goal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | mode | parameters | gradients | optimiser | activations | activations, checkpointed "
+             "| total (checkpointed) | SimpleTuner | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         anchor, goal = ANCHORS.get(row.mode, ("", "")) if anchors and row.model == "flux" else ("", "")
-        cells = [row.parameters, row.gradients, row.optimizer, row.activations, row.total]
+        cells = [row.parameters, row.gradients, row.optimizer, row.activations, row.checkpointed, row.total]
         lines.append(f"| {row.model} | {row.mode} | " + " | ".join(f"{c / unit[1]:.2f} {unit[0]}" for c in cells)
                      + f" | {f'~{anchor} GB' if anchor else ''} | {f'<= {goal} GB' if goal else ''} |")
     return "\n".join(lines)
