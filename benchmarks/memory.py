@@ -5,8 +5,8 @@
 
 Method (CPU, no GPU needed):
 - Parameters: each denoiser is built with its published width (benchmarks/architectures.py) but only
-  a few repeated blocks (one per block list; four for Hunyuan-DiT, whose blocks past the middle
-  carry skip projections), in bf16 with random weights, and quantised with the trainer's own function
+  a few repeated blocks (one per block list; two for SD3, whose last block has no context branch;
+  four for Hunyuan-DiT, whose blocks past the middle carry skip projections), in bf16 with random weights, and quantised with the trainer's own function
   (`simpletuner.train.quantize.quantize_module`: optimum-quanto int8, bitsandbytes nf4). The bytes of
   every stored tensor (quantised data, scales, quantisation state) are counted per block and
   extrapolated by block count to the full model: total = rest + for every block of the full model
@@ -59,7 +59,9 @@ BLOCK_LISTS = {
     "pixart": (("transformer_blocks", "num_layers"),),
     "hunyuan_dit": (("blocks", "num_layers"),),
 }
-BUILT_BLOCKS = {"hunyuan_dit": 4}  # blocks past the middle have skip projections (and pair with earlier ones)
+# blocks of other layouts: Hunyuan-DiT's past the middle have skip projections (paired with earlier ones), SD3's
+# last block has no context branch
+BUILT_BLOCKS = {"hunyuan_dit": 4, "sd3": 2}
 LORA_RANK = 16
 # SimpleTuner's published Flux LoRA figures at 1024 px, and this issue's goals
 ANCHORS = {"lora-bf16": (30, 24), "lora-int8": (18, 14), "lora-nf4": (9, 9)}

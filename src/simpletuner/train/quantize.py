@@ -5,8 +5,8 @@ with its library (config.quantisation.LIBRARY): optimum-quanto swaps layers for 
 QConv2d, torchao turns Linear weights into its quantised tensors (weight-only int8, or float8
 weights and activations on CUDA), bitsandbytes swaps Linear layers for 4-bit NF4 ones. peft
 wraps each of these, so LoRA trains beside the frozen quantised weights and the adapter loads
-on the unquantised model. Norms, the first and last projections, embedders and the timestep
-embedding stay in their dtype (SimpleTuner's exclusions for Flux and SD3).
+on the unquantised model. The first and last projections, the embedders and the final norm
+stay in their dtype (SimpleTuner's exclusions for Flux, and the timestep embedders).
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-KEEP = ("*norm*", "proj_out", "x_embedder", "context_embedder", "*pos_embed*", "conv_in", "conv_out", "*time_embed*",
-        "*time_text_embed*", "*timestep_embed*", "time_proj")
+# layers kept in their dtype, by full name: input and output projections, embedders, the final norm's
+# modulation; the norms' own weights are never quantised (their adaLN linears are: most of Flux's weights)
+KEEP = ("proj_out", "x_embedder", "context_embedder", "norm_out*", "*pos_embed*", "conv_in", "conv_out",
+        "*time_text_embed*", "*time_embed*", "*time_embedding*", "*timestep_embed*", "time_proj")
 QUANTO_TYPES = {"int8-quanto": "qint8", "int4-quanto": "qint4", "int2-quanto": "qint2", "fp8-quanto": "qfloat8",
                 "fp8uz-quanto": "qfloat8_e4m3fnuz"}
 
 
 def _kept(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(name.rsplit(".", 1)[-1], pattern)
-               for pattern in KEEP)
+    return any(fnmatch.fnmatch(name, pattern) for pattern in KEEP)
 
 
 def _quanto(module: nn.Module, precision: str) -> None:
