@@ -250,14 +250,15 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
     return rows
 
 
-def gpu_peak(name: str, resolution: int, precision: str) -> float:
-    """One real LoRA step of the full model on CUDA: torch.cuda.max_memory_allocated in bytes."""
+def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda", tiny: bool = False) -> float:
+    """One real LoRA step (bf16 base, quantised as `precision`; fp32 LoRA; AdamW) of the whole model on
+    `device`; on CUDA returns torch.cuda.max_memory_allocated in bytes, elsewhere the loss."""
     from peft import LoraConfig
 
     from simpletuner.train.quantize import quantize_module
 
     arch = ARCHITECTURES[name]
-    model = build_model(arch, tiny=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    model = build_model(arch, tiny=tiny, device=device, dtype=torch.bfloat16).requires_grad_(False)
     if precision != "no_change":
         quantize_module(model, precision)
     model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(arch.lora_targets)))
@@ -265,13 +266,18 @@ def gpu_peak(name: str, resolution: int, precision: str) -> float:
     for p in trained:
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(trained, lr=1e-4)
-    batch = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype)
-             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=False).items()}
-    torch.cuda.reset_peak_memory_stats()
-    with torch.autocast("cuda", torch.bfloat16):
-        loss = arch.call(model, batch["latents"], torch.ones(1, device="cuda"), batch).float().pow(2).mean()
+    batch = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype)
+             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autocast(torch.device(device).type, torch.bfloat16):
+        prediction = arch.call(model, batch["latents"], torch.ones(1, device=device), batch)
+    loss = prediction.float().pow(2).mean()
     loss.backward()
     optimizer.step()
+    if not cuda:
+        return float(loss)
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated())
 
@@ -312,7 +318,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.gpu and torch.cuda.is_available():
         for name in args.model or list(BLOCK_LISTS):
             for precision in ("no_change", "int8-quanto", "nf4-bnb"):
-                peaks.append(f"| {name} | {precision} | {gpu_peak(name, args.resolution, precision) / GIB:.2f} GiB |")
+                peak = lora_step(name, args.resolution, precision)
+                peaks.append(f"| {name} | {precision} | {peak / GIB:.2f} GiB |")
         print("\n".join(["| model | base | max_memory_allocated |", "|---|---|---|", *peaks]))
     if args.record:
         record(text, peaks, args)

@@ -302,3 +302,11 @@ def test_memory_script_prints_every_mode_and_records(tmp_path, capsys):
     assert "| flux | lora-int8 |" in out and "~18 GB" in out and "<= 14 GB" in out
     text = results.read_text()
     assert "Training memory per family and mode" in text and "python benchmarks/memory.py" in text
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto", "nf4-bnb"])
+def test_memory_gpu_step_runs_on_cpu_at_tiny_size(precision):
+    # the step --gpu measures, run on the CPU: LoRA on the (quantised) base, backward, AdamW
+    from benchmarks import memory
+
+    assert math.isfinite(memory.lora_step("flux", 64, precision, device="cpu", tiny=True))
