@@ -6,7 +6,8 @@
 Method (CPU, no GPU needed):
 - Parameters: each denoiser is built with its published width (benchmarks/architectures.py) but only
   a few repeated blocks (one per block list; two for SD3, whose last block has no context branch;
-  four for Hunyuan-DiT, whose blocks past the middle carry skip projections), in bf16 with random weights, and quantised with the trainer's own function
+  four for Hunyuan-DiT, whose blocks past the middle carry skip projections), in bf16 with random
+  weights, and quantised with the trainer's own function
   (`simpletuner.train.quantize.quantize_module`: optimum-quanto int8, bitsandbytes nf4). The bytes of
   every stored tensor (quantised data, scales, quantisation state) are counted per block and
   extrapolated by block count to the full model: total = rest + for every block of the full model

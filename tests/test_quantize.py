@@ -20,7 +20,8 @@ from simpletuner.train.quantize import quantize_module
 
 # tiny family -> (model_family, model_type, resolution)
 RUNS = {
-    "sd1x": ("sd1x", "lora", 32), "sd2x": ("sd2x", "lora", 32), "sdxl": ("sdxl", "lora", 64), "sd3": ("sd3", "lora", 32),
+    "sd1x": ("sd1x", "lora", 32), "sd2x": ("sd2x", "lora", 32), "sdxl": ("sdxl", "lora", 64),
+    "sd3": ("sd3", "lora", 32),
     "flux": ("flux", "lora", 32), "pixart_sigma": ("pixart_sigma", "lora", 32), "kolors": ("kolors", "lora", 64),
     "hunyuan_dit": ("hunyuan_dit", "lora", 32), "deepfloyd_if": ("deepfloyd", "deepfloyd-lora", 32),
 }
