@@ -80,12 +80,14 @@ def test_int8_loss_stays_within_tolerance_of_the_unquantised_base(tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tiny", ["flux", "sdxl", "pixart_sigma"])
 @pytest.mark.parametrize("precision", ["nf4-bnb", "int8-torchao"])
-def test_other_libraries_train_lora_on_cpu(tmp_path: Path, tiny_model, precision: str) -> None:
+def test_other_libraries_train_lora_on_cpu(tmp_path: Path, tiny_model, precision: str, tiny: str) -> None:
     pytest.importorskip(LIBRARY[precision].module)
-    output = _run(tmp_path, tiny_model, "flux", base_model_precision=precision)
+    output = _run(tmp_path, tiny_model, tiny, base_model_precision=precision)
     assert all(np.isfinite(list(metrics(output).values())))
-    assert (output / "pytorch_lora_weights.safetensors").is_file()
+    weights = "adapter_model.safetensors" if tiny in PEFT_LORA else "pytorch_lora_weights.safetensors"
+    assert (output / weights).is_file()
 
 
 @pytest.mark.slow
