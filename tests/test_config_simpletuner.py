@@ -132,9 +132,9 @@ def test_harmless_current_release_options_are_accepted(tmp_path):
     assert report.problems == []
     assert loaded.training.checkpointing_steps == 20 and loaded.training.validation_steps == 40
     ignored = " ".join(loaded.warnings)
-    for name in ("validation_disable_unconditional", "num_eval_images", "gradient_checkpointing_interval",
-                 "conditioning_multidataset_sampling"):
+    for name in ("validation_disable_unconditional", "num_eval_images", "conditioning_multidataset_sampling"):
         assert name in ignored
+    assert loaded.training.gradient_checkpointing_interval == 2  # an option of its own now
 
 
 def test_publishing_options_are_accepted(tmp_path):
@@ -163,12 +163,11 @@ def test_options_that_ask_for_a_feature_not_built_are_refused_by_name(tmp_path, 
 def test_one_round_reports_training_dataset_and_unbuilt_problems_together(tmp_path):
     datasets = [{"id": "pics", "type": "local", "instance_data_dir": "missing", "crop_stlye": "center"},
                 {"id": "text", "dataset_type": "text_embeds", "default": True}]
-    report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1e-4, "base_model_precision": "int8-quanto"},
-                                  datasets))
+    report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1e-4, "validation_randomize": True}, datasets))
     text = "\n".join(report.problems)
     assert "unknown option 'learning_rat'" in text          # training options
     assert "unknown option 'crop_stlye'" in text            # the dataset file
-    assert "base_model_precision = 'int8-quanto'" in text   # a feature not built yet
+    assert "validation_randomize = True" in text              # a feature not built yet
     assert len(report.problems) == 3
 
 
@@ -196,9 +195,9 @@ def test_one_round_still_works_when_model_family_itself_is_missing_or_wrong(tmp_
 
 
 def test_options_written_as_text_are_read_as_their_field_reads_them_in_a_failing_file(tmp_path):
-    # config.env-style text values beside a bad option: "false" asks for nothing, "int8-quanto" is still refused
+    # config.env-style text values beside a bad option: "false" asks for nothing, "true" is still refused
     report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1, "push_to_hub": "false",
-                                             "base_model_precision": "int8-quanto"}))
+                                             "validation_randomize": "true"}))
     text = "\n".join(report.problems)
-    assert "learning_rat" in text and "base_model_precision = 'int8-quanto'" in text
+    assert "learning_rat" in text and "validation_randomize = True" in text
     assert "push_to_hub" not in text

@@ -21,18 +21,17 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 
 # A refusal: how its line starts or what it holds, and the feature's name in docs/STATUS.md's "Not built yet".
 FEATURES = {
-    "quantised": ("base_model_precision = 'int8-quanto': quantised base models", "quantised base models"),
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
     "conditioning": ("unsupported: conditioning (conditioning images are not generated", "ControlNet"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
 }
 REFUSED = {
-    "flux.peft-lora": {"quantised"},
-    "flux.peft-lora+TREAD": {"quantised", "tread"},
-    "kolors.peft-lora": {"quantised"},
+    "flux.peft-lora": set(),
+    "flux.peft-lora+TREAD": {"tread"},
+    "kolors.peft-lora": set(),
     "sd3.peft-lora": set(),
     "sdxl.lycoris-lokr": set(),
-    "kontext.peft-lora": {"quantised", "conditioning", "kontext"},
+    "kontext.peft-lora": {"conditioning", "kontext"},
     "deepfloyd-if-i-medium.peft-lora": set(),
     "quickstart-sdxl": set(),
     "quickstart-sd3": set(),

@@ -17,6 +17,7 @@ from simpletuner.config.load import Loaded, Settings, read_settings
 from simpletuner.config.packages import missing_packages
 from simpletuner.config.references import latent_cache_for, text_cache_for
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
+from simpletuner.config.quantisation import missing_libraries
 from simpletuner.config.unimplemented import unimplemented_problems
 
 # files that look like images; `scan` decides which ones really are (this only catches an empty folder)
@@ -134,6 +135,7 @@ def check_settings(settings: Settings) -> CheckReport:
     missing, less = missing_packages(training, settings.datasets)
     report.problems += missing
     report.notes += less
+    report.problems += missing_libraries(training)
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
         if dataset.dataset_type == "image" and not dataset.text_embeds:

@@ -134,8 +134,6 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
     ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
     ("report_to", "all"): "use tensorboard or wandb",
-    ("base_model_precision", "int8-torchao"): "torchao is not supported: use int8-quanto",
-    ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
     ("flux_lora_target", "controlnet"): "ControlNet training is not built in this version yet",
@@ -164,7 +162,6 @@ IGNORED: dict[str, str] = {
     "set_grads_to_none": "gradients are always set to None",
     "keep_vae_loaded": "the VAE is loaded only while caching",
     "ema_foreach_disable": "EMA updates always use foreach kernels",
-    "ema_cpu_only": "use ema_device=cpu",
     "preserve_data_backend_cache": "the index is incremental and always kept",
     "override_dataset_config": "caches are keyed by their settings, so changed settings never reuse stale entries",
     "skip_file_discovery": "discovery is incremental",
@@ -177,8 +174,6 @@ IGNORED: dict[str, str] = {
     "seed_for_each_device": "every process derives its own seed from seed",
     "non_ema_revision": "revision is used",
     "validation_disable_unconditional": "validation never renders the unconditional (empty prompt) image",
-    "gradient_checkpointing_interval": "gradient_checkpointing recomputes every block; the interval trades memory "
-                                       "only, never the result",
     "num_eval_images": "read only by evaluation (evaluation_type, eval datasets), which is refused when set",
     "offload_during_save": "moving weights to the CPU while saving changes memory use only, never the result",
     "delete_model_after_load": "the Hub download cache is left as it is (deleting it changes disk use only)",
@@ -392,6 +387,14 @@ def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[st
             warnings.append(f"{where}: offset_noise is off, so noise_offset={values['noise_offset']} is not used "
                             "(as in SimpleTuner); set noise_offset alone to use it")
             values["noise_offset"] = 0.0
+    if "ema_cpu_only" in values:  # SimpleTuner's older switch for ema_device=cpu
+        where = sources.pop("ema_cpu_only", "")
+        if _is_on(values.pop("ema_cpu_only")):
+            if values.get("ema_device") not in (None, "cpu"):
+                raise ConfigError(f"{where}: ema_cpu_only=true keeps the EMA on the CPU, but ema_device is "
+                                  f"{values['ema_device']!r}: keep only ema_device")
+            values["ema_device"] = "cpu"
+            sources.setdefault("ema_device", where)
     if "use_bitfit" in values:
         where = sources.pop("use_bitfit", "")
         if _is_on(values.pop("use_bitfit")):

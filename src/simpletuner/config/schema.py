@@ -23,7 +23,8 @@ CropStyle = Literal["center", "centre", "random", "corner"]
 CropAspect = Literal["square", "preserve", "closest", "random"]
 CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv", "huggingface"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
-Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "nf4-bnb"]
+Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+                    "int8-torchao", "fp8-torchao", "nf4-bnb"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 ADAPTER_MODEL_TYPES = ("lora", "deepfloyd-lora", "deepfloyd-stage2-lora")
 
@@ -252,7 +253,9 @@ class TrainingConfig(StrictModel):
     pretrained_t5_model_name_or_path: str | None = Field(None, description="Where to load the T5 text encoder from "
                                                          "(shared between Flux/SD3/PixArt checkpoints).")
     base_model_precision: Precision = Field("no_change", description="Quantise the frozen base model (LoRA/LyCORIS "
-                                            "training): optimum-quanto int8/int4/int2/fp8, or bitsandbytes nf4.")
+                                            "training) after loading, before the adapter is added: optimum-quanto "
+                                            "int8/int4/int2/fp8, torchao int8 (weight-only) or fp8 (CUDA only), "
+                                            "bitsandbytes nf4. Needs the `quant` extra.")
     base_model_default_dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of the base model's weights "
                                                               "that are not quantised.")
     text_encoder_1_precision: Precision = Field("no_change", description="Quantise text encoder 1.")
@@ -260,8 +263,9 @@ class TrainingConfig(StrictModel):
     text_encoder_3_precision: Precision = Field("no_change", description="Quantise text encoder 3.")
     text_encoder_4_precision: Precision = Field("no_change", description="Quantise text encoder 4.")
     quantize_via: Literal["cpu", "accelerator", "pipeline"] = Field(
-        "accelerator", description="Where quantisation runs: the accelerator is fast, the CPU needs less device "
-        "memory. Read only when a *_precision option quantises; alone it changes nothing.")
+        "accelerator", description="Where quantisation runs: the accelerator is fast, the CPU (or 'pipeline', which "
+        "quantises right after loading, as 'cpu' does) needs less device memory. Read only when a *_precision "
+        "option quantises; alone it changes nothing.")
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
@@ -382,6 +386,10 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing_interval: int | None = Field(None, ge=1, description="With gradient_checkpointing: "
+                                                        "recompute only every n-th block of the denoiser (1 or "
+                                                        "unset: every block); larger n keeps more activations and "
+                                                        "recomputes less.")
     fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
                                        "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
                                        "The saved model keeps diffusers' usual separate projections. Not with "
@@ -620,6 +628,14 @@ class TrainingConfig(StrictModel):
         problems = sharding_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_quantised_base(self) -> "TrainingConfig":
+        if self.base_model_precision != "no_change" and not trains_adapter(self):
+            raise ValueError(f"base_model_precision={self.base_model_precision!r} quantises the base model, which "
+                             f"model_type {self.model_type!r} trains itself; quantised weights cannot be trained: "
+                             "use model_type 'lora' or base_model_precision 'no_change'")
         return self
 
     @model_validator(mode="after")

@@ -18,11 +18,6 @@ if TYPE_CHECKING:
 TRAINING: dict[str, str] = {
     "controlnet": "ControlNet training",
     "controlnet_model_name_or_path": "ControlNet training",
-    "base_model_precision": "quantised base models",
-    "text_encoder_1_precision": "quantised text encoders",
-    "text_encoder_2_precision": "quantised text encoders",
-    "text_encoder_3_precision": "quantised text encoders",
-    "text_encoder_4_precision": "quantised text encoders",
     "lr_end": "a final learning rate for polynomial, sine and cosine schedules",
     "input_perturbation_steps": "input perturbation limited to the first steps",
     "ema_validation": "validation with EMA weights (validation uses the trained weights)",

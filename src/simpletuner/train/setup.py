@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from simpletuner.train.checkpoint import Processes
     from simpletuner.train.data import TrainingData
     from simpletuner.train.ema import EMA
+    from simpletuner.train.offload import Parked
     from simpletuner.train.trackers import Tracker
     from simpletuner.validate import ValidationPlan
 
@@ -58,6 +59,7 @@ class Run:
     resume_from: Path | None
     sharding: Sharding = field(default_factory=Plain)  # replicated, FSDP2 or DeepSpeed: train/sharding.py
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
+    parked: Parked | None = None  # frozen encoders waiting on the CPU while the step runs
 
     @property
     def cfg(self):
@@ -105,6 +107,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
     from simpletuner.train.adapters import check_regularisation
+    from simpletuner.train.quantize import check_quantisation, quantize_components
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
     from simpletuner.train.sharding import sharding_for
     from simpletuner.validate import validation_plan
@@ -115,6 +118,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     check_packages(cfg, settings.datasets)
     check_regularisation(cfg, settings.datasets)
     sharding = sharding_for(accelerator, cfg)
+    check_quantisation(cfg, accelerator.device)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     validation = validation_plan(cfg, family)
@@ -127,12 +131,19 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-    components = family.load(cfg).to(accelerator.device)
+    components = family.load(cfg)
+    quantize_components(family, components, cfg, accelerator.device)  # frozen weights, before any adapter
+    components.to(accelerator.device)
     _configure_vae(components, cfg)
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand,
                         report_path=str(Path(cfg.output_dir) / SKIPPED_REPORT))
-    return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator), resumed_at, sharding)
+    from simpletuner.train.offload import park_encoders
+
+    parked = park_encoders(components, data, accelerator.device, cfg)  # the caches are complete
+    run = _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
+                          Processes.from_accelerator(accelerator), resumed_at, sharding)
+    run.parked = parked
+    return run
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -198,8 +209,10 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-    if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-        denoiser.enable_gradient_checkpointing()
+    if cfg.gradient_checkpointing:
+        from simpletuner.train.checkpointing import enable_checkpointing
+
+        enable_checkpointing(denoiser, cfg.gradient_checkpointing_interval)
     denoiser.train()
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets

@@ -12,6 +12,7 @@ output_dir (`runlock.py`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -367,8 +368,9 @@ def _validate(run: Run, step: int) -> list[Path]:
         for module in modules:
             module.eval()
         try:
-            images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
-                           _init_images(run))
+            with run.parked.on_device() if run.parked else contextlib.nullcontext():
+                images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
+                                        _init_images(run))
         finally:
             for module in modules:
                 module.train()
