@@ -1,5 +1,6 @@
 import io
 import os
+import random
 
 import numpy as np
 import pytest
@@ -215,7 +216,8 @@ def test_phone_trailers_after_a_jpeg_are_not_truncation(tmp_path):
     xmp = b"\xff\xe1" + (len(b"http://ns.adobe.com/xap/1.0/\0<x GCamera:MotionPhoto='1'/>") + 2).to_bytes(2, "big")
     motion = photo[:2] + xmp + b"http://ns.adobe.com/xap/1.0/\0<x GCamera:MotionPhoto='1'/>" + photo[2:]
     _put(root, "motion.jpg", motion + os.urandom(20_000))  # the appended video
-    _put(root, "cut.jpg", photo + os.urandom(10_000))  # no declaration: judged truncated
+    # no declaration: judged truncated (random bytes without 0xff, so no end-of-image marker by chance)
+    _put(root, "cut.jpg", photo + bytes(b % 255 for b in random.Random(0).randbytes(10_000)))
     _put(root, "garbage_after.png", _image(9, 9, "PNG") + b"\0" * 100)
     storage = DatasetStorage(str(root))
     results = {entry.path: read_header(storage, entry) for entry in storage.list_images()}
