@@ -82,7 +82,8 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
     **_group("rolling checkpoints are not built", {
         "checkpointing_rolling_steps": 0, "checkpoints_rolling_total_limit": 1}),
     **_group("evaluation sets are not supported", {"eval_epoch_interval": None, "eval_loss_disable": None}),
-    **_group("ControlNet training is not built in this version yet", {"controlnet_custom_config": None}),
+    **_group("custom ControlNet architectures are not built: the ControlNet copies the base's denoiser or loads "
+             "controlnet_model_name_or_path", {"controlnet_custom_config": None}),
     **_group("channel-wise control training is not built", {"control": None}),
     **_group("TREAD (token routing) is not built in this version yet", {"tread_config": None}),
     **_group("quantisation is not built in this version yet", {"quantization_config": None}),
@@ -140,8 +141,8 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
-    ("flux_lora_target", "controlnet"): "ControlNet training is not built in this version yet",
-    ("flux_lora_target", "all+ffs+embedder+controlnet"): "ControlNet training is not built in this version yet",
+    ("flux_lora_target", "controlnet"): "Flux ControlNet training is not built in this version yet",
+    ("flux_lora_target", "all+ffs+embedder+controlnet"): "Flux ControlNet training is not built in this version yet",
     ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
 }
 

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
 # option -> the feature it belongs to
 TRAINING: dict[str, str] = {
-    "controlnet": "ControlNet training",
-    "controlnet_model_name_or_path": "ControlNet training",
     "train_text_encoder": "text-encoder training",
     "text_encoder_lr": "text-encoder training",
     "layer_freeze_strategy": "bias-only (BitFit) training",
@@ -43,7 +41,7 @@ TRAINING: dict[str, str] = {
 }
 DATASET: dict[str, str] = {
     "is_regularisation_data": "prior-preservation (regularisation) training",
-    "conditioning_data": "masked loss and ControlNet conditioning in training",
+    "conditioning_data": "masked loss (conditioning_data without controlnet=true)",
 }
 
 
@@ -67,7 +65,8 @@ def unimplemented_problems(training: TrainingConfig, datasets: list[DatasetConfi
                 for name, value, feature in _set(training, TRAINING)]
     for dataset in datasets:
         problems += [f"dataset {dataset.id!r}: {name} = {value!r}: {feature} is not implemented in this version "
-                     "yet; remove the option" for name, value, feature in _set(dataset, DATASET)]
+                     "yet; remove the option" for name, value, feature in _set(dataset, DATASET)
+                     if not (name == "conditioning_data" and getattr(training, "controlnet", False))]
     return problems
 
 

@@ -9,6 +9,11 @@
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
 - merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
+- ControlNet (controlnet=true): output_dir/controlnet/, the ControlNet's `save_pretrained` folder that
+  `ControlNetModel.from_pretrained` loads for the family's ControlNet pipeline; under a LoRA that folder
+  holds the ControlNet with the LoRA fused in, and output_dir/pytorch_lora_weights.safetensors holds the
+  LoRA itself (`controlnet.<module>.lora_A.weight`, ...), which `controlnet.load_lora_adapter(file,
+  prefix="controlnet")` loads onto the untrained ControlNet. Checkpoints keep the same LoRA file.
 With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold).
 """
 
@@ -119,7 +124,9 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
     output_dir = Path(cfg.output_dir)
     if ema is not None:
         ema.copy_to()
-    if trained.kind == "lora":
+    if getattr(cfg, "controlnet", False):
+        written = export_controlnet(trained, output_dir, metadata or {})
+    elif trained.kind == "lora":
         written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), output_dir)
     elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
@@ -145,7 +152,65 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
 
     def write(folder: Path) -> None:
         with run.ema.applied() if run.ema is not None else nullcontext():
+            if run.cfg.controlnet:
+                write_controlnet_lora(run.trained.model, folder, run_metadata(run, steps))
+                return
             lora = trained_lora(run.family, run.components, run.trained, run_metadata(run, steps))
         write_lora_files(run.family, lora, folder)
 
     return write
+
+
+# ---------------------------------------------------------------------------- ControlNet
+CONTROLNET_FOLDER = "controlnet"
+
+
+def export_controlnet(trained: Trained, output_dir: Path, metadata: Mapping[str, str]) -> list[Path]:
+    """output_dir/controlnet/ (the ControlNet, any LoRA fused in) and, under a LoRA, the LoRA file."""
+    if trained.kind == "lycoris":
+        raise UserError("controlnet=true with lora_type='lycoris' is not exported: train the ControlNet in full "
+                        "or with lora_type='standard'")
+    written = []
+    model = trained.model
+    if trained.kind == "lora":
+        written.append(write_controlnet_lora(model, output_dir, metadata))
+        model = fused_copy(model)
+    model.save_pretrained(output_dir / CONTROLNET_FOLDER, safe_serialization=True)
+    return [output_dir / CONTROLNET_FOLDER, *written]
+
+
+def write_controlnet_lora(model: Any, directory: Path, metadata: Mapping[str, str]) -> Path:
+    """The ControlNet's LoRA as pytorch_lora_weights.safetensors, peft's names under `controlnet.`, with the
+    adapter configuration in diffusers' `lora_adapter_metadata` header entry (what load_lora_adapter reads)."""
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft import get_peft_model_state_dict
+
+    from simpletuner.publish.lora_files import save_file_atomic
+    from simpletuner.train.adapters import LORA_WEIGHTS, _jsonable_config
+
+    weights = {f"{CONTROLNET_FOLDER}.{key}": value.detach().to("cpu").contiguous()
+               for key, value in get_peft_model_state_dict(model).items()}
+    config = _jsonable_config(model.peft_config["default"].to_dict())
+    header = {**metadata, "format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True)}
+    return save_file_atomic(weights, Path(directory) / LORA_WEIGHTS, header)
+
+
+def fused_copy(model: Any) -> Any:
+    """A copy of a peft-adapted model with its adapter fused into the weights and no adapter layers left."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, module.get_base_layer())
+    for attribute in ("peft_config",):
+        if hasattr(plain, attribute):
+            delattr(plain, attribute)
+    plain._hf_peft_config_loaded = False
+    return plain

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from simpletuner.data.buckets import BucketAssignment
     from simpletuner.data.records import ImagePlan, SampleRef
     from simpletuner.models.base import Components, ModelFamily
+    from simpletuner.train.conditioning import ControlData
 
 logger = get_logger(__name__)
 
@@ -54,6 +55,7 @@ class DatasetData:
     encoder: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # for epochs after the first
     read_source: SourceReader | None = None  # reads sources that are no files (Hugging Face rows)
     sequential: bool = False  # its source is a stream: read in order, or from the start again
+    control: ControlData | None = None  # ControlNet runs: each image's control image (train.conditioning)
 
     def latent_entry(self, ref: SampleRef) -> dict[str, torch.Tensor]:
         if self.on_demand is None:
@@ -108,6 +110,11 @@ class TrainingData:
         vae_id = latent_identity(family, components, settings.training)
         text_id = text_identity(family, components, settings.training)
         prepared: dict[str, DatasetData] = {}
+        partners = {}
+        if settings.training.controlnet:
+            from simpletuner.train.conditioning import partners_of
+
+            partners = partners_of(settings)
         for dataset in settings.datasets:
             scan = scans.get(dataset.id)
             if dataset.dataset_type != "image" or scan is None or scan.assignment is None:
@@ -134,6 +141,12 @@ class TrainingData:
                 read_source=storage.source_reader() if hf else None,
                 sequential=hf and storage.sequential,
             )
+            if dataset.id in partners:
+                from simpletuner.train.conditioning import control_data
+
+                partner = partners[dataset.id]
+                prepared[dataset.id].control = control_data(partner, scans[partner.id], records,
+                                                            [assignment.plan(i) for i in indices], indices, settings)
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
         return cls(prepared, vae_id, text_id, report.getvalue())
@@ -157,6 +170,9 @@ class TrainingData:
                     raise UserError(f"dataset {data.dataset_id!r} is streamed: its images are read in order, so "
                                     "vae_cache_ondemand (random order) would re-read the stream for every batch; "
                                     "set streaming=false or vae_cache_ondemand=false")
+                failed = self._cache_control(data, family, components, vae_batch_size, progress, summaries)
+                if failed:
+                    self._drop_failed(data, failed)
                 data.on_demand = lazy_latents(data.latent_store, _latent_encoder(family, components),
                                               data.storage_options, read_source=data.read_source)
                 summaries.append(cache_texts(_all_captions(data), data.text_store,
@@ -170,11 +186,26 @@ class TrainingData:
                                            batch_size=vae_batch_size, storage_options=data.storage_options,
                                            read_source=data.read_source, progress=progress, **loaders))
             failed = {failure.key for failure in summaries[-1].failed}
+            failed |= self._cache_control(data, family, components, vae_batch_size, progress, summaries)
             if failed:
                 self._drop_failed(data, failed)
             summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
         return summaries
+
+    @staticmethod
+    def _cache_control(data: DatasetData, family: ModelFamily, components: Components, batch_size: int,
+                       progress: bool, summaries: list[CacheSummary]) -> set[str]:
+        """Cache the dataset's control images (ControlNet runs); the latent keys of images whose control image
+        failed (reported by the cache job), so that the pair leaves training."""
+        if data.control is None:
+            return set()
+        from simpletuner.train.conditioning import cache_control
+
+        summaries.append(cache_control(data.control, family, components, batch_size=batch_size, progress=progress))
+        bad = {failure.key for failure in summaries[-1].failed}
+        return {data.latent_items[i].key for i, item in data.control.items.items()
+                if item.key in bad and i in data.latent_items}
 
     def _drop_failed(self, data: DatasetData, failed: set[str]) -> None:
         """Images that failed to encode are reported by the cache job; here they leave training."""
@@ -189,12 +220,15 @@ class TrainingData:
         keys: dict[str, set[str]] = {}
         for data in self.datasets.values():
             keys.setdefault(data.latent_store.url, set()).update(item.key for item in data.latent_items.values())
+            if data.control is not None:
+                keys.setdefault(data.control.store.url, set()).update(item.key for item in data.control.items.values())
             keys.setdefault(data.text_store.url, set()).update(
                 item.key for item in text_items(_all_captions(data), self.text_identity))
         return keys
 
     def stores(self) -> list[TensorStore]:
-        return [store for data in self.datasets.values() for store in (data.latent_store, data.text_store)]
+        return [store for data in self.datasets.values()
+                for store in (data.latent_store, data.text_store) + ((data.control.store,) if data.control else ())]
 
     def close(self) -> None:
         """Commit latents encoded on demand and release the stores."""
@@ -217,6 +251,8 @@ class TrainingData:
             caption = candidates[0] if len(candidates) == 1 else caption_rng.choice(candidates)
             texts.append(data.text_store.get(text_key(caption, self.text_identity)))
             conditioning.append(family.sample_conditioning(data.plan(ref)))
+            if data.control is not None:
+                conditioning[-1] = {**conditioning[-1], "control": data.control.entries([_stand_in(data, ref)])[0]}
         batch: dict[str, Any] = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
                                  "text": _stack_entries(texts)}
         if conditioning and conditioning[0]:

@@ -352,8 +352,11 @@ def training_loss(family: ModelFamily, components: Components, objective: Traini
     `ModelFamily.latents_from_distribution`), `batch["text"]` the cached text outputs
     (caption dropout already applied, see `ModelFamily.drop_captions`); other keys are
     the family's per-sample conditioning (e.g. SDXL's original_size, crop_top_left, target_size).
+    With a ControlNet in the components, the prediction is the frozen denoiser's steered by it
+    through `batch["control"]` (models.controlnet).
     """
     latents = batch["latents"]
     noisy = objective.noisy_latents(latents, draw)
-    prediction = family.predict(components, noisy, draw.timesteps, batch["text"], batch)
+    predict = family.predict_with_controlnet if components.get("controlnet") is not None else family.predict
+    prediction = predict(components, noisy, draw.timesteps, batch["text"], batch)
     return objective.loss(prediction, objective.target(latents, draw), draw.timesteps)

@@ -100,6 +100,10 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     check_implemented(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
+    if cfg.controlnet:
+        from simpletuner.models.controlnet import check_controlnet_family
+
+        check_controlnet_family(family)
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -163,7 +167,12 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     if cfg.lr_scale:
         cfg = cfg.model_copy(update={"learning_rate": scaled_learning_rate(cfg, accelerator.num_processes)})
     denoiser = family.denoiser(components)
-    trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
+    trains, prefix = denoiser, family.denoiser_name()
+    if cfg.controlnet:  # the ControlNet trains (full or with an adapter); the denoiser stays frozen
+        from simpletuner.models.controlnet import CONTROLNET, attach_controlnet
+
+        trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
+    trained = prepare_trainable(trains, cfg, family.adapter_targets(cfg), prefix=prefix,
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.module.to(accelerator.device)
     if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
@@ -172,9 +181,9 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-    if cfg.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
-        denoiser.enable_gradient_checkpointing()
-    denoiser.train()
+    if cfg.gradient_checkpointing and hasattr(trains, "enable_gradient_checkpointing"):
+        trains.enable_gradient_checkpointing()
+    trains.train()
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
               if d.id in data.datasets],

@@ -1,0 +1,211 @@
+"""ControlNet training (controlnet=true) on SD 1.x and SDXL: the loss against a plain diffusers ControlNet step,
+conditioning datasets paired by path, `simpletuner train` end to end (full and LoRA), export into diffusers'
+ControlNet pipelines, exact resume, and bad input (exit 2 with the names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+from train_helpers import metrics, write_run
+
+from simpletuner.cli import main
+from simpletuner.config.schema import TrainingConfig
+from simpletuner.demo.dataset import write_dataset
+from simpletuner.models.base import DTypePolicy
+from simpletuner.models.controlnet import attach_controlnet
+from simpletuner.models.registry import get_family
+from simpletuner.train.objectives import NoiseDraw, training_loss
+
+CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse"]
+
+
+# ---------------------------------------------------------------- parity with diffusers' train_controlnet.py
+@pytest.mark.parametrize("kind", ["sd1x", "sdxl"])
+def test_loss_parity_with_a_plain_diffusers_controlnet_step(tiny_model, kind):
+    from diffusers import ControlNetModel, DDPMScheduler
+
+    cfg = TrainingConfig(model_family=kind, pretrained_model_name_or_path=str(tiny_model(kind)), controlnet=True)
+    family = get_family(kind)
+    components = family.load(cfg, DTypePolicy())
+    controlnet = attach_controlnet(family, components, cfg)
+    with torch.no_grad():  # a ControlNet whose zero convolutions are no longer zero, so it steers the UNet
+        for name, parameter in controlnet.named_parameters():
+            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    size = 64 if kind == "sdxl" else 32
+    generator = torch.Generator().manual_seed(3)
+    control_u8 = torch.randint(0, 256, (3, 3, size, size), generator=generator, dtype=torch.uint8)
+    latents = torch.randn(3, 4, *(s // family.vae_scale_factor(components) for s in (size, size)), generator=generator)
+    text = family.text_outputs(components, CAPTIONS)
+    batch = {"latents": latents, "text": text, "control": control_u8}
+    if kind == "sdxl":
+        batch.update(original_size=torch.tensor([[float(size), float(size)]] * 3), crop_top_left=torch.zeros(3, 2),
+                     target_size=torch.tensor([[float(size), float(size)]] * 3))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+    draw = NoiseDraw(noise=noise, timesteps=torch.tensor([17, 999, 500]))
+    with torch.no_grad():
+        ours = training_loss(family, components, family.objective(cfg, components), batch, draw)
+        # the step of diffusers' examples/controlnet/train_controlnet(_sdxl).py
+        noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+        noisy = noise_scheduler.add_noise(latents, noise, draw.timesteps)
+        controlnet_image = control_u8.float() / 255.0  # transforms.ToTensor()
+        added = None
+        if kind == "sdxl":
+            added = {"text_embeds": text["pooled_prompt_embeds"],
+                     "time_ids": torch.tensor([[float(size), size, 0, 0, size, size]] * 3)}
+        reference_net = ControlNetModel.from_config(controlnet.config)
+        reference_net.load_state_dict(controlnet.state_dict())
+        down, mid = reference_net(noisy, draw.timesteps, encoder_hidden_states=text["prompt_embeds"],
+                                  controlnet_cond=controlnet_image, return_dict=False,
+                                  **({"added_cond_kwargs": added} if added else {}))
+        model_pred = components["unet"](noisy, draw.timesteps, encoder_hidden_states=text["prompt_embeds"],
+                                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                        return_dict=False, **({"added_cond_kwargs": added} if added else {}))[0]
+        reference = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        plain = family.predict(components, noisy, draw.timesteps, text, batch)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, model_pred), "the ControlNet did not change the prediction"
+
+
+# ---------------------------------------------------------------- end to end
+def edges_of(dataset: Path, target: Path, skip: int = 0) -> Path:
+    """Control images (edge maps) beside nothing of the source: one per image, the first `skip` left out."""
+    target.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(sorted(dataset.glob("*.png"))):
+        if index < skip:
+            continue
+        ImageOps.grayscale(Image.open(path)).filter(ImageFilter.FIND_EDGES).convert("RGB").save(target / path.name)
+    return target
+
+
+def controlnet_run(root: Path, model: Path, family: str, *, skip: int = 0, **options) -> Path:
+    dataset = write_dataset(root / "dataset", count=8)
+    edges = edges_of(dataset, root / "edges", skip)
+    config = write_run(root, model, family, dataset=dataset, controlnet=True, train_batch_size=2, **options)
+    backends = json.loads((root / "multidatabackend.json").read_text())
+    backends[0]["conditioning_data"] = "edges"
+    backends.insert(1, {"id": "edges", "dataset_type": "conditioning", "conditioning_type": "controlnet",
+                        "instance_data_dir": str(edges), "caption_strategy": "instanceprompt",
+                        "instance_prompt": "edges", "resolution": backends[0]["resolution"],
+                        "resolution_type": "pixel_area"})
+    (root / "multidatabackend.json").write_text(json.dumps(backends))
+    return config
+
+
+def _sample(pipeline, control: Image.Image, size: int) -> np.ndarray:
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline("a red circle", image=control, width=size, height=size, num_inference_steps=2,
+                    output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.slow
+def test_sd1x_full_controlnet_trains_exports_and_steers_the_pipeline(tmp_path, tiny_model):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type="full", max_train_steps=2,
+                            checkpointing_steps=2, validation_steps=2, learning_rate=1e-3)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    assert sorted(metrics(output)) == [1, 2]
+    validation = output / "validation" / "step-2"
+    assert list(validation.glob("*-control.png")) and list(validation.glob("*-0.png"))
+    controlnet = ControlNetModel.from_pretrained(output / "controlnet")
+    base = StableDiffusionPipeline.from_pretrained(tiny_model("sd1x"))
+    # the base UNet stayed frozen: the ControlNet is all that trained
+    untouched = ControlNetModel.from_unet(base.unet)
+    assert any(not torch.equal(p, dict(controlnet.named_parameters())[k]) for k, p in untouched.named_parameters())
+    pipeline = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    edges = sorted((tmp_path / "edges").glob("*.png"))
+    one, other = Image.open(edges[0]).resize((32, 32)), Image.open(edges[1]).resize((32, 32))
+    first, second = _sample(pipeline, one, 32), _sample(pipeline, other, 32)
+    assert np.isfinite(first).all() and not np.array_equal(first, second), "the control image changed nothing"
+
+
+@pytest.mark.slow
+def test_sdxl_controlnet_lora_exports_a_loadable_lora_and_a_fused_controlnet(tmp_path, tiny_model):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    config = controlnet_run(tmp_path, tiny_model("sdxl"), "sdxl", model_type="lora", max_train_steps=2,
+                            checkpointing_steps=2, validation_steps=2, learning_rate=1e-2)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    lora = output / "pytorch_lora_weights.safetensors"
+    with safe_open(str(lora), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert keys and all(key.startswith("controlnet.") and ".lora_" in key for key in keys)
+    assert (output / "checkpoints").exists() or any(output.glob("checkpoint*"))
+    fused = ControlNetModel.from_pretrained(output / "controlnet")
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"))
+    adapted = ControlNetModel.from_unet(base.unet)
+    adapted.load_lora_adapter(str(lora), prefix="controlnet")
+    pipeline = StableDiffusionXLControlNetPipeline(**base.components, controlnet=adapted)
+    pipeline_fused = StableDiffusionXLControlNetPipeline(**base.components, controlnet=fused)
+    control = Image.open(sorted((tmp_path / "edges").glob("*.png"))[0]).resize((64, 64))
+    with torch.no_grad():
+        from_lora, from_fused = _sample(pipeline, control, 64), _sample(pipeline_fused, control, 64)
+    np.testing.assert_allclose(from_lora, from_fused, atol=1e-4)
+    other = Image.open(sorted((tmp_path / "edges").glob("*.png"))[3]).resize((64, 64))
+    assert not np.array_equal(from_fused, _sample(pipeline_fused, other, 64)), "the control image changed nothing"
+
+
+@pytest.mark.slow
+def test_resume_with_a_conditioning_dataset_is_exact(tmp_path, tiny_model):
+    model = tiny_model("sd1x")
+    whole = controlnet_run(tmp_path / "whole", model, "sd1x", model_type="lora", max_train_steps=4,
+                           checkpointing_steps=2, validation_steps=100, disable_validation=True)
+    assert main(["train", str(whole)]) == 0
+    parts = controlnet_run(tmp_path / "parts", model, "sd1x", model_type="lora", max_train_steps=2,
+                           checkpointing_steps=2, validation_steps=100, disable_validation=True)
+    assert main(["train", str(parts)]) == 0
+    assert main(["train", str(parts), "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]) == 0
+    expected, resumed = metrics(tmp_path / "whole" / "output"), metrics(tmp_path / "parts" / "output")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.slow
+def test_an_image_without_a_control_image_is_a_counted_skip(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", skip=2, max_train_steps=1, disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "no conditioning image: 2" in out or "2 no conditioning image" in out or (
+        "no conditioning image" in out and "shapes-0000" in out), out
+
+
+def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("pixart_sigma"), "pixart_sigma", max_train_steps=1)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "'pixart_sigma' has no ControlNet" in err and "sd1x" in err and "sdxl" in err
+
+
+def test_an_image_dataset_without_a_conditioning_dataset_exits_2(tmp_path, tiny_model, capsys):
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=4, controlnet=True, max_train_steps=1)
+    assert main(["train", str(config)]) == 2
+    assert "'shapes'" in capsys.readouterr().err
+
+
+def test_pairs_whose_aspect_ratios_differ_exit_2_naming_them(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1)
+    name = sorted((tmp_path / "edges").glob("*.png"))[0]
+    Image.open(name).resize((64, 16)).save(name)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert name.name in err and "aspect" in err
+
+
+def test_the_source_folders_are_not_written(tmp_path, tiny_model):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1, disable_validation=True)
+    before = {p: p.stat().st_mtime_ns for folder in ("dataset", "edges") for p in (tmp_path / folder).rglob("*")}
+    assert main(["train", str(config)]) == 0
+    after = {p: p.stat().st_mtime_ns for folder in ("dataset", "edges") for p in (tmp_path / folder).rglob("*")}
+    assert before == after
