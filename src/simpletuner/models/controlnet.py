@@ -96,3 +96,16 @@ def conditioning_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
     if 2 ** steps != vae_scale_factor or steps + 1 > len(channels):
         raise UserError(f"ControlNet: a VAE scale factor of {vae_scale_factor} is not a power of two up to 32")
     return channels[: steps + 1]
+
+
+CONTROL_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+
+
+def controlnet_lora_targets(controlnet: nn.Module, denoiser_targets: list[str]) -> list[str]:
+    """LoRA targets on a ControlNet: the family's denoiser targets, plus every convolution of the control layers
+    (the control-image embedding and the zero convolutions), without which the residuals would stay zero."""
+    from torch import nn as torch_nn
+
+    control = [name for name, module in controlnet.named_modules()
+               if isinstance(module, torch_nn.Conv2d) and name.startswith(CONTROL_LAYERS)]
+    return [*denoiser_targets, *control]

@@ -11,9 +11,10 @@
 - merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
 - ControlNet (controlnet=true): output_dir/controlnet/, the ControlNet's `save_pretrained` folder that
   `ControlNetModel.from_pretrained` loads for the family's ControlNet pipeline; under a LoRA that folder
-  holds the ControlNet with the LoRA fused in, and output_dir/pytorch_lora_weights.safetensors holds the
-  LoRA itself (`controlnet.<module>.lora_A.weight`, ...), which `controlnet.load_lora_adapter(file,
-  prefix="controlnet")` loads onto the untrained ControlNet. Checkpoints keep the same LoRA file.
+  holds the ControlNet with the LoRA fused in, output_dir/pytorch_lora_weights.safetensors holds the
+  LoRA itself (`controlnet.<module>.lora_A.weight`, ...), and output_dir/controlnet_base/ the ControlNet the
+  LoRA trained on (a ControlNet made from the denoiser has freshly initialised control-image layers), onto
+  which `load_lora_adapter(file, prefix="controlnet")` loads it. Checkpoints keep the same LoRA file.
 With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold).
 """
 
@@ -163,6 +164,7 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
 
 # ---------------------------------------------------------------------------- ControlNet
 CONTROLNET_FOLDER = "controlnet"
+CONTROLNET_BASE_FOLDER = "controlnet_base"  # under a LoRA: the ControlNet the LoRA applies to
 
 
 def export_controlnet(trained: Trained, output_dir: Path, metadata: Mapping[str, str]) -> list[Path]:
@@ -174,7 +176,9 @@ def export_controlnet(trained: Trained, output_dir: Path, metadata: Mapping[str,
     model = trained.model
     if trained.kind == "lora":
         written.append(write_controlnet_lora(model, output_dir, metadata))
-        model = fused_copy(model)
+        plain_copy(model, merge=False).save_pretrained(output_dir / CONTROLNET_BASE_FOLDER, safe_serialization=True)
+        written.append(output_dir / CONTROLNET_BASE_FOLDER)
+        model = plain_copy(model, merge=True)
     model.save_pretrained(output_dir / CONTROLNET_FOLDER, safe_serialization=True)
     return [output_dir / CONTROLNET_FOLDER, *written]
 
@@ -197,8 +201,9 @@ def write_controlnet_lora(model: Any, directory: Path, metadata: Mapping[str, st
     return save_file_atomic(weights, Path(directory) / LORA_WEIGHTS, header)
 
 
-def fused_copy(model: Any) -> Any:
-    """A copy of a peft-adapted model with its adapter fused into the weights and no adapter layers left."""
+def plain_copy(model: Any, merge: bool) -> Any:
+    """A copy of a peft-adapted model without adapter layers: the adapter fused into the weights (`merge`), or
+    left out (the weights it trained on)."""
     import copy
 
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -206,11 +211,11 @@ def fused_copy(model: Any) -> Any:
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            module.merge(safe_merge=True)
+            if merge:
+                module.merge(safe_merge=True)
             parent, _, child = name.rpartition(".")
             setattr(plain.get_submodule(parent) if parent else plain, child, module.get_base_layer())
-    for attribute in ("peft_config",):
-        if hasattr(plain, attribute):
-            delattr(plain, attribute)
+    if hasattr(plain, "peft_config"):
+        del plain.peft_config
     plain._hf_peft_config_loaded = False
     return plain

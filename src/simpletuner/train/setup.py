@@ -167,12 +167,13 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     if cfg.lr_scale:
         cfg = cfg.model_copy(update={"learning_rate": scaled_learning_rate(cfg, accelerator.num_processes)})
     denoiser = family.denoiser(components)
-    trains, prefix = denoiser, family.denoiser_name()
+    trains, prefix, targets = denoiser, family.denoiser_name(), family.adapter_targets(cfg)
     if cfg.controlnet:  # the ControlNet trains (full or with an adapter); the denoiser stays frozen
-        from simpletuner.models.controlnet import CONTROLNET, attach_controlnet
+        from simpletuner.models.controlnet import CONTROLNET, attach_controlnet, controlnet_lora_targets
 
         trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
-    trained = prepare_trainable(trains, cfg, family.adapter_targets(cfg), prefix=prefix,
+        targets = controlnet_lora_targets(trains, targets)
+    trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.module.to(accelerator.device)
     if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
