@@ -178,8 +178,8 @@ def test_an_image_without_a_control_image_is_a_counted_skip(tmp_path, tiny_model
     config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", skip=2, max_train_steps=1, disable_validation=True)
     assert main(["train", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "no conditioning image: 2" in out or "2 no conditioning image" in out or (
-        "no conditioning image" in out and "shapes-0000" in out), out
+    assert "2 no conditioning image (e.g. 0000.png (no 0000.* in 'edges'); 0001.png" in out, out
+    assert "shapes <-> edges (conditioning): 6 pairs" in out
 
 
 def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_model, capsys):

@@ -70,8 +70,9 @@ def scan_settings(settings: "Settings", out: TextIO) -> list[DatasetScan]:
     from simpletuner.data.pairing import find_links
 
     scans: dict[str, DatasetScan] = {}
-    partners = {link.image: link.partner for link in find_links(settings.datasets)}
-    # conditioning datasets first: an image dataset trains only the images that have their partner file
+    # a ControlNet run trains only the images that have their partner file: conditioning datasets are scanned first
+    partners = {link.image: link.partner for link in find_links(settings.datasets)} if settings.training.controlnet \
+        else {}
     for dataset in sorted(settings.datasets, key=lambda d: d.dataset_type != "conditioning"):
         if dataset.dataset_type == "text_embeds":
             continue

@@ -112,7 +112,7 @@ def paired_records(images: list["ImageRecord"], partners: list["ImageRecord"], i
     by_path = {record.path: record for record in partners}
     pairing = pair_by_path([record.path for record in images], list(by_path))
     for path in pairing.unpaired_images:
-        skips.add(NO_PARTNER, 1, f"{path} (no file of that name in {partner_id!r})")
+        skips.add(NO_PARTNER, 1, f"{path} (no {_pairing_key(path)}.* in {partner_id!r})")
     kept = [record for record in images if record.path in pairing.pairs]
     wrong = []
     for record in kept:

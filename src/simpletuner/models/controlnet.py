@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 CONTROLNET = "controlnet"  # the component name, in Components and in diffusers' ControlNet pipelines
 
 
-def check_controlnet_family(family: ModelFamily) -> None:
-    """Raise UserError naming the family when it has no ControlNet."""
+def check_controlnet_family(family: ModelFamily, cfg: TrainingConfig | None = None) -> None:
+    """Raise UserError naming the family when it has no ControlNet (or the adapter cannot go on one)."""
+    if cfg is not None and cfg.model_type == "lora" and cfg.lora_type == "lycoris":
+        raise UserError("controlnet=true with lora_type='lycoris': a ControlNet trains in full (model_type='full') "
+                        "or with a LoRA (lora_type='standard')")
     if family.controlnet_loader is None:
         from simpletuner.models.registry import family_names
 

@@ -103,7 +103,7 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     if cfg.controlnet:
         from simpletuner.models.controlnet import check_controlnet_family
 
-        check_controlnet_family(family)
+        check_controlnet_family(family, cfg)
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
