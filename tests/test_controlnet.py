@@ -210,3 +210,42 @@ def test_the_source_folders_are_not_written(tmp_path, tiny_model):
     assert main(["train", str(config)]) == 0
     after = {p: p.stat().st_mtime_ns for folder in ("dataset", "edges") for p in (tmp_path / folder).rglob("*")}
     assert before == after
+
+
+# ---------------------------------------------------------------- conditioning generators
+@pytest.mark.slow
+def test_canny_generator_makes_control_images_in_the_cache_and_trains(tmp_path, tiny_model, capsys):
+    import cv2
+
+    dataset = write_dataset(tmp_path / "dataset", count=6)
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", dataset=dataset, controlnet=True, model_type="lora",
+                       max_train_steps=2, disable_validation=True)
+    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backends[0]["conditioning"] = {"type": "canny", "conditioning_type": "controlnet", "captions": ["x"]}
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    before = sorted(p.name for p in dataset.iterdir())
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "cache" / "conditioning" / "shapes" / "canny-100-200"
+    assert f"conditioning 'shapes_conditioning_canny': 6 generated, 0 kept, in {folder}" in out
+    assert "shapes <-> shapes_conditioning_canny (conditioning): 6 pairs" in out
+    assert sorted(p.name for p in dataset.iterdir()) == before  # nothing written beside the sources
+    source = np.asarray(Image.open(dataset / "0000.png").convert("L"))
+    expected = cv2.Canny(source, 100, 200)
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "0000.png"))[..., 0], expected)
+    assert expected.any()
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "again")]) == 0
+    assert "0 generated, 6 kept" in capsys.readouterr().out
+
+
+def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=4, max_train_steps=1)
+    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backends[0]["conditioning"] = [{"type": "canny"}]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    assert main(["train", str(config)]) == 2
+    assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
+    backends[0]["conditioning"] = [{"type": "depth"}]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    assert main(["train", str(config), "--controlnet", "true"]) == 2
+    assert "canny" in capsys.readouterr().err

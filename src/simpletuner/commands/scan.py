@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from simpletuner.models.registry import with_checkpoint
 
     settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
+    if any(dataset.conditioning for dataset in settings.datasets):  # conditioning: [{type: canny}]
+        from simpletuner.data.generators import generate_all, with_generated_conditioning
+
+        original, settings = settings, with_generated_conditioning(settings)
+        print("\n".join(generate_all(settings, original)))
     scan_settings(settings, sys.stdout)
     return 0
 

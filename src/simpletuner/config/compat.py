@@ -289,7 +289,6 @@ DATASET_UNSUPPORTED: dict[str, Unsupported] = {
     "image_embeds": Unsupported("latents go to the dataset's cache_dir_vae"),
     "conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
     "cache_dir_conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
-    "conditioning": Unsupported("conditioning images are not generated: add a conditioning dataset"),
     "source_dataset_id": Unsupported("link conditioning data with conditioning_data on the image dataset"),
     "ignore_epochs": Unsupported("every dataset counts towards epochs"),
     "minimum_aspect_ratio": Unsupported("aspect-ratio filters are not supported"),

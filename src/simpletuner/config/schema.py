@@ -72,6 +72,17 @@ class HuggingFaceOptions(StrictModel):
     composite_image_config: dict | None = Field(None, description="Not built: refused (grid images are not split).")
 
 
+class ConditioningGenerator(StrictModel):
+    """One entry of a dataset's `conditioning`: control images made from its images (data.generators)."""
+
+    type: Literal["canny"] = Field(description="canny: OpenCV's Canny edge map of each image.")
+    conditioning_type: Literal["controlnet"] = Field("controlnet", description="What the images feed: a ControlNet.")
+    captions: str | list[str] | None = Field(None, description="Accepted for compatibility; a control image trains "
+                                             "with its image's caption.")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: the lower hysteresis threshold.")
+    high_threshold: int = Field(200, ge=0, le=255, description="canny: the upper hysteresis threshold.")
+
+
 class DatasetConfig(StrictModel):
     """One entry of `multidatabackend.json` (or one `[[datasets]]` table in TOML)."""
 
@@ -162,6 +173,9 @@ class DatasetConfig(StrictModel):
     is_regularisation_data: bool = Field(False, description="Prior-preservation images (predicted by the "
                                          "frozen base model).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
+    conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
+                                                             "images (controlnet=true, a local dataset): e.g. "
+                                                             "[{type: canny}], written under <cache_dir>/conditioning.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
     vae_cache_clear_each_epoch: bool = Field(False, description="With random crops (crop, crop_style random): draw "
@@ -178,6 +192,11 @@ class DatasetConfig(StrictModel):
         if isinstance(data, dict) and data.get("type") == "huggingface" and "caption_strategy" not in data:
             return {**data, "caption_strategy": "huggingface"}
         return data
+
+    @field_validator("conditioning", mode="before")
+    @classmethod
+    def _one_generator(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value  # SimpleTuner also writes one as a plain object
 
     @model_validator(mode="after")
     def _check_location(self) -> "DatasetConfig":

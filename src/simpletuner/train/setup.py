@@ -96,6 +96,11 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
+    generators = settings
+    if any(dataset.conditioning for dataset in settings.datasets):  # conditioning: [{type: canny}]
+        from simpletuner.data.generators import with_generated_conditioning
+
+        settings = with_generated_conditioning(settings)
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
     check_output_dir(cfg.output_dir)
@@ -115,6 +120,12 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         set_seed(cfg.seed)
     components = family.load(cfg).to(accelerator.device)
     _configure_vae(components, cfg)
+    if generators is not settings:
+        from simpletuner.data.generators import generate_all
+
+        if accelerator.is_main_process:
+            print("\n".join(generate_all(settings, generators)), flush=True)
+        accelerator.wait_for_everyone()
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
     return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
                            Processes.from_accelerator(accelerator))
