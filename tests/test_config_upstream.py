@@ -23,7 +23,7 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 FEATURES = {
     "quantised": ("base_model_precision = 'int8-quanto': quantised base models", "quantised base models"),
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
-    "conditioning": ("unsupported: conditioning (conditioning images are not generated", "ControlNet"),
+    "conditioning": ("conditioning generators read local folders", "conditioning generators on S3 and Hugging Face"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
 }
 REFUSED = {
@@ -31,6 +31,7 @@ REFUSED = {
     "flux.peft-lora+TREAD": {"quantised", "tread"},
     "kolors.peft-lora": {"quantised"},
     "sd3.peft-lora": set(),
+    "sdxl.peft-controlnet-lora": {"conditioning"},  # as published: canny from a Hugging Face dataset
     "sdxl.lycoris-lokr": set(),
     "kontext.peft-lora": {"quantised", "conditioning", "kontext"},
     "deepfloyd-if-i-medium.peft-lora": set(),

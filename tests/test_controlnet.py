@@ -249,3 +249,39 @@ def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     assert main(["train", str(config), "--controlnet", "true"]) == 2
     assert "canny" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- SimpleTuner's example
+EXAMPLES = Path(__file__).parent / "data" / "upstream_examples"
+
+
+def _local_backends(tmp_path: Path, **changes) -> Path:
+    """multidatabackend-controlnet-1024px.json with its Hugging Face dataset replaced by a local folder."""
+    backends = json.loads((EXAMPLES / "multidatabackend-controlnet-1024px.json").read_text())
+    entry = backends[0]
+    for key in ("dataset_name", "metadata_backend"):
+        entry.pop(key)
+    entry.update(type="local", instance_data_dir=str(write_dataset(tmp_path / "minecraft", count=6)), **changes)
+    path = tmp_path / "multidatabackend.json"
+    path.write_text(json.dumps(backends))
+    return path
+
+
+@pytest.mark.slow
+def test_simpletuner_sdxl_controlnet_lora_example_checks_and_trains_with_local_data(tmp_path, tiny_model,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its cache paths are relative
+    config = str(EXAMPLES / "sdxl.peft-controlnet-lora" / "config.json")
+    assert main(["config", "check", config, "--data_backend_config", str(_local_backends(tmp_path))]) == 0
+    tiny = _local_backends(tmp_path, resolution=64, maximum_image_size=64, target_downsample_size=64,
+                           minimum_image_size=0)
+    assert main(["train", config, "--data_backend_config", str(tiny),
+                 "--pretrained_model_name_or_path", str(tiny_model("sdxl")), "--resolution", "64",
+                 "--validation_resolution", "64x64", "--validation_num_inference_steps", "2",
+                 "--validation_steps", "2", "--max_train_steps", "2",
+                 "--lora_rank", "4", "--output_dir", str(tmp_path / "output")]) == 0
+    output = tmp_path / "output"
+    assert sorted(metrics(output)) == [1, 2]
+    assert (output / "controlnet" / "config.json").is_file() and (output / "pytorch_lora_weights.safetensors").is_file()
+    assert list((output / "validation" / "step-2").glob("*-control.png"))
+    assert list((tmp_path / "cache" / "conditioning" / "controlnet-1024").glob("canny-*/*.png"))

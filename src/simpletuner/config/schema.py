@@ -202,6 +202,9 @@ class DatasetConfig(StrictModel):
     def _check_location(self) -> "DatasetConfig":
         if self.disabled or self.dataset_type == "text_embeds":
             return self
+        if self.conditioning and self.type != "local":
+            raise ValueError(f"dataset {self.id!r}: conditioning generators read local folders; type={self.type!r} "
+                             "(give a conditioning dataset through conditioning_data instead)")
         if self.type == "local" and not self.instance_data_dir:
             raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:

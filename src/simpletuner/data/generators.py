@@ -77,9 +77,6 @@ def _check(dataset: DatasetConfig, settings: Settings) -> ConditioningGenerator:
     if dataset.conditioning_data:
         raise ConfigError(f"dataset {dataset.id!r}: both conditioning (generated) and conditioning_data="
                           f"{dataset.conditioning_data!r}; keep one")
-    if dataset.type != "local":
-        raise ConfigError(f"dataset {dataset.id!r}: conditioning generators read local folders; this dataset has "
-                          f"type={dataset.type!r} (give a conditioning dataset through conditioning_data instead)")
     return dataset.conditioning[0]
 
 
