@@ -285,3 +285,25 @@ def test_simpletuner_sdxl_controlnet_lora_example_checks_and_trains_with_local_d
     assert (output / "controlnet" / "config.json").is_file() and (output / "pytorch_lora_weights.safetensors").is_file()
     assert list((output / "validation" / "step-2").glob("*-control.png"))
     assert list((tmp_path / "cache" / "conditioning" / "controlnet-1024").glob("canny-*/*.png"))
+
+
+# ---------------------------------------------------------------- ComfyUI
+@pytest.mark.parametrize("kind", ["sd1x", "sdxl"])
+def test_comfyui_maps_every_key_of_the_exported_controlnet(tmp_path, tiny_model, kind):
+    from comfy_controlnet_keys import comfy_controlnet_keys, unet_config_of
+    from safetensors.torch import load_file
+
+    from simpletuner.publish.export import export_controlnet
+    from simpletuner.train.adapters import Trained
+
+    cfg = TrainingConfig(model_family=kind, pretrained_model_name_or_path=str(tiny_model(kind)), controlnet=True)
+    family = get_family(kind)
+    controlnet = attach_controlnet(family, family.load(cfg, DTypePolicy()), cfg)
+    export_controlnet(Trained("full", controlnet, controlnet), tmp_path, {})
+    state = load_file(str(tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    config = json.loads((tmp_path / "controlnet" / "config.json").read_text())
+    mapped, leftover = comfy_controlnet_keys(state, unet_config_of(config))
+    assert leftover == [] and len(mapped) == len(state)
+    assert len(set(mapped.values())) == len(mapped)  # no two weights land on one ComfyUI key
+    assert mapped["controlnet_cond_embedding.conv_out.weight"].startswith("input_hint_block.")
+    assert any(key.startswith("label_emb.") for key in mapped.values()) == (kind == "sdxl")
