@@ -307,3 +307,80 @@ def test_comfyui_maps_every_key_of_the_exported_controlnet(tmp_path, tiny_model,
     assert len(set(mapped.values())) == len(mapped)  # no two weights land on one ComfyUI key
     assert mapped["controlnet_cond_embedding.conv_out.weight"].startswith("input_hint_block.")
     assert any(key.startswith("label_emb.") for key in mapped.values()) == (kind == "sdxl")
+
+
+# ---------------------------------------------------------------- SD3: the ControlNet takes VAE latents
+def test_sd3_loss_parity_with_diffusers_train_controlnet_sd3_step(tiny_model):
+    from diffusers import SD3ControlNetModel
+
+    cfg = TrainingConfig(model_family="sd3", pretrained_model_name_or_path=str(tiny_model("sd3")), controlnet=True,
+                         tokenizer_max_length=32)
+    family = get_family("sd3")
+    components = family.load(cfg, DTypePolicy())
+    controlnet = attach_controlnet(family, components, cfg)
+    with torch.no_grad():  # output layers no longer zero, so the ControlNet steers the transformer
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks", "pos_embed_input")):
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand((3, 3, 32, 32), generator=generator) * 2 - 1
+    control_pixels = torch.rand((3, 3, 32, 32), generator=generator) * 2 - 1
+    sigmas = torch.tensor([0.3, 0.5, 0.93])
+    with torch.no_grad():
+        mean, std = family.encode_images(components, images)
+        latents = family.latents_from_distribution(components, mean, std, torch.Generator().manual_seed(4))
+        text = family.text_outputs(components, CAPTIONS)
+        entry = family.control_entry(components, control_pixels)
+        batch = family.draw_conditioning(components, {"latents": latents, "text": text, **entry},
+                                         torch.Generator().manual_seed(9))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+        ours = training_loss(family, components, family.objective(cfg, components), batch,
+                             NoiseDraw(noise=noise, timesteps=sigmas * 1000))
+        # the step of diffusers' examples/controlnet/train_controlnet_sd3.py
+        vae = components["vae"]
+        controlnet_image = vae.encode(control_pixels).latent_dist.sample(torch.Generator().manual_seed(9))
+        controlnet_image = (controlnet_image - vae.config.shift_factor) * vae.config.scaling_factor
+        noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        reference_net = SD3ControlNetModel.from_config(controlnet.config)
+        reference_net.load_state_dict(controlnet.state_dict())
+        samples = reference_net(hidden_states=noisy, timestep=sigmas * 1000,
+                                encoder_hidden_states=text["prompt_embeds"],
+                                pooled_projections=text["pooled_prompt_embeds"], controlnet_cond=controlnet_image,
+                                return_dict=False)[0]
+        model_pred = components["transformer"](hidden_states=noisy, timestep=sigmas * 1000,
+                                               encoder_hidden_states=text["prompt_embeds"],
+                                               pooled_projections=text["pooled_prompt_embeds"],
+                                               block_controlnet_hidden_states=samples, return_dict=False)[0]
+        reference = torch.mean(((model_pred.float() - (noise - latents).float()) ** 2).reshape(3, -1), 1).mean()
+        plain = family.predict(components, noisy, sigmas * 1000, text, batch)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, model_pred), "the ControlNet did not change the prediction"
+
+
+@pytest.mark.slow
+def test_sd3_controlnet_lora_trains_and_loads_in_the_sd3_controlnet_pipeline(tmp_path, tiny_model):
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
+
+    config = controlnet_run(tmp_path, tiny_model("sd3"), "sd3", model_type="lora", max_train_steps=2,
+                            checkpointing_steps=2, validation_steps=2, learning_rate=1e-2, tokenizer_max_length=32)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    assert list((output / "validation" / "step-2").glob("*-control.png"))
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_model("sd3"))
+    adapted = SD3ControlNetModel.from_pretrained(output / "controlnet_base")
+    adapted.load_lora_adapter(str(output / "pytorch_lora_weights.safetensors"), prefix="controlnet")
+    fused = SD3ControlNetModel.from_pretrained(output / "controlnet")
+    edges = sorted((tmp_path / "edges").glob("*.png"))
+    one, other = Image.open(edges[0]).resize((32, 32)), Image.open(edges[3]).resize((32, 32))
+
+    def sample(controlnet, control):
+        pipeline = StableDiffusion3ControlNetPipeline(**base.components, controlnet=controlnet)
+        pipeline.set_progress_bar_config(disable=True)
+        torch.manual_seed(0)  # the pipeline draws the control image's latent with the global generator
+        return pipeline("a red circle", control_image=control, width=32, height=32, num_inference_steps=2,
+                        output_type="np", max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images
+
+    with torch.no_grad():
+        from_fused = sample(fused, one)
+        np.testing.assert_allclose(sample(adapted, one), from_fused, atol=1e-4)
+        assert not np.array_equal(from_fused, sample(fused, other)), "the control image changed nothing"

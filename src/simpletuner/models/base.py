@@ -151,6 +151,7 @@ class ModelFamily(ABC):
     modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
     lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
     controlnet_loader: ClassVar[str | None] = None  # "package:Class" of its ControlNet; None: it has none
+    control_latents: ClassVar[bool] = False  # its ControlNet takes VAE latents of the control image (else pixels)
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:

@@ -7,7 +7,9 @@ base's denoiser through the family's `controlnet_from_denoiser`), puts it into t
 `predict_with_controlnet` and a ControlNet pipeline; families without one are refused by name.
 
 The control image reaches the ControlNet as the family's `control_entry` says: SD 1.x/2.x and SDXL
-ControlNets take pixels in [0, 1] (as diffusers' train_controlnet.py feeds them), cached as uint8.
+ControlNets take pixels in [0, 1] (as diffusers' train_controlnet.py feeds them), cached as uint8; SD3's
+takes a VAE latent of the control image (`control_latents`), cached as the VAE's distribution and drawn
+each step, as diffusers' train_controlnet_sd3.py does.
 """
 
 from __future__ import annotations
@@ -101,14 +103,17 @@ def conditioning_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
     return channels[: steps + 1]
 
 
-CONTROL_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+# diffusers' names of the layers a ControlNet adds to its copy of the denoiser (UNet and SD3 ControlNets)
+CONTROL_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block", "controlnet_blocks",
+                  "pos_embed_input")
 
 
 def controlnet_lora_targets(controlnet: nn.Module, denoiser_targets: list[str]) -> list[str]:
     """LoRA targets on a ControlNet: the family's denoiser targets, plus every convolution of the control layers
-    (the control-image embedding and the zero convolutions), without which the residuals would stay zero."""
+    and linear layers of the control layers (the control-image embedding and the zero-initialised output
+    layers), without which the residuals would stay zero."""
     from torch import nn as torch_nn
 
     control = [name for name, module in controlnet.named_modules()
-               if isinstance(module, torch_nn.Conv2d) and name.startswith(CONTROL_LAYERS)]
+               if isinstance(module, (torch_nn.Conv2d, torch_nn.Linear)) and name.startswith(CONTROL_LAYERS)]
     return [*denoiser_targets, *control]

@@ -8,7 +8,7 @@ SD/SDXL) is cached in the conditioning dataset's latent cache under a content ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -38,8 +38,8 @@ class ControlData:
     store: TensorStore
     storage_options: dict[str, Any]
 
-    def entries(self, records: Sequence[int]) -> list[torch.Tensor]:
-        return [self.store.get(self.items[record].key)["control"] for record in records]
+    def entry(self, record: int) -> dict[str, torch.Tensor]:
+        return self.store.get(self.items[record].key)
 
 
 def partners_of(settings: Settings) -> dict[str, DatasetConfig]:
@@ -65,8 +65,15 @@ def partners_of(settings: Settings) -> dict[str, DatasetConfig]:
     return links
 
 
+def control_identity(family: ModelFamily, latent_identity: EncoderIdentity) -> EncoderIdentity:
+    """What keys control entries: pixels, or the VAE's latents of them (families with `control_latents`)."""
+    if not family.control_latents:
+        return PIXEL_IDENTITY
+    return replace(latent_identity, component="control", settings={**latent_identity.settings, "control": "vae"})
+
+
 def control_data(partner: DatasetConfig, partner_scan: DatasetScan, records: Sequence[Any], plans: Sequence[Any],
-                 indices: Sequence[int], settings: Settings) -> ControlData:
+                 indices: Sequence[int], settings: Settings, identity: EncoderIdentity) -> ControlData:
     """Control entries for the image records (their plans, in `indices` order), from the partner's files."""
     from simpletuner.cache.latents import latent_items
     from simpletuner.cache.location import storage_options_for
@@ -77,7 +84,7 @@ def control_data(partner: DatasetConfig, partner_scan: DatasetScan, records: Seq
     partner_records = {record.path: record for record in partner_scan.result.index.records()}
     pairs = pair_by_path([record.path for record in records], list(partner_records)).pairs
     matched = [partner_records[pairs[record.path]] for record in records]  # the scan kept only paired images
-    items = latent_items(partner_scan.storage.url, matched, list(plans), PIXEL_IDENTITY)
+    items = latent_items(partner_scan.storage.url, matched, list(plans), identity)
     location = latent_cache_for(partner, settings.training)
     store = TensorStore(location, storage_options=storage_options_for(location, partner))
     options = storage_options_for(partner.location(), partner if partner.type == "aws" else None)

@@ -142,11 +142,12 @@ class TrainingData:
                 sequential=hf and storage.sequential,
             )
             if dataset.id in partners:
-                from simpletuner.train.conditioning import control_data
+                from simpletuner.train.conditioning import control_data, control_identity
 
                 partner = partners[dataset.id]
                 prepared[dataset.id].control = control_data(partner, scans[partner.id], records,
-                                                            [assignment.plan(i) for i in indices], indices, settings)
+                                                            [assignment.plan(i) for i in indices], indices, settings,
+                                                            control_identity(family, vae_id))
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
         return cls(prepared, vae_id, text_id, report.getvalue())
@@ -252,7 +253,7 @@ class TrainingData:
             texts.append(data.text_store.get(text_key(caption, self.text_identity)))
             conditioning.append(family.sample_conditioning(data.plan(ref)))
             if data.control is not None:
-                conditioning[-1] = {**conditioning[-1], "control": data.control.entries([_stand_in(data, ref)])[0]}
+                conditioning[-1] = {**conditioning[-1], **data.control.entry(_stand_in(data, ref))}
         batch: dict[str, Any] = {"latent_mean": torch.stack(means), "latent_std": torch.stack(stds),
                                  "text": _stack_entries(texts)}
         if conditioning and conditioning[0]:
