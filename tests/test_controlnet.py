@@ -384,3 +384,82 @@ def test_sd3_controlnet_lora_trains_and_loads_in_the_sd3_controlnet_pipeline(tmp
         from_fused = sample(fused, one)
         np.testing.assert_allclose(sample(adapted, one), from_fused, atol=1e-4)
         assert not np.array_equal(from_fused, sample(fused, other)), "the control image changed nothing"
+
+
+# ---------------------------------------------------------------- Flux: the ControlNet takes packed VAE latents
+def test_flux_loss_parity_with_diffusers_train_controlnet_flux_step(tiny_model):
+    from diffusers import FluxControlNetModel, FluxPipeline
+
+    cfg = TrainingConfig(model_family="flux", pretrained_model_name_or_path=str(tiny_model("flux")), controlnet=True,
+                         tokenizer_max_length=32, flux_guidance_value=3.5)
+    family = get_family("flux")
+    components = family.load(cfg, DTypePolicy())
+    controlnet = attach_controlnet(family, components, cfg)
+    with torch.no_grad():  # output layers no longer zero, so the ControlNet steers the transformer
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand((3, 3, 32, 32), generator=generator) * 2 - 1
+    control = torch.rand((3, 3, 32, 32), generator=generator) * 2 - 1
+    sigmas = torch.tensor([0.3, 0.6, 0.97])
+    with torch.no_grad():
+        mean, std = family.encode_images(components, images)
+        latents = family.latents_from_distribution(components, mean, std, torch.Generator().manual_seed(4))
+        text = family.text_outputs(components, CAPTIONS)
+        batch = family.draw_conditioning(components, {"latents": latents, "text": text,
+                                                      **family.control_entry(components, control)},
+                                         torch.Generator().manual_seed(9))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+        ours = training_loss(family, components, family.objective(cfg, components), batch,
+                             NoiseDraw(noise=noise, timesteps=sigmas * 1000))
+        # the step of diffusers' examples/controlnet/train_controlnet_flux.py
+        vae, transformer = components["vae"], components["transformer"]
+        control_latents = vae.encode(control).latent_dist.sample(torch.Generator().manual_seed(9))
+        control_latents = (control_latents - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        control_image = FluxPipeline._pack_latents(control_latents, b, c, h, w)
+        noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        text_ids = torch.zeros(text["prompt_embeds"].shape[1], 3)
+        guidance = torch.tensor([3.5]).expand(b) if transformer.config.guidance_embeds else None
+        reference_net = FluxControlNetModel.from_config(controlnet.config)
+        reference_net.load_state_dict(controlnet.state_dict())
+        common = dict(hidden_states=packed, timestep=sigmas, guidance=guidance,
+                      pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=text["prompt_embeds"],
+                      txt_ids=text_ids, img_ids=image_ids, return_dict=False)
+        blocks, single = reference_net(controlnet_cond=control_image, **common)
+        prediction = transformer(controlnet_block_samples=blocks, controlnet_single_block_samples=single,
+                                 controlnet_blocks_repeat=False, **common)[0]
+        scale = family.vae_scale_factor(components)
+        prediction = FluxPipeline._unpack_latents(prediction, height=h * scale, width=w * scale, vae_scale_factor=scale)
+        reference = torch.mean(((prediction.float() - (noise - latents).float()) ** 2).reshape(b, -1), 1).mean()
+        plain = family.predict(components, noisy, sigmas * 1000, text, batch)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, prediction), "the ControlNet did not change the prediction"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["full", "lora"])
+def test_flux_controlnet_trains_and_loads_in_the_flux_controlnet_pipeline(tmp_path, tiny_model, model_type):
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
+
+    config = controlnet_run(tmp_path, tiny_model("flux"), "flux", model_type=model_type, max_train_steps=2,
+                            checkpointing_steps=2, validation_steps=2, learning_rate=1e-2, tokenizer_max_length=32)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    assert list((output / "validation" / "step-2").glob("*-control.png"))
+    base = FluxPipeline.from_pretrained(tiny_model("flux"))
+    pipeline = FluxControlNetPipeline(**base.components, controlnet=FluxControlNetModel.from_pretrained(
+        output / "controlnet"))
+    pipeline.set_progress_bar_config(disable=True)
+    edges = sorted((tmp_path / "edges").glob("*.png"))
+
+    def sample(control):
+        return pipeline("a red circle", control_image=control, width=32, height=32, num_inference_steps=2,
+                        output_type="np", max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images
+
+    with torch.no_grad():
+        first, second = sample(Image.open(edges[0]).resize((32, 32))), sample(Image.open(edges[3]).resize((32, 32)))
+    assert np.isfinite(first).all() and not np.array_equal(first, second), "the control image changed nothing"

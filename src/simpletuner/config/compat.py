@@ -141,8 +141,10 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
-    ("flux_lora_target", "controlnet"): "Flux ControlNet training is not built in this version yet",
-    ("flux_lora_target", "all+ffs+embedder+controlnet"): "Flux ControlNet training is not built in this version yet",
+    ("flux_lora_target", "controlnet"): "this ControlNet target preset is not built: a ControlNet LoRA adapts the "
+                                        "flux_lora_target layers plus the ControlNet's control layers",
+    ("flux_lora_target", "all+ffs+embedder+controlnet"): "this ControlNet target preset is not built: a ControlNet "
+                                                         "LoRA adapts the flux_lora_target layers plus its control layers",
     ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
 }
 

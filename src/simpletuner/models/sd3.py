@@ -228,7 +228,8 @@ class SD3Family(FlowMatchingFamily):
 
     def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
                           generator: torch.Generator | None = None) -> dict[str, Any]:
-        """A control latent drawn from its cached distribution and scaled, as the ControlNet pipeline does."""
+        """A control latent drawn from its cached distribution and scaled, as StableDiffusion3ControlNetPipeline
+        does."""
         batch = super().draw_conditioning(components, batch, generator)
         if "control_mean" in batch:
             batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
