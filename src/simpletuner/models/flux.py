@@ -162,7 +162,8 @@ class FluxFamily(FlowMatchingFamily):
     # ------------------------------------------------------------ training
     def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
                           generator: torch.Generator | None = None) -> dict[str, Any]:
-        """With flux_guidance_mode=random-range, a guidance value per sample ("guidance" [B])."""
+        """With flux_guidance_mode=random-range, a guidance value per sample ("guidance" [B]); in a ControlNet run,
+        the control latent drawn from its cached distribution and scaled, as FluxControlNetPipeline does."""
         batch = dict(batch)
         settings = components.settings
         if settings["guidance_mode"] == "random-range" and settings["guidance_embeds"]:
@@ -170,6 +171,9 @@ class FluxFamily(FlowMatchingFamily):
             low, high = settings["guidance_range"]
             drawn = torch.rand((latents.shape[0],), generator=generator, device=latents.device)
             batch["guidance"] = low + (high - low) * drawn
+        if "control_mean" in batch:
+            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
+                                                              batch.pop("control_std"), generator)
         return batch
 
     def guidance(self, components: Components, batch: Mapping[str, Any], size: int,
@@ -228,15 +232,6 @@ class FluxFamily(FlowMatchingFamily):
         """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
         mean, std = self.encode_images(components, pixels)
         return {"control_mean": mean.float(), "control_std": std.float()}
-
-    def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
-                          generator: torch.Generator | None = None) -> dict[str, Any]:
-        """A control latent drawn from its cached distribution and scaled, as FluxControlNetPipeline does."""
-        batch = super().draw_conditioning(components, batch, generator)
-        if "control_mean" in batch:
-            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
-                                                              batch.pop("control_std"), generator)
-        return batch
 
     def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
