@@ -5,6 +5,9 @@ ControlNet pipelines, exact resume, and bad input (exit 2 with the names)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from train_helpers import metrics, write_run
 
+import simpletuner
 from simpletuner.cli import main
 from simpletuner.config.schema import TrainingConfig
 from simpletuner.demo.dataset import write_dataset
@@ -275,11 +279,16 @@ def test_simpletuner_sdxl_controlnet_lora_example_checks_and_trains_with_local_d
     assert main(["config", "check", config, "--data_backend_config", str(_local_backends(tmp_path))]) == 0
     tiny = _local_backends(tmp_path, resolution=64, maximum_image_size=64, target_downsample_size=64,
                            minimum_image_size=0)
-    assert main(["train", config, "--data_backend_config", str(tiny),
-                 "--pretrained_model_name_or_path", str(tiny_model("sdxl")), "--resolution", "64",
-                 "--validation_resolution", "64x64", "--validation_num_inference_steps", "2",
-                 "--validation_steps", "2", "--max_train_steps", "2",
-                 "--lora_rank", "4", "--output_dir", str(tmp_path / "output")]) == 0
+    # its own process: the example's bf16 mixed precision needs a fresh accelerate state
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(simpletuner.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "simpletuner", "train", config, "--data_backend_config", str(tiny),
+                             "--pretrained_model_name_or_path", str(tiny_model("sdxl")), "--resolution", "64",
+                             "--validation_resolution", "64x64", "--validation_num_inference_steps", "2",
+                             "--validation_steps", "2", "--max_train_steps", "2", "--lora_rank", "4",
+                             "--output_dir", str(tmp_path / "output")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
     output = tmp_path / "output"
     assert sorted(metrics(output)) == [1, 2]
     assert (output / "controlnet" / "config.json").is_file() and (output / "pytorch_lora_weights.safetensors").is_file()
