@@ -30,7 +30,7 @@ CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse"]
 
 
 # ---------------------------------------------------------------- parity with diffusers' train_controlnet.py
-@pytest.mark.parametrize("kind", ["sd1x", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd1x", "sd2x", "sdxl"])
 def test_loss_parity_with_a_plain_diffusers_controlnet_step(tiny_model, kind):
     from diffusers import ControlNetModel, DDPMScheduler
 
@@ -71,7 +71,9 @@ def test_loss_parity_with_a_plain_diffusers_controlnet_step(tiny_model, kind):
         model_pred = components["unet"](noisy, draw.timesteps, encoder_hidden_states=text["prompt_embeds"],
                                         down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                         return_dict=False, **({"added_cond_kwargs": added} if added else {}))[0]
-        reference = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        target = noise_scheduler.get_velocity(latents, noise, draw.timesteps) \
+            if noise_scheduler.config.prediction_type == "v_prediction" else noise
+        reference = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
         plain = family.predict(components, noisy, draw.timesteps, text, batch)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
     assert not torch.allclose(plain, model_pred), "the ControlNet did not change the prediction"
@@ -186,11 +188,16 @@ def test_an_image_without_a_control_image_is_a_counted_skip(tmp_path, tiny_model
     assert "shapes <-> edges (conditioning): 6 pairs" in out
 
 
-def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_model, capsys):
-    config = controlnet_run(tmp_path, tiny_model("pixart_sigma"), "pixart_sigma", max_train_steps=1)
+@pytest.mark.parametrize("family", ["pixart_sigma", "kolors", "deepfloyd", "hunyuan_dit"])
+def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_model, capsys, family):
+    # refused before the model loads: any model folder will do
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_family=family, max_train_steps=1,
+                            resolution=64, validation_resolution="64")
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "'pixart_sigma' has no ControlNet" in err and "sd1x" in err and "sdxl" in err
+    assert f"model_family {family!r} has no ControlNet training in this version" in err
+    assert "takes flux, legacy, sd1x, sd2x, sd3, sdxl" in err
+    assert not (tmp_path / "output" / "checkpoints").exists()
 
 
 def test_an_image_dataset_without_a_conditioning_dataset_exits_2(tmp_path, tiny_model, capsys):
@@ -208,8 +215,9 @@ def test_pairs_whose_aspect_ratios_differ_exit_2_naming_them(tmp_path, tiny_mode
     assert name.name in err and "aspect" in err
 
 
-def test_the_source_folders_are_not_written(tmp_path, tiny_model):
-    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1, disable_validation=True)
+def test_the_source_folders_are_not_written_and_latents_on_demand_train(tmp_path, tiny_model):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=2, disable_validation=True,
+                            vae_cache_ondemand=True)
     before = {p: p.stat().st_mtime_ns for folder in ("dataset", "edges") for p in (tmp_path / folder).rglob("*")}
     assert main(["train", str(config)]) == 0
     after = {p: p.stat().st_mtime_ns for folder in ("dataset", "edges") for p in (tmp_path / folder).rglob("*")}

@@ -39,8 +39,8 @@ def check_controlnet_family(family: ModelFamily, cfg: TrainingConfig | None = No
         from simpletuner.models.registry import family_names
 
         able = [name for name in family_names() if _has_controlnet(name)]
-        raise UserError(f"controlnet=true: model_family {family.name!r} has no ControlNet here (diffusers has no "
-                        f"trainable ControlNet class for it); ControlNet training takes {', '.join(able)}")
+        raise UserError(f"controlnet=true: model_family {family.name!r} has no ControlNet training in this version; "
+                        f"ControlNet training takes {', '.join(able)}")
 
 
 def _has_controlnet(name: str) -> bool:

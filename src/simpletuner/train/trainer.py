@@ -266,7 +266,8 @@ def _validate(run: Run, step: int) -> None:
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
-    """One training image per validation size, for img2img validation (the refiner); found once."""
+    """One training image per validation size, for img2img validation (the refiner), or its control image for a
+    ControlNet; found once."""
     if run.init_images is None:
         from simpletuner.train.conditioning import control_image
         from simpletuner.train.data import training_image
