@@ -115,6 +115,9 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "fsdp_activation_checkpointing": None, "fsdp_transformer_layer_cls_to_wrap": None}),
 }
 
+# flux_lora_target's ControlNet presets (a ControlNet LoRA here has one rule for every family)
+CONTROLNET_PRESET = ("this ControlNet target preset is not built: a ControlNet LoRA adapts the flux_lora_target "
+                     "layers plus the ControlNet's control layers")
 
 # SimpleTuner spelling -> our field name (same meaning).
 ALIASES: dict[str, str] = {
@@ -141,10 +144,8 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
-    ("flux_lora_target", "controlnet"): "this ControlNet target preset is not built: a ControlNet LoRA adapts the "
-                                        "flux_lora_target layers plus the ControlNet's control layers",
-    ("flux_lora_target", "all+ffs+embedder+controlnet"): "this ControlNet target preset is not built: a ControlNet "
-                                                         "LoRA adapts the flux_lora_target layers plus its control layers",
+    ("flux_lora_target", "controlnet"): CONTROLNET_PRESET,
+    ("flux_lora_target", "all+ffs+embedder+controlnet"): CONTROLNET_PRESET,
     ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
 }
 

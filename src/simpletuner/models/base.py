@@ -79,7 +79,8 @@ class DTypePolicy:
         from simpletuner.config.schema import trains_adapter
 
         frozen = _DTYPES[cfg.base_model_default_dtype]
-        denoiser = frozen if trains_adapter(cfg) or getattr(cfg, "controlnet", False) else torch.float32  # a ControlNet run freezes it
+        frozen_denoiser = trains_adapter(cfg) or getattr(cfg, "controlnet", False)  # a ControlNet run freezes it
+        denoiser = frozen if frozen_denoiser else torch.float32
         vae = torch.float32 if cfg.vae_dtype == "default" else _DTYPES[cfg.vae_dtype]
         text = torch.float32 if cfg.train_text_encoder else frozen
         return cls(denoiser=denoiser, vae=vae, text_encoders=text)

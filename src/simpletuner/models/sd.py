@@ -120,7 +120,7 @@ def sample_with_control(sample: Any, pipeline: DiffusionPipeline, cfg: TrainingC
     """A ControlNet pipeline samples with its control image (`init_image`); other pipelines as `sample` does."""
     from simpletuner.errors import UserError
 
-    if "controlnet" not in pipeline.components:
+    if "controlnet" not in getattr(pipeline, "components", {}):  # (Kolors passes a partial of its pipeline)
         return sample(pipeline, cfg, prompt, width, height, generator, init_image)
     if init_image is None:
         raise UserError(f"ControlNet validation at {width}x{height} needs a control image of that size; the "

@@ -175,7 +175,8 @@ class SDXLFamily(ModelFamily):
     def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         """As diffusers' train_controlnet_sdxl.py: both networks take the pooled text and the time ids."""
-        added = {"text_embeds": text["pooled_prompt_embeds"], "time_ids": self.time_ids(components, noisy_latents, batch)}
+        added = {"text_embeds": text["pooled_prompt_embeds"],
+                 "time_ids": self.time_ids(components, noisy_latents, batch)}
         return unet_with_controlnet(components, noisy_latents, timesteps, text["prompt_embeds"], batch["control"],
                                     added)
 
