@@ -116,6 +116,7 @@ def test_sd1x_full_controlnet_trains_exports_and_steers_the_pipeline(tmp_path, t
 
     config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type="full", max_train_steps=2,
                             checkpointing_steps=2, validation_steps=2, learning_rate=1e-3)
+    assert main(["config", "check", str(config)]) == 0
     assert main(["train", str(config)]) == 0
     output = tmp_path / "output"
     assert sorted(metrics(output)) == [1, 2]
@@ -480,3 +481,16 @@ def test_flux_controlnet_trains_and_loads_in_the_flux_controlnet_pipeline(tmp_pa
     with torch.no_grad():
         first, second = sample(Image.open(edges[0]).resize((32, 32))), sample(Image.open(edges[3]).resize((32, 32)))
     assert np.isfinite(first).all() and not np.array_equal(first, second), "the control image changed nothing"
+
+
+@pytest.mark.slow
+def test_control_entries_are_keyed_by_content_a_changed_control_image_is_encoded_again(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1, disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    changed = sorted((tmp_path / "edges").glob("*.png"))[2]
+    ImageOps.invert(Image.open(changed).convert("RGB")).save(changed)
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "again")]) == 0
+    out = capsys.readouterr().out
+    assert "latents: 8 unique, 8 already cached, 0 encoded" in out  # the training images
+    assert "latents: 8 unique, 7 already cached, 1 encoded" in out  # the control images: one changed
