@@ -189,7 +189,7 @@ def test_an_image_without_a_control_image_is_a_counted_skip(tmp_path, tiny_model
     assert "shapes <-> edges (conditioning): 6 pairs" in out
 
 
-@pytest.mark.parametrize("family", ["pixart_sigma", "kolors", "deepfloyd", "hunyuan_dit"])
+@pytest.mark.parametrize("family", ["pixart_sigma", "kolors", "deepfloyd"])
 def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_model, capsys, family):
     # refused before the model loads: any model folder will do
     config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_family=family, max_train_steps=1,
@@ -197,7 +197,7 @@ def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_mod
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"model_family {family!r} has no ControlNet training in this version" in err
-    assert "takes flux, legacy, sd1x, sd2x, sd3, sdxl" in err
+    assert "takes flux, hunyuan_dit, legacy, sd1x, sd2x, sd3, sdxl" in err
     assert not (tmp_path / "output" / "checkpoints").exists()
 
 
@@ -494,3 +494,73 @@ def test_control_entries_are_keyed_by_content_a_changed_control_image_is_encoded
     out = capsys.readouterr().out
     assert "latents: 8 unique, 8 already cached, 0 encoded" in out  # the training images
     assert "latents: 8 unique, 7 already cached, 1 encoded" in out  # the control images: one changed
+
+
+# ---------------------------------------------------------------- Hunyuan-DiT: the ControlNet takes VAE latents
+def test_hunyuan_dit_loss_parity_with_a_plain_controlnet_step(tiny_model):
+    """diffusers has no Hunyuan-DiT ControlNet training script: the reference is the HunyuanDiTControlNetPipeline's
+    ControlNet call inside a plain DDPM v-prediction step (the pipeline's learned-variance chunk)."""
+    from diffusers import DDPMScheduler, HunyuanDiT2DControlNetModel
+
+    cfg = TrainingConfig(model_family="hunyuan_dit", pretrained_model_name_or_path=str(tiny_model("hunyuan_dit")),
+                         controlnet=True)
+    family = get_family("hunyuan_dit")
+    components = family.load(cfg, DTypePolicy())
+    controlnet = attach_controlnet(family, components, cfg)
+    with torch.no_grad():  # output layers no longer zero, so the ControlNet steers the transformer
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_blocks", "input_block")):
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    generator = torch.Generator().manual_seed(3)
+    control = torch.rand((3, 3, 32, 32), generator=generator) * 2 - 1
+    with torch.no_grad():
+        text = family.text_outputs(components, CAPTIONS)
+        latents = torch.randn(3, 4, 4, 4, generator=generator)
+        batch = family.draw_conditioning(components, {"latents": latents, "text": text,
+                                                      **family.control_entry(components, control)},
+                                         torch.Generator().manual_seed(9))
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+        timesteps = torch.tensor([17, 500, 999])
+        ours = training_loss(family, components, family.objective(cfg, components), batch,
+                             NoiseDraw(noise=noise, timesteps=timesteps))
+        vae, transformer = components["vae"], components["transformer"]
+        control_image = vae.encode(control).latent_dist.sample(torch.Generator().manual_seed(9))
+        control_image = control_image * vae.config.scaling_factor
+        scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps)
+        reference_net = HunyuanDiT2DControlNetModel.from_config(controlnet.config)
+        reference_net.load_state_dict(controlnet.state_dict())
+        inputs = family._inputs(components, transformer, noisy, timesteps, text, batch)
+        samples = reference_net(**inputs, controlnet_cond=control_image)[0]
+        prediction, _ = transformer(**inputs, controlnet_block_samples=samples)[0].chunk(2, dim=1)
+        reference = F.mse_loss(prediction.float(), target.float())
+        plain = family.predict(components, noisy, timesteps, text, batch)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(plain, prediction), "the ControlNet did not change the prediction"
+
+
+@pytest.mark.slow
+def test_hunyuan_dit_controlnet_trains_and_loads_in_its_controlnet_pipeline(tmp_path, tiny_model):
+    from diffusers import HunyuanDiT2DControlNetModel, HunyuanDiTControlNetPipeline, HunyuanDiTPipeline
+
+    config = controlnet_run(tmp_path, tiny_model("hunyuan_dit"), "hunyuan_dit", model_type="full",
+                            max_train_steps=2, checkpointing_steps=2, validation_steps=2, learning_rate=1e-2)
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    assert list((output / "validation" / "step-2").glob("*-control.png"))
+    base = HunyuanDiTPipeline.from_pretrained(tiny_model("hunyuan_dit"))
+    pipeline = HunyuanDiTControlNetPipeline(**base.components, controlnet=HunyuanDiT2DControlNetModel.from_pretrained(
+        output / "controlnet"))
+    pipeline.set_progress_bar_config(disable=True)
+    edges = sorted((tmp_path / "edges").glob("*.png"))
+
+    def sample(control):
+        torch.manual_seed(0)  # the pipeline draws the control image's latent with the global generator
+        return pipeline("a red circle", control_image=control, width=32, height=32, num_inference_steps=2,
+                        output_type="np", use_resolution_binning=False,
+                        generator=torch.Generator().manual_seed(0)).images
+
+    with torch.no_grad():
+        first, second = sample(Image.open(edges[0]).resize((32, 32))), sample(Image.open(edges[3]).resize((32, 32)))
+    assert np.isfinite(first).all() and not np.array_equal(first, second), "the control image changed nothing"

@@ -315,8 +315,9 @@ class TrainingConfig(StrictModel):
                                                                     "and PixArt models, standard LoRA: adapt the "
                                                                     "attention projections, or also the "
                                                                     "feed-forward layers.")
-    controlnet: bool = Field(False, description="Train a ControlNet (SD 1.x/2.x, SDXL, SD3, Flux) on image datasets "
-                             "paired with conditioning datasets (conditioning_data); the base model stays frozen.")
+    controlnet: bool = Field(False, description="Train a ControlNet (SD 1.x/2.x, SDXL, SD3, Flux, Hunyuan-DiT) on "
+                             "image datasets paired with conditioning datasets (conditioning_data); the base model "
+                             "stays frozen.")
     controlnet_model_name_or_path: str | None = Field(None, description="Start the ControlNet from these weights "
                                                       "(default: initialised from the base model).")
     layer_freeze_strategy: Literal["none", "bitfit"] = Field("none", description="bitfit: train only the biases "

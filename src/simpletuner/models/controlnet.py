@@ -7,8 +7,8 @@ base's denoiser through the family's `controlnet_from_denoiser`), puts it into t
 `predict_with_controlnet` and a ControlNet pipeline; families without one are refused by name.
 
 The control image reaches the ControlNet as the family's `control_entry` says: SD 1.x/2.x and SDXL
-ControlNets take pixels in [0, 1] (as diffusers' train_controlnet.py feeds them), cached as uint8; SD3's
-and Flux's take a VAE latent of the control image (`control_latents`), cached as the VAE's distribution
+ControlNets take pixels in [0, 1] (as diffusers' train_controlnet.py feeds them), cached as uint8; SD3's,
+Flux's and Hunyuan-DiT's take a VAE latent of the control image (`control_latents`), cached as the VAE's distribution
 and drawn each step, as diffusers' train_controlnet_sd3.py and train_controlnet_flux.py do.
 """
 
@@ -103,9 +103,9 @@ def conditioning_embedding_channels(vae_scale_factor: int) -> tuple[int, ...]:
     return channels[: steps + 1]
 
 
-# diffusers' names of the layers a ControlNet adds to its copy of the denoiser (UNet, SD3 and Flux ControlNets)
+# diffusers' names of the layers a ControlNet adds to its copy of the denoiser (UNet, SD3, Flux, Hunyuan-DiT)
 CONTROL_LAYERS = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block", "controlnet_blocks",
-                  "pos_embed_input", "controlnet_single_blocks", "controlnet_x_embedder")
+                  "pos_embed_input", "controlnet_single_blocks", "controlnet_x_embedder", "input_block")
 
 
 def controlnet_lora_targets(controlnet: nn.Module, denoiser_targets: list[str]) -> list[str]:
