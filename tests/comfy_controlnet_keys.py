@@ -33,8 +33,10 @@ UNET_MAP_RESNET = {
     "out_layers.0.weight": "norm2.weight", "out_layers.0.bias": "norm2.bias",
 }
 UNET_MAP_BASIC = {
-    ("label_emb.0.0.weight", "class_embedding.linear_1.weight"), ("label_emb.0.0.bias", "class_embedding.linear_1.bias"),
-    ("label_emb.0.2.weight", "class_embedding.linear_2.weight"), ("label_emb.0.2.bias", "class_embedding.linear_2.bias"),
+    ("label_emb.0.0.weight", "class_embedding.linear_1.weight"),
+    ("label_emb.0.0.bias", "class_embedding.linear_1.bias"),
+    ("label_emb.0.2.weight", "class_embedding.linear_2.weight"),
+    ("label_emb.0.2.bias", "class_embedding.linear_2.bias"),
     ("label_emb.0.0.weight", "add_embedding.linear_1.weight"), ("label_emb.0.0.bias", "add_embedding.linear_1.bias"),
     ("label_emb.0.2.weight", "add_embedding.linear_2.weight"), ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
     ("input_blocks.0.0.weight", "conv_in.weight"), ("input_blocks.0.0.bias", "conv_in.bias"),
@@ -87,7 +89,8 @@ def unet_to_diffusers(unet_config: dict[str, Any]) -> dict[str, str]:
         mapping[f"mid_block.attentions.{i}.{b}"] = f"middle_block.1.{b}"
     for t in range(transformers_mid):
         for b in TRANSFORMER_BLOCKS:
-            mapping[f"mid_block.attentions.{i}.transformer_blocks.{t}.{b}"] = f"middle_block.1.transformer_blocks.{t}.{b}"
+            mapping[f"mid_block.attentions.{i}.transformer_blocks.{t}.{b}"] = \
+                f"middle_block.1.transformer_blocks.{t}.{b}"
     for i, n in enumerate([0, 2]):
         for b in UNET_MAP_RESNET:
             mapping[f"mid_block.resnets.{i}.{UNET_MAP_RESNET[b]}"] = f"middle_block.{n}.{b}"

@@ -564,3 +564,12 @@ def test_hunyuan_dit_controlnet_trains_and_loads_in_its_controlnet_pipeline(tmp_
     with torch.no_grad():
         first, second = sample(Image.open(edges[0]).resize((32, 32))), sample(Image.open(edges[3]).resize((32, 32)))
     assert np.isfinite(first).all() and not np.array_equal(first, second), "the control image changed nothing"
+
+
+def test_a_conditioning_dataset_without_an_image_dataset_exits_2_naming_it(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1)
+    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backends.insert(2, {**backends[1], "id": "depth"})  # a second conditioning dataset nobody names
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    assert main(["train", str(config)]) == 2
+    assert "conditioning dataset(s) 'depth' are paired with no image dataset" in capsys.readouterr().err

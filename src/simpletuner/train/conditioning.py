@@ -43,7 +43,8 @@ class ControlData:
 
 
 def partners_of(settings: Settings) -> dict[str, DatasetConfig]:
-    """Image dataset id -> its conditioning dataset, for a ControlNet run; checked: every image dataset has one."""
+    """Image dataset id -> its conditioning dataset, for a ControlNet run; checked: every image dataset has one,
+    and every conditioning dataset has its image dataset."""
     from simpletuner.data.pairing import find_links
 
     by_id = {dataset.id: dataset for dataset in settings.datasets}
@@ -54,6 +55,12 @@ def partners_of(settings: Settings) -> dict[str, DatasetConfig]:
         raise ConfigError(f"controlnet=true trains on pairs: image dataset(s) {', '.join(map(repr, missing))} name no "
                           "conditioning dataset; set conditioning_data to the id of a dataset with "
                           "dataset_type='conditioning'")
+    paired = {partner.id for partner in links.values()}
+    alone = [d.id for d in settings.datasets
+             if d.dataset_type == "conditioning" and not d.disabled and d.id not in paired]
+    if alone:
+        raise ConfigError(f"conditioning dataset(s) {', '.join(map(repr, alone))} are paired with no image dataset; "
+                          "set conditioning_data on the image dataset they belong to, or disable them")
     masks = [f"{image!r} -> {partner.id!r}" for image, partner in links.items() if partner.conditioning_type == "mask"]
     if masks:
         raise ConfigError(f"controlnet=true: conditioning dataset(s) {', '.join(masks)} have conditioning_type='mask'; "
