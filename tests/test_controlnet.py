@@ -573,3 +573,25 @@ def test_a_conditioning_dataset_without_an_image_dataset_exits_2_naming_it(tmp_p
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     assert main(["train", str(config)]) == 2
     assert "conditioning dataset(s) 'depth' are paired with no image dataset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_controlnet_model_name_or_path_starts_from_a_saved_controlnet(tmp_path, tiny_model, capsys):
+    from safetensors.torch import load_file
+
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type="full", max_train_steps=1,
+                            disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    first = tmp_path / "output" / "controlnet"
+    # a run whose optimiser barely moves the weights exports what it started from (a ControlNet made from the
+    # UNet would have a freshly drawn control-image embedding instead)
+    assert main(["train", str(config), "--controlnet_model_name_or_path", str(first), "--learning_rate", "1e-30",
+                 "--output_dir", str(tmp_path / "again")]) == 0
+    saved = load_file(str(first / "diffusion_pytorch_model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert saved.keys() == again.keys()
+    assert all(torch.allclose(saved[k], again[k], rtol=0, atol=1e-20) for k in saved)
+    capsys.readouterr()
+    assert main(["train", str(config), "--controlnet_model_name_or_path", str(tmp_path / "nothing-here"),
+                 "--output_dir", str(tmp_path / "third")]) == 2
+    assert "nothing-here" in capsys.readouterr().err
