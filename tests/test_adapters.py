@@ -187,3 +187,26 @@ def test_checkpoints_restore_the_adapter(tmp_path, kind):
     assert not torch.allclose(_predict(fresh), _predict(unet))
     load_checkpoint(path, modules={"unet": restored.module}, states={})
     torch.testing.assert_close(_predict(fresh), _predict(unet), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "lycoris"])
+def test_base_model_switches_the_adapter_off_and_back_on(tmp_path, kind):
+    """Regularisation data's targets: inside base_model() the model predicts as before the adapter."""
+    unet = _unet()
+    base_output = _predict(unet)
+    cfg = _lycoris_cfg(tmp_path) if kind == "lycoris" else _cfg()
+    trained = prepare_trainable(unet, cfg, TARGETS)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.1)
+    adapted_output = _predict(unet)
+    assert not torch.allclose(adapted_output, base_output)
+    with trained.base_model():
+        torch.testing.assert_close(_predict(unet), base_output)
+    torch.testing.assert_close(_predict(unet), adapted_output)
+
+
+def test_base_model_of_full_training_is_an_error():
+    trained = prepare_trainable(_unet(), _cfg(model_type="full"), TARGETS)
+    with pytest.raises(ConfigError, match="is_regularisation_data"), trained.base_model():
+        pass

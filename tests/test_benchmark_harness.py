@@ -264,3 +264,49 @@ def test_tiny_on_cuda_with_every_lever(name):
         assert math.isfinite(result.last_loss)
     assert report.ours.host_syncs_per_step == 0  # the no_sync and prefetch levers
     assert report.reference.host_syncs_per_step > 0  # loss.item() every step
+
+
+# ---- benchmarks/memory.py --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["flux", "pixart"])
+def test_memory_extrapolation_by_block_count_matches_the_whole_model(name):
+    # at tiny size the whole model can be measured too: the extrapolation from fewer blocks must equal it
+    from benchmarks import memory
+
+    arch = ARCHITECTURES[name]
+    full, built = dict(arch.model_config(True)), memory.reduced_config(arch, True)
+    assert any(built[key] < full[key] for _, key in memory.BLOCK_LISTS[name])
+    reduced = memory._build(arch, built, "cpu")
+    whole = memory._build(arch, full, "cpu")
+    layout = memory.block_layout(arch, full, reduced)
+    assert memory.extrapolated_bytes(reduced, arch, layout) == pytest.approx(memory.tensor_bytes(whole))
+    plain, checkpointed = memory.extrapolated_activations(arch, True, 64, full, built)
+    assert 0 < checkpointed < plain
+    assert plain == pytest.approx(memory.activation_bytes(arch, full, 64, True)[0])
+
+
+def test_memory_script_prints_every_mode_and_records(tmp_path, capsys):
+    from benchmarks import memory
+
+    results = tmp_path / "RESULTS.md"
+    rows = memory.main(["--model", "flux", "--tiny", "--resolution", "64", "--record", "--results", str(results)])
+    modes = {row.mode: row for row in rows}
+    assert set(modes) == {"lora-bf16", "lora-int8", "lora-nf4", "full", "full-zero2 x2", "full-zero3/fsdp x2",
+                          "full-zero2 x8", "full-zero3/fsdp x8"}
+    assert modes["lora-int8"].parameters < modes["lora-bf16"].parameters  # quantised weights measured
+    assert modes["lora-nf4"].parameters < modes["lora-int8"].parameters
+    full, zero3 = modes["full"], modes["full-zero3/fsdp x8"]
+    assert zero3.parameters == pytest.approx(full.parameters / 8) and zero3.activations == full.activations
+    assert modes["full-zero2 x2"].parameters == full.parameters
+    assert modes["full-zero2 x2"].optimizer == pytest.approx(full.optimizer / 2)
+    out = capsys.readouterr().out
+    assert "| flux | lora-int8 |" in out and "~18 GB" in out and "<= 14 GB" in out
+    text = results.read_text()
+    assert "Training memory per family and mode" in text and "python benchmarks/memory.py" in text
+
+
+@pytest.mark.parametrize("precision", ["no_change", "int8-quanto", "nf4-bnb"])
+def test_memory_gpu_step_runs_on_cpu_at_tiny_size(precision):
+    # the step --gpu measures, run on the CPU: LoRA on the (quantised) base, backward, AdamW
+    from benchmarks import memory
+
+    assert math.isfinite(memory.lora_step("flux", 64, precision, device="cpu", tiny=True))

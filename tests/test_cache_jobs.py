@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -361,3 +362,93 @@ def test_generic_job_with_plain_work_items(tmp_path):
     assert all(len({v % 2 for v in batch}) == 1 for batch in batches)  # batches stay within a group
     assert store.get(f"{7:032x}")["v"].item() == 14
     assert isinstance(LazyCache(store, encode, load=lambda v: v, collate=list).get(items[3])["v"], torch.Tensor)
+
+
+# ---- high bit depth ---------------------------------------------------------------------------------
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from bad_inputs import gradient16, gray16_png, rgb48_png
+
+    plan = ImagePlan((64, 64), (64, 64), (0, 0, 64, 64), (64, 64))
+    expected = torch.from_numpy((gradient16() / 65535 * 255).round()).float() / 127.5 - 1
+    gray16_png(tmp_path / "gray.png")
+    pixels = load_pixels(str(tmp_path / "gray.png"), plan)
+    assert (pixels >= 1.0).float().mean() < 0.05  # Pillow's convert() alone makes 99.6% of it white
+    for channel in range(3):
+        assert torch.allclose(pixels[channel], expected, atol=1 / 127.5)
+    rgb48_png(tmp_path / "rgb.png")
+    pixels = load_pixels(str(tmp_path / "rgb.png"), plan)
+    assert torch.allclose(pixels[0], expected, atol=1 / 127.5)
+    assert torch.allclose(pixels[1], expected.flip(-1), atol=1 / 127.5)
+    half = torch.from_numpy((gradient16() // 2 / 65535 * 255).round()).float() / 127.5 - 1
+    assert torch.allclose(pixels[2], half, atol=1 / 127.5)
+
+
+def test_32_bit_integer_and_float_images_are_scaled(tmp_path):
+    from PIL import Image
+
+    from simpletuner.cache.latents import to_8bit
+
+    values = np.linspace(0, 65535, 16).reshape(4, 4)
+    assert np.asarray(to_8bit(Image.fromarray(values.astype(np.int32), "I"))).max() == 255
+    floats = to_8bit(Image.fromarray((values / 65535).astype(np.float32), "F"))
+    assert floats.mode == "L" and np.asarray(floats)[0, 0] == 0 and np.asarray(floats)[-1, -1] == 255
+
+
+def _corrupt_last_entry(store_dir) -> None:
+    (shard,) = store_dir.glob("shards/*.shard")
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0xFF  # the last entry's tensor bytes
+    shard.write_bytes(bytes(data))
+
+
+def _elsewhere(item: WorkItem, source: str) -> WorkItem:
+    """The same key, read from another file."""
+    return dataclasses.replace(item, payload=dataclasses.replace(item.payload, source=source))
+
+
+def test_lazy_cache_encodes_corrupt_entries_again(dataset, tmp_path, caplog):
+    location, records, plans = dataset
+    store = TensorStore(str(tmp_path / "cache"))
+    items = [item.work() for item in latent_items(location, records[:3], plans[:3], VAE)]
+    encoder = PoolingVAE()
+    with lazy_latents(store, encoder) as lazy:
+        good = lazy.get_many(items)
+    _corrupt_last_entry(tmp_path / "cache")
+    with caplog.at_level("WARNING"), lazy_latents(TensorStore(store.url), encoder) as lazy:
+        again = lazy.get_many(items)
+        assert len(lazy.corrupt) == 1 and encoder.samples == 4  # the one corrupt entry, encoded again
+    assert all(torch.equal(a["mean"], b["mean"]) for a, b in zip(again, good))
+    assert "checksum mismatch" in caplog.text and "cache verify --repair" in caplog.text
+
+
+def test_lazy_cache_records_failed_loads_and_stops_on_a_corrupt_entry_without_source(dataset, tmp_path):
+    from simpletuner.errors import UserError
+
+    location, records, plans = dataset
+    store = TensorStore(str(tmp_path / "cache"))
+    items = [item.work() for item in latent_items(location, records[:3], plans[:3], VAE)]
+    encoder = PoolingVAE()
+    with lazy_latents(store, encoder) as lazy:
+        lazy.get_many(items[:2])
+        missing = _elsewhere(items[2], str(tmp_path / "gone.png"))
+        assert lazy.get_many([missing, items[0]])[0] is None  # not stored: recorded, None, not retried
+        assert lazy.failed[missing.key].reason.startswith("FileNotFoundError")
+        assert not lazy.failed[missing.key].transient
+        assert lazy.get(missing) is None and encoder.samples == 2
+    assert [f["key"] for f in TensorStore(store.url).failures()] == [missing.key]
+    _corrupt_last_entry(tmp_path / "cache")
+    stored = [item for item in items[:2] if not _reads(store.url, item.key)]
+    assert len(stored) == 1
+    with lazy_latents(TensorStore(store.url), encoder) as lazy:
+        with pytest.raises(UserError, match="is corrupt .checksum mismatch.*cache verify --repair"):
+            lazy.get(_elsewhere(stored[0], str(tmp_path / "gone.png")))
+
+
+def _reads(url: str, key: str) -> bool:
+    from simpletuner.cache.store import CorruptEntry
+
+    try:
+        TensorStore(url).get(key)
+    except CorruptEntry:
+        return False
+    return True

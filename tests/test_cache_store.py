@@ -11,7 +11,7 @@ import torch
 
 from simpletuner.cache.format import MANIFEST, SHARDS, Manifest, Segment, decode_entry, encode_entry
 from simpletuner.cache.maintenance import collect_garbage, prune, repair, verify
-from simpletuner.cache.store import TensorStore
+from simpletuner.cache.store import CacheDiskFull, CorruptEntry, TensorStore
 
 
 def key(i: int) -> str:
@@ -272,3 +272,133 @@ def test_entries_round_trip_any_shapes_and_dtypes():
         assert_same(decode_entry(data, 0), tensors)
 
     round_trip()
+
+
+# ---- reads check every entry: flipped bytes, a truncated shard, a corrupt header --------------------
+def _corrupt_reads(store: TensorStore) -> dict[int, str]:
+    """{entry: reason} for every entry a fresh reader refuses."""
+    fresh = TensorStore(store.url)
+    refused = {}
+    for i in range(12):
+        try:
+            fresh.get(key(i))
+        except CorruptEntry as error:
+            assert error.key == key(i) and store.url in str(error)
+            refused[i] = error.reason
+    fresh.close()
+    return refused
+
+
+def test_reads_refuse_flipped_tensor_bytes(three_shards):
+    store, shards = three_shards
+    data = bytearray(shards[0].read_bytes())
+    data[len(data) - 10] ^= 0xFF  # inside the last entry's tensor data
+    shards[0].write_bytes(bytes(data))
+    refused = _corrupt_reads(store)
+    assert list(refused.values()) == ["checksum mismatch"]
+
+
+def test_reads_refuse_a_truncated_shard(three_shards):
+    store, shards = three_shards
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    refused = _corrupt_reads(store)
+    assert len(refused) == 2 and all("ends" in reason for reason in refused.values())
+    shards[1].write_bytes(b"")  # emptied: no mmap at all
+    assert len(_corrupt_reads(store)) == 4
+
+
+def test_reads_refuse_a_corrupt_entry_header(three_shards):
+    store, shards = three_shards
+    data = bytearray(shards[2].read_bytes())
+    data[12:20] = b"}}}}}}}}"  # inside the first entry's JSON header
+    shards[2].write_bytes(bytes(data))
+    assert list(_corrupt_reads(store).values()) == ["checksum mismatch"]
+
+
+def test_reads_refuse_a_deleted_shard(three_shards):
+    store, shards = three_shards
+    shards[2].unlink()
+    assert set(_corrupt_reads(store).values()) == {"shard missing"}
+
+
+# ---- disk full while writing a shard -----------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root, where mounting is permitted); None otherwise."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    yield folder if mounted else None
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def _big(i: int) -> dict:
+    return {"x": torch.full((64, 1024), float(i))}  # 256 KiB
+
+
+def _small(i: int) -> dict:
+    return {"x": torch.full((64, 256), float(i))}  # 64 KiB
+
+
+def test_disk_full_while_writing_a_shard(small_disk):
+    if small_disk is None:
+        pytest.skip("mounting a tmpfs is not permitted here (see the RLIMIT_FSIZE test below)")
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * 700_000)  # the disk is mostly full already
+    store = TensorStore(str(small_disk / "cache"))
+    with pytest.raises(CacheDiskFull) as caught:
+        with store.writer("w", shard_entries=2) as writer:
+            for i in range(8):  # 512 KiB into about 300 KiB
+                writer.put(key(i), _small(i))
+    message = str(caught.value)
+    assert "No space left on device" in message and "run again" in message and "\n" not in message
+    store.refresh()
+    kept = len(store)
+    assert 0 < kept < 8 and verify(store).ok  # committed shards are whole; the partial one is gone
+    assert not [name for name in os.listdir(small_disk / "cache" / SHARDS) if name.startswith(".")]
+    filler.unlink()  # space is freed: a rerun adds only what is missing
+    missing = [i for i in range(8) if key(i) not in store]
+    assert len(missing) == 8 - kept
+    with store.writer("w", shard_entries=2) as writer:
+        for i in missing:
+            writer.put(key(i), _small(i))
+    store.refresh()
+    assert len(store) == 8 and verify(store).ok
+    for i in range(8):
+        assert torch.equal(store.get(key(i))["x"], _small(i)["x"])
+    store.close()
+
+
+def test_file_size_limit_while_writing_a_shard(tmp_path):
+    """RLIMIT_FSIZE in a child process: EFBIG is reported like a full disk; the store stays valid and
+    a rerun without the limit resumes (adds only what is missing)."""
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        from simpletuner.cache.store import TensorStore, CacheDiskFull
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+        store = TensorStore({str(tmp_path / "c")!r})
+        try:
+            with store.writer("w", shard_entries=2) as writer:
+                for i in range(8):
+                    writer.put(f"{{i:032x}}", {{"x": torch.full((64, 256 if i < 4 else 1024), float(i))}})
+        except CacheDiskFull as error:
+            print(error)
+            sys.exit(2)
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 2, child.stderr
+    assert "File too large" in child.stdout and "Traceback" not in child.stderr, child.stdout + child.stderr
+    store = TensorStore(str(tmp_path / "c"))
+    assert len(store) == 4 and verify(store).ok  # the two shards of small entries; the big one is gone
+    missing = [i for i in range(8) if key(i) not in store]
+    assert missing == [4, 5, 6, 7]
+    with store.writer("w") as writer:
+        for i in missing:
+            writer.put(key(i), _big(i))
+    store.refresh()
+    assert len(store) == 8 and verify(store).ok
+    assert torch.equal(store.get(key(0))["x"], torch.zeros(64, 256))

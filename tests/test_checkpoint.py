@@ -163,10 +163,12 @@ def test_a_failed_save_leaves_earlier_checkpoints_and_is_cleaned_later(tmp_path)
     def crash(folder: Path) -> None:
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write checkpoint step-000002 .*: disk full") as caught:
         run.save(tmp_path, 2, cfg, total_limit=1, write_extra=crash)
-    assert (tmp_path / "checkpoints" / ".tmp-step-000002").is_dir()
+    assert "step-000001 is intact" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "checkpoints" / ".tmp-step-000002").exists()  # the half-written folder is gone
     assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoints" / "step-000001"
+    (tmp_path / "checkpoints" / ".tmp-step-000002").mkdir()  # as a kill -9 mid-save leaves it
     run.save(tmp_path, 3, cfg, total_limit=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003"]
 

@@ -20,12 +20,17 @@ GOOD = {
 }
 
 
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c49444154789c63f8cf"
+                    "c0000003010100c9fe92ef0000000049454e44ae426082")  # a 1x1 red PNG
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "simpletuner", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def _setup(tmp_path, options=None, datasets=None):
     (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / "a.png").write_bytes(PNG)
     datasets = datasets if datasets is not None else [
         {"id": "photos", "type": "local", "instance_data_dir": "images", "resolution": 512,
          "caption_strategy": "textfile"},
@@ -132,12 +137,12 @@ def test_missing_parquet_and_filter_files_are_reported(tmp_path):
 
 def test_conditioning_pairs_and_unpaired_conditioning_is_noted(tmp_path):
     (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a.png").write_bytes(PNG)
     entries = [{"id": "photos", "instance_data_dir": "images", "conditioning_data": "masks"},
                {"id": "masks", "instance_data_dir": "masks", "dataset_type": "conditioning", "conditioning_type": "mask"},
                {"id": "edges", "instance_data_dir": "masks", "dataset_type": "conditioning"}]
     report = check_settings(load_settings(_setup(tmp_path, datasets=entries)))
-    # pairing resolves; training on conditioning is not built yet, which check says up front
-    assert len(report.problems) == 1 and "dataset 'photos': conditioning_data = 'masks'" in report.problems[0]
-    assert "not implemented in this version yet" in report.problems[0]
+    # pairing resolves; a mask partner trains with masked loss, so nothing is refused
+    assert not any("conditioning_data" in problem for problem in report.problems), report.problems
     assert any("'edges' is paired with no image dataset" in note for note in report.notes)
     assert not any("'masks' is paired" in note for note in report.notes)

@@ -12,7 +12,7 @@ from simpletuner.config.schema import DatasetConfig, TrainingConfig
 
 # The options of SimpleTuner's helpers/configuration/cmd_args.py (2025), plus older switches.
 SIMPLETUNER_OPTIONS = (Path(__file__).parent / "data" / "simpletuner_options.txt").read_text().split()
-TRANSLATED = {"offset_noise", "use_bitfit"} | set(FAMILY_SWITCHES)
+TRANSLATED = {"offset_noise", "use_bitfit", "ema_cpu_only"} | set(FAMILY_SWITCHES)
 
 
 def test_every_simpletuner_option_is_classified():

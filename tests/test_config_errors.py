@@ -1,8 +1,15 @@
 """Each kind of configuration mistake is a ConfigError that names the key, the value, the file and the fix."""
 
 import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+import simpletuner
 
 from simpletuner.config.compat import UNSUPPORTED
 from simpletuner.config.load import load_config, load_settings
@@ -235,3 +242,42 @@ def test_dataset_nested_parquet_problems(tmp_path):
     assert "missing required option parquet.path" in message
     assert "unknown option 'parquet.caption_colum'" in message and "did you mean caption_column" in message
     assert "--parquet" not in message  # dataset entries are not set from the command line
+
+
+# ---- the corpus: every mistake of tests/data/bad_configs.py, through the real CLI in its own process ----
+_CORPUS = runpy.run_path(str(Path(__file__).parent / "data" / "bad_configs.py"))
+_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c49444154789c63f8cf"
+                     "c0000003010100c9fe92ef0000000049454e44ae426082")  # a 1x1 red PNG
+
+
+def _write_case(root: Path, row: dict) -> Path:
+    (root / "images").mkdir()
+    (root / "images" / "a.png").write_bytes(_PNG)
+    (root / "empty").mkdir()
+    for name, text in row.get("files", {}).items():
+        (root / name).write_text(text)
+    (root / "multidatabackend.json").write_text(json.dumps(row.get("datasets", _CORPUS["GOOD_DATASETS"])))
+    if "raw" in row:
+        name, text = row["raw"]
+        (root / name).write_text(text)
+        return root / name
+    options = {**GOOD, "data_backend_config": "multidatabackend.json", "max_train_steps": 10, **row.get("options", {})}
+    (root / "config.json").write_text(json.dumps(options))
+    return root / "config.json"
+
+
+@pytest.mark.parametrize("row", _CORPUS["ROWS"], ids=[row["name"] for row in _CORPUS["ROWS"]])
+def test_bad_configuration_corpus(tmp_path, row):
+    config = _write_case(tmp_path, row)
+    code = ("import sys\n"
+            f"for name in {row.get('block', [])!r}:\n"
+            "    sys.modules[name] = None  # as if the package were not installed\n"
+            "from simpletuner.cli import main\n"
+            f"raise SystemExit(main(['config', 'check', {str(config)!r}, *{row.get('overrides', [])!r}]))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(simpletuner.__file__).parents[1])}  # these sources, from any folder
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == row.get("lines", 1), result.stderr[:3000]
+    assert result.stderr.startswith("error: ") and row["expect"] in result.stderr, result.stderr[:3000]

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from simpletuner.config.check import check_file
 from simpletuner.config.load import load_settings
@@ -17,6 +18,7 @@ BASE = {"model_family": "flux", "model_type": "lora", "max_train_steps": 10}
 
 def _files(folder: Path, options: dict, datasets: list | None = None) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64)).save(folder / "images" / "one.png")  # `config check` refuses an empty folder
     datasets = datasets if datasets is not None else [
         {"id": "pics", "type": "local", "instance_data_dir": "images"},
         {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text"},
@@ -130,9 +132,20 @@ def test_harmless_current_release_options_are_accepted(tmp_path):
     assert report.problems == []
     assert loaded.training.checkpointing_steps == 20 and loaded.training.validation_steps == 40
     ignored = " ".join(loaded.warnings)
-    for name in ("validation_disable_unconditional", "num_eval_images", "gradient_checkpointing_interval",
-                 "conditioning_multidataset_sampling"):
+    for name in ("validation_disable_unconditional", "num_eval_images", "conditioning_multidataset_sampling"):
         assert name in ignored
+    assert loaded.training.gradient_checkpointing_interval == 2  # an option of its own now
+
+
+def test_publishing_options_are_accepted(tmp_path):
+    options = {"push_to_hub": True, "hub_model_id": "me/lora", "push_checkpoints_to_hub": True,
+               "model_card_private": True, "model_card_note": "note", "model_card_safe_for_work": True,
+               "webhook_config": '{"webhook_type": "raw", "callback_url": "http://127.0.0.1:1/hook"}',
+               "webhook_reporting_interval": 10}
+    report, loaded = check_file(_files(tmp_path, {**BASE, **options}))
+    assert report.problems == []
+    assert loaded.training.push_to_hub and loaded.training.model_card_private
+    assert not any("model_card_private" in warning for warning in loaded.warnings)
 
 
 @pytest.mark.parametrize("options, phrase", [
@@ -141,7 +154,6 @@ def test_harmless_current_release_options_are_accepted(tmp_path):
     ({"fuse_qkv_projections": True}, "fuse_qkv_projections=true needs model_type 'full'"),
     ({"conditioning_multidataset_sampling": "combined"}, "combined sampling is not built"),
     ({"flux_lora_target": "controlnet"}, "this ControlNet target preset is not built"),
-    ({"push_to_hub": True, "hub_model_id": "me/lora"}, "push_to_hub = True: uploading"),
 ])
 def test_options_that_ask_for_a_feature_not_built_are_refused_by_name(tmp_path, options, phrase):
     report, _ = check_file(_files(tmp_path, {**BASE, **options}))
@@ -151,12 +163,11 @@ def test_options_that_ask_for_a_feature_not_built_are_refused_by_name(tmp_path, 
 def test_one_round_reports_training_dataset_and_unbuilt_problems_together(tmp_path):
     datasets = [{"id": "pics", "type": "local", "instance_data_dir": "missing", "crop_stlye": "center"},
                 {"id": "text", "dataset_type": "text_embeds", "default": True}]
-    report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1e-4, "base_model_precision": "int8-quanto"},
-                                  datasets))
+    report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1e-4, "validation_randomize": True}, datasets))
     text = "\n".join(report.problems)
     assert "unknown option 'learning_rat'" in text          # training options
     assert "unknown option 'crop_stlye'" in text            # the dataset file
-    assert "base_model_precision = 'int8-quanto'" in text   # a feature not built yet
+    assert "validation_randomize = True" in text              # a feature not built yet
     assert len(report.problems) == 3
 
 
@@ -184,9 +195,9 @@ def test_one_round_still_works_when_model_family_itself_is_missing_or_wrong(tmp_
 
 
 def test_options_written_as_text_are_read_as_their_field_reads_them_in_a_failing_file(tmp_path):
-    # config.env-style text values beside a bad option: "false" asks for nothing, "int8-quanto" is still refused
+    # config.env-style text values beside a bad option: "false" asks for nothing, "true" is still refused
     report, _ = check_file(_files(tmp_path, {**BASE, "learning_rat": 1, "push_to_hub": "false",
-                                             "base_model_precision": "int8-quanto"}))
+                                             "validation_randomize": "true"}))
     text = "\n".join(report.problems)
-    assert "learning_rat" in text and "base_model_precision = 'int8-quanto'" in text
+    assert "learning_rat" in text and "validation_randomize = True" in text
     assert "push_to_hub" not in text

@@ -21,19 +21,18 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 
 # A refusal: how its line starts or what it holds, and the feature's name in docs/STATUS.md's "Not built yet".
 FEATURES = {
-    "quantised": ("base_model_precision = 'int8-quanto': quantised base models", "quantised base models"),
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
     "conditioning": ("conditioning generators read local folders", "conditioning generators on S3 and Hugging Face"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
 }
 REFUSED = {
-    "flux.peft-lora": {"quantised"},
-    "flux.peft-lora+TREAD": {"quantised", "tread"},
-    "kolors.peft-lora": {"quantised"},
+    "flux.peft-lora": set(),
+    "flux.peft-lora+TREAD": {"tread"},
+    "kolors.peft-lora": set(),
     "sd3.peft-lora": set(),
     "sdxl.peft-controlnet-lora": {"conditioning"},  # as published: canny from a Hugging Face dataset
     "sdxl.lycoris-lokr": set(),
-    "kontext.peft-lora": {"quantised", "conditioning", "kontext"},
+    "kontext.peft-lora": {"conditioning", "kontext"},
     "deepfloyd-if-i-medium.peft-lora": set(),
     "quickstart-sdxl": set(),
     "quickstart-sd3": set(),
@@ -79,7 +78,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _problems(stderr: str) -> list[str]:
-    return [line[4:] for line in stderr.splitlines() if line.startswith("  - ")]
+    """The problems `config check` listed: one per "  - " line, or the one problem of "error: FILE: problem"."""
+    listed = [line[4:] for line in stderr.splitlines() if line.startswith("  - ")]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    if listed or not errors:
+        return listed
+    return [errors[-1].split(": ", 2)[-1]]
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
+from bad_inputs import broken_png
 from train_helpers import metrics, write_run
 
 import simpletuner
@@ -149,6 +150,11 @@ def test_sdxl_controlnet_lora_exports_a_loadable_lora_and_a_fused_controlnet(tmp
         keys = list(handle.keys())
     assert keys and all(key.startswith("controlnet.") and ".lora_" in key for key in keys)
     assert (output / "checkpoints").exists() or any(output.glob("checkpoint*"))
+    assert not (output / ".tmp-export").exists()  # the staged export moved into place
+    card = (output / "README.md").read_text()
+    assert "This is a ControlNet of" in card and "StableDiffusionXLControlNetPipeline.from_pretrained(" in card
+    assert "ControlNetModel.from_pretrained(" in card and "subfolder='controlnet'" in card
+    assert "load_lora_adapter" in card and "LoraLoader" not in card  # no UI LoRA file for a ControlNet
     fused = ControlNetModel.from_pretrained(output / "controlnet")
     base = StableDiffusionXLPipeline.from_pretrained(tiny_model("sdxl"))
     adapted = ControlNetModel.from_pretrained(output / "controlnet_base")
@@ -187,6 +193,33 @@ def test_an_image_without_a_control_image_is_a_counted_skip(tmp_path, tiny_model
     out = capsys.readouterr().out
     assert "2 no conditioning image (e.g. 0000.png (no 0000.* in 'edges'); 0001.png" in out, out
     assert "shapes <-> edges (conditioning): 6 pairs" in out
+
+
+def test_an_image_whose_control_image_fails_to_load_is_left_out_and_reported(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=2, disable_validation=True)
+    broken = sorted((tmp_path / "edges").glob("*.png"))[0]
+    broken_png(broken, Image.open(broken).size)  # a valid header (the scan pairs it), pixels that cannot load
+    assert main(["train", str(config)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    report = [json.loads(line) for line in (tmp_path / "output" / "skipped.jsonl").read_text().splitlines()]
+    assert [(row["path"], row["stage"]) for row in report] == [(broken.name, "cache")], report
+    assert report[0]["reason"].startswith("control image: ")
+
+
+def test_corrupt_control_entries_are_read_through_the_checks_and_encoded_again(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=1, disable_validation=True)
+    assert main(["train", str(config)]) == 0
+    shards = [path for path in (tmp_path / "cache").rglob("*.shard") if "edges" in str(path)]
+    assert shards
+    for shard in shards:
+        data = bytearray(shard.read_bytes())
+        for position in range(200, len(data), 256):
+            data[position] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "again")]) == 0
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "encoding it again" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("family", ["pixart_sigma", "kolors", "deepfloyd"])

@@ -92,6 +92,24 @@ def test_export_a_checkpoint_as_the_diffusers_file(run, tmp_path, capsys):
     _load_whole(run["model"], destination)
 
 
+def test_export_a_dora_checkpoint_for_comfyui_reproduces_the_runs_own_file(run, tmp_path, capsys):
+    """A DoRA LoRA read back from the diffusers file: export loads the base weights for dora_scale and writes
+    the very file the run wrote into the checkpoint (lora_format's default: both files)."""
+    checkpoint = run["output"] / "checkpoints" / "step-000002"
+    own = checkpoint / "shapes-lora.safetensors"
+    assert main(["export", str(checkpoint), "--output", str(tmp_path / "ui"), "--format", "comfyui"]) == 0
+    assert "as comfyui" in capsys.readouterr().out
+    exported = tmp_path / "ui" / own.name
+    assert sorted(p.name for p in (tmp_path / "ui").iterdir()) == [own.name]
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o644
+    ours, theirs = load_file(own), load_file(exported)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert sum(k.endswith(".dora_scale") for k in ours) == sum(k.endswith(".lora_magnitude_vector")
+                                                             for k in load_file(checkpoint / LORA))
+    assert _header(exported) == _header(own) and _header(own)["ss_output_name"] == "shapes-lora"
+    assert _header(own)["simpletuner.steps"] == "2" and (run["output"] / own.name).is_file()
+
+
 def test_export_an_output_as_a_merged_pipeline(run, tmp_path):
     from diffusers import DiffusionPipeline
 
@@ -121,11 +139,12 @@ def test_bad_sources_and_formats_exit_2(run, tmp_path, capsys):
         ([str(run["root"] / "dataset"), "-o", str(tmp_path / "a")], "neither a training output"),
         ([str(tmp_path / "absent"), "-o", str(tmp_path / "a")], "no such folder"),
         ([str(run["output"]), "-o", str(tmp_path / "a"), "--format", "kohya"],
-         "export format 'kohya' does not exist; accepted: diffusers, merged"),
+         "export format 'kohya' does not exist; accepted: diffusers, comfyui, merged"),
         ([str(run["output"]), "-o", str(run["root"]), "--format", "merged"], "exists and is not empty"),
     ]
     for edit, message in (({"model_type": "full"}, "is a full fine-tune"),
                           ({"lora_type": "lycoris"}, "is a LyCORIS run"),
+                          ({"lora_format": ["comfyui"]}, "the run wrote lora_format comfyui only"),
                           (None, "no pytorch_lora_weights.safetensors")):
         copy = tmp_path / f"copy-{len(cases)}" / "step-000002"
         copy.mkdir(parents=True)

@@ -222,3 +222,46 @@ def test_phone_trailers_after_a_jpeg_are_not_truncation(tmp_path):
     assert {path: result.status for path, result in results.items()} == {
         "samsung.jpg": OK, "motion.jpg": OK, "cut.jpg": TRUNCATED, "garbage_after.png": OK}
     assert (results["motion.jpg"].width, results["motion.jpg"].height) == (40, 30)
+
+
+def test_a_full_disk_while_saving_the_index_is_one_line(tmp_path):
+    """A 64 KiB tmpfs, nearly full (where mounting is permitted): DataError, nothing half-written."""
+    import subprocess
+
+    from simpletuner.data.index import save_index
+    from simpletuner.errors import DataError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        (disk / "filler").write_bytes(b"\0" * 60 * 1024)
+        n = 20_000  # about 0.5 MB of columns and paths: more than the disk has left
+        index = ImageIndex("somewhere", PathTable.from_paths([f"folder/image-{i:06d}.png" for i in range(n)]),
+                           np.arange(n, dtype=np.int64), np.zeros(n), np.full(n, 64, np.int32),
+                           np.full(n, 64, np.int32), np.zeros(n, np.uint8))
+        with pytest.raises(DataError, match="No space left on device"):
+            save_index(WritableLocation(str(disk / "index")), index)
+        assert os.listdir(disk / "index") == []  # the temporary file is gone
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_undecodable_from_its_header(tmp_path):
+    from bad_inputs import bomb_png
+
+    from simpletuner.data.index import UNDECODABLE, skipped_rows
+
+    bomb_png(tmp_path / "bomb.png")
+    storage = DatasetStorage(str(tmp_path))
+    (entry,) = storage.list_images()
+    result = read_header(storage, entry)
+    assert result.status == UNDECODABLE and (result.width, result.height) == (30000, 30000)
+    assert "900,000,000 pixels" in result.detail and "MAX_IMAGE_PIXELS" in result.detail
+    with pytest.raises(Image.DecompressionBombError):  # what Pillow would do when caching it
+        Image.open(tmp_path / "bomb.png")
+    index = ImageIndex("x", PathTable.from_paths(["bomb.png", "ok.png"]), np.zeros(2, np.int64), np.zeros(2),
+                       np.zeros(2, np.int32), np.zeros(2, np.int32), np.array([UNDECODABLE, OK], np.uint8),
+                       {0: result.detail})
+    assert list(skipped_rows(index)) == [("bomb.png", f"undecodable: {result.detail}")]

@@ -128,7 +128,7 @@ def test_every_tensor_of_the_diffusers_file_loads_at_the_trained_strength(tmp_pa
     apply_lora(denoiser, rank=4, alpha=2, use_dora=use_dora, target_modules=family.adapter_targets(cfg))
     _train_like(denoiser)
     lora = TrainedLora.from_models(type(pipeline).__name__, {name: denoiser}, {"modelspec.title": "t"})
-    [file] = write_lora_files(family, lora, tmp_path)
+    [file] = write_lora_files(family, lora, tmp_path, ["diffusers"])
     assert file == tmp_path / LORA_WEIGHTS
 
     in_file = load_file(file)
@@ -165,7 +165,7 @@ def test_pixart_keeps_peft_folder_that_peft_loads_whole(tmp_path, tiny_model):
     apply_lora(pipeline.transformer, rank=4, alpha=8, use_dora=True, target_modules=family.adapter_targets(cfg))
     _train_like(pipeline.transformer)
     lora = TrainedLora.from_models("PixArtSigmaPipeline", {"transformer": pipeline.transformer}, {"a": "b"})
-    [file] = write_lora_files(family, lora, tmp_path)
+    [file] = write_lora_files(family, lora, tmp_path, ["diffusers"])
     fresh = DiffusionPipeline.from_pretrained(tiny_model("pixart_sigma"))
     with loader_warnings() as messages:
         model = PeftModel.from_pretrained(fresh.transformer, tmp_path)
@@ -197,7 +197,7 @@ def test_file_is_0644_carries_metadata_and_reads_back(tmp_path, tiny_model):
                                        dataset_sizes={"dogs": 12}))
     apply_lora(pipeline.unet, rank=4, alpha=2, target_modules=family.adapter_targets(cfg))
     lora = TrainedLora.from_models("StableDiffusionXLPipeline", {"unet": pipeline.unet}, metadata)
-    [file] = write_lora_files(family, lora, tmp_path)
+    [file] = write_lora_files(family, lora, tmp_path, ["diffusers"])
     assert stat.S_IMODE(file.stat().st_mode) == 0o644
     assert not list(tmp_path.glob(".tmp-*"))
     with safe_open(str(file), framework="pt") as handle:
@@ -229,6 +229,9 @@ def test_format_registry_refuses_unknown_formats_and_formats_a_family_cannot_hav
     with pytest.raises(UserError, match=r"'ui' is not available for model_family 'deepfloyd'; it can have: diffusers"):
         write_lora_files(family, None, tmp_path, ["ui"], registry)
     assert check_lora_format("ui", get_family("sdxl"), registry).name == "ui"
+    with pytest.raises(UserError, match=r"'comfyui' is not available for model_family 'deepfloyd'; it can have: "
+                       r"diffusers$"):
+        check_lora_format("comfyui", family)
 
 
 def test_merged_pipeline_of_a_family_without_a_lora_loader(tmp_path, tiny_model):

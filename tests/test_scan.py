@@ -190,6 +190,29 @@ def test_find_links_checks_partners():
                     DatasetConfig(id="b", instance_data_dir="/b")])
 
 
+# ---- sources that cannot be read as they are ------------------------------------------------------
+def test_a_self_referential_symlink_is_a_skipped_entry_with_its_reason(tmp_path, pets, capsys):
+    os.symlink("loop.jpg", pets / "loop.jpg")
+    config = _config(tmp_path, f'[[datasets]]\nid = "pets"\ninstance_data_dir = "{pets}"\n')
+    assert main(["scan", config]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "unreadable" in line)
+    assert "loop.jpg" in line and "symbolic links" in line
+
+
+def test_a_tiny_image_is_named_as_enlarged_or_skipped_by_minimum_image_size(tmp_path, pets, capsys):
+    _put(pets / "dot.jpg", _jpeg(1, 1))
+    entry = f'[[datasets]]\nid = "pets"\ninstance_data_dir = "{pets}"\n'
+    unset = open(_config(tmp_path, entry)).read().replace("minimum_image_size = 128\n", "")
+    (tmp_path / "unset.toml").write_text(unset)
+    assert main(["scan", str(tmp_path / "unset.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "enlarged more than 2x" in out and "dot.jpg: 1x1 -> 256x256" in out
+    assert main(["scan", _config(tmp_path, entry)]) == 0  # minimum_image_size = 128: it is skipped instead
+    out = capsys.readouterr().out
+    assert "too small (e.g." in out and "dot.jpg" in out and "enlarged" not in out
+
+
 def test_when_no_image_is_usable_the_skipped_section_says_why(tmp_path):
     # Every image is read fine by the index but too small for the plan: the report must not say "skipped: none".
     root = tmp_path / "small"

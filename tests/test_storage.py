@@ -229,3 +229,31 @@ def test_s3_without_credentials_is_a_data_error(s3_server, monkeypatch, tmp_path
     del fields["aws_access_key_id"], fields["aws_secret_access_key"]
     with pytest.raises(DataError, match=r"cannot list s3://storage-tests/set \(NoCredentialsError"):
         DatasetStorage.from_config(DatasetConfig(id="anon", **fields)).list_images()
+
+
+# ---- text that is not UTF-8 -------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding, raw, text", [
+    ("cp1252", "a café – “quoted”".encode("cp1252"), "a café – “quoted”"),
+    ("latin-1", b"caf\xe9 \x81\x8d", "café \x81\x8d"),  # 0x81 and 0x8d are undefined in cp1252
+])
+def test_text_that_is_not_utf8_falls_back_with_a_warning_naming_the_file(tmp_path, caplog, encoding, raw, text):
+    (tmp_path / "a.txt").write_bytes(raw)
+    storage = DatasetStorage(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        assert storage.read_text("a.txt") == text
+    assert f"{tmp_path}/a.txt is not UTF-8" in caplog.text and f"read it as {encoding}" in caplog.text
+
+
+def test_utf8_text_reads_without_a_warning(tmp_path, caplog):
+    (tmp_path / "a.txt").write_bytes("\ufeffcafé ✓".encode("utf-8"))
+    with caplog.at_level("WARNING"):
+        assert DatasetStorage(str(tmp_path)).read_text("a.txt") == "café ✓"
+    assert not caplog.text
+
+
+def test_a_self_referential_symlink_is_listed_not_raised(tmp_path):
+    (tmp_path / "ok.png").write_bytes(b"x")
+    os.symlink("loop.png", tmp_path / "loop.png")
+    os.symlink("loop-dir", tmp_path / "loop-dir")
+    listing = DatasetStorage(str(tmp_path)).list_images()
+    assert [(entry.path, entry.size) for entry in listing] == [("loop.png", -1), ("ok.png", 1)]

@@ -42,3 +42,33 @@ def test_two_processes_end_with_identical_weights_having_seen_disjoint_data(tmp_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "output" / "checkpoints" / "step-000003" / "rank-00001.pt").is_file()
+
+
+def test_two_processes_leave_out_the_same_failed_images(tmp_path, tiny_model):
+    """Each rank encodes its own part; images that fail on either rank leave both ranks' epochs alike."""
+    from bad_inputs import broken_png
+
+    from simpletuner.demo.dataset import write_dataset
+
+    dataset = write_dataset(tmp_path / "dataset", count=16)
+    broken = [f"broken-{i}.png" for i in range(4)]  # ranks split keys by hash: usually each meets some
+    for name in broken:
+        broken_png(dataset / name)
+        (dataset / name).with_suffix(".txt").write_text("a broken picture\n")
+    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", dataset=dataset, max_train_steps=4,
+                       checkpointing_steps=4, disable_validation=True)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+               str(config), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    seen = {Path(path).name for r in records for batch in r["seen"] for path in batch}
+    assert seen and not seen & set(broken)
+    report = [json.loads(line) for line in (tmp_path / "output" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(row["path"] for row in report) == broken  # once each, whichever rank met it
+    weights = [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

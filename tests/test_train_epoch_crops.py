@@ -72,6 +72,32 @@ def test_later_epochs_encode_the_epochs_own_crops(tmp_path: Path, tiny_model) ->
     assert sorted(shapes.latent_store.keys()) == sorted(item.key for item in shapes.latent_items.values())
 
 
+def test_an_image_that_fails_in_a_later_epoch_is_left_out_not_substituted(tmp_path: Path, tiny_model) -> None:
+    from bad_inputs import broken_png
+
+    from simpletuner.cache.latents import load_pixels
+
+    config = _crop_each_epoch(write_run(tmp_path, tiny_model("sd1x"), "sd1x"), clear=True)
+    family, components, data = _prepared(config)
+    shapes = data.datasets["shapes"]
+    broken, good = _wide_refs(data, 1)
+    broken_png(Path(shapes.latent_items[broken.record].source), (96, 64))  # cached at epoch 0, unreadable now
+    usable, entries = data.entries([broken, good])
+    assert usable == [good]  # the failed image is left out; no sibling stands in for it
+    with torch.no_grad():
+        expected, _ = family.encode_images(components, load_pixels(shapes.latent_items[good.record].source,
+                                                                   shapes.plan(good))[None])
+    torch.testing.assert_close(entries[0]["mean"], expected[0].float(), rtol=0, atol=1e-5)
+    assert [(entry.path, entry.stage) for entry in data.skipped] == [(broken.path, "train")]
+    assert broken.record in shapes.failed
+    later, _ = data.entries(_wide_refs(data, 2))
+    assert [ref.path for ref in later] == [good.path]  # out of every later batch, with no second report
+    assert len(data.skipped) == 1
+    batch = data.batch([broken, good], family, components, random.Random(0))
+    assert batch["latent_mean"].shape[0] == 1
+    data.close()
+
+
 @pytest.mark.parametrize(("clear", "crop_style"), [(False, "random"), (True, "center")])
 def test_without_clearing_or_random_crops_every_epoch_reads_the_cache(tmp_path: Path, tiny_model, clear,
                                                                       crop_style) -> None:

@@ -55,3 +55,55 @@ def metrics(output_dir: Path) -> dict[int, float]:
     """step -> loss, from the run's metrics.jsonl."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
+
+
+def prepared_data(config: Path, on_demand: bool = False):
+    """(TrainingData cached as `train` does, family, components, a sampler over it) for a one-dataset run."""
+    from simpletuner.config.load import load_settings
+    from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
+    from simpletuner.models.registry import get_family
+    from simpletuner.train.data import TrainingData
+
+    settings = load_settings(str(config), [])
+    family = get_family(settings.training.model_family)
+    components = family.load(settings.training)
+    data = TrainingData.prepare(settings, family, components)
+    data.ensure_cached(family, components, vae_batch_size=4, progress=False, on_demand=on_demand)
+    (dataset,) = [d for d in settings.datasets if d.id in data.datasets]
+    sampler = MultiDatasetSampler.from_config(
+        settings.training, [SamplerDataset.from_config(dataset, data.datasets[dataset.id].assignment)])
+    return data, family, components, sampler
+
+
+def own_latent(data, family, components, ref):
+    """The latent mean of the sample's own image, encoded now."""
+    import torch
+
+    from simpletuner.cache.latents import load_pixels
+
+    item = data.datasets[ref.dataset_id].latent_items[ref.record]
+    pixels = load_pixels(item.source, item.plan)[None]
+    with torch.no_grad():
+        mean, _std = family.encode_images(components, pixels)
+    return mean[0].float()
+
+
+def assert_epoch_uses_own_latents(config: Path, left_out: set[str]) -> int:
+    """Two epochs of the run's batches (as `train` builds them): no left-out image appears, and every
+    sample's latent is its own image's (encoded again here). Returns how many samples were checked."""
+    import random
+
+    import torch
+
+    data, family, components, sampler = prepared_data(config)
+    checked = 0
+    for _ in range(2 * sampler.steps_in_epoch):
+        usable, entries = data.entries(next(sampler))
+        for ref, entry in zip(usable, entries):
+            assert ref.path.split("/")[-1] not in left_out, ref.path
+            assert torch.allclose(entry["mean"], own_latent(data, family, components, ref), atol=1e-5), ref.path
+            checked += 1
+        batch = data.batch(usable, family, components, random.Random(0))
+        assert torch.equal(batch["latent_mean"], torch.stack([entry["mean"] for entry in entries]))
+    data.close()
+    return checked

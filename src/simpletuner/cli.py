@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="simpletuner",
         description="Fine-tune text-to-image diffusion models.",
     )
+    from simpletuner import __version__
+
+    parser.add_argument("--version", action="version", version=f"simpletuner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -44,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    before_command = argv[: argv.index(args.command)] if args.command in argv else argv
+    if unknown := [token for token in extra if token in before_command]:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (options of a command come after its name)")
     if args.command is None:
         parser.print_help()
         return 0

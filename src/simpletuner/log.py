@@ -46,7 +46,7 @@ def setup_logging() -> None:
         root.addHandler(handler)
         root.propagate = False
     if root.level > logging.INFO:  # the libraries' own chatter follows our quiet default
-        for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
             os.environ.setdefault(variable, "error")
     loop_level = os.environ.get("SIMPLETUNER_TRAINING_LOOP_LOG_LEVEL")
     if loop_level:

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Iterator, Sequence
 
-from simpletuner.cache.store import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ENTRIES, TensorStore
+from simpletuner.cache.store import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ENTRIES, CorruptEntry, TensorStore
+from simpletuner.data.storage import is_transient
+from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
@@ -45,6 +47,7 @@ class Failure:
     key: str
     source: str
     reason: str
+    transient: bool = False  # a connection or service error (worth a later try), not a bad file
 
 
 @dataclass
@@ -176,7 +179,7 @@ def _batches(stream: Iterator[tuple], encoder: _HalvingEncoder, failed: list[Fai
         items, inputs = [], []
         for item, value, error in members:
             if error is not None:
-                failed.append(Failure(item.key, item.source, f"{type(error).__name__}: {error}"))
+                failed.append(Failure(item.key, item.source, f"{type(error).__name__}: {error}", is_transient(error)))
                 logger.warning("skipping %s: %s", item.source or item.key, error)
                 continue
             items.append(item)
@@ -262,7 +265,12 @@ class LazyCache:
     """Get-or-encode-and-put: for training without a caching pass first.
 
     A miss is encoded on the spot with `encode_fn`, stored, and returned; later
-    reads (and later runs) hit. Call `close()` (or use `with`) to commit.
+    reads (and later runs) hit. A stored entry that fails its checks (`CorruptEntry`)
+    is encoded again the same way, with a warning; if its source cannot be loaded
+    either, a `UserError` names `cache verify --repair`. An item whose `load` fails
+    is recorded in `failed` (key, source, reason), gets None, and is not tried again
+    by this cache.
+    Call `close()` (or use `with`) to commit.
     """
 
     def __init__(
@@ -279,36 +287,64 @@ class LazyCache:
         self.writer = store.writer(writer_name, shard_entries=shard_entries)
         self.hits = 0
         self.misses = 0
+        self.failed: dict[str, Failure] = {}
+        self.corrupt: dict[str, CorruptEntry] = {}  # keys whose stored entry failed its checks, encoded again
 
-    def get_many(self, items: Sequence[WorkItem]) -> list[Entry]:
-        """Entries for `items`, encoding the misses together in one batch."""
+    def _cached(self, item: WorkItem) -> Entry | None:
+        if item.key in self.writer:
+            return self.writer.get(item.key)
+        if item.key not in self.store:
+            return None
+        try:
+            return self.store.get(item.key)
+        except CorruptEntry as error:
+            logger.warning("%s; encoding it again from %s (run `simpletuner cache verify --repair CONFIG` "
+                           "to drop the bad entries)", error, item.source or "its source")
+            self.corrupt[item.key] = error
+            return None
+
+    def get_many(self, items: Sequence[WorkItem]) -> list[Entry | None]:
+        """Entries for `items` (None for those that fail to load), encoding the misses together in one batch."""
         found: dict[str, Entry] = {}
-        missing = []
+        missing: dict[str, WorkItem] = {}
         for item in items:
-            if item.key in found:
+            if item.key in found or item.key in missing or item.key in self.failed:
                 continue
-            if item.key in self.store:
-                found[item.key] = self.store.get(item.key)
-            elif item.key in self.writer:
-                found[item.key] = self.writer.get(item.key)
+            entry = self._cached(item)
+            if entry is None:
+                missing[item.key] = item
             else:
-                missing.append(item)
-        self.hits += len(items) - len(missing)
-        if missing:
-            missing = list({item.key: item for item in missing}.values())
-            self.misses += len(missing)
-            inputs = [self.load(item.payload) for item in missing]
-            for item, entry in zip(missing, split_batch(self.encode_fn(self.collate(inputs)), len(missing))):
-                self.writer.put(item.key, entry)
                 found[item.key] = entry
-        return [found[item.key] for item in items]
+        self.hits += len(found)
+        if missing:
+            self.misses += len(missing)
+            loaded, inputs = [], []
+            for item in missing.values():
+                try:
+                    inputs.append(self.load(item.payload))
+                    loaded.append(item)
+                except Exception as error:  # noqa: BLE001 - a sample that fails to load is recorded, not fatal
+                    if item.key in self.corrupt:  # nothing to encode it from again: the store must be repaired
+                        raise UserError(f"{self.corrupt[item.key]}, and its source {item.source} cannot be read "
+                                        f"({type(error).__name__}: {error}): run `simpletuner cache verify --repair "
+                                        "CONFIG` to drop the bad entries, then run again") from None
+                    self.failed[item.key] = Failure(item.key, item.source, f"{type(error).__name__}: {error}",
+                                                    is_transient(error))
+                    logger.warning("skipping %s: %s", item.source or item.key, error)
+            if loaded:
+                for item, entry in zip(loaded, split_batch(self.encode_fn(self.collate(inputs)), len(loaded))):
+                    self.writer.put(item.key, entry)
+                    found[item.key] = entry
+        return [found.get(item.key) for item in items]
 
-    def get(self, item: WorkItem) -> Entry:
+    def get(self, item: WorkItem) -> Entry | None:
         return self.get_many([item])[0]
 
     def close(self) -> None:
         self.writer.close()
         self.store.refresh()
+        if self.failed:
+            self.store.record_failures(self.writer.id, [f.__dict__ for f in self.failed.values()])
 
     def __enter__(self) -> "LazyCache":
         return self

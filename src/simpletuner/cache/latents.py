@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Sequence
 from simpletuner.cache.jobs import CacheSummary, EncodeFn, LazyCache, WorkItem, run_cache_job
 from simpletuner.cache.keys import EncoderIdentity, SourceIdentity, Transform, latent_key
 from simpletuner.data.records import ImagePlan, ImageRecord
+from simpletuner.data.storage import RetryPolicy, read_fsspec_url
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +42,7 @@ def prepare_image(image: "Image.Image", plan: ImagePlan, flip: bool = False) -> 
     from PIL import Image, ImageOps
 
     image = ImageOps.exif_transpose(image)
+    image = to_8bit(image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != tuple(plan.resized_size):
@@ -52,17 +54,38 @@ def prepare_image(image: "Image.Image", plan: ImagePlan, flip: bool = False) -> 
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def open_image(source: str | bytes | BinaryIO, storage_options: dict[str, Any] | None = None) -> "Image.Image":
-    """A fully decoded Pillow image from a local path, an fsspec URL, bytes or a file object."""
+# Single-channel modes wider than 8 bits, and the value that maps to 255. Pillow's convert() clips
+# them to 0..255 (a 16-bit image turns almost white); multi-channel 16-bit PNGs (48/64-bit RGB/RGBA)
+# already open as 8-bit RGB/RGBA (Pillow keeps the high byte of each sample).
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_8bit(image: "Image.Image") -> "Image.Image":
+    """An 8-bit grayscale image ("L") for a 16-bit, 32-bit integer or float one, scaled (not clipped).
+
+    I;16* and I are read as 0..65535 (I is how 16-bit sources often arrive), F as 0..1;
+    values outside the range are clipped. Other modes are returned unchanged.
+    """
+    import numpy as np
+    from PIL import Image
+
+    full = _FULL_SCALE.get(image.mode)
+    if full is None:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    scaled = np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, "L")
+
+
+def open_image(source: str | bytes | BinaryIO, storage_options: dict[str, Any] | None = None,
+               retry: RetryPolicy | None = None) -> "Image.Image":
+    """A fully decoded Pillow image from a local path, an fsspec URL (read with `retry`), bytes or a file object."""
     from PIL import Image
 
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     if isinstance(source, str) and "://" in source and not source.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(source, "rb", **(storage_options or {})) as f:
-            source = io.BytesIO(f.read())
+        source = io.BytesIO(read_fsspec_url(source, storage_options, retry))
     image = Image.open(source)
     image.load()  # decode now, so a truncated file fails here and is reported
     return image

@@ -111,11 +111,16 @@ class Location:
         folder, base = os.path.split(final)
         os.makedirs(folder, exist_ok=True)
         temp = os.path.join(folder, f"{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{base}")
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, final)
+        try:
+            with open(temp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            if os.path.exists(temp):
+                os.remove(temp)
+            raise
 
     def put_file_atomic(self, local_file: str, name: str) -> None:
         """Move a finished local file to `name`; the file appears whole or not at all."""

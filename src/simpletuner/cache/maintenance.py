@@ -14,7 +14,8 @@ import numpy as np
 from simpletuner.cache.format import FAILURES, MANIFEST, SEGMENT_SUFFIX, SHARD_SUFFIX, SHARDS, key_bytes, \
     parse_entry_header
 from simpletuner.cache.location import TEMP_PREFIX
-from simpletuner.cache.store import TensorStore, read_segments
+from simpletuner.cache.store import CorruptEntry, TensorStore, read_segments
+from simpletuner.errors import UserError
 
 
 @dataclass
@@ -138,7 +139,11 @@ def prune(store: TensorStore, live_keys: Iterable[str], *, rewrite_dead_fraction
     if rows_to_copy.size:
         with store.writer("prune") as writer:
             for row in rows_to_copy:
-                writer.put(m.key_at(int(row)), store._read_row(int(row)))
+                try:
+                    entry = store._read_row(int(row))
+                except CorruptEntry as error:
+                    raise UserError(f"{error}: run `simpletuner cache verify --repair` first, then prune") from None
+                writer.put(m.key_at(int(row)), entry)
         # the copies' segments are new and so survive the rewrite below
     store.close()
     _rewrite_manifest(store, keep, writer="prune")

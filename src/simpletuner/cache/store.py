@@ -24,17 +24,23 @@ Why this design:
   about 40 MB of numpy arrays.
 - Readers see the manifest as of `open`/`refresh()`; entries are immutable once
   written, so concurrent readers need no locks.
+- A reader checks each entry's length and CRC-32 (kept in the manifest) on its first
+  read of it and raises `CorruptEntry` on a mismatch; a full disk while writing is one
+  `CacheDiskFull` (a UserError), and the partial shard is deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
+import struct
 import uuid
 import zlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -43,12 +49,26 @@ from simpletuner.cache.format import (
     Segment, decode_entry, encode_entry, key_bytes,
 )
 from simpletuner.cache.location import TEMP_PREFIX, Location
+from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 
 if TYPE_CHECKING:
     import torch
 
 logger = get_logger(__name__)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class CorruptEntry(Exception):
+    """An entry whose bytes do not match its manifest row (checksum, length, header, or a missing shard)."""
+
+    def __init__(self, store: str, key: str, shard: str, reason: str):
+        super().__init__(f"cache {store}: entry {key} in {shard} is corrupt ({reason})")
+        self.store, self.key, self.shard, self.reason = store, key, shard, reason
+
+
+class CacheDiskFull(UserError):
+    """No space left (or a file size limit) while writing a cache shard or segment."""
 
 
 def read_segments(location: Location) -> tuple[list[Segment], dict[str, str]]:
@@ -102,6 +122,7 @@ class TensorStore:
             logger.warning("cache %s: ignoring unreadable manifest segment %s (%s)", self.url, name, error)
         self.segments = segments
         self.manifest = Manifest(segments)
+        self._checked_rows = np.zeros(len(self.manifest), dtype=bool)  # rows whose bytes passed their checks
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -124,12 +145,43 @@ class TensorStore:
         return self._read_row(row)
 
     def _read_row(self, row: int) -> dict[str, "torch.Tensor"]:
+        """The entry's tensors, its bytes checked against the manifest's length and CRC-32.
+
+        Raises `CorruptEntry` for a shard that is missing or too short, a checksum
+        mismatch or an unreadable header (the same checks as `cache verify`). The
+        checksum is computed on the entry's first read by this reader only: entries
+        are immutable once written, and later reads (the next epochs) skip it.
+        """
         m = self.manifest
         shard, offset, length = m.shard_names[m.shard[row]], int(m.offset[row]), int(m.length[row])
-        buffer = self._map(shard)
-        if buffer is None:
-            return decode_entry(self.location.read_range(f"{SHARDS}/{shard}", offset, offset + length), 0)
-        return decode_entry(buffer, offset)
+
+        def corrupt(reason: str) -> CorruptEntry:
+            return CorruptEntry(self.url, m.key_at(row), shard, reason)
+
+        try:
+            buffer = self._map(shard)
+            if buffer is None:
+                return self._checked(self.location.read_range(f"{SHARDS}/{shard}", offset, offset + length),
+                                     row, corrupt)
+        except FileNotFoundError:
+            raise corrupt("shard missing") from None
+        except ValueError as error:  # mmap of an emptied shard
+            raise corrupt(f"shard unreadable: {error}") from None
+        with memoryview(buffer) as whole, whole[offset : offset + length] as view:
+            return self._checked(view, row, corrupt)
+
+    def _checked(self, data: Any, row: int, corrupt: Any) -> dict[str, "torch.Tensor"]:
+        length = int(self.manifest.length[row])
+        if len(data) != length:
+            raise corrupt(f"the shard ends {length - len(data)} bytes before the entry does")
+        if not self._checked_rows[row]:
+            if zlib.crc32(data) != int(self.manifest.crc[row]):
+                raise corrupt("checksum mismatch")
+            self._checked_rows[row] = True
+        try:
+            return decode_entry(data, 0)
+        except (ValueError, TypeError, KeyError, RuntimeError, struct.error, UnicodeDecodeError) as error:
+            raise corrupt(f"unreadable entry header: {error}") from None
 
     def read_raw(self, row: int) -> bytes:
         m = self.manifest
@@ -185,7 +237,10 @@ class TensorStore:
         """Keep what a job could not encode (key, source, reason) beside the store."""
         if failures:
             data = json.dumps(list(failures), indent=1).encode()
-            self.location.write_bytes_atomic(f"{FAILURES}/{writer}.json", data)
+            try:
+                self.location.write_bytes_atomic(f"{FAILURES}/{writer}.json", data)
+            except OSError as error:  # e.g. the disk that stopped the job is full: the run's report still has them
+                logger.warning("cache %s: could not record %d failure(s): %s", self.url, len(failures), error)
 
     def failures(self) -> list[dict]:
         out: list[dict] = []
@@ -230,17 +285,22 @@ class ShardWriter:
         self._file = open(self._temp, "w+b")
 
     def put(self, key: str, tensors: Mapping[str, "torch.Tensor"]) -> None:
-        """Add one entry (a dict of named tensors) under `key`."""
+        """Add one entry (a dict of named tensors) under `key`.
+
+        On a full disk (or a file size limit) the uncommitted shard is deleted and
+        `CacheDiskFull` is raised; the shards committed before stay valid.
+        """
         raw_key = key_bytes(key)
-        if self._file is None:
-            self._open()
         pieces = encode_entry(key, tensors)
-        crc, length = 0, 0
-        self._file.seek(self._size)
-        for piece in pieces:
-            crc = zlib.crc32(piece, crc)
-            length += len(piece) if isinstance(piece, bytes) else piece.nbytes
-            self._file.write(piece)
+        with self._disk_full_guard():
+            if self._file is None:
+                self._open()
+            crc, length = 0, 0
+            self._file.seek(self._size)
+            for piece in pieces:
+                crc = zlib.crc32(piece, crc)
+                length += len(piece) if isinstance(piece, bytes) else piece.nbytes
+                self._file.write(piece)
         self._pending[key] = len(self._keys)
         self._keys.append(raw_key)
         self._offsets.append(self._size)
@@ -256,15 +316,46 @@ class ShardWriter:
     def get(self, key: str) -> dict[str, "torch.Tensor"]:
         """An entry put but not yet committed."""
         i = self._pending[key]
-        self._file.flush()
+        with self._disk_full_guard():
+            self._file.flush()
         self._file.seek(self._offsets[i])
         data = self._file.read(self._lengths[i])
         return decode_entry(data, 0)
+
+    @contextmanager
+    def _disk_full_guard(self) -> Iterator[None]:
+        """Turn 'no space left' (ENOSPC, EDQUOT, EFBIG) into one clear `CacheDiskFull`, dropping the partial shard."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            self._abandon()
+            raise CacheDiskFull(
+                f"cache {self.location.root}: {os.strerror(error.errno)} while writing a shard "
+                f"({self.committed} entries committed by this writer are kept). Free space (or move cache_dir), "
+                "then run again: it resumes from the entries already cached") from None
+
+    def _abandon(self) -> None:
+        """Delete the uncommitted shard (its entries are encoded again next time)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:  # its buffered bytes could not be written either: the file goes anyway
+                pass
+            self._file = None
+        if os.path.exists(self._temp):
+            os.remove(self._temp)
+        self._reset()
 
     def flush(self) -> None:
         """Commit the current shard: rename it into place, then write its segment."""
         if self._file is None:
             return
+        with self._disk_full_guard():
+            self._commit()
+
+    def _commit(self) -> None:
         if not self._keys:
             self._file.close()
             os.remove(self._temp)

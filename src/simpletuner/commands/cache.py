@@ -66,6 +66,9 @@ def _action_and_config(args: argparse.Namespace) -> tuple[str | None, str | None
     from simpletuner.errors import UserError
 
     if args.target in ACTIONS:
+        if args.config is None and args.overrides and not args.overrides[0].startswith("--"):
+            # `cache verify --repair CONFIG`: argparse took the flag first and left CONFIG among the overrides
+            return args.target, args.overrides.pop(0)
         return args.target, args.config
     if args.config is not None:
         raise UserError(f"simpletuner cache: unknown action {args.target!r}; actions: {', '.join(ACTIONS)} "

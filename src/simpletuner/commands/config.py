@@ -23,13 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.check import check_file
+    from simpletuner.config.load import problem_list
     from simpletuner.errors import ConfigError
     from simpletuner.log import get_logger
     from simpletuner.models.registry import flavour_problem, resolve_checkpoint
+    from simpletuner.publish.notify import publishing_problems
 
     report, loaded = check_file(args.file, getattr(args, "overrides", []) or [])
     for warning in loaded.warnings:
         get_logger(__name__).warning(warning)
+    if loaded.training is not None:
+        report.problems += publishing_problems(loaded.training)
     if problem := flavour_problem(loaded.partial_training()):
         report.problems.append(problem)
     elif loaded.training is not None and not loaded.training.pretrained_model_name_or_path:
@@ -40,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}")
     if report.problems:
-        count = f"{len(report.problems)} problems" if len(report.problems) > 1 else "a problem"
-        raise ConfigError(f"{count} in {args.file}:\n" + "\n".join(f"  - {p}" for p in report.problems))
+        raise ConfigError(problem_list(report.problems, args.file))
     print("configuration OK", file=sys.stderr)
     return 0

@@ -60,6 +60,7 @@ class DatasetScan:
     storage: "DatasetStorage | HuggingFaceStorage"  # where its images are read from
     assignment: "BucketAssignment | None" = None
     problems: list[str] = field(default_factory=list)
+    unreadable_captions: dict[int, str] = field(default_factory=dict)  # record -> why; left out of `assignment`
 
     def usable_paths(self) -> list[str]:
         """Paths of the images that train: those in a bucket, or every readable one (conditioning datasets)."""
@@ -142,14 +143,57 @@ def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO,
         print("  usable images: 0", file=out)
         return scan
     every = _combined(scan.upstream, scan.assignment.skipped)
+    _leave_out_unreadable_captions(scan, dataset, storage, files, every)
     _print_skips(every, out)
     print(f"  usable images: {len(scan.assignment)}", file=out)
+    _warn_upscaled(scan.assignment, out)
     captions, problems = _captions(dataset, storage, scan.usable_paths(), files)
     scan.problems += problems
     for line in captions:
         print(line, file=out)
     _print_buckets(scan.assignment, out)
     return scan
+
+
+UNREADABLE_CAPTION = "caption unreadable"
+UPSCALE_WARNING = 2.0  # images enlarged more than this per side are named in the report
+
+
+def _leave_out_unreadable_captions(scan: DatasetScan, dataset: "DatasetConfig", storage,
+                                   files: list["FileEntry"], every: "SkipReport") -> None:
+    """Images whose caption file exists but cannot be opened (permissions, a symlink loop) leave the
+    assignment and are counted as skipped with the reason. Local textfile datasets only: one open per file."""
+    if dataset.caption_strategy != "textfile" or dataset.only_instance_prompt or not storage.is_local:
+        return
+    captions = {entry.path[:-4] for entry in files if entry.path.endswith(".txt") and entry.size != 0}
+    assignment = scan.assignment
+    for record in assignment.order.tolist():
+        stem = assignment.records[record].path.rsplit(".", 1)[0]
+        if stem not in captions:
+            continue
+        problem = _unopenable(storage.local_path(stem + ".txt"))
+        if problem:
+            scan.unreadable_captions[record] = f"caption file {stem}.txt unreadable: {problem}"
+            every.add(UNREADABLE_CAPTION, 1, f"{assignment.records[record].path}: {problem}")
+    if scan.unreadable_captions:
+        scan.assignment, _emptied = assignment.without(scan.unreadable_captions)
+
+
+def _unopenable(path: str) -> str | None:
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # non-blocking: a FIFO must not hang the scan
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror or error}"
+    return None
+
+
+def _warn_upscaled(assignment: "BucketAssignment", out: TextIO) -> None:
+    count, examples = assignment.upscaled(UPSCALE_WARNING)
+    if count:
+        print(f"  warning:       {count} image(s) enlarged more than {UPSCALE_WARNING:g}x per side to fit their "
+              f"bucket (e.g. {'; '.join(examples)}); set minimum_image_size to skip small images", file=out)
 
 
 def _extension(path: str) -> str:

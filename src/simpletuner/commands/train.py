@@ -21,9 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from simpletuner.config.load import load_settings
     from simpletuner.models.registry import with_checkpoint
+    from simpletuner.publish.notify import build_events
     from simpletuner.train.trainer import train
 
     settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
-    result = train(settings)
+    result = train(settings, build_events(settings))
     print(f"trained {result.steps} steps; outputs: {', '.join(str(p) for p in result.outputs)}")
     return 0

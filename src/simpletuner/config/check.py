@@ -14,10 +14,14 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from simpletuner.config.load import Loaded, Settings, read_settings
+from simpletuner.config.packages import missing_packages
 from simpletuner.config.references import latent_cache_for, text_cache_for
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
+from simpletuner.config.quantisation import missing_libraries
 from simpletuner.config.unimplemented import unimplemented_problems
 
+# files that look like images; `scan` decides which ones really are (this only catches an empty folder)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tiff", ".tif", ".avif", ".jxl"})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -54,7 +58,9 @@ def _training_problems(training: TrainingConfig) -> list[str]:
     models = ["pretrained_model_name_or_path", "pretrained_vae_model_name_or_path",
               "pretrained_unet_model_name_or_path", "pretrained_transformer_model_name_or_path",
               "pretrained_t5_model_name_or_path", "controlnet_model_name_or_path", "init_lora"]
-    files = ["lycoris_config", "user_prompt_library", "webhook_config"]
+    files = ["lycoris_config", "user_prompt_library"]
+    if training.webhook_config and not training.webhook_config.lstrip().startswith(("{", "[")):
+        files.append("webhook_config")  # else inline JSON
     problems = [_model_problem(name, getattr(training, name)) for name in models]
     problems += [_model_problem(name, getattr(training, name), want_file=True) for name in files]
     if training.model_type == "lora" and training.lora_type == "lycoris" and not training.lycoris_config:
@@ -73,6 +79,14 @@ def _path_problem(name: str, value: str, folder: bool) -> str | None:
     return None
 
 
+def _holds_an_image(folder: Path) -> bool:
+    """Whether any file under `folder` has an image suffix (stops at the first one found)."""
+    for _, _, files in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES for name in files):
+            return True
+    return False
+
+
 def _dataset_problems(dataset: DatasetConfig) -> list[str]:
     """Local sources exist and are readable (paths were made absolute by loading)."""
     if dataset.type != "local" or dataset.dataset_type == "text_embeds":
@@ -80,7 +94,11 @@ def _dataset_problems(dataset: DatasetConfig) -> list[str]:
     name = f"dataset {dataset.id!r}:"
     problems = []
     if dataset.instance_data_dir:
-        problems.append(_path_problem(f"{name} instance_data_dir", dataset.instance_data_dir, folder=True))
+        problem = _path_problem(f"{name} instance_data_dir", dataset.instance_data_dir, folder=True)
+        if problem is None and not _holds_an_image(Path(dataset.instance_data_dir)):
+            problem = (f"{name} instance_data_dir {dataset.instance_data_dir!r} holds no image files "
+                       f"({', '.join(sorted(IMAGE_SUFFIXES))}), in it or below it")
+        problems.append(problem)
     if dataset.parquet is not None and "://" not in dataset.parquet.path:
         problems.append(_path_problem(f"{name} parquet.path", dataset.parquet.path, folder=False))
     if isinstance(dataset.caption_filter_list, str) and "://" not in dataset.caption_filter_list:
@@ -114,6 +132,10 @@ def check_settings(settings: Settings) -> CheckReport:
     report = CheckReport()
     report.problems += _training_problems(training)
     report.problems += unimplemented_problems(training, settings.datasets)
+    missing, less = missing_packages(training, settings.datasets)
+    report.problems += missing
+    report.notes += less
+    report.problems += missing_libraries(training)
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
         if dataset.dataset_type == "image" and not dataset.text_embeds:
@@ -166,6 +188,7 @@ def check_file(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[
     report = CheckReport(problems=list(loaded.problems))
     if loaded.training is not None:
         report.problems += _training_problems(loaded.training)
+        report.problems += missing_packages(loaded.training, loaded.datasets)[0]
     report.problems += unimplemented_problems(loaded.partial_training(), loaded.datasets)
     for dataset in loaded.datasets:
         report.problems += _dataset_problems(dataset)

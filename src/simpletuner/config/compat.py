@@ -91,7 +91,7 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
     **_group("one conditioning dataset is paired with each image dataset; combined sampling is not built",
              {"conditioning_multidataset_sampling": "random"}),
     **_group("huber_c is constant over timesteps", {"huber_schedule": "constant"}),
-    **_group("masked loss is not built in this version yet", {"masked_loss_probability": 1.0}),
+    **_group("masked loss applies every mask (a probability is not built)", {"masked_loss_probability": 1.0}),
     **_group("set prevent_upscaling on a dataset", {"max_upscale_threshold": None}),
     **_group("set repeats on the dataset", {"allow_dataset_oversubscription": None}),
     **_group("flow-matching timesteps are sampled from the flow_* schedules", {"flow_custom_timesteps": None}),
@@ -108,11 +108,9 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "dynamo_backend": "no", "dynamo_mode": None, "dynamo_fullgraph": None, "dynamo_dynamic": None,
         "dynamo_use_regional_compilation": None, "context_parallel_size": 1,
         "context_parallel_comm_strategy": "allgather"}),
-    **_group("FSDP and DeepSpeed are not built in this version yet", {
-        "deepspeed_config": None, "fsdp_enable": None, "fsdp_version": 2, "fsdp_reshard_after_forward": True,
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_cpu_ram_efficient_loading": None,
-        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None,
-        "fsdp_activation_checkpointing": None, "fsdp_transformer_layer_cls_to_wrap": None}),
+    **_group("not built with fsdp_enable: FSDP2 here gathers as it needs, keeps weights on the accelerator and "
+             "recomputes activations with gradient_checkpointing", {
+        "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None, "fsdp_activation_checkpointing": None}),
 }
 
 # flux_lora_target's ControlNet presets (a ControlNet LoRA here has one rule for every family)
@@ -140,8 +138,6 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("optimizer", "prodigy"): "prodigy needs the prodigyopt package",
     ("report_to", "comet_ml"): "comet_ml is not supported: use tensorboard or wandb",
     ("report_to", "all"): "use tensorboard or wandb",
-    ("base_model_precision", "int8-torchao"): "torchao is not supported: use int8-quanto",
-    ("base_model_precision", "fp8-torchao"): "torchao is not supported: use fp8-quanto",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
     ("flux_lora_target", "controlnet"): CONTROLNET_PRESET,
@@ -170,7 +166,6 @@ IGNORED: dict[str, str] = {
     "set_grads_to_none": "gradients are always set to None",
     "keep_vae_loaded": "the VAE is loaded only while caching",
     "ema_foreach_disable": "EMA updates always use foreach kernels",
-    "ema_cpu_only": "use ema_device=cpu",
     "preserve_data_backend_cache": "the index is incremental and always kept",
     "override_dataset_config": "caches are keyed by their settings, so changed settings never reuse stale entries",
     "skip_file_discovery": "discovery is incremental",
@@ -183,13 +178,10 @@ IGNORED: dict[str, str] = {
     "seed_for_each_device": "every process derives its own seed from seed",
     "non_ema_revision": "revision is used",
     "validation_disable_unconditional": "validation never renders the unconditional (empty prompt) image",
-    "gradient_checkpointing_interval": "gradient_checkpointing recomputes every block; the interval trades memory "
-                                       "only, never the result",
     "num_eval_images": "read only by evaluation (evaluation_type, eval datasets), which is refused when set",
     "offload_during_save": "moving weights to the CPU while saving changes memory use only, never the result",
     "delete_model_after_load": "the Hub download cache is left as it is (deleting it changes disk use only)",
     "checkpointing_use_tempdir": "checkpoints are always written under a temporary name, then renamed",
-    "model_card_private": "read only with push_to_hub, which is refused when set",
     "validation_multigpu": "validation images are rendered on the main process",
     "validation_stitch_input_location": "validation images are saved alone, never stitched beside their input",
 }
@@ -269,14 +261,9 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "enable_watermark": Unsupported("validation images are never watermarked"),
     "disable_tf32": Unsupported("TF32 is always enabled on CUDA"),
     "fully_unload_text_encoder": Unsupported("text encoders are unloaded after caching"),
-    "freeze_encoder_before": Unsupported("partial text-encoder freezing is not supported", _off_or(12, "12")),
-    "freeze_encoder_after": Unsupported("partial text-encoder freezing is not supported", _off_or(17, "17")),
-    "freeze_encoder_strategy": Unsupported("partial text-encoder freezing is not supported", _off_or("after")),
-    "freeze_encoder": Unsupported("text encoders are frozen unless train_text_encoder",
-                                  (None, True, "true", "True")),
     "save_text_encoder": Unsupported("trained text encoders are always saved"),
     "text_encoder_limit": Unsupported("text-encoder training runs for the whole run", _off_or(25, "25", 100, "100")),
-    "sdxl_refiner_uses_full_range": Unsupported("use refiner_training_strength=1.0"),
+    "sdxl_refiner_uses_full_range": Unsupported("leave refiner_training off to train the whole schedule"),
     "i_know_what_i_am_doing": Unsupported("safety checks cannot be turned off"),
     "smoldit": Unsupported("SmolDiT is not supported"),
     "aura_flow": Unsupported("AuraFlow is not supported"),
@@ -403,6 +390,14 @@ def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[st
             warnings.append(f"{where}: offset_noise is off, so noise_offset={values['noise_offset']} is not used "
                             "(as in SimpleTuner); set noise_offset alone to use it")
             values["noise_offset"] = 0.0
+    if "ema_cpu_only" in values:  # SimpleTuner's older switch for ema_device=cpu
+        where = sources.pop("ema_cpu_only", "")
+        if _is_on(values.pop("ema_cpu_only")):
+            if values.get("ema_device") not in (None, "cpu"):
+                raise ConfigError(f"{where}: ema_cpu_only=true keeps the EMA on the CPU, but ema_device is "
+                                  f"{values['ema_device']!r}: keep only ema_device")
+            values["ema_device"] = "cpu"
+            sources.setdefault("ema_device", where)
     if "use_bitfit" in values:
         where = sources.pop("use_bitfit", "")
         if _is_on(values.pop("use_bitfit")):

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -32,9 +33,8 @@ class RawConfig:
     warnings: list[str] = field(default_factory=list)
 
     def update(self, values: dict[str, Any], origin: str) -> None:
-        for key, value in values.items():
-            self.values[key] = value
-            self.sources[key] = origin
+        self.values.update(values)
+        self.sources.update(dict.fromkeys(values, origin))
 
 
 def config_format(path: Path) -> str:
@@ -71,8 +71,51 @@ def read_config_file(path: str | Path) -> RawConfig:
     return raw
 
 
-def _strip_dashes(key: Any) -> str:
-    return str(key)[2:] if str(key).startswith("--") else str(key)
+def _without_dashes(data: dict[str, Any]) -> dict[str, Any]:
+    """SimpleTuner's config.json writes keys as `--name`; both forms mean `name` (keys of JSON and TOML are text)."""
+    if not [key for key in data if key[:2] == "--"]:
+        return data
+    return {key[2:] if key[:2] == "--" else key: value for key, value in data.items()}
+
+
+MAX_DEPTH = 32  # nesting levels a configuration or dataset file may have (real ones use 3 or 4)
+
+
+def _check_depth(data: Any, path: Path) -> Any:
+    """`data`, or a ConfigError when it nests deeper than MAX_DEPTH (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{path}: values nest more than {MAX_DEPTH} levels deep; a configuration holds "
+                              "options, lists and small tables")
+        children = value.values() if type(value) is dict else value if type(value) is list else ()
+        stack.extend([(child, depth + 1) for child in children if type(child) is dict or type(child) is list])
+    return data
+
+
+def _too_deep(path: Path) -> ConfigError:
+    return ConfigError(f"{path}: values nest too deeply to read (more than {MAX_DEPTH} levels are refused); "
+                       "a configuration holds options, lists and small tables")
+
+
+def _number_text(error: ValueError) -> str:
+    if "digits" in str(error):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return str(error)
+
+
+def parse_json(text: str, path: Path) -> Any:
+    """JSON text of `path` as Python values, or a ConfigError saying where it is wrong."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    except RecursionError:
+        raise _too_deep(path) from None
+    except ValueError as error:  # e.g. a number longer than Python converts (sys.get_int_max_str_digits)
+        raise ConfigError(f"{path}: invalid JSON: {_number_text(error)}") from None
+    return _check_depth(data, path)
 
 
 # A string, or a comma before a closing bracket (outside strings).
@@ -87,36 +130,39 @@ def _read_json(path: Path) -> RawConfig:
     text = _read_text(path)
     warnings = []
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
+        data = parse_json(text, path)
+    except ConfigError as error:
         try:  # SimpleTuner's own example configs end some objects with a trailing comma
-            data = json.loads(_without_trailing_commas(text))
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: "
-                              f"{error.msg}") from None
-        warnings.append(f"{path}: trailing comma at line {error.lineno} accepted (strict JSON has none)")
+            data = parse_json(_without_trailing_commas(text), path)
+        except ConfigError:
+            raise error from None
+        warnings.append(f"{path}: a trailing comma was accepted (strict JSON has none)")
     if isinstance(data, list):
         raise ConfigError(f"{path} holds a list, like a dataset file (multidatabackend.json); a configuration is "
                           "an object of options. Point data_backend_config at the dataset file instead.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration is a JSON object of options, not {type(data).__name__}")
     raw = RawConfig(warnings=warnings)
-    raw.update({_strip_dashes(k): v for k, v in data.items()}, str(path))
+    raw.update(_without_dashes(data), str(path))
     return raw
 
 
 def _read_toml(path: Path) -> RawConfig:
     try:
-        data = tomllib.loads(_read_text(path))
+        data = _check_depth(tomllib.loads(_read_text(path)), path)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise _too_deep(path) from None
+    except ValueError as error:  # e.g. a number longer than Python converts
+        raise ConfigError(f"{path}: invalid TOML: {_number_text(error)}") from None
     raw = RawConfig()
     datasets = data.pop("datasets", None)
     if datasets is not None and not isinstance(datasets, list):
         raise ConfigError(f"{path}: datasets must be [[datasets]] tables (a list of entries), not "
                           f"{type(datasets).__name__}")
     raw.datasets = datasets
-    raw.update({_strip_dashes(k): v for k, v in data.items()}, str(path))
+    raw.update(_without_dashes(data), str(path))
     return raw
 
 

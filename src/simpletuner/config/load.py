@@ -20,7 +20,6 @@ folders stay as written: relative to the working directory, as in SimpleTuner.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from simpletuner.config.arguments import parse_arguments
 from simpletuner.config.compat import (
     ALIASES, DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED, IGNORED, UNSUPPORTED, translate_legacy,
 )
-from simpletuner.config.files import RawConfig, read_config_file
+from simpletuner.config.files import RawConfig, parse_json, read_config_file
 from simpletuner.config.references import reference_problems
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
 from simpletuner.config.validate import Compat, validate
@@ -45,6 +44,7 @@ logger = get_logger(__name__)
 TRAINING_COMPAT = Compat(ALIASES, IGNORED, UNSUPPORTED, command_line=True)
 DATASET_COMPAT = Compat(DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED)
 DEFAULT_DATASET_FILE = "multidatabackend.json"
+MAX_LISTED = 25  # problems listed one by one in an error; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,21 @@ class Settings:
         return self.datasets + self.disabled_datasets
 
 
+def problem_list(problems: list[str], subject: str) -> str:
+    """'SUBJECT: problem' on one line, or 'N problems in SUBJECT:' and the first MAX_LISTED of them, one per
+    line (the rest counted)."""
+    if len(problems) == 1:
+        return f"{subject}: {problems[0]}"
+    count = f"{len(problems)} problems"
+    listed = [f"  - {p}" for p in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        listed.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return f"{count} in {subject}:\n" + "\n".join(listed)
+
+
 def _fail(problems: list[str], subject: str) -> None:
     if problems:
-        count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
-        raise ConfigError(f"{count} in {subject}:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(problem_list(problems, subject))
 
 
 def _warn(warnings: list[str]) -> None:
@@ -90,7 +101,8 @@ def _training(raw: RawConfig) -> tuple[TrainingConfig, list[str]]:
     origin = str(raw.path) if raw.path else "command line"
     outcome = validate(TrainingConfig, raw.values, raw.sources, TRAINING_COMPAT, origin)
     _fail(outcome.problems, _subject(raw))
-    assert isinstance(outcome.model, TrainingConfig)
+    if not isinstance(outcome.model, TrainingConfig):  # validate() returns a model or problems; never neither
+        raise ConfigError(f"{_subject(raw)}: the options could not be validated")
     training = _with_config_relative_paths(outcome.model, raw.path.parent if raw.path else None)
     return training, raw.warnings + outcome.warnings
 
@@ -135,10 +147,7 @@ def _read_dataset_file(path: Path) -> list[Any]:
         raise ConfigError(f"dataset file not found: {path} (data_backend_config)") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read dataset file {path}: {error}") from None
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
+    entries = parse_json(text, path)
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: a dataset file is a JSON list of dataset entries ([{{...}}, ...]), "
                           f"not {type(entries).__name__}")

@@ -11,7 +11,7 @@ Adding an option: add one field here, with a description, then run
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,7 +23,8 @@ CropStyle = Literal["center", "centre", "random", "corner"]
 CropAspect = Literal["square", "preserve", "closest", "random"]
 CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet", "jsonl", "csv", "huggingface"]
 MixedPrecision = Literal["bf16", "fp16", "no"]
-Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto", "nf4-bnb"]
+Precision = Literal["no_change", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+                    "int8-torchao", "fp8-torchao", "nf4-bnb"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 ADAPTER_MODEL_TYPES = ("lora", "deepfloyd-lora", "deepfloyd-stage2-lora")
 
@@ -36,7 +37,8 @@ def trains_adapter(cfg: "TrainingConfig") -> bool:
 class StrictModel(BaseModel):
     """Base for every configuration model: unknown keys are errors, values are checked on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)  # inf and nan are never a setting: every float is finite
 
 
 class ParquetOptions(StrictModel):
@@ -139,7 +141,7 @@ class DatasetConfig(StrictModel):
         "to the file name. SimpleTuner silently trains on an empty caption; we never do."
     )
     parquet: ParquetOptions | None = Field(None, description="Metadata file options for parquet/jsonl/csv captions.")
-    resolution: float | None = Field(None, description="Target resolution; defaults to the training resolution. "
+    resolution: float | None = Field(None, gt=0, description="Target resolution; defaults to the training resolution. "
                                      "Pixels of the shorter side (pixel), megapixels (area), or pixels whose "
                                      "square gives the area (pixel_area).")
     resolution_type: ResolutionType | None = Field(None, description="How resolution is read; defaults to the "
@@ -170,8 +172,8 @@ class DatasetConfig(StrictModel):
     probability: float = Field(1.0, ge=0, description="Relative weight when sampling among datasets.")
     disable_after_epoch_step: int | None = Field(None, ge=0, description="Stop sampling this dataset after this "
                                                  "many steps.")
-    is_regularisation_data: bool = Field(False, description="Prior-preservation images (predicted by the "
-                                         "frozen base model).")
+    is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
+                                         "model's own prediction, the adapter switched off (model_type lora).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
                                                              "images (controlnet=true, a local dataset): e.g. "
@@ -273,7 +275,9 @@ class TrainingConfig(StrictModel):
     pretrained_t5_model_name_or_path: str | None = Field(None, description="Where to load the T5 text encoder from "
                                                          "(shared between Flux/SD3/PixArt checkpoints).")
     base_model_precision: Precision = Field("no_change", description="Quantise the frozen base model (LoRA/LyCORIS "
-                                            "training): optimum-quanto int8/int4/int2/fp8, or bitsandbytes nf4.")
+                                            "training) after loading, before the adapter is added: optimum-quanto "
+                                            "int8/int4/int2/fp8, torchao int8 (weight-only) or fp8 (CUDA only), "
+                                            "bitsandbytes nf4. Needs the `quant` extra.")
     base_model_default_dtype: Literal["bf16", "fp32"] = Field("bf16", description="dtype of the base model's weights "
                                                               "that are not quantised.")
     text_encoder_1_precision: Precision = Field("no_change", description="Quantise text encoder 1.")
@@ -281,8 +285,9 @@ class TrainingConfig(StrictModel):
     text_encoder_3_precision: Precision = Field("no_change", description="Quantise text encoder 3.")
     text_encoder_4_precision: Precision = Field("no_change", description="Quantise text encoder 4.")
     quantize_via: Literal["cpu", "accelerator", "pipeline"] = Field(
-        "accelerator", description="Where quantisation runs: the accelerator is fast, the CPU needs less device "
-        "memory. Read only when a *_precision option quantises; alone it changes nothing.")
+        "accelerator", description="Where quantisation runs: the accelerator is fast, the CPU (or 'pipeline', which "
+        "quantises right after loading, as 'cpu' does) needs less device memory. Read only when a *_precision "
+        "option quantises; alone it changes nothing.")
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
@@ -325,8 +330,22 @@ class TrainingConfig(StrictModel):
     train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL).")
     text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoder(s); default: "
                                           "learning_rate.")
+    freeze_encoder: bool = Field(True, description="With train_text_encoder: freeze the text encoders' layers that "
+                                 "freeze_encoder_strategy names (SimpleTuner's layer-range freezing).")
+    freeze_encoder_before: int = Field(12, ge=0, description="Layer index of freeze_encoder_strategy 'before' "
+                                       "(freezes layers below it), 'between' and 'outside'.")
+    freeze_encoder_after: int = Field(17, ge=0, description="Layer index of freeze_encoder_strategy 'after' "
+                                      "(freezes layers above it), 'between' and 'outside'.")
+    freeze_encoder_strategy: Literal["before", "between", "after", "outside"] = Field(
+        "after", description="Which encoder layers freeze, as SimpleTuner counts them (layer n, before b, after a): "
+        "before: n < b; after: n > a; between: n > b or n < a; outside: b <= n <= a.")
     init_lora: str | None = Field(None, description="Start from an existing LoRA file.")
     lycoris_config: str | None = Field(None, description="JSON file with the LyCORIS algorithm and its settings.")
+    lora_format: list[Literal["diffusers", "comfyui"]] = Field(
+        ["diffusers", "comfyui"], description="Standard LoRA: the files the final export and every checkpoint "
+        "write. diffusers: pytorch_lora_weights.safetensors (PixArt, Hunyuan-DiT: peft's adapter folder); comfyui: "
+        "<run name>.safetensors for ComfyUI, A1111 and Forge (docs/UI_LORA.md; not for DeepFloyd, whose runs "
+        "write the diffusers file only). A list, one name, or names separated by commas.")
     # data
     data_backend_config: str | None = Field(None, description="Dataset file (multidatabackend.json); or "
                                             "[[datasets]] tables in a TOML configuration.")
@@ -381,6 +400,9 @@ class TrainingConfig(StrictModel):
     grad_clip_method: Literal["norm", "value"] = Field("norm", description="norm: scale the whole gradient to "
                                                        "max_grad_norm; value: clip each element. SimpleTuner "
                                                        "defaults to value; norm is the standard, better-tested one.")
+    max_nonfinite_steps: int = Field(5, ge=1, description="An update whose loss or gradient norm is nan or inf is "
+                                     "skipped (and counted in metrics.jsonl); after this many in a row the run stops "
+                                     "with exit 2, exporting nothing.")
     train_batch_size: int = Field(1, ge=1, description="Samples per step per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps whose gradients are summed per update.")
     max_train_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser updates.")
@@ -388,11 +410,36 @@ class TrainingConfig(StrictModel):
     seed: int | None = Field(42, description="Random seed (sampling, noise, initialisation).")
     mixed_precision: MixedPrecision = Field("bf16", description="Mixed precision of the training step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    gradient_checkpointing_interval: int | None = Field(None, ge=1, description="With gradient_checkpointing: "
+                                                        "recompute only every n-th block of the denoiser (1 or "
+                                                        "unset: every block); larger n keeps more activations and "
+                                                        "recomputes less.")
     fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
                                        "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
                                        "The saved model keeps diffusers' usual separate projections. Not with "
                                        "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
                                        "between q, k and v.")
+    # sharded training (config/sharding.py)
+    fsdp_enable: bool = Field(False, description="Shard a full fine-tune's weights, gradients and optimiser state "
+                              "over the processes with PyTorch FSDP2, through accelerate. Not with deepspeed_config.")
+    fsdp_version: Literal[1, 2] = Field(2, description="FSDP version; only 2 (FSDP2, DTensor) is built.")
+    fsdp_reshard_after_forward: bool = Field(True, description="FSDP: free the gathered weights after each "
+                                             "forward (less memory, one more all-gather in backward).")
+    fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = Field(
+        "SHARDED_STATE_DICT", description="FSDP checkpoints: each process writes its shard (torch.distributed."
+        "checkpoint), or the full weights and optimiser state are gathered to the first process.")
+    fsdp_cpu_ram_efficient_loading: bool = Field(False, description="FSDP: when sharding, accelerate keeps the "
+                                                 "first process's weights and broadcasts them; a FULL_STATE_DICT "
+                                                 "checkpoint is read by the first process and broadcast on resume.")
+    fsdp_auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = Field(
+        "TRANSFORMER_BASED_WRAP", description="FSDP: which submodules become their own shard unit (transformer "
+        "blocks, modules above a size, or the whole model as one).")
+    fsdp_transformer_layer_cls_to_wrap: str | None = Field(None, description="FSDP: comma-separated block class "
+                                                           "names to wrap (default: the model's _no_split_modules).")
+    deepspeed_config: str | dict[str, Any] | None = Field(None, description="DeepSpeed ZeRO 1/2/3 through "
+                                                          "accelerate: a DeepSpeed JSON file, or its JSON inline. "
+                                                          "Optimiser offload: zero_optimization.offload_optimizer. "
+                                                          "Needs the deepspeed extra and CUDA.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -426,8 +473,8 @@ class TrainingConfig(StrictModel):
     timestep_bias_portion: float = Field(0.25, ge=0, le=1, description="Share of timesteps biased (earlier/later).")
     refiner_training: bool = Field(False, description="Train on the last refiner_training_strength of the schedule "
                                    "(SDXL refiner, or a second-stage expert).")
-    refiner_training_strength: float = Field(0.2, gt=0, le=1, description="Share of the schedule, at its end, that "
-                                             "the refiner learns (0.2: timesteps 199-0).")
+    refiner_training_strength: float = Field(0.2, gt=0, lt=1, description="Share of the schedule, at its end, that "
+                                             "the refiner learns (0.2: timesteps 199-0; flow matching: sigmas up to 0.2); in (0, 1).")
     refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
                                                    "base model of an expert pair).")
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
@@ -504,16 +551,24 @@ class TrainingConfig(StrictModel):
     validation_lycoris_strength: float = Field(1.0, ge=0, description="LyCORIS multiplier for validation images.")
     disable_validation: bool = Field(False, description="Never sample validation images.")
     # publishing
-    push_to_hub: bool = Field(False, description="Upload the final model to the Hugging Face Hub (hub_model_id).")
-    push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint.")
-    hub_model_id: str | None = Field(None, description="Hub repository to upload to, e.g. user/my-lora; read only "
-                                     "with push_to_hub.")
-    model_card_note: str | None = Field(None, description="Text put at the top of the model card.")
-    model_card_safe_for_work: bool = Field(False, description="Leave out the not-for-all-audiences tag.")
-    webhook_config: str | None = Field(None, description="JSON file with a webhook (url, webhook_type "
-                                       "discord|raw) that hears about progress and errors.")
+    push_to_hub: bool = Field(False, description="Upload the final model, its model card and card images to the "
+                              "Hugging Face Hub repository hub_model_id (created if needed), in the background. "
+                              "The token comes from HF_TOKEN or `hf auth login`.")
+    push_checkpoints_to_hub: bool = Field(False, description="With push_to_hub: also upload every checkpoint's "
+                                          "weight files, to checkpoints/step-N/ in the repository.")
+    hub_model_id: str | None = Field(None, description="Hub repository to upload to, as owner/name; read only "
+                                     "with push_to_hub, which needs it.")
+    model_card_private: bool = Field(False, description="With push_to_hub: create the Hub repository as private.")
+    model_card_note: str | None = Field(None, description="Text put at the top of the model card "
+                                        "(output_dir/README.md, written for every run).")
+    model_card_safe_for_work: bool = Field(False, description="Leave out the model card's not-for-all-audiences "
+                                           "tag.")
+    webhook_config: str | None = Field(None, description="Webhooks that hear about start, validation images, "
+                                       "checkpoints, errors and the finish: a JSON file or inline JSON, one object or "
+                                       "a list, each with webhook_type (discord|raw), webhook_url (raw: or "
+                                       "callback_url), and optionally message_prefix and log_level.")
     webhook_reporting_interval: int | None = Field(None, ge=1, description="Steps between progress reports to raw "
-                                                   "webhooks.")
+                                                   "webhooks (sent at the first logging step after each multiple).")
     # tracking
     report_to: Literal["tensorboard", "wandb", "none"] = Field("tensorboard", description="Tracker.")
     tracker_project_name: str = Field("simpletuner", description="Tracker project name.")
@@ -528,6 +583,18 @@ class TrainingConfig(StrictModel):
     def _zero_means_unset(cls, value: object) -> object:
         # SimpleTuner writes 0 for "not this one" (max_train_steps or num_train_epochs).
         return None if value in (0, "0") else value
+
+    @field_validator("lora_format", mode="before")
+    @classmethod
+    def _format_list(cls, value: object) -> object:
+        # SimpleTuner takes one name (--lora_format=comfyui); a comma-separated string or a list works too
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError("name at least one format: diffusers, comfyui")
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return list(dict.fromkeys(value))
+        return value
 
     @field_validator("validation_guidance_skip_layers", mode="before")
     @classmethod
@@ -562,6 +629,40 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _bitfit_trains_the_full_model(self) -> "TrainingConfig":
+        if self.layer_freeze_strategy == "bitfit" and trains_adapter(self):
+            raise ValueError(f"layer_freeze_strategy='bitfit' (use_bitfit) trains the base model's biases and needs "
+                             f"model_type 'full', but model_type is {self.model_type!r}; remove one of the two")
+        return self
+
+    @model_validator(mode="after")
+    def _text_encoder_training_without_t5(self) -> "TrainingConfig":
+        if self.train_text_encoder and self.model_family in ("flux", "sd3", "pixart_sigma", "deepfloyd"):
+            raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
+                             "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
+                             "SD 1.x/2.x and SDXL only); remove train_text_encoder")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding(self) -> "TrainingConfig":
+        from simpletuner.config.sharding import read_deepspeed_config, sharding_problems
+
+        if self.deepspeed_config:
+            read_deepspeed_config(self.deepspeed_config)
+        problems = sharding_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _frozen_quantised_base(self) -> "TrainingConfig":
+        if self.base_model_precision != "no_change" and not trains_adapter(self):
+            raise ValueError(f"base_model_precision={self.base_model_precision!r} quantises the base model, which "
+                             f"model_type {self.model_type!r} trains itself; quantised weights cannot be trained: "
+                             "use model_type 'lora' or base_model_precision 'no_change'")
+        return self
+
+    @model_validator(mode="after")
     def _bf16_optimizer(self) -> "TrainingConfig":
         if self.optimizer == "adamw_bf16" and self.mixed_precision != "bf16":
             raise ValueError(f"optimizer 'adamw_bf16' trains bf16 weights and needs mixed_precision 'bf16' (not "
@@ -573,4 +674,7 @@ class TrainingConfig(StrictModel):
         if self.model_type.startswith("deepfloyd-") and self.model_family != "deepfloyd":
             raise ValueError(f"model_type {self.model_type!r} trains DeepFloyd IF and needs model_family "
                              f"'deepfloyd'; for model_family {self.model_family!r} use 'full' or 'lora'")
+        if self.model_family == "deepfloyd" and self.lora_format == ["comfyui"]:
+            raise ValueError("lora_format=comfyui: ComfyUI and A1111 do not load DeepFloyd IF LoRAs; "
+                             "use lora_format=diffusers")
         return self

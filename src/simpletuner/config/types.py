@@ -24,6 +24,8 @@ def choices(annotation: Any) -> list[Any]:
     for member in _flatten(annotation):
         if typing.get_origin(member) is Literal:
             values.extend(typing.get_args(member))
+        elif typing.get_origin(member) is list:  # a list of choices (lora_format)
+            values.extend(choices(typing.get_args(member)[0]))
     return values
 
 

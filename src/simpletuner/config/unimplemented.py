@@ -16,14 +16,6 @@ if TYPE_CHECKING:
 
 # option -> the feature it belongs to
 TRAINING: dict[str, str] = {
-    "train_text_encoder": "text-encoder training",
-    "text_encoder_lr": "text-encoder training",
-    "layer_freeze_strategy": "bias-only (BitFit) training",
-    "base_model_precision": "quantised base models",
-    "text_encoder_1_precision": "quantised text encoders",
-    "text_encoder_2_precision": "quantised text encoders",
-    "text_encoder_3_precision": "quantised text encoders",
-    "text_encoder_4_precision": "quantised text encoders",
     "lr_end": "a final learning rate for polynomial, sine and cosine schedules",
     "input_perturbation_steps": "input perturbation limited to the first steps",
     "ema_validation": "validation with EMA weights (validation uses the trained weights)",
@@ -32,16 +24,9 @@ TRAINING: dict[str, str] = {
     "validation_randomize": "random validation seeds",
     "validation_torch_compile": "compiled validation pipelines",
     "validation_lycoris_strength": "LyCORIS strength in validation",
-    "push_to_hub": "uploading to the Hugging Face Hub",
-    "push_checkpoints_to_hub": "uploading to the Hugging Face Hub",
-    "model_card_note": "model cards",
-    "model_card_safe_for_work": "model cards",
-    "webhook_config": "webhook notifications",
-    "webhook_reporting_interval": "webhook notifications",
 }
 DATASET: dict[str, str] = {
-    "is_regularisation_data": "prior-preservation (regularisation) training",
-    "conditioning_data": "masked loss (conditioning_data without controlnet=true)",
+    "conditioning_data": "conditioning data without controlnet=true (masks, conditioning_type 'mask', are built)",
 }
 
 
@@ -63,10 +48,12 @@ def unimplemented_problems(training: TrainingConfig, datasets: list[DatasetConfi
     """One line per option set to a feature this version does not do yet."""
     problems = [f"{name} = {value!r}: {feature} is not implemented in this version yet; remove the option"
                 for name, value, feature in _set(training, TRAINING)]
+    masks = {dataset.id for dataset in datasets if dataset.conditioning_type == "mask"}
     for dataset in datasets:
         problems += [f"dataset {dataset.id!r}: {name} = {value!r}: {feature} is not implemented in this version "
                      "yet; remove the option" for name, value, feature in _set(dataset, DATASET)
-                     if not (name == "conditioning_data" and getattr(training, "controlnet", False))]
+                     if not (name == "conditioning_data"
+                             and (getattr(training, "controlnet", False) or value in masks))]
     return problems
 
 

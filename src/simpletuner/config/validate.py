@@ -22,6 +22,8 @@ from simpletuner.config.compat import VALUE_ALIASES, VALUE_HINTS, Unsupported
 Model = TypeVar("Model", bound=BaseModel)
 
 _NULL_WORDS = {"none", "null"}
+_INT64 = 2**63 - 1  # the largest whole number torch, numpy and the loop can count to
+SUGGESTED_UNKNOWN = 20  # unknown keys named one by one (each with its nearest valid names); the rest are counted
 
 
 @dataclass
@@ -73,9 +75,16 @@ def _rename_aliases(values: dict[str, Any], sources: dict[str, str], compat: Com
 
 def _foreign_keys(values: dict[str, Any], sources: dict[str, str], model: type[BaseModel], compat: Compat,
                   origin: str, problems: list[str], warnings: list[str]) -> None:
-    known = list(model.model_fields)
-    for key in [k for k in values if k not in model.model_fields]:
-        value = values.pop(key)
+    fields = model.model_fields
+    known = list(fields)
+    foreign = [k for k in values if k not in fields]
+    unknown = 0
+    for key in foreign:
+        if key not in compat.ignored and key not in compat.unsupported:
+            unknown += 1
+            if unknown > SUGGESTED_UNKNOWN:
+                continue  # counted below: a suggestion for each of millions of keys takes minutes
+        value = values[key]
         where = _where(sources, key, origin)
         if key in compat.ignored:
             warnings.append(f"ignored: {key} ({compat.ignored[key]}) in {where}")
@@ -89,6 +98,13 @@ def _foreign_keys(values: dict[str, Any], sources: dict[str, str], model: type[B
         else:
             hint = suggest(key, known + list(compat.aliases)) or "; `simpletuner options` lists every option"
             problems.append(f"unknown option {key!r} in {where}{hint}")
+    if foreign:
+        kept = {k: v for k, v in values.items() if k in fields}
+        values.clear()
+        values.update(kept)
+    if unknown > SUGGESTED_UNKNOWN:
+        problems.append(f"... and {unknown - SUGGESTED_UNKNOWN} more unknown options in {origin} "
+                        f"({unknown} in all; the first {SUGGESTED_UNKNOWN} are named above)")
 
 
 def _convert(name: str, value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -118,7 +134,14 @@ def _prepare(values: dict[str, Any], sources: dict[str, str], model: type[BaseMo
              problems: list[str]) -> dict[str, Any]:
     prepared: dict[str, Any] = {}
     for key, value in values.items():
-        annotation = model.model_fields[key].annotation
+        field_info = model.model_fields[key]
+        annotation = field_info.annotation
+        if value is None and field_info.is_required():
+            allowed = types.choices(annotation)
+            accepted = f"one of: {', '.join(map(str, allowed))}" if allowed else types.type_name(annotation)
+            problems.append(f"{key}: null is not accepted (from {_where(sources, key, origin)}); this option is "
+                            f"required: {accepted}")
+            continue
         if isinstance(value, bool) and not types.accepts(annotation, bool) and value not in types.choices(annotation):
             # pydantic would read true as 1; a bare --flag for a valued option is a mistake.
             problems.append(f"{key}: {'true' if value else 'false'} is not accepted (from {_where(sources, key, origin)}); "
@@ -221,4 +244,12 @@ def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str]
     except ValidationError as error:
         problems.extend(_explain_all(error, model, values, sources, origin, compat.command_line))
         return Outcome(None, problems, warnings)
+    problems.extend(_huge_numbers(instance, sources, origin))
     return Outcome(None if problems else instance, problems, warnings)
+
+
+def _huge_numbers(instance: BaseModel, sources: dict[str, str], origin: str) -> list[str]:
+    """Whole numbers beyond 64 bits (pydantic takes any size; torch and the loop cannot)."""
+    return [f"{key}: a number of {value.bit_length()} bits is out of range (from {_where(sources, key, origin)}); "
+            f"whole numbers go up to {_INT64} (63 bits)"
+            for key, value in instance if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64]

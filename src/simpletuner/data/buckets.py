@@ -54,8 +54,8 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -477,6 +477,42 @@ class BucketAssignment:
             BucketRow(size, int(count), int(count) // self.batch_size)
             for size, count in zip(self.buckets, self.bucket_counts())
         ]
+
+    def without(self, records: Collection[int]) -> tuple[BucketAssignment, list[tuple[int, int]]]:
+        """This assignment less `records` (positions in `records`), and the buckets that were left empty.
+
+        Empty buckets are removed; every other bucket keeps its images in their order.
+        """
+        drop = np.zeros(len(self.records), dtype=bool)
+        drop[np.fromiter(records, dtype=np.int64, count=len(records))] = True
+        kept_buckets, emptied, parts = [], [], []
+        for bucket, size in enumerate(self.buckets):
+            members = self.bucket_records(bucket)
+            members = members[~drop[members]]
+            if len(members):
+                kept_buckets.append(size)
+                parts.append(members)
+            else:
+                emptied.append(size)
+        record_plan = self.record_plan.copy()
+        record_plan[drop] = -1
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(part) for part in parts])
+        order = np.concatenate(parts) if parts else self.order[:0]
+        return replace(self, buckets=tuple(kept_buckets), bucket_offsets=offsets, order=order,
+                       record_plan=record_plan), emptied
+
+    def upscaled(self, factor: float) -> tuple[int, list[str]]:
+        """How many images are enlarged by more than `factor` per side to reach their bucket, and a few examples."""
+        rows = self.record_plan[self.order]
+        plans = self.plan_table[rows].astype(np.float64)
+        scale = np.maximum(plans[:, 2] / np.maximum(plans[:, 0], 1), plans[:, 3] / np.maximum(plans[:, 1], 1))
+        hits = np.flatnonzero(scale > factor)
+        examples = []
+        for i in hits[np.argsort(-scale[hits], kind="stable")][:3].tolist():
+            ow, oh, rw, rh = (int(v) for v in plans[i, :4])
+            examples.append(f"{self.records[int(self.order[i])].path}: {ow}x{oh} -> {rw}x{rh}")
+        return len(hits), examples
 
 
 # --------------------------------------------------------------------------- assignment

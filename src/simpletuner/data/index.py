@@ -306,7 +306,29 @@ def read_header(storage: DatasetStorage, entry: FileEntry) -> HeaderResult:
         return HeaderResult(TRUNCATED, width, height, problem)
     if width <= 0 or height <= 0:
         return HeaderResult(UNDECODABLE, detail=f"header says {width}x{height}")
+    bomb = _bomb_problem(width, height)
+    if bomb:
+        return HeaderResult(UNDECODABLE, width, height, bomb)
     return HeaderResult(OK, width, height)
+
+
+def _bomb_problem(width: int, height: int) -> str:
+    """Why Pillow would refuse to decode an image this large (its DecompressionBombError rule), or ''."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= 2 * limit:
+        return ""
+    return (f"{width}x{height} = {width * height:,} pixels, over Pillow's decompression-bomb limit of "
+            f"{2 * limit:,} (2 x PIL.Image.MAX_IMAGE_PIXELS)")
+
+
+def skipped_rows(index: "ImageIndex") -> Iterator[tuple[str, str]]:
+    """(path, reason) of every row the index excludes, with the error text where there is one."""
+    for row in np.flatnonzero(index.status != OK).tolist():
+        detail = index.details.get(row)
+        reason = REASONS[int(index.status[row])]
+        yield index.paths[row], f"{reason}: {detail}" if detail else reason
 
 
 # --------------------------------------------------------------------------- the index
@@ -419,7 +441,16 @@ def load_index(cache: WritableLocation, location: str) -> ImageIndex | None:
 
 
 def save_index(cache: WritableLocation, index: ImageIndex) -> None:
-    cache.write_bytes(INDEX_FILE, index.to_bytes())
+    """Write the index atomically; a full disk (or a file size limit) is a DataError naming the place."""
+    import errno
+
+    try:
+        cache.write_bytes(INDEX_FILE, index.to_bytes())
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise DataError(f"cannot save the image index in {cache.url}: {os.strerror(error.errno)}; free space "
+                        "(or set cache_dir elsewhere), then run again") from None
 
 
 # --------------------------------------------------------------------------- scanning

@@ -208,7 +208,11 @@ def _walk_local(root: str, keep: Callable[[str], bool]) -> list[FileEntry]:
         with os.scandir(folder) as listing:
             for item in listing:
                 relative = prefix + item.name
-                if item.is_dir():
+                try:
+                    is_dir = item.is_dir()
+                except OSError:  # a symlink loop (ELOOP) or an unreadable link: listed, so the index reports it
+                    is_dir = False
+                if is_dir:
                     pending.append((item.path, relative + "/"))
                 elif keep(item.name):
                     try:
@@ -301,7 +305,8 @@ class DatasetStorage:
         return self._remote(lambda: self._fs.cat_file(path, start=start, end=end), f"reading {self.url}/{relative}")
 
     def read_text(self, relative: str) -> str:
-        return self.read_bytes(relative).decode("utf-8-sig")
+        """The file as text: UTF-8 (a BOM is dropped); else cp1252, else latin-1, with a warning naming the file."""
+        return decode_text(self.read_bytes(relative), f"{self.url}/{relative}")
 
     def open(self, relative: str, size: int | None = None, block_size: int = 1 << 16) -> IO[bytes]:
         """A read-only binary file object (lazy range reads on S3; pass the known size to skip a HEAD)."""
@@ -320,6 +325,25 @@ class DatasetStorage:
         from PIL import Image
 
         return Image.open(io.BytesIO(self.read_bytes(relative)))
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 (BOM dropped); a file that is not UTF-8 falls back to cp1252, then latin-1 (which reads any byte)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        for encoding in TEXT_FALLBACKS:
+            try:
+                text = data.decode(encoding)
+            except UnicodeDecodeError:
+                continue
+            logger.warning("%s is not UTF-8 (byte 0x%02x at position %d); read it as %s", name,
+                           data[error.start], error.start, encoding)
+            return text
+    raise AssertionError("unreachable: latin-1 decodes every byte")
+
+
+TEXT_FALLBACKS = ("cp1252", "latin-1")
 
 
 def open_source(dataset: "DatasetConfig") -> "DatasetStorage | HuggingFaceStorage":
@@ -395,6 +419,23 @@ class WritableLocation:
         else:
             mine, theirs = self._root, other_url[len("s3://"):].rstrip("/")
         return mine == theirs or mine.startswith(theirs.rstrip("/") + "/")
+
+
+def read_fsspec_url(url: str, storage_options: dict[str, Any] | None = None,
+                    retry: RetryPolicy | None = None) -> bytes:
+    """The bytes of a remote file named by an fsspec URL, with the retry policy (a local path is read directly)."""
+    from fsspec.core import url_to_fs
+
+    if "://" not in url or url.startswith("file://"):
+        with open(url.removeprefix("file://"), "rb") as handle:
+            return handle.read()
+    options = dict(storage_options or {})
+    if url.startswith("s3://"):  # our policy owns retries: one attempt each in botocore and s3fs
+        options.setdefault("config_kwargs", {"retries": {"max_attempts": 1, "mode": "standard"}})
+    fs, path = url_to_fs(url, **options)
+    if hasattr(fs, "retries"):
+        fs.retries = 1
+    return (retry or RetryPolicy()).call(lambda: fs.cat_file(path), f"reading {url}")
 
 
 def read_url(url: str, dataset: "DatasetConfig | None" = None, retry: RetryPolicy | None = None) -> bytes:

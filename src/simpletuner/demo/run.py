@@ -7,9 +7,15 @@ model, the caches and the training outputs. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from simpletuner.errors import UserError
+
 DEMO_STEPS = 300
+MARKER = ".simpletuner-demo"  # marks a folder the demo made, so a re-run may clear its outputs
+# what a demo run writes and a new run starts without; dataset, model and caches are reused
+RUN_OUTPUTS = ("output",)
 
 
 def demo_config(root: Path, model: Path, dataset: Path, steps: int) -> dict:
@@ -50,7 +56,7 @@ def write_demo(root: Path, steps: int = DEMO_STEPS, images: int = 48) -> Path:
     from simpletuner.demo.dataset import write_dataset
     from simpletuner.testing.tiny import build
 
-    root.mkdir(parents=True, exist_ok=True)
+    _start_fresh(root)
     dataset = write_dataset(root / "dataset", count=images)
     model = build("sdxl", root / "model")
     (root / "multidatabackend.json").write_text(json.dumps([
@@ -62,3 +68,18 @@ def write_demo(root: Path, steps: int = DEMO_STEPS, images: int = 48) -> Path:
     config = root / "config.json"
     config.write_text(json.dumps(demo_config(root, model, dataset, steps), indent=2))
     return config
+
+
+def _start_fresh(root: Path) -> None:
+    """A new demo run starts without the previous run's outputs (metrics, logs, checkpoints, images).
+
+    Only a folder the demo made (it holds MARKER) is cleared; any other non-empty folder is refused."""
+    if root.exists() and any(root.iterdir()) and not (root / MARKER).is_file():
+        raise UserError(f"--output {root}: the folder is not empty and was not made by `simpletuner demo`; "
+                        "choose a new or empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by simpletuner demo; a new demo run clears output/ here\n")
+    for name in RUN_OUTPUTS:
+        if (root / name).exists():
+            print(f"demo: removing the previous run's {root / name}", flush=True)
+            shutil.rmtree(root / name)

@@ -336,6 +336,10 @@ class ModelFamily(ABC):
     def trains_refiner_range(self, cfg: TrainingConfig) -> bool:
         return cfg.refiner_training
 
+    def trainable_text_encoders(self, components: Components) -> list[str]:
+        """Components that train_text_encoder trains (their text_outputs are differentiable); none by default."""
+        return []
+
     def drop_captions(self, components: Components, text: Mapping[str, Tensor], empty_text: Mapping[str, Tensor],
                       keep: Tensor, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Caption dropout: where `keep` is False, use the empty caption's text outputs.
@@ -454,10 +458,16 @@ def _looks_like_path(source: str) -> bool:
 
 def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]:
     """model_index.json of a local folder or Hub repository, or a UserError saying why not."""
+    return read_model_json(source, "model_index.json", revision)
+
+
+def read_model_json(source: str, name: str, revision: str | None = None) -> dict[str, Any]:
+    """A JSON file of a local model folder or Hub repository (model_index.json, unet/config.json), or a
+    UserError saying why not."""
     if _is_local(source):
-        path = Path(source).expanduser() / "model_index.json"
+        path = Path(source).expanduser() / name
         if not path.is_file():
-            raise UserError(f"{source}: not a diffusers model folder (no model_index.json). Point "
+            raise UserError(f"{source}: not a diffusers model folder (no {name}). Point "
                             "pretrained_model_name_or_path at a folder saved with save_pretrained, or a Hub id.")
         try:
             return json.loads(path.read_text())
@@ -468,11 +478,20 @@ def read_model_index(source: str, revision: str | None = None) -> dict[str, Any]
     from huggingface_hub import hf_hub_download
 
     try:
-        path = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=_offline())
+        path = hf_hub_download(source, name, revision=revision, local_files_only=_offline())
     except Exception as error:  # hub errors come in many classes; all mean "cannot get it"
-        mode = "offline (HF_HUB_OFFLINE is set) and it is not in the cache" if _offline() else str(error)
-        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch model_index.json: {mode}") from error
+        raise UserError(f"pretrained_model_name_or_path {source!r}: cannot fetch {name}: "
+                        f"{_fetch_hint(error)}") from error
     return json.loads(Path(path).read_text())
+
+
+def _fetch_hint(error: Exception) -> str:
+    if _offline():
+        return ("offline (HF_HUB_OFFLINE is set) and it is not in the Hugging Face cache; download it once on a "
+                "machine with network, or set pretrained_model_name_or_path to a local folder")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{reason} If this machine has no network: set HF_HUB_OFFLINE=1 to use a copy already in the Hugging "
+            "Face cache, or set pretrained_model_name_or_path to a local folder (saved with save_pretrained)")
 
 
 def _scheduler_class(entry: Sequence[str]) -> Any:

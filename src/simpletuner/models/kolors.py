@@ -52,6 +52,9 @@ class KolorsFamily(SDXLFamily):
         )
         return settings
 
+    def trainable_text_encoders(self, components: Components) -> list[str]:
+        return []  # ChatGLM-6B: too large to train beside the UNet here
+
     @torch.no_grad()
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
         """{"prompt_embeds": [B, L, 4096], "pooled_prompt_embeds": [B, 4096]} (tiny model: 64 wide)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from simpletuner.models import flavours as flavour_tables
@@ -69,15 +68,18 @@ class StableDiffusionFamily(ModelFamily):
         v = components.settings["prediction_type"] == "v_prediction"
         return "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
 
-    @torch.no_grad()
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
-        """{"prompt_embeds": [B, 77, D]}: the text encoder's last hidden state."""
+        """{"prompt_embeds": [B, 77, D]}: the text encoder's last hidden state (differentiable: the caller
+        chooses no_grad, or trains the text encoder)."""
         encoder = components["text_encoder"]
         tokens = tokenize(components["tokenizer"], captions)
         mask = None
         if getattr(encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(encoder.device)
         return {"prompt_embeds": encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]}
+
+    def trainable_text_encoders(self, components: Components) -> list[str]:
+        return ["text_encoder"]
 
     def predict(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:

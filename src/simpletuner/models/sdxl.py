@@ -96,9 +96,9 @@ class SDXLFamily(ModelFamily):
         return settings
 
     # ------------------------------------------------------------ text
-    @torch.no_grad()
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
-        """{"prompt_embeds": [B, 77, D1+D2] (refiner: D2), "pooled_prompt_embeds": [B, P]}."""
+        """{"prompt_embeds": [B, 77, D1+D2] (refiner: D2), "pooled_prompt_embeds": [B, P]}; differentiable
+        (the caller chooses no_grad, or trains the text encoders)."""
         hidden, pooled = [], None
         for tokenizer_name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
             encoder = components.get(encoder_name)
@@ -110,6 +110,9 @@ class SDXLFamily(ModelFamily):
                 pooled = output[0]
             hidden.append(output.hidden_states[-2])
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def trainable_text_encoders(self, components: Components) -> list[str]:
+        return [name for name in ("text_encoder", "text_encoder_2") if components.get(name) is not None]
 
     def drop_captions(self, components: Components, text: Mapping[str, Tensor], empty_text: Mapping[str, Tensor],
                       keep: Tensor, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

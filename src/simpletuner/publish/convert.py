@@ -71,6 +71,31 @@ def staging(parent: Path) -> Iterator[Path]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------- the base model's parts
+def with_base_parts(family: ModelFamily, cfg: TrainingConfig, lora: TrainedLora, needs: frozenset[str]) -> TrainedLora:
+    """`lora` with what a format needs of the base model (export.BASE_NEEDS) that a LoRA read from a file
+    lacks: "model_configs" from the base model's <component>/config.json, "base_weights" (DoRA) from the
+    base model loaded as the run loaded it."""
+    from dataclasses import replace
+
+    from simpletuner.models.base import read_model_json
+
+    if not needs:
+        return lora
+    source = cfg.pretrained_model_name_or_path
+    configs = {component: read_model_json(source, f"{component}/config.json", cfg.revision)
+               for component in lora.layers if component not in lora.model_configs} if "model_configs" in needs else {}
+    bases: dict = {}
+    if "base_weights" in needs:
+        from simpletuner.models.base import DTypePolicy
+
+        components = family.load(cfg, DTypePolicy.for_training(cfg))
+        bases = {component: {module: components[component].get_submodule(module).weight.detach()
+                             for module in lora.modules(component)}
+                 for component, config in lora.configs.items() if config.get("use_dora")}
+    return replace(lora, model_configs={**configs, **lora.model_configs}, base_weights={**bases, **lora.base_weights})
+
+
 # ---------------------------------------------------------------------------- the export command
 @dataclass(frozen=True)
 class ExportSource:
@@ -105,6 +130,10 @@ def find_export_source(path: str | Path) -> ExportSource:
         what = ("a full fine-tune: its model is the pipeline folder output_dir/pipeline"
                 if "lora" not in config.model_type else "a LyCORIS run: its file loads through lycoris")
         raise UserError(f"{path} is {what}; export converts runs of standard LoRA (lora_type=standard)")
+    if "diffusers" not in config.lora_format:
+        raise UserError(f"{path}: the run wrote lora_format {', '.join(config.lora_format)} only; export converts "
+                        "from the diffusers file (pytorch_lora_weights.safetensors, PixArt and Hunyuan-DiT: peft's "
+                        "folder), which it did not write")
     return ExportSource(folder, kind, config, int(read_meta(checkpoint)["step"]))
 
 
@@ -124,9 +153,10 @@ def export(source: ExportSource, fmt: str, destination: str | Path) -> list[Path
     if fmt not in export_formats():
         raise UserError(f"export format {fmt!r} does not exist; accepted: {', '.join(export_formats())}")
     if fmt != MERGED:
-        check_lora_format(fmt, family)
+        chosen = check_lora_format(fmt, family)
         pipeline_class = read_model_index(cfg.pretrained_model_name_or_path, cfg.revision)["_class_name"]
         lora = read_family_lora(family, source.folder, pipeline_class)
+        lora = with_base_parts(family, cfg, lora, chosen.needs(family, lora))
         with staging(destination) as temp:  # every file is complete before it takes its name
             written = write_lora_files(family, lora, temp, [fmt])
             for entry in list(temp.iterdir()):

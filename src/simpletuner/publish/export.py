@@ -5,7 +5,9 @@
   `LORA_FORMATS`. "diffusers" is the family's own file: output_dir/pytorch_lora_weights.safetensors,
   which the family's pipeline loads whole with
   `load_lora_weights(output_dir, weight_name="pytorch_lora_weights.safetensors")` (PixArt: peft's
-  adapter folder, as its pipeline has no LoRA loader). Every checkpoint keeps the same file.
+  adapter folder, as its pipeline has no LoRA loader). "comfyui" is output_dir/<run name>.safetensors
+  in kohya names with alpha tensors, for ComfyUI, A1111 and Forge (publish.ui_file, docs/UI_LORA.md).
+  The option lora_format names the formats of the final export and of every checkpoint.
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
 - merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
@@ -14,12 +16,17 @@
   holds the ControlNet with the LoRA fused in, output_dir/pytorch_lora_weights.safetensors holds the
   LoRA itself (`controlnet.<module>.lora_A.weight`, ...), and output_dir/controlnet_base/ the ControlNet the
   LoRA trained on (a ControlNet made from the denoiser has freshly initialised control-image layers), onto
-  which `load_lora_adapter(file, prefix="controlnet")` loads it. Checkpoints keep the same LoRA file.
-With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold).
+  which `load_lora_adapter(file, prefix="controlnet")` loads it. Checkpoints keep the same LoRA file. This
+  file is written by `write_controlnet_lora`, not through LORA_FORMATS: lora_format does not apply to it (the
+  UI formats are files of a denoiser's LoRA; a ControlNet's LoRA has no UI format).
+With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold). The final
+export is written into output_dir/.tmp-export/ first and moved into place when complete, so a failed
+export (a full disk) never leaves a half-written model under the final name (the ControlNet folders too).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,8 +44,10 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 PIPELINE_FOLDER = "pipeline"
+STAGING_FOLDER = ".tmp-export"
 
 LoraWriter = Callable[["ModelFamily", "TrainedLora", Path], Path]
+BASE_NEEDS = ("model_configs", "base_weights")  # what a format may need of the base model (TrainedLora fields)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,26 @@ class LoraFormat:
     description: str
     write: LoraWriter  # (family, lora, directory) -> the file written
     supports: Callable[[ModelFamily], bool] = lambda family: True
+    # which of BASE_NEEDS the writer needs that this LoRA lacks (a LoRA read back from a file has neither)
+    needs: Callable[[ModelFamily, TrainedLora], frozenset[str]] = lambda family, lora: frozenset()
+
+
+def _write_ui_lora(family: ModelFamily, lora: TrainedLora, directory: Path) -> Path:
+    from simpletuner.publish.ui_file import write_ui_lora
+
+    return write_ui_lora(family, lora, directory)
+
+
+def _ui_supports(family: ModelFamily) -> bool:
+    from simpletuner.publish.ui_file import ui_supports
+
+    return ui_supports(family)
+
+
+def _ui_needs(family: ModelFamily, lora: TrainedLora) -> frozenset[str]:
+    from simpletuner.publish.ui_file import ui_needs
+
+    return ui_needs(family, lora)
 
 
 def _write_family_lora(family: ModelFamily, lora: TrainedLora, directory: Path) -> Path:
@@ -75,24 +104,41 @@ def read_family_lora(family: ModelFamily, folder: Path, pipeline_class: str) -> 
 LORA_FORMATS: dict[str, LoraFormat] = {
     "diffusers": LoraFormat("diffusers", "pytorch_lora_weights.safetensors for the pipeline's load_lora_weights "
                             "(PixArt: peft's adapter folder)", _write_family_lora),
+    "comfyui": LoraFormat("comfyui", "<run name>.safetensors in kohya names with alpha tensors, for ComfyUI, "
+                          "A1111 and Forge", _write_ui_lora, _ui_supports, _ui_needs),
 }
-DEFAULT_LORA_FORMATS: tuple[str, ...] = ("diffusers",)
 
 
-def check_lora_format(name: str, family: ModelFamily, formats: Mapping[str, LoraFormat] = LORA_FORMATS) -> LoraFormat:
-    """The format named `name`, or a UserError if it does not exist or this family cannot have it."""
+def check_lora_format(name: str, family: ModelFamily, formats: Mapping[str, LoraFormat] = LORA_FORMATS,
+                      *, refuse: bool = True) -> LoraFormat | None:
+    """The format named `name`, or a UserError if it does not exist or this family cannot have it (with
+    refuse=False: None for a format the family cannot have)."""
     if name not in formats:
         raise UserError(f"LoRA format {name!r} does not exist; accepted: {', '.join(formats)}")
     chosen = formats[name]
     if not chosen.supports(family):
+        if not refuse:
+            return None
         can = [n for n, f in formats.items() if f.supports(family)]
         raise UserError(f"LoRA format {name!r} is not available for model_family {family.name!r}; "
                         f"it can have: {', '.join(can)}")
     return chosen
 
 
-def write_lora_files(family: ModelFamily, lora: TrainedLora, directory: str | Path,
-                     formats: Sequence[str] = DEFAULT_LORA_FORMATS,
+def available_lora_formats(family: ModelFamily, formats: Sequence[str],
+                           registry: Mapping[str, LoraFormat] = LORA_FORMATS) -> list[str]:
+    """The formats of `formats` (the lora_format option) that `family` can have; the others are left out
+    with a note in the log (DeepFloyd has no UI format). A UserError when none is left."""
+    kept = [name for name in formats if check_lora_format(name, family, registry, refuse=False)]
+    for name in formats:
+        if name not in kept:
+            logger.info("lora_format %s: not available for model_family %s; not written", name, family.name)
+    if not kept:
+        check_lora_format(formats[0], family, registry)  # raises, naming the formats it can have
+    return kept
+
+
+def write_lora_files(family: ModelFamily, lora: TrainedLora, directory: str | Path, formats: Sequence[str],
                      registry: Mapping[str, LoraFormat] = LORA_FORMATS) -> list[Path]:
     """Write `lora` into `directory` in each of `formats`; returns the files written."""
     chosen = [check_lora_format(name, family, registry) for name in formats]
@@ -113,36 +159,44 @@ def run_metadata(run: Run, steps: int) -> dict[str, str]:
 
 def trained_lora(family: ModelFamily, components: Components, trained: Trained,
                  metadata: Mapping[str, str]) -> TrainedLora:
-    """The run's LoRA (the denoiser's adapter) as the input of every LoRA writer."""
+    """The run's LoRA (the denoiser's adapter, and the text encoders' where they train) as the input of every
+    LoRA writer."""
     from simpletuner.train.adapters import TrainedLora
 
-    return TrainedLora.from_models(components.pipeline_class, {family.denoiser_name(): trained.model}, metadata)
+    return TrainedLora.from_models(components.pipeline_class,
+                                   {family.denoiser_name(): trained.model, **trained.text_encoders}, metadata)
 
 
 def export_model(family: ModelFamily, components: Components, trained: Trained, cfg: Any,
                  ema: EMA | None = None, metadata: Mapping[str, str] | None = None) -> list[Path]:
     """Write the final weights into cfg.output_dir; returns the files or folders written."""
     output_dir = Path(cfg.output_dir)
+    staging = output_dir / STAGING_FOLDER
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that failed
+    staging.mkdir(parents=True)
     if ema is not None:
         ema.copy_to()
     if getattr(cfg, "controlnet", False):
-        written = export_controlnet(trained, output_dir, metadata or {})
+        written = export_controlnet(trained, staging, metadata or {})
     elif trained.kind == "lora":
-        written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), output_dir)
+        written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), staging,
+                                   available_lora_formats(family, cfg.lora_format))
     elif trained.kind == "lycoris":
         from simpletuner.train.adapters import load_lycoris_config, save_lycoris_weights
 
-        written = [save_lycoris_weights(output_dir, trained.module, load_lycoris_config(cfg.lycoris_config),
+        written = [save_lycoris_weights(staging, trained.module, load_lycoris_config(cfg.lycoris_config),
                                         metadata)]
     else:
         if cfg.fuse_qkv_projections:  # saved with diffusers' separate projections
             from simpletuner.train.fusion import unfuse_qkv
 
             unfuse_qkv(family.denoiser(components))
-        written = [output_dir / PIPELINE_FOLDER]
+        written = [staging / PIPELINE_FOLDER]
         family.pipeline(components).save_pretrained(written[0], safe_serialization=True)
-    logger.info("exported %s", ", ".join(str(path) for path in written))
-    return written
+    _move_into(staging, output_dir)  # every file the format wrote (peft writes a config beside the weights)
+    final = [output_dir / Path(path).relative_to(staging) for path in written]
+    logger.info("exported %s", ", ".join(str(path) for path in final))
+    return final
 
 
 def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | None:
@@ -150,6 +204,7 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
     weights, as the final export); None for other runs."""
     if run.trained.kind != "lora":
         return None
+    formats = available_lora_formats(run.family, run.cfg.lora_format)
 
     def write(folder: Path) -> None:
         with run.ema.applied() if run.ema is not None else nullcontext():
@@ -157,7 +212,7 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
                 write_controlnet_lora(run.trained.model, folder, run_metadata(run, steps))
                 return
             lora = trained_lora(run.family, run.components, run.trained, run_metadata(run, steps))
-        write_lora_files(run.family, lora, folder)
+        write_lora_files(run.family, lora, folder, formats)
 
     return write
 
@@ -219,3 +274,13 @@ def plain_copy(model: Any, merge: bool) -> Any:
         del plain.peft_config
     plain._hf_peft_config_loaded = False
     return plain
+
+
+def _move_into(staging: Path, output_dir: Path) -> None:
+    """Move each complete entry of `staging` into `output_dir`, replacing an earlier export's; remove `staging`."""
+    for entry in sorted(staging.iterdir()):
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)  # the pipeline folder of an earlier export
+        entry.replace(target)
+    staging.rmdir()

@@ -49,6 +49,11 @@ def base_model_name(source: str) -> str:
     return source
 
 
+def _folder_name(folder: str | None) -> str:
+    """A run's output folder by its last part only (never its path)."""
+    return Path(folder).expanduser().resolve().name if folder else ""
+
+
 def resolution_side(resolution: float, resolution_type: str) -> int:
     """The side in pixels of the square a resolution setting means (area is in megapixels)."""
     if resolution_type == "area":
@@ -69,7 +74,8 @@ def summarize(cfg: Any, family: ModelFamily, components: Components, steps: int,
     return TrainingSummary(
         base_model=base_model_name(cfg.pretrained_model_name_or_path), family=cfg.model_family,
         architecture=family.architecture(components),
-        title=cfg.tracker_run_name or f"{cfg.model_family} {'lora' if lora else adapter}",
+        title=(cfg.tracker_run_name or _folder_name(cfg.output_dir)
+               or f"{cfg.model_family} {'lora' if lora else adapter}"),
         resolution=resolution, steps=steps, adapter="lora" if lora else adapter,
         rank=cfg.lora_rank if lora else None,
         alpha=(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank) if lora else None,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,15 +41,58 @@ class Trained:
     kind: Literal["full", "lora", "lycoris"]
     model: nn.Module
     module: nn.Module
+    text_encoders: dict[str, nn.Module] = field(default_factory=dict)  # train_text_encoder: component -> encoder
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        modules = [self.module, *self.text_encoders.values()]
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    @contextmanager
+    def base_model(self) -> Iterator[nn.Module]:
+        """The base model's own predictions while inside: the adapter switched off, then on again.
+
+        Regularisation data (is_regularisation_data) take these predictions as their targets. Full
+        training has no base to switch back to.
+        """
+        if self.kind == "full":
+            raise ConfigError(REGULARISATION_NEEDS_ADAPTER.format(dataset="a dataset", model_type="full"))
+        if self.kind == "lycoris":
+            multiplier = getattr(self.module, "multiplier", 1.0)
+            self.module.set_multiplier(0.0)
+            try:
+                yield self.model
+            finally:
+                self.module.set_multiplier(multiplier)
+            return
+        self.model.disable_adapters()
+        try:
+            yield self.model
+        finally:
+            self.model.enable_adapters()
 
     def cast_trainable(self, dtype: torch.dtype) -> None:
         """Store the trainable parameters (only) in `dtype`; frozen weights keep theirs."""
         with torch.no_grad():
             for parameter in self.parameters():
                 parameter.data = parameter.data.to(dtype)
+
+
+REGULARISATION_NEEDS_ADAPTER = (
+    "{dataset}: is_regularisation_data needs an adapter (model_type 'lora', LoRA or LyCORIS), but model_type is "
+    "{model_type!r}: a regularisation sample's target is the base model's prediction with the adapter switched off, "
+    "and full training changes the base model itself; remove one of the two")
+
+
+def check_regularisation(cfg: Any, datasets: Sequence[Any]) -> None:
+    """Regularisation datasets need an adapter to switch off: refuse them in full training, naming both options."""
+    for dataset in datasets:
+        if dataset.is_regularisation_data and "lora" not in cfg.model_type:
+            raise ConfigError(REGULARISATION_NEEDS_ADAPTER.format(dataset=f"dataset {dataset.id!r}",
+                                                                  model_type=cfg.model_type))
+        if dataset.is_regularisation_data and cfg.train_text_encoder:
+            raise ConfigError(f"dataset {dataset.id!r}: is_regularisation_data cannot be combined with "
+                              "train_text_encoder=true: the base model's prediction would read the trained text "
+                              "encoders' outputs; remove one of the two")
 
 
 def prepare_trainable(
@@ -67,6 +111,8 @@ def prepare_trainable(
     adapts when lycoris_config has no apply_preset.
     """
     if "lora" not in cfg.model_type:
+        if getattr(cfg, "layer_freeze_strategy", "none") == "bitfit":
+            return Trained("full", freeze_all_but_biases(model), model)
         model.requires_grad_(True)
         return Trained("full", model, model)
     if cfg.lora_type == "lycoris":
@@ -83,6 +129,17 @@ def prepare_trainable(
     if cfg.init_lora:
         load_lora_into(model, cfg.init_lora, prefix=prefix)
     return Trained("lora", model, model)
+
+
+def freeze_all_but_biases(model: nn.Module) -> nn.Module:
+    """BitFit (Ben Zaken et al. 2021): only the bias parameters train; returns `model`."""
+    model.requires_grad_(False)
+    biases = [parameter for name, parameter in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    if not biases:
+        raise ConfigError(f"layer_freeze_strategy='bitfit': {type(model).__name__} has no bias parameters to train")
+    for parameter in biases:
+        parameter.requires_grad_(True)
+    return model
 
 
 # -------------------------------------------------------------------------------------- LoRA
@@ -117,16 +174,21 @@ def apply_lora(
     return model
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
 def add_lora_adapter(model: nn.Module, config: Any) -> None:
     """Freeze `model` and inject a peft LoRA adapter named "default" built from `config`."""
     from peft import inject_adapter_in_model
 
     model.requires_grad_(False)
     try:
-        if hasattr(model, "add_adapter"):  # diffusers and transformers models keep their peft bookkeeping
+        if hasattr(model, "add_adapter") and not _is_transformers_model(model):  # diffusers' peft bookkeeping
             model.add_adapter(config)
-        else:
+        else:  # transformers 5's add_adapter asks for a newer peft than this environment's: peft injects it
             inject_adapter_in_model(config, model)
+            model.peft_config = {"default": config}  # where peft's state-dict helpers look for it
     except ValueError as error:
         raise ConfigError(f"LoRA target modules {sorted(config.target_modules)} do not fit "
                           f"{type(model).__name__}: {error}") from error
@@ -140,12 +202,17 @@ class TrainedLora:
     names without the component prefix (`<module>.lora_A.weight`, `<module>.lora_B.weight`, and
     `<module>.lora_magnitude_vector` for DoRA); `configs`: component -> the peft LoraConfig as a dict
     (rank, alpha, DoRA, targets); `metadata`: the file header entries (publish.metadata).
+    Formats that need more of the base model than the LoRA read it from `model_configs` (component ->
+    the model's config, e.g. a UNet's block layout) and `base_weights` (component -> `<module>` -> the
+    frozen weight a DoRA module wraps); `from_models` fills both, a LoRA read back from a file has neither.
     """
 
     pipeline_class: str
     layers: dict[str, dict[str, torch.Tensor]]
     configs: dict[str, dict[str, Any]]
     metadata: dict[str, str] = field(default_factory=dict)
+    model_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    base_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def from_models(cls, pipeline_class: str, models: Mapping[str, nn.Module],
@@ -158,7 +225,14 @@ class TrainedLora:
                          for key, value in get_peft_model_state_dict(model).items()}
                   for name, model in models.items()}
         configs = {name: _jsonable_config(model.peft_config["default"].to_dict()) for name, model in models.items()}
-        return cls(pipeline_class, layers, configs, dict(metadata or {}))
+        model_configs = {name: dict(model.config) for name, model in models.items()
+                         if isinstance(getattr(model, "config", None), Mapping)}
+        bases = {name: dora_base_weights(model) for name, model in models.items()
+                 if configs[name].get("use_dora")}
+        return cls(pipeline_class, layers, configs, dict(metadata or {}), model_configs, bases)
+
+    def uses_dora(self) -> bool:
+        return any(config.get("use_dora") for config in self.configs.values())
 
     def modules(self, component: str) -> list[str]:
         """The adapted modules of a component, by name."""
@@ -172,6 +246,15 @@ class TrainedLora:
     def rank(self, component: str, module: str) -> int:
         config = self.configs[component]
         return int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+
+
+def dora_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`<module>` -> the frozen base weight of each of the model's LoRA layers (not copied: it never
+    changes while the adapter trains)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module.get_base_layer().weight.detach() for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and "default" in module.lora_A}
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

@@ -10,6 +10,10 @@ A checkpoint is a folder `output_dir/checkpoints/step-000500/` holding
                             its own states (the sampler's position)
     anything `write_extra` adds (e.g. pytorch_lora_weights.safetensors, for people)
 
+Under sharded training a `collective` part, written and read by every process, holds the trained
+weights and optimiser state instead (train/sharding.py: `fsdp/` or `deepspeed/` folders, or FSDP's
+gathered `trained.safetensors` and `optimizer.pt`).
+
 It is written under `.tmp-step-000500/` and renamed once every process has written its part,
 so a folder named `step-*` with a meta.json is always complete. Temporary folders left by a
 crash are ignored and removed by the next save. Old checkpoints are rotated out only after a
@@ -27,7 +31,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +45,7 @@ from torch import nn
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.writes import explained_write_errors
 
 logger = get_logger(__name__)
 
@@ -58,10 +64,18 @@ IDENTITY_KEYS = (
     "aspect_bucket_rounding",
 )
 # options that enter the identity only when set, so checkpoints made before they existed still resume
-IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections",)
+IDENTITY_KEYS_WHEN_SET = ("fuse_qkv_projections", "layer_freeze_strategy")
 # dataset options that say where caches live, not what trains: a moved cache resumes
 _WHERE_NOT_WHAT = frozenset({"cache_dir", "cache_dir_vae", "skip_file_discovery"})
-_SECRET = re.compile(r"secret|access_key|token|password", re.IGNORECASE)
+_SECRET = re.compile(r"secret|access_key|token|password|webhook_config", re.IGNORECASE)  # webhook URLs are secrets
+
+
+class Collective(Protocol):
+    """A checkpoint part every process writes and reads (sharded weights and optimiser state)."""
+
+    def save(self, folder: Path, is_main: bool) -> None: ...
+
+    def load(self, folder: Path, is_main: bool) -> None: ...
 
 
 class Stateful(Protocol):
@@ -109,7 +123,8 @@ def run_identity(cfg: Any, datasets: Sequence[Any] = ()) -> dict[str, Any]:
     enter as ids plus one hash of their settings, credentials left out.
     """
     identity = {key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS}
-    identity.update({key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS_WHEN_SET if getattr(cfg, key, None)})
+    identity.update({key: _jsonable(getattr(cfg, key)) for key in IDENTITY_KEYS_WHEN_SET
+                     if getattr(cfg, key, None) not in (None, False, "none")})
     entries = [{k: v for k, v in _without_secrets(_jsonable(d)).items() if k not in _WHERE_NOT_WHAT}
                for d in datasets]
     identity["dataset_ids"] = [e.get("id") for e in entries]
@@ -229,32 +244,60 @@ def save_checkpoint(
     processes: Processes = Processes(),
     total_limit: int | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    collective: Collective | None = None,
 ) -> Path:
     """Write a checkpoint of `progress.step` and return its folder (on every process).
 
     `modules`: name -> unwrapped module whose trainable parameters are saved; `states`: name ->
     object with state_dict (optimizer, lr_scheduler, ema), saved by rank 0; `rank_states`: saved
-    by every process (sampler); `write_extra(folder)` runs on rank 0 before the folder is sealed.
+    by every process (sampler); `write_extra(folder)` runs on rank 0 before the folder is sealed;
+    `collective.save(folder, is_main)` runs on every process (sharded training's weights and optimiser).
     """
     root = checkpoints_dir(output_dir)
     name = checkpoint_name(progress.step)
     temp = root / f"{_TEMP}{name}"
-    if processes.is_main:
-        remove_partial(output_dir)
-        temp.mkdir(parents=True)
-    processes.barrier()
-    torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
-    if processes.is_main:
-        _write_shared(temp, modules, states, config, write_extra)
-    processes.barrier()
     final = root / name
+    with _explained(output_dir, name, temp):
+        if processes.is_main:
+            remove_partial(output_dir)
+            temp.mkdir(parents=True)
+        processes.barrier()
+        torch.save(_rank_payload(rank_states or {}), temp / f"rank-{processes.rank:05d}.pt")
+        if collective is not None:
+            collective.save(temp, processes.is_main)
+        if processes.is_main:
+            _write_shared(temp, modules, states, config, write_extra)
+        processes.barrier()
+        if processes.is_main:
+            _seal(temp, progress, processes.world_size, identity or {})
+            _replace(temp, final)
     if processes.is_main:
-        _seal(temp, progress, processes.world_size, identity or {})
-        _replace(temp, final)
         _rotate(output_dir, total_limit)
         logger.info("saved checkpoint %s", final)
     processes.barrier()
     return final
+
+
+@contextmanager
+def _explained(output_dir: str | os.PathLike[str], name: str, temp: Path) -> Iterator[None]:
+    """A failed write (disk full...) removes the half-written folder and stops with one line; older
+    checkpoints are untouched (rotation runs only after a save completes). With several processes,
+    the others stop at their next barrier when this one exits."""
+    try:
+        with explained_write_errors(f"write checkpoint {name} in {checkpoints_dir(output_dir)}",
+                                    checkpoints_dir(output_dir), _intact(output_dir)):
+            yield
+    except UserError:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _intact(output_dir: str | os.PathLike[str]) -> str:
+    found = list_checkpoints(output_dir)
+    if not found:
+        return "no earlier checkpoint exists; free space and start again"
+    return (f"the previous checkpoint {found[-1].name} is intact: free space, then resume with "
+            "--resume_from_checkpoint latest")
 
 
 def _write_shared(temp: Path, modules: Mapping[str, nn.Module], states: Mapping[str, Stateful],
@@ -360,6 +403,7 @@ def load_checkpoint(
     rank_states: Mapping[str, Stateful] | None = None,
     identity: Mapping[str, Any] | None = None,
     processes: Processes = Processes(),
+    collective: Collective | None = None,
 ) -> Progress:
     """Restore a checkpoint into freshly built objects (built as when it was saved: same trainable
     parameters, optimiser over them in the same order) and this process's RNG; return the progress
@@ -368,6 +412,8 @@ def load_checkpoint(
     meta = check_compatible(path, identity, processes.world_size) if identity is not None else read_meta(path)
     for name, module in modules.items():
         _load_trainable(module, path / f"{name}.safetensors")
+    if collective is not None:  # before the states: the lr scheduler's state names the optimiser's
+        collective.load(path, processes.is_main)
     for name, state in states.items():
         state.load_state_dict(_torch_load(path / f"{name}.pt"))
     payload = _torch_load(path / f"rank-{processes.rank:05d}.pt")

@@ -3,13 +3,15 @@
 An image dataset names its conditioning dataset with `conditioning_data`; the scan keeps only images
 that have a partner file (data.pairing). Each control image takes its image's ImagePlan (same resize,
 same crop, same bucket), so the pair always aligns; its entry (the family's `control_entry`: pixels for
-SD/SDXL) is cached in the conditioning dataset's latent cache under a content key like every other entry.
+SD/SDXL) is cached in the conditioning dataset's latent cache under a content key like every other entry,
+and read back through the same checked reader as latents (train.data): a pair whose control image cannot be
+prepared or read leaves training and is listed in output_dir/skipped.jsonl, never replaced by another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -17,7 +19,7 @@ from simpletuner.cache.keys import EncoderIdentity
 from simpletuner.errors import ConfigError
 
 if TYPE_CHECKING:
-    from simpletuner.cache.jobs import CacheSummary
+    from simpletuner.cache.jobs import CacheSummary, LazyCache
     from simpletuner.cache.latents import LatentItem
     from simpletuner.cache.store import TensorStore
     from simpletuner.commands.scan import DatasetScan
@@ -37,9 +39,7 @@ class ControlData:
     items: dict[int, LatentItem]
     store: TensorStore
     storage_options: dict[str, Any]
-
-    def entry(self, record: int) -> dict[str, torch.Tensor]:
-        return self.store.get(self.items[record].key)
+    reader: LazyCache | None = None  # the checked reader of the entries (control_reader), once cached
 
 
 def partners_of(settings: Settings) -> dict[str, DatasetConfig]:
@@ -98,18 +98,32 @@ def control_data(partner: DatasetConfig, partner_scan: DatasetScan, records: Seq
     return ControlData(partner.id, dict(zip(indices, items)), store, options)
 
 
-def cache_control(control: ControlData, family: ModelFamily, components: Components, *, batch_size: int,
-                  progress: bool) -> CacheSummary:
-    """Prepare and store the control entries the store lacks; failures are reported by the cache job."""
-    from simpletuner.cache.latents import cache_latents
+def control_encoder(family: ModelFamily, components: Components) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """What prepares control entries from control pixels: the family's `control_entry`, on the CPU."""
 
     def encode(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {name: tensor.cpu() for name, tensor in family.control_entry(components, pixels).items()}
 
+    return encode
+
+
+def cache_control(control: ControlData, family: ModelFamily, components: Components, *, batch_size: int,
+                  progress: bool) -> CacheSummary:
+    """Prepare and store the control entries the store lacks; failures are reported by the cache job."""
+    from simpletuner.cache.latents import cache_latents
+
     items = sorted(control.items.values(), key=lambda item: item.source)
-    return cache_latents(items, control.store, encode, batch_size=batch_size, storage_options=control.storage_options,
-                         progress=progress)
+    return cache_latents(items, control.store, control_encoder(family, components), batch_size=batch_size,
+                         storage_options=control.storage_options, progress=progress)
+
+
+def control_reader(control: ControlData, encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> LazyCache:
+    """The control entries' reader: each entry's length and CRC checked on first read, a corrupt one encoded
+    again from its control image (the same checks as the latents')."""
+    from simpletuner.cache.latents import lazy_latents
+
+    return lazy_latents(control.store, encode, control.storage_options)
 
 
 def control_image(data: Any, index: int) -> Any:

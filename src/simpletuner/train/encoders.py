@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simpletuner.cache.keys import EncoderIdentity, stable_hash
+from simpletuner.config.quantisation import requested
 
 if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
@@ -54,5 +55,8 @@ def text_identity(family: ModelFamily, components: Components, cfg: TrainingConf
     encoders = sorted(name for name, module in components.modules.items()
                       if name.startswith("text_encoder") and module is not None)
     settings = {"family": family.name, "encoders": encoders, **family.text_cache_settings(cfg)}
+    quantised = {name: value for name, value in requested(cfg).items() if name.startswith("text_encoder")}
+    if quantised:  # quantised encoders give other embeddings
+        settings["quantised"] = quantised
     first = components.get(encoders[0]) if encoders else None
     return _identity(cfg.pretrained_model_name_or_path, cfg.revision, encoders, first, settings)

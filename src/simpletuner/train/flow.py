@@ -27,7 +27,8 @@ from torch import Tensor
 
 from simpletuner.errors import ConfigError
 from simpletuner.log import get_logger
-from simpletuner.train.objectives import LossType, NoiseDraw, _per_sample, elementwise_loss, offset_noise, weighted_mean
+from simpletuner.train.objectives import (LossType, NoiseDraw, _per_sample, elementwise_loss, masked, offset_noise,
+                                          weighted_mean)
 
 if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
@@ -208,6 +209,7 @@ class FlowMatchingObjective:
     input_perturbation: float = 0.0
     num_train_timesteps: int = 1000
     prediction_type: str = "flow_matching"
+    sigma_range: tuple[float, float] | None = None  # refiner_training: the expert's share of the schedule
 
     @classmethod
     def from_config(cls, cfg: TrainingConfig,
@@ -233,6 +235,8 @@ class FlowMatchingObjective:
             noise_offset_probability=cfg.noise_offset_probability,
             input_perturbation=cfg.input_perturbation,
             num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+            sigma_range=refiner_sigma_range(cfg.refiner_training_strength, cfg.refiner_training_invert_schedule)
+            if cfg.refiner_training else None,
         )
 
     def to(self, device: torch.device | str) -> FlowMatchingObjective:
@@ -248,6 +252,9 @@ class FlowMatchingObjective:
             sigmas = time_shift_exponential(sigmas, self.auto_shift.mu(image_seq_len(latents)))
         else:
             sigmas = shift_sigmas(sigmas, self.shift)
+        if self.sigma_range is not None:  # the drawn distribution, squeezed into the expert's range
+            low, high = self.sigma_range
+            sigmas = low + (high - low) * sigmas
         return sigmas.clamp(min=SIGMA_EPS)  # an extreme shift must not reach sigma 0
 
     def draw(self, latents: Tensor, generator: torch.Generator | None = None) -> NoiseDraw:
@@ -274,10 +281,18 @@ class FlowMatchingObjective:
         return flow_loss_weights(self.sigmas(timesteps), self.weighting, logit_mean=self.logit_mean,
                                  logit_std=self.logit_std)
 
-    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
-        """Scalar loss: elementwise loss, per-sample mean, flow weights, batch mean."""
-        elementwise = elementwise_loss(prediction, target, self.loss_type, self.huber_c)
+    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Scalar loss: elementwise loss (times the loss mask, if any), per-sample mean, flow weights, batch mean."""
+        elementwise = masked(elementwise_loss(prediction, target, self.loss_type, self.huber_c), mask)
         return weighted_mean(elementwise, self.loss_weights(timesteps))
+
+
+def refiner_sigma_range(strength: float, invert: bool = False) -> tuple[float, float]:
+    """refiner_training_strength for flow matching: the lowest-noise share of sigmas, [0, strength]; inverted,
+    [strength, 1] (as `objectives.refiner_timestep_range` for DDPM timesteps)."""
+    if not 0 < strength < 1:
+        raise ConfigError(f"refiner_training_strength must be in (0, 1), got {strength}")
+    return (strength, 1.0) if invert else (0.0, strength)
 
 
 def sampling_from_config(cfg: TrainingConfig) -> Sampling:

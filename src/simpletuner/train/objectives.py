@@ -12,7 +12,7 @@ Conventions: `alphas_cumprod` is the DDPM cumulative product of (1 - beta) over
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -231,6 +231,15 @@ def elementwise_loss(prediction: Tensor, target: Tensor, loss_type: LossType = "
     raise ConfigError(f"loss_type {loss_type!r} is not one of 'l2', 'huber', 'smooth_l1'")
 
 
+def masked(loss: Tensor, mask: Tensor | None) -> Tensor:
+    """Elementwise loss [B, C, h, w] times per-pixel weights [B, 1, h, w] (masked loss); unchanged without.
+
+    Upstream SimpleTuner's masked loss: the weighted loss is then averaged over every pixel, so a fully
+    masked region adds nothing to the loss or to its gradient.
+    """
+    return loss if mask is None else loss * mask.to(device=loss.device, dtype=loss.dtype)
+
+
 def weighted_mean(loss: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean over each sample, times its weight, then mean over the batch."""
     per_sample = loss.mean(dim=list(range(1, loss.ndim)))
@@ -258,7 +267,7 @@ class TrainingObjective(Protocol):
 
     def target(self, latents: Tensor, draw: NoiseDraw) -> Tensor: ...
 
-    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor: ...
+    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor: ...
 
     def to(self, device: torch.device | str) -> TrainingObjective: ...
 
@@ -338,25 +347,40 @@ class Objective:
         snr = snr_from_alphas_cumprod(self.alphas_cumprod, timesteps)
         return min_snr_weights(snr, self.snr_gamma, self.prediction_type)
 
-    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor) -> Tensor:
-        """Scalar loss: elementwise loss, per-sample mean, min-SNR weights, batch mean."""
-        elementwise = elementwise_loss(prediction, target, self.loss_type, self.huber_c)
+    def loss(self, prediction: Tensor, target: Tensor, timesteps: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Scalar loss: elementwise loss (times the loss mask, if any), per-sample mean, min-SNR weights, batch mean."""
+        elementwise = masked(elementwise_loss(prediction, target, self.loss_type, self.huber_c), mask)
         return weighted_mean(elementwise, self.loss_weights(timesteps))
 
 
 def training_loss(family: ModelFamily, components: Components, objective: TrainingObjective,
-                  batch: Mapping[str, Any], draw: NoiseDraw) -> Tensor:
+                  batch: Mapping[str, Any], draw: NoiseDraw,
+                  base_model: Callable[[], ContextManager[Any]] | None = None) -> Tensor:
     """The loss of one training step.
 
     `batch["latents"]` are model-space latents (already drawn and scaled, see
     `ModelFamily.latents_from_distribution`), `batch["text"]` the cached text outputs
     (caption dropout already applied, see `ModelFamily.drop_captions`); other keys are
-    the family's per-sample conditioning (e.g. SDXL's original_size, crop_top_left, target_size).
+    the family's per-sample conditioning (e.g. SDXL's original_size, crop_top_left, target_size);
+    `batch["loss_mask"]`, when present, weighs the loss per latent pixel (masked loss).
+    `batch["regularisation"]` (a list of bools), when present, marks regularisation samples: their target
+    is the base model's own prediction, made inside `base_model()` (the adapter switched off).
     With a ControlNet in the components, the prediction is the frozen denoiser's steered by it
-    through `batch["control"]` (models.controlnet).
+    through `batch["control"]` (models.controlnet); a regularisation sample's target is then the prediction
+    steered by the ControlNet without its adapter.
     """
     latents = batch["latents"]
     noisy = objective.noisy_latents(latents, draw)
     predict = family.predict_with_controlnet if components.get("controlnet") is not None else family.predict
     prediction = predict(components, noisy, draw.timesteps, batch["text"], batch)
-    return objective.loss(prediction, objective.target(latents, draw), draw.timesteps)
+    target = objective.target(latents, draw)
+    regularisation = batch.get("regularisation")
+    if regularisation is not None and any(regularisation):
+        if base_model is None:
+            raise ConfigError("regularisation data (is_regularisation_data) needs the base model's predictions: "
+                              "train an adapter (model_type 'lora')")
+        with torch.no_grad(), base_model():
+            base = predict(components, noisy, draw.timesteps, batch["text"], batch)
+        chosen = torch.tensor(regularisation, device=target.device)
+        target = select_per_sample(~chosen, target, base.to(target.dtype))
+    return objective.loss(prediction, target, draw.timesteps, batch.get("loss_mask"))

@@ -65,16 +65,32 @@ def _import(optimizer: str) -> Any:
         ) from error
 
 
+def with_learning_rate(groups: list[dict[str, Any]], chosen: Iterable[nn.Parameter],
+                       lr: float) -> list[dict[str, Any]]:
+    """Each group split in two: the `chosen` parameters (own group, learning rate `lr`) and the rest."""
+    ids = {id(p) for p in chosen}
+    split = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in ids]
+        picked = [p for p in group["params"] if id(p) in ids]
+        split += [{**group, "params": rest}, {**group, "params": picked, "lr": lr}]
+    return [group for group in split if group["params"]]
+
+
 def build_optimizer(
-    params: nn.Module | Iterable[nn.Parameter], cfg: TrainingConfig, device_type: str
+    params: nn.Module | Iterable[nn.Parameter], cfg: TrainingConfig, device_type: str,
+    text_encoder_params: Iterable[nn.Parameter] = (),
 ) -> torch.optim.Optimizer:
     """The optimiser named by `cfg.optimizer` over the trainable parameters of `params`.
 
     `device_type` is where the parameters live ("cuda", "cpu", "mps"): AdamW is fused on CUDA.
+    `text_encoder_params` train at cfg.text_encoder_lr when it is set.
     Schedule-free AdamW keeps its own warm-up (cfg.lr_warmup_steps) and must be switched with
     `set_train_mode` around validation and export.
     """
     groups = parameter_groups(params, cfg.adam_weight_decay)
+    if cfg.text_encoder_lr is not None:  # train_text_encoder: the encoders' own learning rate
+        groups = with_learning_rate(groups, text_encoder_params, cfg.text_encoder_lr)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     lr = cfg.learning_rate
     name = cfg.optimizer

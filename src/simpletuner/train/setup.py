@@ -9,7 +9,7 @@ and tracker are built. The trainer never branches on a family's name.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import torch
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.sharding import Plain, Sharding
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from simpletuner.train.checkpoint import Processes
     from simpletuner.train.data import TrainingData
     from simpletuner.train.ema import EMA
+    from simpletuner.train.offload import Parked
     from simpletuner.train.trackers import Tracker
     from simpletuner.validate import ValidationPlan
 
@@ -55,7 +57,9 @@ class Run:
     identity: dict[str, Any]
     total_steps: int
     resume_from: Path | None
+    sharding: Sharding = field(default_factory=Plain)  # replicated, FSDP2 or DeepSpeed: train/sharding.py
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
+    parked: Parked | None = None  # frozen encoders waiting on the CPU while the step runs
 
     @property
     def cfg(self):
@@ -64,6 +68,9 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+
+SKIPPED_REPORT = "skipped.jsonl"  # in output_dir: every image this run left out, with its reason
 
 
 def check_output_dir(output_dir: str) -> Path:
@@ -83,16 +90,26 @@ def check_output_dir(output_dir: str) -> Path:
 def make_accelerator(settings: Settings) -> Accelerator:
     from accelerate import Accelerator
 
+    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu
+
     cfg = settings.training
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=1)  # accumulation is counted by the trainer itself
+    plugins = accelerator_plugins(cfg)  # FSDP2 or DeepSpeed, when asked for
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=1, **plugins)  # the trainer counts accumulation
+    if "fsdp_plugin" in plugins:
+        enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    return accelerator
 
 
 def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     """Build a run; raises UserError for bad input before the long work starts."""
+    from simpletuner.config.packages import check_packages
     from simpletuner.config.unimplemented import check_implemented
     from simpletuner.models.registry import get_family, with_checkpoint
+    from simpletuner.train.adapters import check_regularisation
+    from simpletuner.train.quantize import check_quantisation, quantize_components
     from simpletuner.train.checkpoint import Processes, check_compatible, resolve_resume, run_identity
+    from simpletuner.train.sharding import sharding_for
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
@@ -103,6 +120,10 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         settings = with_generated_conditioning(settings)
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
+    check_packages(cfg, settings.datasets)
+    check_regularisation(cfg, settings.datasets)
+    sharding = sharding_for(accelerator, cfg)
+    check_quantisation(cfg, accelerator.device)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
     if cfg.controlnet:
@@ -112,13 +133,16 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resumed_at = 0
     if resume_from is not None:
-        check_compatible(resume_from, identity, accelerator.num_processes)
+        resumed_at = check_compatible(resume_from, identity, accelerator.num_processes)["step"]
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-    components = family.load(cfg).to(accelerator.device)
+    components = family.load(cfg)
+    quantize_components(family, components, cfg, accelerator.device)  # frozen weights, before any adapter
+    components.to(accelerator.device)
     _configure_vae(components, cfg)
     if generators is not settings:
         from simpletuner.data.generators import generate_all
@@ -126,9 +150,15 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
         if accelerator.is_main_process:
             print("\n".join(generate_all(settings, generators)), flush=True)
         accelerator.wait_for_everyone()
-    data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand)
-    return _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
-                           Processes.from_accelerator(accelerator))
+    data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand,
+                        report_path=str(Path(cfg.output_dir) / SKIPPED_REPORT))
+    from simpletuner.train.offload import park_encoders
+
+    parked = park_encoders(components, data, accelerator.device, cfg)  # the caches are complete
+    run = _training_parts(settings, accelerator, family, components, data, validation, identity, resume_from,
+                          Processes.from_accelerator(accelerator), resumed_at, sharding)
+    run.parked = parked
+    return run
 
 
 def _configure_vae(components: Components, cfg: Any) -> None:
@@ -148,14 +178,18 @@ def scaled_learning_rate(cfg: Any, processes: int) -> float:
 
 
 def prepare_data(settings: Settings, family: ModelFamily, components: Components, accelerator: Accelerator,
-                 on_demand: bool = False) -> TrainingData:
+                 on_demand: bool = False, report_path: str | None = None) -> TrainingData:
     """Scan the datasets (printing the report) and encode what the caches lack (printing summaries);
-    with `on_demand`, latents are left to be encoded when a batch first needs them."""
+    with `on_demand`, latents are left to be encoded when a batch first needs them. Images left out
+    (the index's skips, unreadable captions, failed loads or encodes) are listed in `report_path`
+    (JSON lines), when given."""
     from simpletuner.train.data import TrainingData
 
     data = TrainingData.prepare(settings, family, components)
     if accelerator.is_main_process:
         print(data.scan_report, end="", flush=True)
+    if report_path is not None:  # the main process starts it; every rank appends what fails in training
+        data.open_report(report_path, start=accelerator.is_main_process)
     for summary in data.ensure_cached(family, components, vae_batch_size=settings.training.vae_batch_size,
                                       progress=accelerator.is_main_process,
                                       on_demand=on_demand):
@@ -166,12 +200,14 @@ def prepare_data(settings: Settings, family: ModelFamily, components: Components
 
 def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelFamily, components: Components,
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
-                    resume_from: Path | None, processes: Processes) -> Run:
+                    resume_from: Path | None, processes: Processes, resumed_at: int = 0,
+                    sharding: Sharding | None = None) -> Run:
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
     from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
+    from simpletuner.train.text_encoders import prepare_text_encoders
     from simpletuner.train.trackers import open_tracker
 
     cfg = settings.training
@@ -186,6 +222,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         targets = controlnet_lora_targets(trains, targets)
     trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
+    trained.text_encoders = prepare_text_encoders(family, components, cfg)
     trained.module.to(accelerator.device)
     if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
         trained.cast_trainable(trained_weight_dtype(cfg))
@@ -193,25 +230,36 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-    if cfg.gradient_checkpointing and hasattr(trains, "enable_gradient_checkpointing"):
-        trains.enable_gradient_checkpointing()
+    if cfg.gradient_checkpointing:  # the trained model's blocks (a ControlNet's; its frozen denoiser is not)
+        from simpletuner.train.checkpointing import enable_checkpointing
+
+        enable_checkpointing(trains, cfg.gradient_checkpointing_interval)
     trains.train()
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
               if d.id in data.datasets],
         rank=accelerator.process_index, world_size=accelerator.num_processes)
     total_steps = _total_steps(cfg, sampler.steps_in_epoch)
-    optimizer = accelerator.prepare_optimizer(build_optimizer(trained.parameters(), cfg, accelerator.device.type))
+    text_parameters = [p for encoder in trained.text_encoders.values() for p in encoder.parameters()]
+    sharding = sharding or Plain()
+    optimizer = sharding.prepare(accelerator, trained.module,
+                                 build_optimizer(trained.parameters(), cfg, accelerator.device.type,
+                                                 text_encoder_params=text_parameters))
+    if sharding.sharded and validation is not None and not sharding.validates:
+        logger.warning("validation is skipped: its pipeline runs on the first process, and %s weights are "
+                       "sharded over all of them", type(sharding).__name__)
+        validation = None
     lr_scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
     ema = None
     if cfg.use_ema:
         ema = EMA(trained.parameters(), cfg.ema_decay, update_every=cfg.ema_update_interval or 1,
                   device="cpu" if cfg.ema_device == "cpu" else None)
     tracker = open_tracker(cfg, is_main_process=accelerator.is_main_process,
-                           run_config=cfg.model_dump(mode="json"))
+                           run_config=cfg.model_dump(mode="json", exclude={"webhook_config"}),  # URLs: secrets
+                           resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
-               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from)
+               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding)
 
 
 def _total_steps(cfg: Any, batches_per_epoch: int) -> int:

@@ -92,10 +92,14 @@ class Tracker:
         self.finish()
 
 
-def open_tracker(cfg: Any, *, is_main_process: bool = True, run_config: Mapping[str, Any] | None = None) -> Tracker:
+def open_tracker(cfg: Any, *, is_main_process: bool = True, run_config: Mapping[str, Any] | None = None,
+                 resumed_at: int | None = None) -> Tracker:
     """Start the tracker `cfg.report_to` names, logging under output_dir/logging_dir.
 
-    `run_config` (JSON values, e.g. the configuration) is recorded with the run.
+    `run_config` (JSON values, e.g. the configuration) is recorded with the run. `resumed_at`: the
+    step this run starts from (a checkpoint's, or 0); TensorBoard then purges what an interrupted or
+    earlier run logged in the same folder after it (purge_step). Weights & Biases cannot rewrite its
+    history: it ignores steps already logged.
     """
     backend_name = choose_backend(cfg.report_to)
     if backend_name is None or not is_main_process:
@@ -109,7 +113,7 @@ def open_tracker(cfg: Any, *, is_main_process: bool = True, run_config: Mapping[
     logging_dir.mkdir(parents=True, exist_ok=True)
     run_name = cfg.tracker_run_name or cfg.tracker_project_name
     if backend_name == "tensorboard":
-        backend = TensorBoardTracker(run_name, logging_dir)
+        backend = TensorBoardTracker(run_name, logging_dir, purge_step=(resumed_at or 0) + 1)
         backend.start()
         if run_config:
             backend.writer.add_text("config", f"```\n{json.dumps(dict(run_config), indent=2, default=str)}\n```")

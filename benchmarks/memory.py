@@ -1,0 +1,350 @@
+"""Training memory per family and mode: parameters, gradients, optimiser state and activations.
+
+    python benchmarks/memory.py                       # Flux, SD3, PixArt Sigma, Hunyuan-DiT at 1024 px
+    python benchmarks/memory.py --model flux --record # append the table to benchmarks/RESULTS.md
+
+Method (CPU, no GPU needed):
+- Parameters: each denoiser is built with its published width (benchmarks/architectures.py) but only
+  a few repeated blocks (one per block list; two for SD3, whose last block has no context branch;
+  four for Hunyuan-DiT, whose blocks past the middle carry skip projections), in bf16 with random
+  weights, and quantised with the trainer's own function
+  (`simpletuner.train.quantize.quantize_module`: optimum-quanto int8, bitsandbytes nf4). The bytes of
+  every stored tensor (quantised data, scales, quantisation state) are counted per block and
+  extrapolated by block count to the full model: total = rest + for every block of the full model
+  (its layout read from the full model built on the meta device) the bytes of the built block of
+  the same layout.
+- Activations: the same reduced-depth model runs forward on PyTorch's meta device (shapes only, no
+  arithmetic) with a latent that requires a gradient, as under LoRA or full training; the bytes of
+  every tensor autograd saves for backward, less the weights themselves and less the attention
+  probability matrices (flash / memory-efficient attention keeps none), are summed. Depth k and 2k
+  give the bytes per block, extrapolated by block count. Batch 1, bf16. With gradient checkpointing
+  of every block (SimpleTuner's Flux examples turn it on) the step keeps the part outside the
+  blocks, each block's inputs (counted the same way, by forward pre-hooks) and one block's
+  activations while it is recomputed; the total column uses this figure.
+- Gradients and optimiser: LoRA (rank 16 on the family's diffusers targets) trains fp32 weights with
+  AdamW: 4 bytes of gradient and 8 of state per trained weight. Full training: fp32 weights, fp32
+  gradients, AdamW state (16 bytes per weight). Sharded rows are the per-rank share computed
+  analytically: ZeRO-2 splits gradients and optimiser state across the ranks, ZeRO-3 / FSDP full
+  shard splits weights too; activations are never split.
+- Not counted: the CUDA context, allocator fragmentation, text encoders and VAE (cached before
+  training), temporary buffers inside kernels. UNet families (SD 1.x, SDXL) are not covered: their
+  depth does not reduce to a count of equal blocks.
+
+With CUDA, `--gpu` builds the full model on the device, runs one real LoRA step and reports
+`torch.cuda.max_memory_allocated` beside the estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from benchmarks.architectures import ARCHITECTURES, Architecture, build_model, make_batch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+GIB = 1024**3
+# block lists of each transformer: (attribute, config key of its count)
+BLOCK_LISTS = {
+    "flux": (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers")),
+    "sd3": (("transformer_blocks", "num_layers"),),
+    "pixart": (("transformer_blocks", "num_layers"),),
+    "hunyuan_dit": (("blocks", "num_layers"),),
+}
+# blocks of other layouts: Hunyuan-DiT's past the middle have skip projections (paired with earlier ones), SD3's
+# last block has no context branch
+BUILT_BLOCKS = {"hunyuan_dit": 4, "sd3": 2}
+LORA_RANK = 16
+# SimpleTuner's published Flux LoRA figures at 1024 px, and this issue's goals
+ANCHORS = {"lora-bf16": (30, 24), "lora-int8": (18, 14), "lora-nf4": (9, 9)}
+MODES = ("lora-bf16", "lora-int8", "lora-nf4", "full", "full-zero2", "full-zero3/fsdp")
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    parameters: float  # bytes
+    gradients: float
+    optimizer: float
+    activations: float  # every activation kept for backward
+    checkpointed: float  # with gradient checkpointing of every block
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.checkpointed
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of every stored tensor of `module`: parameters, buffers and quantised payloads."""
+    seen: dict[int, torch.Tensor] = {}  # keeps each counted tensor alive, so no id is reused
+    total = 0
+
+    def add(tensor: torch.Tensor) -> None:
+        nonlocal total
+        inner = [getattr(tensor, name) for name in ("_data", "_scale", "_shift") if hasattr(tensor, name)]
+        if inner:  # optimum-quanto QTensor
+            for part in inner:
+                add(part)
+            return
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:  # bitsandbytes 4-bit: packed data + absmax (+ its own state when nested)
+            for part in (state.absmax, getattr(state.state2, "absmax", None) if state.nested else None,
+                         getattr(state, "code", None)):
+                if isinstance(part, torch.Tensor):
+                    add(part)
+        key = id(tensor)
+        if key not in seen:
+            seen[key] = tensor
+            total += tensor.numel() * tensor.element_size()
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        add(tensor.data if isinstance(tensor, nn.Parameter) and not hasattr(tensor, "quant_state") else tensor)
+    return total
+
+
+def reduced_config(arch: Architecture, tiny: bool, scale: int = 1, which: str | None = None) -> dict:
+    """The published (or tiny) configuration with few blocks: BUILT_BLOCKS (x `scale` for list `which`)."""
+    config = dict(arch.model_config(tiny))
+    for attribute, key in BLOCK_LISTS[arch.name]:
+        built = min(BUILT_BLOCKS.get(arch.name, 1), config[key])
+        config[key] = built * (scale if which in (None, attribute) else 1)
+    return config
+
+
+def _build(arch: Architecture, config: dict, device: str) -> nn.Module:
+    import diffusers
+
+    with torch.device(device):
+        model = getattr(diffusers, arch.model_class)(**config).to(torch.bfloat16)
+    return model.requires_grad_(False)
+
+
+def _signature(block: nn.Module) -> tuple:
+    return tuple((name, tuple(p.shape)) for name, p in block.named_parameters())
+
+
+def block_layout(arch: Architecture, full: dict, reduced: nn.Module) -> dict[str, list[int]]:
+    """For every block of the full model (built on the meta device, no memory), the index of the block of
+    `reduced` (unquantised) with the same parameter layout."""
+    model = _build(arch, full, "meta")
+    layout = {}
+    for attribute, _ in BLOCK_LISTS[arch.name]:
+        built = {}
+        for index, block in enumerate(getattr(reduced, attribute)):
+            built.setdefault(_signature(block), index)
+        layout[attribute] = [built[_signature(block)] for block in getattr(model, attribute)]
+    return layout
+
+
+def extrapolated_bytes(model: nn.Module, arch: Architecture, layout: dict[str, list[int]]) -> float:
+    """Bytes of the full model from a reduced one: the rest once, and each block of the full model as many
+    bytes as the built block of the same layout (`block_layout`)."""
+    total = float(tensor_bytes(model))
+    for attribute, _ in BLOCK_LISTS[arch.name]:
+        blocks = getattr(model, attribute)
+        total -= sum(tensor_bytes(b) for b in blocks)
+        total += sum(tensor_bytes(blocks[index]) for index in layout[attribute])
+    return total
+
+
+def lora_weights(model: nn.Module, arch: Architecture, full: dict, built: dict) -> float:
+    """Trained LoRA weights of the full model (rank LORA_RANK on the family's targets)."""
+    per_list = {attribute: 0 for attribute, _ in BLOCK_LISTS[arch.name]}
+    rest = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
+            weights = LORA_RANK * (layer.in_features + layer.out_features)
+            attribute = name.split(".")[0]
+            if attribute in per_list:
+                per_list[attribute] += weights
+            else:
+                rest += weights
+    return rest + sum(per_list[a] * full[k] / built[k] for a, k in BLOCK_LISTS[arch.name])
+
+
+def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bool) -> tuple[float, float]:
+    """One forward of `config` on the meta device (batch 1, bf16): the bytes autograd saves for backward, and
+    the bytes of the blocks' distinct inputs (what checkpointing every block keeps instead)."""
+    model = _build(arch, config, "meta")
+    batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
+             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
+    weights = {id(p) for p in model.parameters()}
+    saved = 0
+    inputs: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        base = tensor._base if tensor._base is not None else tensor
+        square = tensor.dim() == 4 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] > 64
+        if id(base) not in weights and id(tensor) not in weights and not square:
+            saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def keep_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for value in [*args, *kwargs.values()]:
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    inputs.setdefault(id(tensor), tensor)
+
+    for attribute, _ in BLOCK_LISTS[arch.name]:
+        for block in getattr(model, attribute):
+            block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+    noisy = batch["latents"].requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        arch.call(model, noisy, torch.ones(1, device="meta"), batch)
+    return float(saved), float(sum(t.numel() * t.element_size() for t in inputs.values()))
+
+
+def extrapolated_activations(arch: Architecture, tiny: bool, resolution: int, full: dict,
+                             built: dict) -> tuple[float, float]:
+    """Activations of the full model without and with checkpointing of every block. Checkpointed: the part
+    outside the blocks, every block's inputs, and one block's activations (recomputed during backward)."""
+    saved, inputs = activation_bytes(arch, built, resolution, tiny)
+    plain, kept, per_block = saved, inputs, []
+    for attribute, key in BLOCK_LISTS[arch.name]:
+        saved_2, inputs_2 = activation_bytes(arch, reduced_config(arch, tiny, 2, attribute), resolution, tiny)
+        block = (saved_2 - saved) / built[key]
+        per_block.append(block)
+        plain += block * (full[key] - built[key])
+        kept += (inputs_2 - inputs) / built[key] * (full[key] - built[key])
+    outside = saved - sum(block * built[key] for block, (_, key) in zip(per_block, BLOCK_LISTS[arch.name]))
+    return plain, outside + kept + max(per_block)
+
+
+def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, ...]) -> list[Row]:
+    """Every mode of one family."""
+    from simpletuner.train.quantize import quantize_module
+
+    arch = ARCHITECTURES[name]
+    full, built = dict(arch.model_config(tiny)), reduced_config(arch, tiny)
+    activations = extrapolated_activations(arch, tiny, resolution, full, built)  # (plain, checkpointed)
+    model = _build(arch, built, "cpu")
+    layout = block_layout(arch, full, model)
+    bf16 = extrapolated_bytes(model, arch, layout)
+    lora = lora_weights(model, arch, full, built)
+    parameters = bf16 / 2  # bf16: 2 bytes per weight
+    rows = [Row(name, "lora-bf16", bf16 + 4 * lora, 4 * lora, 8 * lora, *activations)]
+    for precision, mode in (("int8-quanto", "lora-int8"), ("nf4-bnb", "lora-nf4")):
+        quantised = _build(arch, built, "cpu")
+        quantised.load_state_dict(model.state_dict())
+        quantize_module(quantised, precision)
+        rows.append(Row(name, mode, extrapolated_bytes(quantised, arch, layout) + 4 * lora, 4 * lora,
+                        8 * lora, *activations))
+        del quantised
+    del model
+    rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *activations))
+    for world in world_sizes:
+        rows.append(Row(name, f"full-zero2 x{world}", 4 * parameters, 4 * parameters / world,
+                        8 * parameters / world, *activations))
+        rows.append(Row(name, f"full-zero3/fsdp x{world}", 4 * parameters / world, 4 * parameters / world,
+                        8 * parameters / world, *activations))
+    return rows
+
+
+def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda", tiny: bool = False) -> float:
+    """One real LoRA step (bf16 base, quantised as `precision`; fp32 LoRA; AdamW) of the whole model on
+    `device`; on CUDA returns torch.cuda.max_memory_allocated in bytes, elsewhere the loss."""
+    from peft import LoraConfig
+
+    from simpletuner.train.quantize import quantize_module
+
+    arch = ARCHITECTURES[name]
+    model = build_model(arch, tiny=tiny, device=device, dtype=torch.bfloat16).requires_grad_(False)
+    if precision != "no_change":
+        quantize_module(model, precision)
+    model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=list(arch.lora_targets)))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
+    batch = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype)
+             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autocast(torch.device(device).type, torch.bfloat16):
+        prediction = arch.call(model, batch["latents"], torch.ones(1, device=device), batch)
+    loss = prediction.float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    if not cuda:
+        return float(loss)
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated())
+
+
+def table(rows: list[Row], anchors: bool = True, unit: tuple[str, int] = ("GiB", GIB)) -> str:
+    lines = ["| model | mode | parameters | gradients | optimiser | activations | activations, checkpointed "
+             "| total (checkpointed) | SimpleTuner | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        anchor, goal = ANCHORS.get(row.mode, ("", "")) if anchors and row.model == "flux" else ("", "")
+        cells = [row.parameters, row.gradients, row.optimizer, row.activations, row.checkpointed, row.total]
+        lines.append(f"| {row.model} | {row.mode} | " + " | ".join(f"{c / unit[1]:.2f} {unit[0]}" for c in cells)
+                     + f" | {f'~{anchor} GB' if anchor else ''} | {f'<= {goal} GB' if goal else ''} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", choices=sorted(BLOCK_LISTS), help="repeatable (default: all)")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--world-sizes", default="2,8", help="ranks for the sharded rows (default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny configurations (a check of the script)")
+    parser.add_argument("--gpu", action="store_true", help="also measure one real LoRA step on CUDA")
+    parser.add_argument("--record", action="store_true", help="append the table to RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    worlds = tuple(int(w) for w in args.world_sizes.split(","))
+    rows: list[Row] = []
+    for name in args.model or list(BLOCK_LISTS):
+        rows += measure(name, tiny=args.tiny, resolution=args.resolution, world_sizes=worlds)
+    text = table(rows, unit=("MiB", 1024**2) if args.tiny else ("GiB", GIB))
+    print(text)
+    peaks = []
+    if args.gpu and torch.cuda.is_available():
+        for name in args.model or list(BLOCK_LISTS):
+            for precision in ("no_change", "int8-quanto", "nf4-bnb"):
+                peak = lora_step(name, args.resolution, precision)
+                peaks.append(f"| {name} | {precision} | {peak / GIB:.2f} GiB |")
+        print("\n".join(["| model | base | max_memory_allocated |", "|---|---|---|", *peaks]))
+    if args.record:
+        record(text, peaks, args)
+    return rows
+
+
+def record(text: str, peaks: list[str], args: argparse.Namespace) -> None:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    lines = [f"\n## Training memory per family and mode, estimated on CPU ({when})\n",
+             f"- machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
+             f"torch {torch.__version__}; {'tiny configurations' if args.tiny else f'{args.resolution} px, batch 1'}",
+             f"- command: `{command}`",
+             "- method: weights of a reduced-depth, full-width bf16 model quantised with the trainer's own "
+             "function, counted per block and extrapolated by block count; activations saved for backward "
+             "counted on the meta device at depth k and 2k (no attention matrices: flash attention); LoRA "
+             f"rank {LORA_RANK} in fp32 with AdamW; full training fp32 + AdamW; sharded rows per rank, computed "
+             "(see the script's docstring). SimpleTuner's column is its published Flux LoRA figure at 1024 px "
+             "(whole process on a GPU), not measured here.\n", text]
+    if peaks:
+        lines += ["", "| model | base | max_memory_allocated |", "|---|---|---|", *peaks]
+    with args.results.open("a") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

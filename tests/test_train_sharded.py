@@ -1,0 +1,114 @@
+"""Sharded training on 2 CPU processes over gloo (FSDP2 through accelerate), against the plain 2-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import write_run
+
+pytestmark = pytest.mark.slow
+FULL = {"model_type": "full", "learning_rate": 1e-4, "images": 8, "max_train_steps": 4, "checkpointing_steps": 2,
+        "disable_validation": True, "checkpoints_total_limit": 5}
+
+
+def launch(config: Path, processes: int = 2, cuda: bool = False) -> None:
+    multi = ["--multi_gpu"] if processes > 1 else []
+    command = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "simpletuner",
+               "train", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if cuda else {**os.environ, "OMP_NUM_THREADS": "1",
+                                                                  "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+
+
+def exported(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "output" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def losses(root: Path) -> dict[int, float]:
+    lines = (root / "output" / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record["loss"] for record in map(json.loads, lines)}
+
+
+def run(root: Path, model: Path, processes: int = 2, cuda: bool = False, **options) -> Path:
+    launch(write_run(root, model, "sd1x", **{**FULL, **options}), processes, cuda)
+    return root
+
+
+def assert_resumes_exactly(tmp_path: Path, model: Path, uninterrupted: Path, **options) -> None:
+    """A run resumed from the uninterrupted run's step-2 checkpoint ends bit-identical to it."""
+    checkpoint = uninterrupted / "output" / "checkpoints" / "step-000002"
+    resumed = run(tmp_path / f"resumed-{uninterrupted.name}", model, resume_from_checkpoint=str(checkpoint),
+                  dataset=uninterrupted / "dataset", **options)
+    assert {step: loss for step, loss in losses(uninterrupted).items() if step > 2} == losses(resumed)
+    before, after = exported(uninterrupted), exported(resumed)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+def test_fsdp2_sharded_state_matches_the_unsharded_run_and_resumes_exactly(tmp_path, tiny_model):
+    model = tiny_model("sd1x")
+    plain = run(tmp_path / "plain", model)
+    sharded = run(tmp_path / "fsdp", model, fsdp_enable=True)  # SHARDED_STATE_DICT, transformer-block wrapping
+
+    checkpoint = sharded / "output" / "checkpoints" / "step-000002"
+    assert (checkpoint / "fsdp" / ".metadata").is_file() and not (checkpoint / "trained.safetensors").exists()
+    assert not (checkpoint / "optimizer.pt").exists()  # the optimiser state is in the shards
+    expected, got = exported(plain), exported(sharded)
+    assert expected.keys() == got.keys()
+    moved = [name for name in expected if not torch.equal(expected[name], load_file(
+        Path(model) / "unet" / "diffusion_pytorch_model.safetensors")[name])]
+    assert moved  # the full fine-tune changed the weights
+    # fp32 sums in another order (reduce-scatter of shards vs one flat all-reduce); Adam divides by the root of
+    # the second moment, so where a gradient is near zero its last bits move the weight by up to the learning
+    # rate (1e-4): allow a tenth of that
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5)
+    for step, loss in losses(plain).items():
+        assert losses(sharded)[step] == pytest.approx(loss, rel=1e-5)
+    assert_resumes_exactly(tmp_path, model, sharded, fsdp_enable=True)
+
+
+def test_fsdp2_full_state_dict_gathers_to_one_file_and_resumes_exactly(tmp_path, tiny_model):
+    model = tiny_model("sd1x")
+    options = {"fsdp_enable": True, "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_cpu_ram_efficient_loading": True,
+               "fsdp_reshard_after_forward": False}
+    full = run(tmp_path / "full", model, **options)
+
+    checkpoint = full / "output" / "checkpoints" / "step-000004"
+    weights = load_file(checkpoint / "trained.safetensors")
+    final = exported(full)
+    assert weights.keys() == final.keys()
+    assert all(torch.equal(weights[name], final[name]) for name in final)  # whole, not one process's shard
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert set(optimizer["state"]) == set(final)  # keyed by parameter name, every parameter whole
+    assert all(state["exp_avg"].shape == final[name].shape for name, state in optimizer["state"].items())
+    assert_resumes_exactly(tmp_path, model, full, **options)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs DeepSpeed on CUDA processes only")
+@pytest.mark.parametrize("zero", [
+    {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}},
+    {"stage": 3},
+])
+def test_deepspeed_zero_trains_and_resumes_exactly(tmp_path, tiny_model, zero):
+    pytest.importorskip("deepspeed")
+    model = tiny_model("sd1x")
+    processes = min(2, torch.cuda.device_count())
+    options = {"deepspeed_config": json.dumps({"zero_optimization": zero}), "processes": processes, "cuda": True}
+    trained = run(tmp_path / f"zero{zero['stage']}", model, **options)
+
+    checkpoint = trained / "output" / "checkpoints" / "step-000002"
+    assert (checkpoint / "deepspeed").is_dir()  # the engine's own checkpoint: weights and optimiser partitions
+    before = load_file(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[name], tensor) for name, tensor in exported(trained).items())
+    assert_resumes_exactly(tmp_path, model, trained, **options)
