@@ -12,6 +12,9 @@ cache; in every later epoch each image's crop position is drawn again for that e
 never stored (a cache cleared every epoch holds nothing a later epoch reads).
 Without random crops every epoch's latents are the cached ones, so the cache serves.
 An image that fails to load for a later epoch is left out like any other failure.
+
+In a ControlNet run each image's control entry (train.conditioning) is cached with it and read through
+the same kind of checked reader; an image whose control image fails is left out and reported the same way.
 """
 
 from __future__ import annotations
@@ -398,7 +401,8 @@ class TrainingData:
         return batch_masks(entries, means)
 
     def entries(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
-        """The refs whose own latent entry is available, and those entries; failures are reported.
+        """The refs whose own latent entry (and, in a ControlNet run, own control entry) is available, and those
+        entries (a ControlNet run's joined with the control entry's tensors); failures are reported.
 
         Raises DataError when every image of the batch failed with a connection or service error
         (after the retry policy): the storage is unreachable, and skipping on would skip everything.
