@@ -234,6 +234,16 @@ def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_mod
     assert not (tmp_path / "output" / "checkpoints").exists()
 
 
+def test_controlnet_on_a_quantised_base_exits_2_naming_the_option(tmp_path, tiny_model, capsys):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type="lora", max_train_steps=1,
+                            base_model_precision="int8-quanto")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "base_model_precision='int8-quanto': a ControlNet on a quantised base is not built" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "output" / "checkpoints").exists()
+
+
 def test_an_image_dataset_without_a_conditioning_dataset_exits_2(tmp_path, tiny_model, capsys):
     config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=4, controlnet=True, max_train_steps=1)
     assert main(["train", str(config)]) == 2

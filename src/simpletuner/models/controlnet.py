@@ -35,6 +35,10 @@ def check_controlnet_family(family: ModelFamily, cfg: TrainingConfig | None = No
     if cfg is not None and cfg.model_type == "lora" and cfg.lora_type == "lycoris":
         raise UserError("controlnet=true with lora_type='lycoris': a ControlNet trains in full (model_type='full') "
                         "or with a LoRA (lora_type='standard')")
+    if cfg is not None and cfg.base_model_precision != "no_change":
+        raise UserError(f"controlnet=true with base_model_precision={cfg.base_model_precision!r}: a ControlNet on a "
+                        "quantised base is not built in this version (the ControlNet is made from the base's "
+                        "weights); set base_model_precision='no_change'")
     if family.controlnet_loader is None:
         from simpletuner.models.registry import family_names
 
