@@ -234,12 +234,15 @@ def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_mod
     assert not (tmp_path / "output" / "checkpoints").exists()
 
 
-def test_controlnet_on_a_quantised_base_exits_2_naming_the_option(tmp_path, tiny_model, capsys):
-    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type="lora", max_train_steps=1,
-                            base_model_precision="int8-quanto")
+@pytest.mark.parametrize(("option", "says"), [
+    ({"base_model_precision": "int8-quanto"}, "base_model_precision='int8-quanto': a ControlNet on a quantised base"),
+    ({"train_text_encoder": True}, "train_text_encoder=true: the ControlNet export holds the ControlNet only"),
+])
+def test_controlnet_with_what_it_cannot_keep_exits_2_naming_the_option(tmp_path, tiny_model, capsys, option, says):
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type="lora", max_train_steps=1, **option)
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "base_model_precision='int8-quanto': a ControlNet on a quantised base is not built" in err
+    assert says in err
     assert "Traceback" not in err
     assert not (tmp_path / "output" / "checkpoints").exists()
 

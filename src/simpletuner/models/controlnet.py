@@ -39,6 +39,9 @@ def check_controlnet_family(family: ModelFamily, cfg: TrainingConfig | None = No
         raise UserError(f"controlnet=true with base_model_precision={cfg.base_model_precision!r}: a ControlNet on a "
                         "quantised base is not built in this version (the ControlNet is made from the base's "
                         "weights); set base_model_precision='no_change'")
+    if cfg is not None and cfg.train_text_encoder:
+        raise UserError("controlnet=true with train_text_encoder=true: the ControlNet export holds the ControlNet "
+                        "only, so trained text encoders would be lost; set train_text_encoder=false")
     if family.controlnet_loader is None:
         from simpletuner.models.registry import family_names
 
