@@ -153,7 +153,7 @@ def test_publishing_options_are_accepted(tmp_path):
     ({"tread_config": {"routes": []}}, "tread_config (TREAD (token routing) is not built"),
     ({"fuse_qkv_projections": True}, "fuse_qkv_projections=true needs model_type 'full'"),
     ({"conditioning_multidataset_sampling": "combined"}, "combined sampling is not built"),
-    ({"flux_lora_target": "controlnet"}, "ControlNet training is not built"),
+    ({"flux_lora_target": "controlnet"}, "this ControlNet target preset is not built"),
 ])
 def test_options_that_ask_for_a_feature_not_built_are_refused_by_name(tmp_path, options, phrase):
     report, _ = check_file(_files(tmp_path, {**BASE, **options}))

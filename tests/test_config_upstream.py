@@ -22,7 +22,7 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 # A refusal: how its line starts or what it holds, and the feature's name in docs/STATUS.md's "Not built yet".
 FEATURES = {
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
-    "conditioning": ("unsupported: conditioning (conditioning images are not generated", "ControlNet"),
+    "conditioning": ("conditioning generators read local folders", "conditioning generators on S3 and Hugging Face"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
 }
 REFUSED = {
@@ -30,6 +30,7 @@ REFUSED = {
     "flux.peft-lora+TREAD": {"tread"},
     "kolors.peft-lora": set(),
     "sd3.peft-lora": set(),
+    "sdxl.peft-controlnet-lora": {"conditioning"},  # as published: canny from a Hugging Face dataset
     "sdxl.lycoris-lokr": set(),
     "kontext.peft-lora": {"conditioning", "kontext"},
     "deepfloyd-if-i-medium.peft-lora": set(),

@@ -82,7 +82,7 @@ def test_checkpoint_of_another_configuration(tmp_path, tiny_model, capsys):
     assert sorted((tmp_path / "output" / "checkpoints").iterdir()) == checkpoints
 
 
-@pytest.mark.parametrize("option", [["--controlnet", "true"], ["--validation_randomize", "true"]])
+@pytest.mark.parametrize("option", [["--validation_randomize", "true"]])
 def test_options_of_features_not_built_yet_are_refused_not_ignored(tmp_path, tiny_model, capsys, option):
     config = write_run(tmp_path, tiny_model("sd1x"), "sd1x")
     err = _fails(capsys, config, *option)

@@ -1,7 +1,9 @@
 """Validation images during training: prompts x resolutions x seeds, saved as PNGs and logged.
 
 Images go to output_dir/validation/step-N/<prompt name>-<width>x<height>-<index>.png;
-step 0 holds the base model's images, kept for comparison.
+step 0 holds the base model's images, kept for comparison. A ControlNet pipeline samples from a control
+image of each size (from the conditioning datasets), saved beside its results as
+<prompt name>-<width>x<height>-control.png and logged first in their group.
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ def run_validation(plan: ValidationPlan, family: ModelFamily, components: Compon
                 path = folder / f"{name}-{width}x{height}-{index}.png"
                 image.save(path)
                 written.append(path)
+            control = (init_images or {}).get((width, height)) if "controlnet" in pipeline.components else None
+            if control is not None:
+                control.save(folder / f"{name}-{width}x{height}-control.png")
+                images = [control, *images]
             logged[f"validation/{name}-{width}x{height}"] = images
     if tracker is not None:
         tracker.log_images(logged, step)

@@ -40,6 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from simpletuner.models.registry import with_checkpoint
 
     settings = with_checkpoint(load_settings(args.config, getattr(args, "overrides", None) or []))
+    if any(dataset.conditioning for dataset in settings.datasets):  # conditioning: [{type: canny}]
+        from simpletuner.data.generators import generate_all, with_generated_conditioning
+
+        original, settings = settings, with_generated_conditioning(settings)
+        print("\n".join(generate_all(settings, original)))
     scan_settings(settings, sys.stdout)
     return 0
 
@@ -68,11 +73,18 @@ def scan_settings(settings: "Settings", out: TextIO) -> list[DatasetScan]:
     """Scan every enabled image/conditioning dataset, print the report, raise DataError on problems."""
     from simpletuner.errors import DataError
 
-    scans = {}
-    for dataset in settings.datasets:
+    from simpletuner.data.pairing import find_links
+
+    scans: dict[str, DatasetScan] = {}
+    # a ControlNet run trains only the images that have their partner file: conditioning datasets are scanned first
+    partners = {link.image: link.partner for link in find_links(settings.datasets)} if settings.training.controlnet \
+        else {}
+    for dataset in sorted(settings.datasets, key=lambda d: d.dataset_type != "conditioning"):
         if dataset.dataset_type == "text_embeds":
             continue
-        scans[dataset.id] = scan_one(dataset, settings.training, out)
+        partner = scans.get(partners.get(dataset.id, ""))
+        scans[dataset.id] = scan_one(dataset, settings.training, out, partner)
+    scans = {d.id: scans[d.id] for d in settings.datasets if d.id in scans}
     _print_pairings(settings.datasets, scans, out)
     problems = [problem for scan in scans.values() for problem in scan.problems]
     if problems:
@@ -80,7 +92,10 @@ def scan_settings(settings: "Settings", out: TextIO) -> list[DatasetScan]:
     return list(scans.values())
 
 
-def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO) -> DatasetScan:
+def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO,
+             partner: DatasetScan | None = None) -> DatasetScan:
+    """Scan one dataset; with the `partner` conditioning dataset's scan, images without a partner file are
+    skipped (counted, with examples) and pairs whose aspect ratios differ are problems."""
     from simpletuner.data.index import index_location, scan_dataset
     from simpletuner.data.storage import image_extensions, open_source
 
@@ -105,8 +120,16 @@ def scan_one(dataset: "DatasetConfig", training: "TrainingConfig", out: TextIO) 
         _print_skips(scan.upstream, out)
         print(f"  usable images: {int(result.index.usable.sum())}", file=out)
         return scan
+    records = result.index.records()
+    if partner is not None:
+        from simpletuner.data.pairing import paired_records
+
+        records, problem = paired_records(records, partner.result.index.records(), dataset.id, partner.dataset_id,
+                                          scan.upstream)
+        if problem:
+            scan.problems.append(problem)
     try:
-        scan.assignment = _assign(dataset, training, result, scan.upstream)
+        scan.assignment = _assign(dataset, training, records, scan.upstream)
     except Exception as error:
         from simpletuner.data.buckets import NoUsableImages
         from simpletuner.errors import DataError
@@ -226,7 +249,7 @@ def _alignment(training: "TrainingConfig", family: "ModelFamily") -> int:
     return max(family.alignment, training.aspect_bucket_alignment or family.alignment)
 
 
-def _assign(dataset: "DatasetConfig", training: "TrainingConfig", result: "ScanResult",
+def _assign(dataset: "DatasetConfig", training: "TrainingConfig", records: list,
             upstream: "SkipReport") -> "BucketAssignment":
     """The bucket table's source: the usable records planned and grouped by simpletuner.data.buckets."""
     from simpletuner.data.buckets import BucketSettings, assign_buckets
@@ -236,7 +259,7 @@ def _assign(dataset: "DatasetConfig", training: "TrainingConfig", result: "ScanR
     family = get_family(training.model_family)
     settings = BucketSettings.from_config(dataset, training, _alignment(training, family),
                                           family.default_resolution(training))
-    return assign_buckets(result.index.records(), settings, training.train_batch_size, seed=training.seed,
+    return assign_buckets(records, settings, training.train_batch_size, seed=training.seed,
                           dataset_id=dataset.id, upstream=upstream)
 
 

@@ -82,7 +82,8 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
     **_group("rolling checkpoints are not built", {
         "checkpointing_rolling_steps": 0, "checkpoints_rolling_total_limit": 1}),
     **_group("evaluation sets are not supported", {"eval_epoch_interval": None, "eval_loss_disable": None}),
-    **_group("ControlNet training is not built in this version yet", {"controlnet_custom_config": None}),
+    **_group("custom ControlNet architectures are not built: the ControlNet copies the base's denoiser or loads "
+             "controlnet_model_name_or_path", {"controlnet_custom_config": None}),
     **_group("channel-wise control training is not built", {"control": None}),
     **_group("TREAD (token routing) is not built in this version yet", {"tread_config": None}),
     **_group("quantisation is not built in this version yet", {"quantization_config": None}),
@@ -112,6 +113,9 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None, "fsdp_activation_checkpointing": None}),
 }
 
+# flux_lora_target's ControlNet presets (a ControlNet LoRA here has one rule for every family)
+CONTROLNET_PRESET = ("this ControlNet target preset is not built: a ControlNet LoRA adapts the flux_lora_target "
+                     "layers plus the ControlNet's control layers")
 
 # SimpleTuner spelling -> our field name (same meaning).
 ALIASES: dict[str, str] = {
@@ -136,8 +140,8 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("report_to", "all"): "use tensorboard or wandb",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
-    ("flux_lora_target", "controlnet"): "ControlNet training is not built in this version yet",
-    ("flux_lora_target", "all+ffs+embedder+controlnet"): "ControlNet training is not built in this version yet",
+    ("flux_lora_target", "controlnet"): CONTROLNET_PRESET,
+    ("flux_lora_target", "all+ffs+embedder+controlnet"): CONTROLNET_PRESET,
     ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
 }
 
@@ -275,7 +279,6 @@ DATASET_UNSUPPORTED: dict[str, Unsupported] = {
     "image_embeds": Unsupported("latents go to the dataset's cache_dir_vae"),
     "conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
     "cache_dir_conditioning_image_embeds": Unsupported("conditioning image embeddings are not supported"),
-    "conditioning": Unsupported("conditioning images are not generated: add a conditioning dataset"),
     "source_dataset_id": Unsupported("link conditioning data with conditioning_data on the image dataset"),
     "ignore_epochs": Unsupported("every dataset counts towards epochs"),
     "minimum_aspect_ratio": Unsupported("aspect-ratio filters are not supported"),

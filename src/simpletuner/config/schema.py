@@ -74,6 +74,17 @@ class HuggingFaceOptions(StrictModel):
     composite_image_config: dict | None = Field(None, description="Not built: refused (grid images are not split).")
 
 
+class ConditioningGenerator(StrictModel):
+    """One entry of a dataset's `conditioning`: control images made from its images (data.generators)."""
+
+    type: Literal["canny"] = Field(description="canny: OpenCV's Canny edge map of each image.")
+    conditioning_type: Literal["controlnet"] = Field("controlnet", description="What the images feed: a ControlNet.")
+    captions: str | list[str] | None = Field(None, description="Accepted for compatibility; a control image trains "
+                                             "with its image's caption.")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: the lower hysteresis threshold.")
+    high_threshold: int = Field(200, ge=0, le=255, description="canny: the upper hysteresis threshold.")
+
+
 class DatasetConfig(StrictModel):
     """One entry of `multidatabackend.json` (or one `[[datasets]]` table in TOML)."""
 
@@ -164,6 +175,9 @@ class DatasetConfig(StrictModel):
     is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
                                          "model's own prediction, the adapter switched off (model_type lora).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
+    conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
+                                                             "images (controlnet=true, a local dataset): e.g. "
+                                                             "[{type: canny}], written under <cache_dir>/conditioning.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
     vae_cache_clear_each_epoch: bool = Field(False, description="With random crops (crop, crop_style random): draw "
@@ -181,10 +195,18 @@ class DatasetConfig(StrictModel):
             return {**data, "caption_strategy": "huggingface"}
         return data
 
+    @field_validator("conditioning", mode="before")
+    @classmethod
+    def _one_generator(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value  # SimpleTuner also writes one as a plain object
+
     @model_validator(mode="after")
     def _check_location(self) -> "DatasetConfig":
         if self.disabled or self.dataset_type == "text_embeds":
             return self
+        if self.conditioning and self.type != "local":
+            raise ValueError(f"dataset {self.id!r}: conditioning generators read local folders; type={self.type!r} "
+                             "(give a conditioning dataset through conditioning_data instead)")
         if self.type == "local" and not self.instance_data_dir:
             raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
@@ -298,7 +320,9 @@ class TrainingConfig(StrictModel):
                                                                     "and PixArt models, standard LoRA: adapt the "
                                                                     "attention projections, or also the "
                                                                     "feed-forward layers.")
-    controlnet: bool = Field(False, description="Train a ControlNet on conditioning datasets (conditioning_data).")
+    controlnet: bool = Field(False, description="Train a ControlNet (SD 1.x/2.x, SDXL, SD3, Flux, Hunyuan-DiT) on "
+                             "image datasets paired with conditioning datasets (conditioning_data); the base model "
+                             "stays frozen.")
     controlnet_model_name_or_path: str | None = Field(None, description="Start the ControlNet from these weights "
                                                       "(default: initialised from the base model).")
     layer_freeze_strategy: Literal["none", "bitfit"] = Field("none", description="bitfit: train only the biases "

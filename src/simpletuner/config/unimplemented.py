@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
 # option -> the feature it belongs to
 TRAINING: dict[str, str] = {
-    "controlnet": "ControlNet training",
-    "controlnet_model_name_or_path": "ControlNet training",
     "lr_end": "a final learning rate for polynomial, sine and cosine schedules",
     "input_perturbation_steps": "input perturbation limited to the first steps",
     "ema_validation": "validation with EMA weights (validation uses the trained weights)",
@@ -28,7 +26,7 @@ TRAINING: dict[str, str] = {
     "validation_lycoris_strength": "LyCORIS strength in validation",
 }
 DATASET: dict[str, str] = {
-    "conditioning_data": "ControlNet conditioning in training (masks, conditioning_type 'mask', are built)",
+    "conditioning_data": "conditioning data without controlnet=true (masks, conditioning_type 'mask', are built)",
 }
 
 
@@ -54,7 +52,8 @@ def unimplemented_problems(training: TrainingConfig, datasets: list[DatasetConfi
     for dataset in datasets:
         problems += [f"dataset {dataset.id!r}: {name} = {value!r}: {feature} is not implemented in this version "
                      "yet; remove the option" for name, value, feature in _set(dataset, DATASET)
-                     if not (name == "conditioning_data" and value in masks)]
+                     if not (name == "conditioning_data"
+                             and (getattr(training, "controlnet", False) or value in masks))]
     return problems
 
 

@@ -188,6 +188,8 @@ def explain(error: dict[str, Any], model: type[BaseModel], sources: dict[str, st
         return _unknown_nested(key, annotation, where)
     if kind in ("literal_error", "enum"):
         allowed = [str(c) for c in types.choices(annotation)] if annotation is not None else []
+        if not allowed and error.get("ctx", {}).get("expected"):  # a nested option (a list of models)
+            allowed = [str(error["ctx"]["expected"])]
         hint = VALUE_HINTS.get((top, str(given)))
         close = suggest(str(given), allowed)
         return (f"{key}: {given!r} is not accepted (from {where}); accepted: {', '.join(allowed)}"

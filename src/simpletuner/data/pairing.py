@@ -17,6 +17,11 @@ from simpletuner.errors import ConfigError
 
 if TYPE_CHECKING:
     from simpletuner.config.schema import DatasetConfig
+    from simpletuner.data.buckets import SkipReport
+    from simpletuner.data.records import ImageRecord
+
+NO_PARTNER = "no conditioning image"  # the skip reason of an image whose partner file is missing
+ASPECT_TOLERANCE = 0.01  # a conditioning image's aspect ratio may differ from its image's by this fraction
 
 
 @dataclass(frozen=True)
@@ -97,3 +102,27 @@ def pair_by_path(images: Iterable[str], partners: Iterable[str]) -> Pairing:
     alone = sorted(path for key, paths in by_key.items() if key not in used for path in paths)
     ambiguous = sorted(key for key, paths in by_key.items() if len(paths) > 1)
     return Pairing(pairs, sorted(unpaired), alone, ambiguous)
+
+
+def paired_records(images: list["ImageRecord"], partners: list["ImageRecord"], image_id: str, partner_id: str,
+                   skips: "SkipReport") -> tuple[list["ImageRecord"], str | None]:
+    """The image records that have a partner file (the others are added to `skips` with their paths), and a
+    problem naming the pairs whose aspect ratios differ (the partner is resized to its image's plan, so its
+    crop covers the same content only at the same aspect ratio), or None."""
+    by_path = {record.path: record for record in partners}
+    pairing = pair_by_path([record.path for record in images], list(by_path))
+    for path in pairing.unpaired_images:
+        skips.add(NO_PARTNER, 1, f"{path} (no {_pairing_key(path)}.* in {partner_id!r})")
+    kept = [record for record in images if record.path in pairing.pairs]
+    wrong = []
+    for record in kept:
+        partner = by_path[pairing.pairs[record.path]]
+        image_aspect, partner_aspect = record.width / record.height, partner.width / partner.height
+        if abs(image_aspect - partner_aspect) > ASPECT_TOLERANCE * image_aspect:
+            wrong.append(f"{record.path} {record.width}x{record.height} <-> {partner.path} "
+                         f"{partner.width}x{partner.height}")
+    if not wrong:
+        return kept, None
+    return kept, (f"dataset {image_id!r}: {len(wrong)} image(s) cannot align with their conditioning image in "
+                  f"{partner_id!r} (aspect ratios differ), e.g. {'; '.join(wrong[:3])}; give each conditioning "
+                  "image its image's size or aspect ratio")

@@ -79,7 +79,8 @@ class DTypePolicy:
         from simpletuner.config.schema import trains_adapter
 
         frozen = _DTYPES[cfg.base_model_default_dtype]
-        denoiser = frozen if trains_adapter(cfg) else torch.float32
+        frozen_denoiser = trains_adapter(cfg) or getattr(cfg, "controlnet", False)  # a ControlNet run freezes it
+        denoiser = frozen if frozen_denoiser else torch.float32
         vae = torch.float32 if cfg.vae_dtype == "default" else _DTYPES[cfg.vae_dtype]
         text = torch.float32 if cfg.train_text_encoder else frozen
         return cls(denoiser=denoiser, vae=vae, text_encoders=text)
@@ -150,6 +151,8 @@ class ModelFamily(ABC):
     skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
     modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
     lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
+    controlnet_loader: ClassVar[str | None] = None  # "package:Class" of its ControlNet; None: it has none
+    control_latents: ClassVar[bool] = False  # its ControlNet takes VAE latents of the control image (else pixels)
 
     # ------------------------------------------------------------ loading
     def load(self, cfg: TrainingConfig, dtypes: DTypePolicy | None = None) -> Components:
@@ -376,6 +379,22 @@ class ModelFamily(ABC):
 
     def denoiser_name(self) -> str:
         return "unet"
+
+    # ------------------------------------------------------------ ControlNet (models.controlnet)
+    def controlnet_from_denoiser(self, components: Components) -> nn.Module:
+        """A new ControlNet initialised from the base denoiser's weights (families with `controlnet_loader`)."""
+        raise UserError(f"model_family {self.name!r} has no ControlNet")
+
+    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
+        """What the cache stores for control images (B, 3, H, W) in [-1, 1]: default, the pixels as uint8."""
+        from simpletuner.models.controlnet import pixel_control
+
+        return pixel_control(pixels)
+
+    def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """The frozen denoiser's prediction steered by components["controlnet"] and batch["control"]."""
+        raise UserError(f"model_family {self.name!r} has no ControlNet")
 
     def denoiser(self, components: Components) -> nn.Module:
         """The module that trains (the UNet or transformer)."""

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from simpletuner.models import flavours as flavour_tables
 from simpletuner.models.flavours import Flavours
+from simpletuner.errors import UserError
 from simpletuner.log import get_logger
 from simpletuner.models.base import Components, ComponentSpec
 from simpletuner.models.sd import tokenize
@@ -115,6 +116,9 @@ class FluxFamily(FlowMatchingFamily):
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = FLUX_ADAPTER_PRESETS
     lycoris_targets: ClassVar[tuple[str, ...]] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    controlnet_loader: ClassVar[str | None] = "diffusers:FluxControlNetModel"
+    control_latents: ClassVar[bool] = True
+    controlnet_layers: ClassVar[tuple[int, int]] = (4, 10)  # FluxControlNetModel.from_transformer's defaults
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return cfg.flux_lora_target
@@ -158,7 +162,8 @@ class FluxFamily(FlowMatchingFamily):
     # ------------------------------------------------------------ training
     def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
                           generator: torch.Generator | None = None) -> dict[str, Any]:
-        """With flux_guidance_mode=random-range, a guidance value per sample ("guidance" [B])."""
+        """With flux_guidance_mode=random-range, a guidance value per sample ("guidance" [B]); in a ControlNet run,
+        the control latent drawn from its cached distribution and scaled, as FluxControlNetPipeline does."""
         batch = dict(batch)
         settings = components.settings
         if settings["guidance_mode"] == "random-range" and settings["guidance_embeds"]:
@@ -166,6 +171,9 @@ class FluxFamily(FlowMatchingFamily):
             low, high = settings["guidance_range"]
             drawn = torch.rand((latents.shape[0],), generator=generator, device=latents.device)
             batch["guidance"] = low + (high - low) * drawn
+        if "control_mean" in batch:
+            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
+                                                              batch.pop("control_std"), generator)
         return batch
 
     def guidance(self, components: Components, batch: Mapping[str, Any], size: int,
@@ -182,7 +190,14 @@ class FluxFamily(FlowMatchingFamily):
                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         """Velocity for [B, 16, H, W] latents; packs, runs the transformer at sigma = timesteps / 1000, unpacks."""
         transformer = components["transformer"]
-        dtype, device = transformer.dtype, noisy_latents.device
+        height, width = noisy_latents.shape[-2:]
+        inputs = self._transformer_inputs(components, noisy_latents, timesteps, text, batch, transformer.dtype)
+        return unpack_latents(transformer(**inputs, return_dict=False)[0], height, width)
+
+    def _transformer_inputs(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                            text: Mapping[str, Tensor], batch: Mapping[str, Any], dtype: torch.dtype) -> dict:
+        """What the transformer (and a Flux ControlNet) take for these latents, in `dtype`."""
+        device = noisy_latents.device
         size, _, height, width = noisy_latents.shape
         packed = pack_latents(noisy_latents.to(dtype))
         prompt_embeds = text["prompt_embeds"].to(dtype)
@@ -190,7 +205,7 @@ class FluxFamily(FlowMatchingFamily):
         if components.settings["attention_masked"]:
             kwargs["joint_attention_kwargs"] = {
                 "attention_mask": joint_attention_mask(text["attention_mask"].to(device), packed.shape[1])}
-        prediction = transformer(
+        return dict(
             hidden_states=packed,
             timestep=timesteps.to(device) / self.num_train_timesteps(components),
             guidance=self.guidance(components, batch, size, device),
@@ -198,21 +213,55 @@ class FluxFamily(FlowMatchingFamily):
             encoder_hidden_states=prompt_embeds,
             txt_ids=torch.zeros((prompt_embeds.shape[1], 3), device=device, dtype=dtype),
             img_ids=latent_image_ids(height, width, device, dtype),
-            return_dict=False,
             **kwargs,
-        )[0]
+        )
+
+    # ------------------------------------------------------------ ControlNet
+    def controlnet_from_denoiser(self, components: Components) -> Any:
+        """FluxControlNetModel.from_transformer at its default depth (or the transformer's, when shallower)."""
+        from diffusers import FluxControlNetModel
+
+        transformer = components["transformer"]
+        config = transformer.config
+        return FluxControlNetModel.from_transformer(
+            transformer, num_layers=min(self.controlnet_layers[0], config.num_layers),
+            num_single_layers=min(self.controlnet_layers[1], config.num_single_layers),
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+
+    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
+        """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
+        mean, std = self.encode_images(components, pixels)
+        return {"control_mean": mean.float(), "control_std": std.float()}
+
+    def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """The ControlNet's (packed control latent) block samples added to the frozen transformer's blocks."""
+        transformer, controlnet = components["transformer"], components["controlnet"]
+        height, width = noisy_latents.shape[-2:]
+        inputs = self._transformer_inputs(components, noisy_latents, timesteps, text, batch, controlnet.dtype)
+        blocks, single = controlnet(**inputs, controlnet_cond=pack_latents(batch["control"].to(controlnet.dtype)),
+                                    return_dict=False)
+        dtype = transformer.dtype
+        inputs = self._transformer_inputs(components, noisy_latents, timesteps, text, batch, dtype)
+        prediction = transformer(**inputs, return_dict=False, controlnet_blocks_repeat=False,
+                                 controlnet_block_samples=[s.to(dtype) for s in blocks] if blocks else None,
+                                 controlnet_single_block_samples=[s.to(dtype) for s in single] if single else None)[0]
         return unpack_latents(prediction, height, width)
 
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:
-        from diffusers import FluxPipeline
+        """FluxPipeline, or FluxControlNetPipeline when the components hold a ControlNet."""
+        from diffusers import FluxControlNetPipeline, FluxPipeline
 
-        return FluxPipeline(
+        parts = dict(
             scheduler=self.inference_scheduler(components), vae=components["vae"],
             text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
             text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
             transformer=components["transformer"],
         )
+        if components.get("controlnet") is not None:
+            return FluxControlNetPipeline(**parts, controlnet=components["controlnet"])
+        return FluxPipeline(**parts)
 
     def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
                       generator: torch.Generator, init_image: Any = None) -> list[Any]:
@@ -221,6 +270,11 @@ class FluxFamily(FlowMatchingFamily):
         kwargs: dict[str, Any] = {}
         if cfg.validation_guidance_real > 1:
             kwargs.update(true_cfg_scale=cfg.validation_guidance_real, negative_prompt=cfg.validation_negative_prompt)
+        if "controlnet" in pipeline.components:  # samples from the control image of this size
+            if init_image is None:
+                raise UserError(f"ControlNet validation at {width}x{height} needs a control image of that size; "
+                                "the conditioning datasets gave none (set validation_resolution to a trained size)")
+            kwargs["control_image"] = init_image
         length = flux_text_length(cfg, pipeline.tokenizer_2, _has_guidance(pipeline.transformer))
         return pipeline(prompt=prompt, width=width, height=height,
                         num_inference_steps=cfg.validation_num_inference_steps,

@@ -83,6 +83,8 @@ class HunyuanDiTFamily(ModelFamily):
         ComponentSpec("scheduler", "diffusers:DDPMScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS  # attn1/attn2 and ff names
+    controlnet_loader: ClassVar[str | None] = "diffusers:HunyuanDiT2DControlNetModel"
+    control_latents: ClassVar[bool] = True
     lycoris_targets: ClassVar[tuple[str, ...]] = ("HunyuanDiTBlock",)
     # HunyuanDiTPipeline has no diffusers LoRA loader (diffusers 0.42): its LoRA is saved in peft's format
     lora_loader: ClassVar[bool] = False
@@ -151,35 +153,90 @@ class HunyuanDiTFamily(ModelFamily):
         pipeline passes them (its timestep embedding runs in the timesteps' dtype). Image size and style
         reach only a transformer that takes them (use_style_cond_and_image_meta_size: up to v1.1)."""
         transformer = components["transformer"]
-        dtype = transformer.dtype
+        inputs = self._inputs(components, transformer, noisy_latents, timesteps, text, batch)
+        return learned_variance_split(transformer(**inputs)[0], noisy_latents.shape[1])
+
+    def _inputs(self, components: Components, model: Any, noisy_latents: Tensor, timesteps: Tensor,
+                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> dict[str, Any]:
+        """What the transformer (or its ControlNet, `model`) takes, in the model's dtype."""
+        dtype = model.dtype
         device = noisy_latents.device
+        transformer = components["transformer"]
         rotary = rotary_embedding(transformer, noisy_latents.shape[-2], noisy_latents.shape[-1], device)
         meta_size = style = None
         if transformer.config.use_style_cond_and_image_meta_size:
             meta_size = self.image_meta_size(components, noisy_latents, batch).to(dtype)
             style = torch.zeros(noisy_latents.shape[0], dtype=torch.long, device=device)
-        prediction = transformer(
-            noisy_latents.to(dtype), timesteps.to(dtype),
-            encoder_hidden_states=text["prompt_embeds"].to(dtype),
-            text_embedding_mask=text["prompt_attention_mask"],
-            encoder_hidden_states_t5=text["prompt_embeds_2"].to(dtype),
-            text_embedding_mask_t5=text["prompt_attention_mask_2"],
-            image_meta_size=meta_size, style=style, image_rotary_emb=rotary, return_dict=False,
-        )[0]
+        return dict(hidden_states=noisy_latents.to(dtype), timestep=timesteps.to(dtype),
+                    encoder_hidden_states=text["prompt_embeds"].to(dtype),
+                    text_embedding_mask=text["prompt_attention_mask"],
+                    encoder_hidden_states_t5=text["prompt_embeds_2"].to(dtype),
+                    text_embedding_mask_t5=text["prompt_attention_mask_2"],
+                    image_meta_size=meta_size, style=style, image_rotary_emb=rotary, return_dict=False)
+
+    # ------------------------------------------------------------ ControlNet
+    def controlnet_from_denoiser(self, components: Components) -> Any:
+        from diffusers import HunyuanDiT2DControlNetModel
+
+        """As HunyuanDiT2DControlNetModel.from_transformer, with every size of the transformer's config (that
+        method leaves pooled_projection_dim and use_style_cond_and_image_meta_size at v1.2's values and reads a
+        transformer_num_layers the transformer's config does not have)."""
+        transformer = components["transformer"]
+        config = transformer.config
+        names = ("activation_fn", "attention_head_dim", "cross_attention_dim", "cross_attention_dim_t5",
+                 "hidden_size", "in_channels", "mlp_ratio", "num_attention_heads", "patch_size", "sample_size",
+                 "text_len", "text_len_t5", "pooled_projection_dim", "use_style_cond_and_image_meta_size")
+        controlnet = HunyuanDiT2DControlNetModel(conditioning_channels=3, transformer_num_layers=config.num_layers,
+                                                 **{name: config[name] for name in names})
+        controlnet.load_state_dict(transformer.state_dict(), strict=False)  # its own layers keep their init
+        return controlnet.to(transformer.dtype)
+
+    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
+        """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
+        mean, std = self.encode_images(components, pixels)
+        return {"control_mean": mean.float(), "control_std": std.float()}
+
+    def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
+                          generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A control latent drawn from its cached distribution and scaled, as HunyuanDiTControlNetPipeline does."""
+        batch = super().draw_conditioning(components, batch, generator)
+        if "control_mean" in batch:
+            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
+                                                              batch.pop("control_std"), generator)
+        return batch
+
+    def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """The ControlNet's block samples added to the frozen transformer's blocks, as the pipeline does."""
+        transformer, controlnet = components["transformer"], components["controlnet"]
+        samples = controlnet(**self._inputs(components, controlnet, noisy_latents, timesteps, text, batch),
+                             controlnet_cond=batch["control"].to(controlnet.dtype))[0]
+        inputs = self._inputs(components, transformer, noisy_latents, timesteps, text, batch)
+        prediction = transformer(**inputs, controlnet_block_samples=[s.to(transformer.dtype) for s in samples])[0]
         return learned_variance_split(prediction, noisy_latents.shape[1])
 
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:
-        from diffusers import HunyuanDiTPipeline
+        """HunyuanDiTPipeline, or HunyuanDiTControlNetPipeline when the components hold a ControlNet."""
+        from diffusers import HunyuanDiTControlNetPipeline, HunyuanDiTPipeline
 
-        return HunyuanDiTPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
-                                  tokenizer=components["tokenizer"], transformer=components["transformer"],
-                                  scheduler=self.inference_scheduler(components), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False,
-                                  text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"])
+        parts = dict(vae=components["vae"], text_encoder=components["text_encoder"],
+                     tokenizer=components["tokenizer"], transformer=components["transformer"],
+                     scheduler=self.inference_scheduler(components), safety_checker=None,
+                     feature_extractor=None, requires_safety_checker=False,
+                     text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"])
+        if components.get("controlnet") is not None:
+            return HunyuanDiTControlNetPipeline(**parts, controlnet=components["controlnet"])
+        return HunyuanDiTPipeline(**parts)
 
     def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
                       generator: torch.Generator, init_image: Any = None) -> list[Any]:
-        """Samples at exactly the asked size (no resolution binning to the pipeline's ten shapes)."""
-        return super().sample_images(partial(pipeline, use_resolution_binning=False), cfg, prompt, width, height,
-                                     generator, init_image)
+        """Samples at exactly the asked size (no resolution binning to the pipeline's ten shapes); a ControlNet
+        pipeline samples from `init_image`, the control image of this size."""
+        options: dict[str, Any] = {"use_resolution_binning": False}
+        if "controlnet" in pipeline.components:
+            if init_image is None:
+                raise UserError(f"ControlNet validation at {width}x{height} needs a control image of that size; "
+                                "the conditioning datasets gave none (set validation_resolution to a trained size)")
+            options["control_image"] = init_image
+        return super().sample_images(partial(pipeline, **options), cfg, prompt, width, height, generator, init_image)

@@ -32,6 +32,7 @@ class KolorsFamily(SDXLFamily):
     name: ClassVar[str] = "kolors"
     flavours: ClassVar[Flavours] = flavour_tables.KOLORS  # model_flavour -> Hub checkpoint
     modelspec_architecture: ClassVar[str] = "kolors"
+    controlnet_loader: ClassVar[str | None] = None  # diffusers has no Kolors ControlNet pipeline
     text_max_length: ClassVar[int] = 256
     pipeline_classes: ClassVar[tuple[str, ...]] = ("KolorsPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (

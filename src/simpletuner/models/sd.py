@@ -56,6 +56,7 @@ class StableDiffusionFamily(ModelFamily):
         ComponentSpec("scheduler", "diffusers:DDPMScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS
+    controlnet_loader: ClassVar[str | None] = "diffusers:ControlNetModel"
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
@@ -86,14 +87,68 @@ class StableDiffusionFamily(ModelFamily):
         return unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=text["prompt_embeds"].to(unet.dtype),
                     return_dict=False)[0]
 
-    def pipeline(self, components: Components) -> DiffusionPipeline:
-        from diffusers import StableDiffusionPipeline
+    # ------------------------------------------------------------ ControlNet
+    def controlnet_from_denoiser(self, components: Components) -> Any:
+        from diffusers import ControlNetModel
 
-        return StableDiffusionPipeline(
-            vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-            unet=components["unet"], scheduler=self.inference_scheduler(components), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
-        )
+        from simpletuner.models.controlnet import conditioning_embedding_channels
+
+        channels = conditioning_embedding_channels(self.vae_scale_factor(components))
+        return ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=channels)
+
+    def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """As diffusers' train_controlnet.py: the ControlNet's residuals added to the frozen UNet's blocks."""
+        return unet_with_controlnet(components, noisy_latents, timesteps, text["prompt_embeds"], batch["control"])
+
+    def pipeline(self, components: Components) -> DiffusionPipeline:
+        """StableDiffusionPipeline, or StableDiffusionControlNetPipeline when the components hold a ControlNet."""
+        from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+        parts = dict(vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+                     unet=components["unet"], scheduler=self.inference_scheduler(components), safety_checker=None,
+                     feature_extractor=None, requires_safety_checker=False)
+        if components.get("controlnet") is not None:
+            return StableDiffusionControlNetPipeline(**parts, controlnet=components["controlnet"])
+        return StableDiffusionPipeline(**parts)
+
+    def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
+                      generator: torch.Generator, init_image: Any = None) -> list[Any]:
+        return sample_with_control(super().sample_images, pipeline, cfg, prompt, width, height, generator, init_image)
+
+
+def sample_with_control(sample: Any, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int,
+                        height: int, generator: torch.Generator, init_image: Any) -> list[Any]:
+    """A ControlNet pipeline samples with its control image (`init_image`); other pipelines as `sample` does."""
+    from simpletuner.errors import UserError
+
+    if "controlnet" not in getattr(pipeline, "components", {}):  # (Kolors passes a partial of its pipeline)
+        return sample(pipeline, cfg, prompt, width, height, generator, init_image)
+    if init_image is None:
+        raise UserError(f"ControlNet validation at {width}x{height} needs a control image of that size; the "
+                        "conditioning datasets gave none (set validation_resolution to a trained size)")
+    return pipeline(prompt=prompt, image=init_image, negative_prompt=cfg.validation_negative_prompt, width=width,
+                    height=height, num_inference_steps=cfg.validation_num_inference_steps,
+                    guidance_scale=cfg.validation_guidance, generator=generator,
+                    num_images_per_prompt=cfg.num_validation_images).images
+
+
+def unet_with_controlnet(components: Components, noisy_latents: Tensor, timesteps: Tensor, prompt_embeds: Tensor,
+                         control: Tensor, added_cond_kwargs: dict[str, Tensor] | None = None) -> Tensor:
+    """ControlNet residuals (control: uint8 pixels) added to the UNet's down and mid blocks."""
+    from simpletuner.models.controlnet import control_pixels
+
+    unet, controlnet = components["unet"], components["controlnet"]
+    extra = {"added_cond_kwargs": {k: v.to(controlnet.dtype) for k, v in added_cond_kwargs.items()}} \
+        if added_cond_kwargs else {}
+    down, mid = controlnet(noisy_latents.to(controlnet.dtype), timesteps,
+                           encoder_hidden_states=prompt_embeds.to(controlnet.dtype),
+                           controlnet_cond=control_pixels(control).to(controlnet.dtype), return_dict=False, **extra)
+    dtype = unet.dtype
+    extra = {"added_cond_kwargs": {k: v.to(dtype) for k, v in added_cond_kwargs.items()}} if added_cond_kwargs else {}
+    return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype),
+                down_block_additional_residuals=[sample.to(dtype) for sample in down],
+                mid_block_additional_residual=mid.to(dtype), return_dict=False, **extra)[0]
 
 
 class SD1Family(StableDiffusionFamily):

@@ -143,6 +143,9 @@ class SD3Family(FlowMatchingFamily):
     modelspec_architecture: ClassVar[str] = "stable-diffusion-v3"
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")
     skip_layer_guidance: ClassVar[bool] = True
+    controlnet_loader: ClassVar[str | None] = "diffusers:SD3ControlNetModel"
+    control_latents: ClassVar[bool] = True
+    controlnet_layers: ClassVar[int] = 12  # SD3ControlNetModel.from_transformer's default depth
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
@@ -208,26 +211,80 @@ class SD3Family(FlowMatchingFamily):
                            encoder_hidden_states=text["prompt_embeds"].to(dtype),
                            pooled_projections=text["pooled_prompt_embeds"].to(dtype), return_dict=False)[0]
 
+    # ------------------------------------------------------------ ControlNet
+    def controlnet_from_denoiser(self, components: Components) -> Any:
+        """As diffusers' train_controlnet_sd3.py: the first transformer blocks copied, no extra input channels
+        (at most all blocks but the last, whose context branch is output-only)."""
+        from diffusers import SD3ControlNetModel
+
+        transformer = components["transformer"]
+        layers = max(1, min(self.controlnet_layers, transformer.config.num_layers - 1))
+        return SD3ControlNetModel.from_transformer(transformer, num_layers=layers, num_extra_conditioning_channels=0)
+
+    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
+        """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
+        mean, std = self.encode_images(components, pixels)
+        return {"control_mean": mean.float(), "control_std": std.float()}
+
+    def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
+                          generator: torch.Generator | None = None) -> dict[str, Any]:
+        """A control latent drawn from its cached distribution and scaled, as StableDiffusion3ControlNetPipeline
+        does."""
+        batch = super().draw_conditioning(components, batch, generator)
+        if "control_mean" in batch:
+            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
+                                                              batch.pop("control_std"), generator)
+        return batch
+
+    def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """The ControlNet's block samples added to the frozen transformer's blocks."""
+        transformer, controlnet = components["transformer"], components["controlnet"]
+        dtype = controlnet.dtype
+        samples = controlnet(hidden_states=noisy_latents.to(dtype), timestep=timesteps,
+                             encoder_hidden_states=text["prompt_embeds"].to(dtype),
+                             pooled_projections=text["pooled_prompt_embeds"].to(dtype),
+                             controlnet_cond=batch["control"].to(dtype), return_dict=False)[0]
+        dtype = transformer.dtype
+        return transformer(hidden_states=noisy_latents.to(dtype), timestep=timesteps,
+                           encoder_hidden_states=text["prompt_embeds"].to(dtype),
+                           pooled_projections=text["pooled_prompt_embeds"].to(dtype),
+                           block_controlnet_hidden_states=[sample.to(dtype) for sample in samples],
+                           return_dict=False)[0]
+
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:
-        from diffusers import StableDiffusion3Pipeline
+        """StableDiffusion3Pipeline, or StableDiffusion3ControlNetPipeline when the components hold a ControlNet."""
+        from diffusers import StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
 
-        return StableDiffusion3Pipeline(
+        parts = dict(
             transformer=components["transformer"], scheduler=self.inference_scheduler(components),
             vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
             text_encoder_2=components["text_encoder_2"], tokenizer_2=components["tokenizer_2"],
             text_encoder_3=components.get("text_encoder_3"), tokenizer_3=components.get("tokenizer_3"),
         )
+        if components.get("controlnet") is not None:
+            return StableDiffusion3ControlNetPipeline(**parts, controlnet=components["controlnet"])
+        return StableDiffusion3Pipeline(**parts)
 
     def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
                       generator: torch.Generator, init_image: Any = None) -> list[Any]:
-        """As the base, with T5 at the training text length."""
+        """As the base, with T5 at the training text length; a ControlNet pipeline samples from `init_image`,
+        the control image of this size."""
         length = t5_text_length(cfg, self.text_max_length, pipeline.tokenizer_3)
+        control: dict[str, Any] = {}
+        if "controlnet" in pipeline.components:
+            if init_image is None:
+                raise UserError(f"ControlNet validation at {width}x{height} needs a control image of that size; "
+                                "the conditioning datasets gave none (set validation_resolution to a trained size)")
+            control = {"control_image": init_image}
+        else:
+            control = skip_layer_guidance(cfg)
         return pipeline(prompt=prompt, negative_prompt=cfg.validation_negative_prompt, width=width, height=height,
                         num_inference_steps=cfg.validation_num_inference_steps,
                         guidance_scale=cfg.validation_guidance, generator=generator,
                         num_images_per_prompt=cfg.num_validation_images, max_sequence_length=length,
-                        **skip_layer_guidance(cfg)).images
+                        **control).images
 
 
 def skip_layer_guidance(cfg: TrainingConfig) -> dict[str, Any]:

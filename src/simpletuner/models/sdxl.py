@@ -24,7 +24,8 @@ from simpletuner.models import flavours as flavour_tables
 from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
 from simpletuner.models.base import Components, ComponentSpec, ModelFamily, declared
-from simpletuner.models.sd import UNET_ADAPTER_PRESETS, tokenize, unet_preset_name
+from simpletuner.models.sd import (UNET_ADAPTER_PRESETS, sample_with_control, tokenize, unet_preset_name,
+                                   unet_with_controlnet)
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -66,6 +67,7 @@ class SDXLFamily(ModelFamily):
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS
     modelspec_architecture: ClassVar[str] = "stable-diffusion-xl-v1-base"
+    controlnet_loader: ClassVar[str | None] = "diffusers:ControlNetModel"
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)
@@ -161,6 +163,26 @@ class SDXLFamily(ModelFamily):
         return unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=text["prompt_embeds"].to(dtype),
                     added_cond_kwargs=added, return_dict=False)[0]
 
+    # ------------------------------------------------------------ ControlNet
+    def controlnet_from_denoiser(self, components: Components) -> Any:
+        from diffusers import ControlNetModel
+
+        if components.settings["is_refiner"]:
+            raise UserError("controlnet=true: the SDXL refiner has no ControlNet pipeline in diffusers; train the "
+                            "ControlNet on an SDXL base model")
+        from simpletuner.models.controlnet import conditioning_embedding_channels
+
+        channels = conditioning_embedding_channels(self.vae_scale_factor(components))
+        return ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=channels)
+
+    def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
+                                text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """As diffusers' train_controlnet_sdxl.py: both networks take the pooled text and the time ids."""
+        added = {"text_embeds": text["pooled_prompt_embeds"],
+                 "time_ids": self.time_ids(components, noisy_latents, batch)}
+        return unet_with_controlnet(components, noisy_latents, timesteps, text["prompt_embeds"], batch["control"],
+                                    added)
+
     # ------------------------------------------------------------ pipelines
     def pipeline(self, components: Components) -> DiffusionPipeline:
         """StableDiffusionXLPipeline, or StableDiffusionXLImg2ImgPipeline for the refiner."""
@@ -176,6 +198,10 @@ class SDXLFamily(ModelFamily):
         )
         if components.settings["is_refiner"]:
             return StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True)
+        if components.get("controlnet") is not None:
+            from diffusers import StableDiffusionXLControlNetPipeline
+
+            return StableDiffusionXLControlNetPipeline(**parts, controlnet=components["controlnet"])
         return StableDiffusionXLPipeline(**parts)
 
     def sample_images(self, pipeline: DiffusionPipeline, cfg: TrainingConfig, prompt: str, width: int, height: int,
@@ -184,7 +210,8 @@ class SDXLFamily(ModelFamily):
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
         if not isinstance(pipeline, StableDiffusionXLImg2ImgPipeline):
-            return super().sample_images(pipeline, cfg, prompt, width, height, generator, init_image)
+            return sample_with_control(super().sample_images, pipeline, cfg, prompt, width, height, generator,
+                                       init_image)
         if init_image is None:
             raise UserError("refiner validation needs an input image; the datasets gave none of this size")
         strength = cfg.refiner_training_strength if cfg.refiner_training else 0.3
@@ -201,6 +228,7 @@ class SDXLRefinerFamily(SDXLFamily):
 
     name: ClassVar[str] = "sdxl_refiner"
     flavours: ClassVar[Flavours] = flavour_tables.SDXL  # model_flavour -> Hub checkpoint
+    controlnet_loader: ClassVar[str | None] = None  # diffusers has no ControlNet pipeline for the refiner
 
     def check_model_index(self, source: str, index: Mapping[str, Any]) -> None:
         super().check_model_index(source, index)

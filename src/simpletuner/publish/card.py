@@ -45,7 +45,7 @@ class CardInfo:
 
     summary: TrainingSummary
     pipeline_class: str
-    output_kind: str  # lora | peft | lycoris | full
+    output_kind: str  # lora | peft | lycoris | full | controlnet
     output_files: tuple[str, ...]  # relative to output_dir
     folder_name: str  # the output folder's own name, for loading code of a local copy
     hub_model_id: str | None = None
@@ -61,6 +61,7 @@ class CardInfo:
     note: str | None = None
     safe_for_work: bool = False
     extra_tags: tuple[str, ...] = field(default_factory=tuple)
+    controlnet_class: str = ""  # output_kind controlnet: the diffusers class of output_dir/controlnet/
 
 
 def base_license(base_model: str) -> str | None:
@@ -143,7 +144,8 @@ def _body(info: CardInfo) -> str:
     parts = [f"# {summary.title}\n"]
     if info.note:
         parts.append(f"{info.note.strip()}\n")
-    kind = {"lora": "a LoRA", "peft": "a LoRA", "lycoris": "a LyCORIS adapter", "full": "a full fine-tune"}
+    kind = {"lora": "a LoRA", "peft": "a LoRA", "lycoris": "a LyCORIS adapter", "full": "a full fine-tune",
+            "controlnet": "a ControlNet"}
     parts.append(f"This is {kind[info.output_kind]} of {_base_link(summary.base_model)} ({summary.family}), "
                  "trained with SimpleTuner.\n")
     if summary.trigger_words:
@@ -210,6 +212,8 @@ def _diffusers_section(info: CardInfo) -> str:
     source, base, cls = _source(info), info.summary.base_model, info.pipeline_class
     prompt = info.images[0].prompt if info.images else (", ".join(info.summary.trigger_words) or "a photo")
     head = f"import torch\nfrom diffusers import {cls}\n\n"
+    if info.output_kind == "controlnet":
+        return _controlnet_section(info, source, base, cls, prompt)
     if info.output_kind == "full":
         folder = source if info.hub_model_id else f"{source}/pipeline"
         code = (f"import torch\nfrom diffusers import DiffusionPipeline\n\n"
@@ -234,6 +238,22 @@ def _diffusers_section(info: CardInfo) -> str:
                 "wrapper, _ = create_lycoris_from_weights(1.0, weights, denoiser)\nwrapper.merge_to()\n")
     code += f"pipeline.to('cuda')\nimage = pipeline({prompt!r}).images[0]\nimage.save('output.png')\n"
     return f"## Use it with diffusers\n\n```python\n{code}```\n"
+
+
+def _controlnet_section(info: CardInfo, source: str, base: str, cls: str, prompt: str) -> str:
+    """Loading code of a ControlNet output (publish.export: output_dir/controlnet/, any LoRA fused in)."""
+    net = info.controlnet_class
+    code = (f"import torch\nfrom diffusers import {net}, {cls}\nfrom diffusers.utils import load_image\n\n"
+            f"controlnet = {net}.from_pretrained({source!r}, subfolder='controlnet', dtype=torch.bfloat16)\n"
+            f"pipeline = {cls}.from_pretrained({base!r}, controlnet=controlnet, dtype=torch.bfloat16)\n"
+            "pipeline.to('cuda')\ncontrol = load_image('control.png')  # a control image like the training ones\n"
+            f"image = pipeline({prompt!r}, image=control).images[0]\nimage.save('output.png')\n")
+    text = f"## Use it with diffusers\n\n```python\n{code}```\n"
+    if "pytorch_lora_weights.safetensors" in info.output_files:
+        text += ("\nThe LoRA alone is `pytorch_lora_weights.safetensors`, for the ControlNet in `controlnet_base/`: "
+                 f"`{net}.from_pretrained(..., subfolder='controlnet_base')`, then `load_lora_adapter(file, "
+                 "prefix='controlnet')` on it.\n")
+    return text
 
 
 def _ui_section(info: CardInfo) -> str:

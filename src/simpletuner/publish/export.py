@@ -11,9 +11,17 @@
 - LyCORIS: output_dir/pytorch_lora_weights.safetensors through lycoris (load it with lycoris).
 - full: output_dir/pipeline/, a folder `DiffusionPipeline.from_pretrained` loads.
 - merged: the base pipeline with the LoRA fused into its weights (publish.convert, the `export` command).
+- ControlNet (controlnet=true): output_dir/controlnet/, the ControlNet's `save_pretrained` folder that
+  `ControlNetModel.from_pretrained` loads for the family's ControlNet pipeline; under a LoRA that folder
+  holds the ControlNet with the LoRA fused in, output_dir/pytorch_lora_weights.safetensors holds the
+  LoRA itself (`controlnet.<module>.lora_A.weight`, ...), and output_dir/controlnet_base/ the ControlNet the
+  LoRA trained on (a ControlNet made from the denoiser has freshly initialised control-image layers), onto
+  which `load_lora_adapter(file, prefix="controlnet")` loads it. Checkpoints keep the same LoRA file. This
+  file is written by `write_controlnet_lora`, not through LORA_FORMATS: lora_format does not apply to it (the
+  UI formats are files of a denoiser's LoRA; a ControlNet's LoRA has no UI format).
 With EMA, the averaged weights are what is exported (and what checkpoints' LoRA files hold). The final
 export is written into output_dir/.tmp-export/ first and moved into place when complete, so a failed
-export (a full disk) never leaves a half-written model under the final name.
+export (a full disk) never leaves a half-written model under the final name (the ControlNet folders too).
 """
 
 from __future__ import annotations
@@ -168,7 +176,9 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
     staging.mkdir(parents=True)
     if ema is not None:
         ema.copy_to()
-    if trained.kind == "lora":
+    if getattr(cfg, "controlnet", False):
+        written = export_controlnet(trained, staging, metadata or {})
+    elif trained.kind == "lora":
         written = write_lora_files(family, trained_lora(family, components, trained, metadata or {}), staging,
                                    available_lora_formats(family, cfg.lora_format))
     elif trained.kind == "lycoris":
@@ -198,10 +208,72 @@ def checkpoint_lora_writer(run: Run, steps: int) -> Callable[[Path], None] | Non
 
     def write(folder: Path) -> None:
         with run.ema.applied() if run.ema is not None else nullcontext():
+            if run.cfg.controlnet:
+                write_controlnet_lora(run.trained.model, folder, run_metadata(run, steps))
+                return
             lora = trained_lora(run.family, run.components, run.trained, run_metadata(run, steps))
         write_lora_files(run.family, lora, folder, formats)
 
     return write
+
+
+# ---------------------------------------------------------------------------- ControlNet
+CONTROLNET_FOLDER = "controlnet"
+CONTROLNET_BASE_FOLDER = "controlnet_base"  # under a LoRA: the ControlNet the LoRA applies to
+
+
+def export_controlnet(trained: Trained, output_dir: Path, metadata: Mapping[str, str]) -> list[Path]:
+    """output_dir/controlnet/ (the ControlNet, any LoRA fused in) and, under a LoRA, the LoRA file."""
+    if trained.kind == "lycoris":
+        raise UserError("controlnet=true with lora_type='lycoris' is not exported: train the ControlNet in full "
+                        "or with lora_type='standard'")
+    written = []
+    model = trained.model
+    if trained.kind == "lora":
+        written.append(write_controlnet_lora(model, output_dir, metadata))
+        plain_copy(model, merge=False).save_pretrained(output_dir / CONTROLNET_BASE_FOLDER, safe_serialization=True)
+        written.append(output_dir / CONTROLNET_BASE_FOLDER)
+        model = plain_copy(model, merge=True)
+    model.save_pretrained(output_dir / CONTROLNET_FOLDER, safe_serialization=True)
+    return [output_dir / CONTROLNET_FOLDER, *written]
+
+
+def write_controlnet_lora(model: Any, directory: Path, metadata: Mapping[str, str]) -> Path:
+    """The ControlNet's LoRA as pytorch_lora_weights.safetensors, peft's names under `controlnet.`, with the
+    adapter configuration in diffusers' `lora_adapter_metadata` header entry (what load_lora_adapter reads)."""
+    import json
+
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft import get_peft_model_state_dict
+
+    from simpletuner.publish.lora_files import save_file_atomic
+    from simpletuner.train.adapters import LORA_WEIGHTS, _jsonable_config
+
+    weights = {f"{CONTROLNET_FOLDER}.{key}": value.detach().to("cpu").contiguous()
+               for key, value in get_peft_model_state_dict(model).items()}
+    config = _jsonable_config(model.peft_config["default"].to_dict())
+    header = {**metadata, "format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True)}
+    return save_file_atomic(weights, Path(directory) / LORA_WEIGHTS, header)
+
+
+def plain_copy(model: Any, merge: bool) -> Any:
+    """A copy of a peft-adapted model without adapter layers: the adapter fused into the weights (`merge`), or
+    left out (the weights it trained on)."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            if merge:
+                module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, module.get_base_layer())
+    if hasattr(plain, "peft_config"):
+        del plain.peft_config
+    plain._hf_peft_config_loaded = False
+    return plain
 
 
 def _move_into(staging: Path, output_dir: Path) -> None:

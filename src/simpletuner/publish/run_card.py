@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 
 def output_kind(run: Run) -> str:
-    """lora (diffusers' LoRA file) | peft (an adapter folder: families without a LoRA loader) | lycoris | full."""
+    """lora (diffusers' LoRA file) | peft (an adapter folder: families without a LoRA loader) | lycoris | full |
+    controlnet (output_dir/controlnet/, full or with a LoRA fused in)."""
+    if run.cfg.controlnet:
+        return "controlnet"
     if run.trained.kind == "lora":
         return "lora" if run.family.lora_loader else "peft"
     return "lycoris" if run.trained.kind == "lycoris" else "full"
@@ -32,8 +35,12 @@ def card_info(run: Run, step: int, outputs: list[Path], images: dict[int, list[P
         data.assignment.buckets, data.assignment.bucket_counts().tolist()) if n))
         for name, data in run.data.datasets.items())
     prompts = dict(run.validation.prompts) if run.validation else {}
+    pipeline_class, controlnet_class = run.components.pipeline_class, ""
+    if cfg.controlnet:  # e.g. StableDiffusionXLPipeline -> StableDiffusionXLControlNetPipeline
+        pipeline_class = pipeline_class.removesuffix("Pipeline") + "ControlNetPipeline"
+        controlnet_class = type(run.components["controlnet"]).__name__
     return CardInfo(
-        summary=summary, pipeline_class=run.components.pipeline_class, output_kind=output_kind(run),
+        summary=summary, pipeline_class=pipeline_class, output_kind=output_kind(run), controlnet_class=controlnet_class,
         output_files=tuple(p.relative_to(output_dir).as_posix() for p in outputs),
         folder_name=output_dir.name, hub_model_id=cfg.hub_model_id if cfg.push_to_hub else None,
         batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,

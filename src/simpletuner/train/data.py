@@ -12,6 +12,9 @@ cache; in every later epoch each image's crop position is drawn again for that e
 never stored (a cache cleared every epoch holds nothing a later epoch reads).
 Without random crops every epoch's latents are the cached ones, so the cache serves.
 An image that fails to load for a later epoch is left out like any other failure.
+
+In a ControlNet run each image's control entry (train.conditioning) is cached with it and read through
+the same kind of checked reader; an image whose control image fails is left out and reported the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from simpletuner.data.buckets import BucketAssignment
     from simpletuner.data.records import ImagePlan, SampleRef
     from simpletuner.models.base import Components, ModelFamily
+    from simpletuner.train.conditioning import ControlData
 
 logger = get_logger(__name__)
 
@@ -77,6 +81,7 @@ class DatasetData:
     encoder: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None  # for epochs after the first
     read_source: SourceReader | None = None  # reads sources that are no files (Hugging Face rows)
     sequential: bool = False  # its source is a stream: read in order, or from the start again
+    control: ControlData | None = None  # ControlNet runs: each image's control image (train.conditioning)
     masks: dict[int, MaskItem] = field(default_factory=dict)  # record index -> its loss mask (masked loss)
     regularisation: bool = False  # is_regularisation_data: the base model's predictions are the targets
     epoch_failures: dict[str, Failure] = field(default_factory=dict)  # key -> why a later epoch's load failed
@@ -124,7 +129,11 @@ class DatasetData:
         """Why the ref's latent entry could not be had (after `latent_entries` gave None for it)."""
         key = self.latent_items[ref.record].key
         assert self.latents is not None, "ensure_cached() opens the latent reader"
-        return self.latents.failed.get(key) or self.epoch_failures[key]
+        if key in self.latents.failed or key in self.epoch_failures:
+            return self.latents.failed.get(key) or self.epoch_failures[key]
+        assert self.control is not None and self.control.reader is not None, "only a control entry fails otherwise"
+        failure = self.control.reader.failed[self.control.items[ref.record].key]
+        return replace(failure, reason=f"control image: {failure.reason}")
 
     def source(self, name: str) -> Any:
         """What `load_pixels` reads for a source name: the file itself, or a row's bytes (Hugging Face)."""
@@ -165,6 +174,11 @@ class TrainingData:
         vae_id = latent_identity(family, components, settings.training)
         text_id = text_identity(family, components, settings.training)
         prepared: dict[str, DatasetData] = {}
+        partners = {}
+        if settings.training.controlnet:
+            from simpletuner.train.conditioning import partners_of
+
+            partners = partners_of(settings)
         skipped: list[SkippedEntry] = []
         for dataset in settings.datasets:
             scan = scans.get(dataset.id)
@@ -197,6 +211,12 @@ class TrainingData:
                 sequential=hf and storage.sequential,
                 regularisation=dataset.is_regularisation_data,
             )
+            if dataset.id in partners:
+                from simpletuner.train.conditioning import control_data, control_identity
+
+                partner = partners[dataset.id]
+                data.control = control_data(partner, scans[partner.id], records, [assignment.plan(i) for i in indices],
+                                            indices, settings, control_identity(family, vae_id))
             skipped += _drop(data, {index: ("caption", reason) for index, reason in unreadable.items()})
             _check_left(data, None)
             prepared[dataset.id] = data
@@ -264,10 +284,31 @@ class TrainingData:
                                     f"({failures[0].reason}), after retries: the storage looks unreachable. "
                                     "Check it (endpoint, network), then run again")
                 _check_left(data, self.report_path)
+            summaries += self._cache_control(data, family, components, vae_batch_size, progress)
             summaries.append(cache_texts(_all_captions(data), data.text_store, _text_encoder(family, components),
                                          self.text_identity, progress=progress))
             summaries += self._cache_masks(data, progress)
         return summaries
+
+    def _cache_control(self, data: DatasetData, family: ModelFamily, components: Components, batch_size: int,
+                       progress: bool) -> list[CacheSummary]:
+        """Cache the dataset's control images (ControlNet runs) and open their checked reader; an image whose
+        control image cannot be prepared leaves training and is reported, like an image that failed."""
+        if data.control is None:
+            return []
+        from simpletuner.train.conditioning import cache_control, control_encoder, control_reader
+
+        summary = cache_control(data.control, family, components, batch_size=batch_size, progress=progress)
+        reasons = {failure.key: failure.reason for failure in summary.failed}
+        present = dict(zip(data.control.items, data.control.store.contains_many(
+            [item.key for item in data.control.items.values()])))
+        lost = {index: ("cache", f"control image: {reasons.get(item.key, 'not in the cache after encoding')}")
+                for index, item in data.control.items.items() if index in data.latent_items and not present[index]}
+        if lost:
+            self._skip(_drop(data, lost), shared=True)
+            _check_left(data, self.report_path)
+        data.control.reader = control_reader(data.control, control_encoder(family, components))
+        return [summary]
 
     def _cache_masks(self, data: DatasetData, progress: bool) -> list[CacheSummary]:
         """Cache the dataset's loss masks; an image whose mask cannot be read leaves training (reported)."""
@@ -294,17 +335,20 @@ class TrainingData:
         for data in self.datasets.values():
             keys.setdefault(data.latent_store.url, set()).update(item.key for item in data.latent_items.values())
             keys[data.latent_store.url].update(item.key for item in data.masks.values())
+            if data.control is not None:
+                keys.setdefault(data.control.store.url, set()).update(item.key for item in data.control.items.values())
             keys.setdefault(data.text_store.url, set()).update(
                 item.key for item in text_items(_all_captions(data), self.text_identity))
         return keys
 
     def stores(self) -> list[TensorStore]:
-        return [store for data in self.datasets.values() for store in (data.latent_store, data.text_store)]
+        return [store for data in self.datasets.values()
+                for store in (data.latent_store, data.text_store) + ((data.control.store,) if data.control else ())]
 
     def close(self) -> None:
         """Commit entries encoded during training (on demand, or again for corrupt ones) and release the stores."""
         for data in self.datasets.values():
-            for reader in (data.latents, data.texts):
+            for reader in (data.latents, data.texts, data.control.reader if data.control else None):
                 if reader is not None:
                     reader.close()
         for store in self.stores():
@@ -327,12 +371,13 @@ class TrainingData:
             refs = next(refill)
             usable, entries = self.entries(refs)
         texts, conditioning, chosen = [], [], []
-        for ref in usable:
+        for ref, entry in zip(usable, entries):
             data = self.datasets[ref.dataset_id]
             assert data.texts is not None, "ensure_cached() opens the text reader"
             chosen.append(_pick(data.captions[ref.record], caption_rng))
             texts += data.texts.embeddings([chosen[-1]])
-            conditioning.append(family.sample_conditioning(data.plan(ref)))
+            # ControlNet runs: the control entry, read with the latent (entries)
+            conditioning.append({**family.sample_conditioning(data.plan(ref)), **_control_part(entry)})
         batch: dict[str, Any] = {"latent_mean": torch.stack([e["mean"] for e in entries]),
                                  "latent_std": torch.stack([e["std"] for e in entries]),
                                  "text": _stack_entries(texts), "captions": chosen}
@@ -356,7 +401,8 @@ class TrainingData:
         return batch_masks(entries, means)
 
     def entries(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
-        """The refs whose own latent entry is available, and those entries; failures are reported.
+        """The refs whose own latent entry (and, in a ControlNet run, own control entry) is available, and those
+        entries (a ControlNet run's joined with the control entry's tensors); failures are reported.
 
         Raises DataError when every image of the batch failed with a connection or service error
         (after the retry policy): the storage is unreachable, and skipping on would skip everything.
@@ -366,7 +412,7 @@ class TrainingData:
         for dataset_id in dict.fromkeys(ref.dataset_id for ref in refs):
             data = self.datasets[dataset_id]
             mine = [ref for ref in refs if ref.dataset_id == dataset_id and ref.record not in data.failed]
-            for ref, entry in zip(mine, data.latent_entries(mine)):
+            for ref, entry in zip(mine, _with_control(data, mine, data.latent_entries(mine))):
                 if entry is not None:
                     usable.append(ref)
                     entries.append(entry)
@@ -452,6 +498,27 @@ def _not_cached(data: DatasetData, failures: Sequence[Failure]) -> dict[int, tup
             for (index, item), hit in zip(data.latent_items.items(), present) if not hit}
 
 
+def _with_control(data: DatasetData, refs: Sequence[SampleRef],
+                  latents: Sequence[dict[str, torch.Tensor] | None]) -> list[dict[str, torch.Tensor] | None]:
+    """ControlNet runs: each latent entry joined with its control entry, read through the control reader's checks
+    (CRC, a corrupt entry encoded again); None where either failed, so that the sample leaves training."""
+    if data.control is None:
+        return list(latents)
+    assert data.control.reader is not None, "ensure_cached() opens the control reader"
+    wanted = [i for i, entry in enumerate(latents) if entry is not None]
+    controls = data.control.reader.get_many([data.control.items[refs[i].record].work() for i in wanted])
+    joined: list[dict[str, torch.Tensor] | None] = [None] * len(latents)
+    for i, control in zip(wanted, controls):
+        if control is not None:
+            joined[i] = {**latents[i], **control}
+    return joined
+
+
+def _control_part(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The control entry's tensors in an entry from `_with_control` (none for a sample without one)."""
+    return {name: tensor for name, tensor in entry.items() if name not in ("mean", "std")}
+
+
 def _drop(data: DatasetData, records: dict[int, tuple[str, str]]) -> list[SkippedEntry]:
     """Take these records ({record: (stage, reason)}) out of the dataset; say which buckets this empties."""
     if not records:
@@ -460,6 +527,8 @@ def _drop(data: DatasetData, records: dict[int, tuple[str, str]]) -> list[Skippe
     for index in records:
         data.latent_items.pop(index, None)
         data.captions.pop(index, None)
+        if data.control is not None:
+            data.control.items.pop(index, None)
     for width, height in emptied:
         logger.warning("dataset %r: bucket %dx%d has no image left (every one failed): dropped",
                        data.dataset_id, width, height)

@@ -365,10 +365,14 @@ def training_loss(family: ModelFamily, components: Components, objective: Traini
     `batch["loss_mask"]`, when present, weighs the loss per latent pixel (masked loss).
     `batch["regularisation"]` (a list of bools), when present, marks regularisation samples: their target
     is the base model's own prediction, made inside `base_model()` (the adapter switched off).
+    With a ControlNet in the components, the prediction is the frozen denoiser's steered by it
+    through `batch["control"]` (models.controlnet); a regularisation sample's target is then the prediction
+    steered by the ControlNet without its adapter.
     """
     latents = batch["latents"]
     noisy = objective.noisy_latents(latents, draw)
-    prediction = family.predict(components, noisy, draw.timesteps, batch["text"], batch)
+    predict = family.predict_with_controlnet if components.get("controlnet") is not None else family.predict
+    prediction = predict(components, noisy, draw.timesteps, batch["text"], batch)
     target = objective.target(latents, draw)
     regularisation = batch.get("regularisation")
     if regularisation is not None and any(regularisation):
@@ -376,7 +380,7 @@ def training_loss(family: ModelFamily, components: Components, objective: Traini
             raise ConfigError("regularisation data (is_regularisation_data) needs the base model's predictions: "
                               "train an adapter (model_type 'lora')")
         with torch.no_grad(), base_model():
-            base = family.predict(components, noisy, draw.timesteps, batch["text"], batch)
+            base = predict(components, noisy, draw.timesteps, batch["text"], batch)
         chosen = torch.tensor(regularisation, device=target.device)
         target = select_per_sample(~chosen, target, base.to(target.dtype))
     return objective.loss(prediction, target, draw.timesteps, batch.get("loss_mask"))

@@ -113,6 +113,11 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     from simpletuner.validate import validation_plan
 
     settings = with_checkpoint(settings)  # model_flavour (or the family's default) names the checkpoint
+    generators = settings
+    if any(dataset.conditioning for dataset in settings.datasets):  # conditioning: [{type: canny}]
+        from simpletuner.data.generators import with_generated_conditioning
+
+        settings = with_generated_conditioning(settings)
     cfg = settings.training
     check_implemented(cfg, settings.datasets)
     check_packages(cfg, settings.datasets)
@@ -121,6 +126,10 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     check_quantisation(cfg, accelerator.device)
     check_output_dir(cfg.output_dir)
     family = get_family(cfg.model_family)
+    if cfg.controlnet:
+        from simpletuner.models.controlnet import check_controlnet_family
+
+        check_controlnet_family(family, cfg)
     validation = validation_plan(cfg, family)
     identity = run_identity(cfg, settings.datasets)
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
@@ -135,6 +144,12 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     quantize_components(family, components, cfg, accelerator.device)  # frozen weights, before any adapter
     components.to(accelerator.device)
     _configure_vae(components, cfg)
+    if generators is not settings:
+        from simpletuner.data.generators import generate_all
+
+        if accelerator.is_main_process:
+            print("\n".join(generate_all(settings, generators)), flush=True)
+        accelerator.wait_for_everyone()
     data = prepare_data(settings, family, components, accelerator, on_demand=cfg.vae_cache_ondemand,
                         report_path=str(Path(cfg.output_dir) / SKIPPED_REPORT))
     from simpletuner.train.offload import park_encoders
@@ -199,7 +214,13 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     if cfg.lr_scale:
         cfg = cfg.model_copy(update={"learning_rate": scaled_learning_rate(cfg, accelerator.num_processes)})
     denoiser = family.denoiser(components)
-    trained = prepare_trainable(denoiser, cfg, family.adapter_targets(cfg), prefix=family.denoiser_name(),
+    trains, prefix, targets = denoiser, family.denoiser_name(), family.adapter_targets(cfg)
+    if cfg.controlnet:  # the ControlNet trains (full or with an adapter); the denoiser stays frozen
+        from simpletuner.models.controlnet import CONTROLNET, attach_controlnet, controlnet_lora_targets
+
+        trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
+        targets = controlnet_lora_targets(trains, targets)
+    trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
                                 lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
     trained.text_encoders = prepare_text_encoders(family, components, cfg)
     trained.module.to(accelerator.device)
@@ -209,11 +230,11 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # the trained model's blocks (a ControlNet's; its frozen denoiser is not)
         from simpletuner.train.checkpointing import enable_checkpointing
 
-        enable_checkpointing(denoiser, cfg.gradient_checkpointing_interval)
-    denoiser.train()
+        enable_checkpointing(trains, cfg.gradient_checkpointing_interval)
+    trains.train()
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
               if d.id in data.datasets],

@@ -380,8 +380,10 @@ def _validate(run: Run, step: int) -> list[Path]:
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
-    """One training image per validation size, for img2img validation (the refiner); found once."""
+    """One training image per validation size, for img2img validation (the refiner), or its control image for a
+    ControlNet; found once."""
     if run.init_images is None:
+        from simpletuner.train.conditioning import control_image
         from simpletuner.train.data import training_image
 
         sizes = set(run.validation.resolutions) if run.validation else set()
@@ -389,8 +391,9 @@ def _init_images(run: Run) -> dict[tuple[int, int], Any]:
         for data in run.data.datasets.values():
             for index, item in data.latent_items.items():
                 target = item.plan.target_size
-                if target in sizes and target not in run.init_images:
-                    run.init_images[target] = training_image(data, index)
+                if target in sizes and target not in run.init_images:  # a ControlNet samples from a control image
+                    run.init_images[target] = control_image(data, index) if data.control else training_image(data,
+                                                                                                             index)
                 if len(run.init_images) == len(sizes):
                     return run.init_images
     return run.init_images
