@@ -1,7 +1,8 @@
-"""`simpletuner train` with train_text_encoder=true (LoRA, alpha != rank): the output and a checkpoint each
-hold a diffusers file whose every tensor diffusers' `load_lora_weights` takes (UNet and text encoders) with no
-loader warning, and a UI file whose `lora_te*` keys ComfyUI's and A1111's matching take whole; both apply the
-trained text-encoder delta, (alpha / rank) * B @ A of the trained weights."""
+"""`simpletuner train` with train_text_encoder=true (LoRA and DoRA, alpha != rank): the output and a checkpoint
+each hold a diffusers file whose every tensor diffusers' `load_lora_weights` takes (UNet and text encoders) with
+no loader warning, and a UI file whose `lora_te*` keys ComfyUI's and A1111's matching take whole; both apply the
+trained text-encoder delta computed from the trained tensors ((alpha / rank) * B @ A, DoRA's magnitude on top).
+A1111 is checked for LoRA only: it cannot apply peft's DoRA (docs/UI_LORA.md)."""
 
 from __future__ import annotations
 
@@ -25,25 +26,35 @@ RANK, ALPHA = 4, 6.0
 ENCODERS = {"sd1x": {"text_encoder": "clip_l"}, "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}}
 
 
-def trained_deltas(weights: dict[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
-    """`component.<module>` -> (alpha / rank) * B @ A of the trained tensors in the diffusers file."""
+def trained_deltas(weights: dict[str, torch.Tensor], component: str,
+                   bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`component.<module>` -> the delta of the trained tensors in the diffusers file: (alpha / rank) * B @ A;
+    with DoRA, m * (W + that) / ||W + that|| (row norms) - W, W the base weight."""
     out = {}
     for key, down in weights.items():
         if key.startswith(f"{component}.") and key.endswith(".lora_A.weight"):
-            up = weights[key.replace(".lora_A.", ".lora_B.")]
-            out[key[: -len(".lora_A.weight")]] = (ALPHA / RANK) * up.float() @ down.float()
+            module = key[: -len(".lora_A.weight")]
+            delta = (ALPHA / RANK) * weights[f"{module}.lora_B.weight"].float() @ down.float()
+            magnitude = weights.get(f"{module}.lora_magnitude_vector.weight")  # as transformers loads it
+            if magnitude is not None:
+                base = bases[module].float()
+                adapted = base + delta
+                delta = magnitude.float().view(-1, 1) * adapted / adapted.norm(dim=1, keepdim=True) - base
+            out[module] = delta
     return out
 
 
-@pytest.mark.parametrize("family", ["sd1x", "sdxl"])
-def test_text_encoder_lora_loads_whole_in_diffusers_comfyui_and_a1111(tmp_path: Path, tiny_model, family: str) -> None:
+@pytest.mark.parametrize("family,dora", [("sd1x", False), ("sdxl", False), ("sd1x", True)],
+                         ids=["sd1x", "sdxl", "sd1x-dora"])
+def test_text_encoder_lora_loads_whole_in_diffusers_comfyui_and_a1111(tmp_path: Path, tiny_model, family: str,
+                                                                        dora: bool) -> None:
     from diffusers import DiffusionPipeline
     from peft import get_peft_model_state_dict
 
     model = tiny_model(family)
     config = write_run(tmp_path, model, family, train_text_encoder=True, tracker_run_name="te run",
                        lora_rank=RANK, lora_alpha=ALPHA, learning_rate=1e-2, max_train_steps=2,
-                       checkpointing_steps=1, disable_validation=True)
+                       checkpointing_steps=1, disable_validation=True, use_dora=dora)
     assert main(["train", str(config)]) == 0
     output = tmp_path / "output"
     components = ["unet", *ENCODERS[family]]
@@ -64,12 +75,15 @@ def test_text_encoder_lora_loads_whole_in_diffusers_comfyui_and_a1111(tmp_path: 
             state = get_peft_model_state_dict(getattr(pipeline, component), adapter_name="default")
             loaded += len(state)
             for key, value in state.items():
-                assert torch.equal(value, in_file[f"{component}.{key}"]), f"{component}.{key}"
+                name = f"{component}.{key}"  # a text encoder's DoRA magnitude: `.weight` added (lora_files.py)
+                in_name = name if name in in_file or component == "unet" else f"{name}.weight"
+                assert torch.equal(value, in_file[in_name]), name
         assert loaded == len(in_file), (loaded, len(in_file))
         deltas: dict[str, torch.Tensor] = {}
         for component in ENCODERS[family]:
             applied = peft_deltas(getattr(pipeline, component), component)
-            expected = trained_deltas(in_file, component)
+            encoder = getattr(pipeline, component)
+            expected = trained_deltas(in_file, component, adapter_base_weights(encoder, component))
             assert applied.keys() == expected.keys()
             for module, delta in expected.items():
                 if torch.count_nonzero(delta):
@@ -96,9 +110,10 @@ def test_text_encoder_lora_loads_whole_in_diffusers_comfyui_and_a1111(tmp_path: 
                                                             for c, (_, m) in encoders.items()})
         # every key matched, untrained (zero) modules included
         patches, not_loaded = ui.comfy_load_lora(lora, key_map)
-        assert not_loaded == [] and len(patches) == len(all_deltas) == len(in_file) // 2
+        assert not_loaded == [] and len(patches) == len(all_deltas) == len(in_file) // (3 if dora else 2)
         matched, failed = ui.a1111_load_network(lora, layers)
         assert failed == {} and len(matched) == len(all_deltas)
+        assert sum(k.endswith(".dora_scale") for k in lora) == (len(all_deltas) if dora else 0)
         # the applied delta of each trained module (a zero one has no scale to compare against)
         zero = {key.rsplit(".lora_up.weight", 1)[0] for key, value in lora.items()
                 if key.endswith(".lora_up.weight") and not torch.count_nonzero(value)}
@@ -106,4 +121,5 @@ def test_text_encoder_lora_loads_whole_in_diffusers_comfyui_and_a1111(tmp_path: 
         trained = {k: v for k, v in lora.items() if k.split(".", 1)[0] not in zero}
         nonzero = {k: v for k, v in all_deltas.items() if torch.count_nonzero(v)}
         comfy_check(trained, key_map, {**unet_placements(unet.config), **placements}, bases, nonzero)
-        a1111_check(trained, layers, {checkpoint_name(k): v for k, v in nonzero.items()})
+        if not dora:  # A1111 applies DoRA magnitudes along the input axis: it cannot apply peft's (docs/UI_LORA.md)
+            a1111_check(trained, layers, {checkpoint_name(k): v for k, v in nonzero.items()})
