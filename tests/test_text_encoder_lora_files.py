@@ -123,3 +123,9 @@ def test_text_encoder_lora_loads_whole_in_diffusers_comfyui_and_a1111(tmp_path: 
         comfy_check(trained, key_map, {**unet_placements(unet.config), **placements}, bases, nonzero)
         if not dora:  # A1111 applies DoRA magnitudes along the input axis: it cannot apply peft's (docs/UI_LORA.md)
             a1111_check(trained, layers, {checkpoint_name(k): v for k, v in nonzero.items()})
+
+    # `simpletuner export --format comfyui` of the checkpoint reads its diffusers file back to the same UI file
+    checkpoint = output / "checkpoints" / "step-000001"
+    assert main(["export", str(checkpoint), "--output", str(tmp_path / "ui"), "--format", "comfyui"]) == 0
+    ours, exported = load_file(checkpoint / "te_run.safetensors"), load_file(tmp_path / "ui" / "te_run.safetensors")
+    assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)

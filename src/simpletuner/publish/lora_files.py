@@ -2,8 +2,9 @@
 
 - diffusers: `pytorch_lora_weights.safetensors`, peft's names under the pipeline component's prefix
   (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` for DoRA; a text encoder's
-  DoRA magnitudes as `.lora_magnitude_vector.weight`, see `MAGNITUDE`), one key style in the whole file; rank, alpha and DoRA in the `lora_adapter_metadata` header entry, from which
-  the pipeline's `load_lora_weights` builds the adapter.
+  DoRA magnitudes as `.lora_magnitude_vector.weight`, see `MAGNITUDE`), one key style in the whole file;
+  rank, alpha and DoRA in the `lora_adapter_metadata` header entry, from which the pipeline's
+  `load_lora_weights` builds the adapter.
 - peft: an adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that
   `peft.PeftModel.from_pretrained(model, folder)` loads, for pipelines without a LoRA loader.
 Every file is written under a temporary name, made 0644 and renamed; its header carries the LoRA's metadata.
