@@ -12,6 +12,7 @@ from email.policy import HTTP
 from pathlib import Path
 
 import pytest
+from bad_inputs import broken_png
 from http_recorder import Recorder
 from hub_fake import FakeHub
 from train_helpers import write_run
@@ -38,6 +39,9 @@ def published(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> dict:
 
     dataset = write_dataset(root / "dataset", count=12)
     (dataset / "broken.png").write_bytes(b"not an image")  # the scan skips it, with its reason
+    (dataset / "sub").mkdir()
+    broken_png(dataset / "sub" / "corrupt.png")  # a valid header: the scan keeps it, decoding it fails
+    (dataset / "sub" / "corrupt.txt").write_text("a grey picture\n")
     config = write_run(root, base, "sd1x", dataset=dataset, push_to_hub=True, hub_model_id="me/tiny-lora",
                        push_checkpoints_to_hub=True,
                        model_card_private=True, model_card_note="A test of the card.",
@@ -184,6 +188,54 @@ def test_the_run_page_renders_with_curves_images_and_datasets(published, tmp_pat
     assert "finished: step 4 of 4" in text and "32x32" in text and "samples per second" in text
     assert "a red circle on a blue background" in text  # the prompt heads its column
     assert re.search(r"broken\.png[^<]*: [^<]*(cannot|identify|decode)", text, re.I), "the skipped file is not shown"
+
+
+def test_the_run_page_lists_every_skipped_file_with_its_stage_and_reason(published) -> None:
+    """A table of output_dir/skipped.jsonl: dataset, file (relative to the dataset), stage, reason."""
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[list[str]] = []
+            self.inside = False
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.inside = self.inside or (tag == "table" and ("class", "skipped") in attrs)
+            if self.inside and tag == "tr":
+                self.rows.append([])
+            if self.inside and tag in ("td", "th"):
+                self.rows[-1].append("")
+
+        def handle_endtag(self, tag: str) -> None:
+            self.inside = self.inside and tag != "table"
+
+        def handle_data(self, data: str) -> None:
+            if self.inside and self.rows and self.rows[-1]:
+                self.rows[-1][-1] += data
+
+    listed = [json.loads(line) for line in (published["output"] / "skipped.jsonl").read_text().splitlines()]
+    parser = Rows()
+    parser.feed((published["output"] / "report.html").read_text())
+    head, *rows = parser.rows
+    assert head == ["dataset", "file", "stage", "reason"]
+    by_file = {row[1]: row for row in rows}
+    assert len(rows) == len(listed) == 2, rows
+    assert by_file["broken.png"][:3] == ["shapes", "broken.png", "scan"]
+    assert by_file["sub/corrupt.png"][:3] == ["shapes", "sub/corrupt.png", "cache"]
+    assert re.search(r"cannot|identify|decode|broken|truncated|corrupt", by_file["broken.png"][3], re.I)
+    assert re.search(r"decod|corrupt|invalid|error|truncated", by_file["sub/corrupt.png"][3], re.I), by_file
+    root = str(published["root"])
+    assert not any(root in cell for row in rows for cell in row), "a training machine path on the page"
+
+
+def test_the_skipped_table_is_capped_with_a_count() -> None:
+    from simpletuner.publish.report_page import SKIPPED_SHOWN, PageData, SkippedFile, render_page
+
+    files = [SkippedFile("shapes", f"img-{i}.png", "cache", "decode failed") for i in range(SKIPPED_SHOWN + 5)]
+    page = render_page(PageData("run", "finished", 1, 1, skipped=files))
+    assert page.count("decode failed") == SKIPPED_SHOWN and f"img-{SKIPPED_SHOWN - 1}.png" in page
+    assert f"img-{SKIPPED_SHOWN}.png" not in page and f"and 5 more, {SKIPPED_SHOWN + 5} in all" in page
 
 
 def test_the_run_page_screenshot_in_headless_chromium_shows_the_images(published, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """LoRA files in the formats that diffusers and peft load, written from a `TrainedLora`.
 
 - diffusers: `pytorch_lora_weights.safetensors`, peft's names under the pipeline component's prefix
-  (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` for DoRA), one key style
-  in the whole file; rank, alpha and DoRA in the `lora_adapter_metadata` header entry, from which
-  the pipeline's `load_lora_weights` builds the adapter.
+  (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` for DoRA; a text encoder's
+  DoRA magnitudes as `.lora_magnitude_vector.weight`, see `MAGNITUDE`), one key style in the whole file;
+  rank, alpha and DoRA in the `lora_adapter_metadata` header entry, from which the pipeline's
+  `load_lora_weights` builds the adapter.
 - peft: an adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that
   `peft.PeftModel.from_pretrained(model, folder)` loads, for pipelines without a LoRA loader.
 Every file is written under a temporary name, made 0644 and renamed; its header carries the LoRA's metadata.
@@ -26,6 +27,21 @@ from simpletuner.train.adapters import LORA_WEIGHTS, TrainedLora
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+MAGNITUDE = ".lora_magnitude_vector"
+# diffusers loads a text encoder's LoRA through transformers' `load_adapter`, which takes a DoRA magnitude only
+# as `<module>.lora_magnitude_vector.weight`: under peft's name it is reported missing and left untrained.
+TEXT_ENCODER_PREFIX = "text_encoder"
+
+
+def _file_names(component: str, layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`layers` (peft's names) as the diffusers file names them for `component`."""
+    if not component.startswith(TEXT_ENCODER_PREFIX):
+        return dict(layers)
+    return {f"{key}.weight" if key.endswith(MAGNITUDE) else key: value for key, value in layers.items()}
+
+
+def _peft_name(key: str) -> str:
+    return key.removesuffix(".weight") if key.endswith(f"{MAGNITUDE}.weight") else key
 
 
 def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
@@ -64,7 +80,7 @@ def write_diffusers_lora(directory: str | Path, lora: TrainedLora) -> Path:
     def save(weights: dict[str, torch.Tensor], filename: str) -> None:
         save_file_atomic(weights, filename, header)
 
-    kwargs = {f"{name}_lora_layers": layers for name, layers in lora.layers.items()}
+    kwargs = {f"{name}_lora_layers": _file_names(name, layers) for name, layers in lora.layers.items()}
     pipeline_class.save_lora_weights(str(directory), weight_name=LORA_WEIGHTS, save_function=save,
                                      safe_serialization=True, **kwargs)
     return Path(directory) / LORA_WEIGHTS
@@ -80,7 +96,7 @@ def read_diffusers_lora(file: str | Path, pipeline_class: str) -> TrainedLora:
         header = dict(handle.metadata() or {})
         for key in handle.keys():
             component, _, name = key.partition(".")
-            layers.setdefault(component, {})[name] = handle.get_tensor(key)
+            layers.setdefault(component, {})[_peft_name(name)] = handle.get_tensor(key)
     packed = json.loads(header.pop(LORA_ADAPTER_METADATA_KEY, "{}"))
     configs: dict[str, dict[str, Any]] = {name: {} for name in layers}
     for key, value in packed.items():

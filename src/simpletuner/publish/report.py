@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simpletuner.publish.card import existing_validation
-from simpletuner.publish.report_page import DatasetSummary, PageData, render_page
+from simpletuner.publish.report_page import DatasetSummary, PageData, SkippedFile, render_page
 from simpletuner.train.events import NoEvents
 
 if TYPE_CHECKING:
@@ -31,6 +31,31 @@ def dataset_summaries(run: Run) -> list[DatasetSummary]:
         buckets = tuple((f"{w}x{h}", int(n)) for (w, h), n in zip(assignment.buckets, counts) if n)
         summaries.append(DatasetSummary(name, len(assignment), buckets, tuple(assignment.skipped.lines())))
     return summaries
+
+
+def read_skipped(path: Path, roots: dict[str, str]) -> list[SkippedFile]:
+    """The images listed in skipped.jsonl, each path relative to its dataset (`roots`: dataset id -> folder);
+    an absolute path outside its dataset shows its name only. A torn line is left out."""
+    if not path.is_file():
+        return []
+    files = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            dataset, shown = str(row["dataset"]), str(row["path"])
+            files.append(SkippedFile(dataset, _relative(shown, roots.get(dataset)), str(row["stage"]),
+                                     str(row["reason"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return files
+
+
+def _relative(path: str, root: str | None) -> str:
+    if not Path(path).is_absolute():
+        return path
+    if root and Path(path).is_relative_to(root):
+        return Path(path).relative_to(root).as_posix()
+    return Path(path).name
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -57,12 +82,18 @@ class RunReport(NoEvents):
         self.data_wait = 0.0
         self.scan_report = ""
         self.prompts: dict[str, str] = {}  # validation prompt name -> prompt
+        self.skipped_report: Path | None = None  # output_dir/skipped.jsonl, written by the run's data
+        self.dataset_roots: dict[str, str] = {}  # dataset id -> its local folder
 
     def on_start(self, run: Run, step: int) -> None:
         cfg = run.cfg
         self.output_dir = Path(cfg.output_dir)
         self.started = time.perf_counter()
         self.scan_report = run.data.scan_report
+        from simpletuner.train.setup import SKIPPED_REPORT  # the run (its module) is loaded by now
+
+        self.skipped_report = self.output_dir / SKIPPED_REPORT
+        self.dataset_roots = {d.id: d.instance_data_dir for d in run.settings.datasets if d.instance_data_dir}
         facts = [("model family", cfg.model_family), ("training", f"{cfg.model_type} ({run.trained.kind})"),
                  ("batch", f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
                            f"{run.accelerator.num_processes} processes"),
@@ -121,6 +152,8 @@ class RunReport(NoEvents):
         self.page.lr = [(row["step"], row["lr"]) for row in rows if "lr" in row]
         self.page.throughput = self._throughput()
         self.page.scan_report = self.scan_report
+        if self.skipped_report is not None:
+            self.page.skipped = read_skipped(self.skipped_report, self.dataset_roots)
         text = render_page(self.page)
         temp = self.output_dir / f".tmp-{REPORT_FILE}"
         temp.write_text(text, encoding="utf-8")

@@ -17,6 +17,19 @@ class DatasetSummary:
     skipped: tuple[str, ...]  # "3 too small (e.g. a.png: ...)"
 
 
+@dataclass(frozen=True)
+class SkippedFile:
+    """One image the run left out (a line of output_dir/skipped.jsonl); `path` relative to its dataset."""
+
+    dataset: str
+    path: str
+    stage: str
+    reason: str
+
+
+SKIPPED_SHOWN = 200  # rows of the skipped-files table; the rest are counted
+
+
 @dataclass
 class PageData:
     title: str
@@ -31,6 +44,7 @@ class PageData:
     prompts: dict[str, str] = field(default_factory=dict)  # column -> prompt
     datasets: list[DatasetSummary] = field(default_factory=list)
     scan_report: str = ""  # the scan's printed report (files skipped when reading, with reasons)
+    skipped: list[SkippedFile] = field(default_factory=list)  # every image left out of the run so far
 
 
 CSS = """
@@ -52,7 +66,7 @@ def render_page(data: PageData) -> str:
              line_chart(data.loss, "loss"), line_chart(data.lr, "learning rate"), "</div>",
              "<h2>Throughput</h2>", _table(data.throughput) or "<p>No logging step yet.</p>",
              "<h2>Validation images</h2>", _grid(data), "<h2>Datasets</h2>", _datasets(data.datasets),
-             _scan(data.scan_report), "</body></html>"]
+             "<h2>Skipped files</h2>", _skipped(data.skipped), _scan(data.scan_report), "</body></html>"]
     return "\n".join(part for part in parts if part)
 
 
@@ -106,6 +120,17 @@ def _datasets(datasets: list[DatasetSummary]) -> str:
         out.append(f"<h3>{_e(dataset.name)}: {dataset.images} images</h3><table><tr><th>bucket</th><th>images</th>"
                    f"</tr>{buckets}</table><p>Left out when bucketing:</p>{skipped}")
     return "".join(out) or "<p>No dataset.</p>"
+
+
+def _skipped(files: list[SkippedFile]) -> str:
+    if not files:
+        return "<p>None: every image found was used.</p>"
+    rows = "".join(f"<tr><td>{_e(f.dataset)}</td><td>{_e(f.path)}</td><td>{_e(f.stage)}</td><td>{_e(f.reason)}</td>"
+                   "</tr>" for f in files[:SKIPPED_SHOWN])
+    more = (f"<p>and {len(files) - SKIPPED_SHOWN} more, {len(files)} in all (every one in skipped.jsonl).</p>"
+            if len(files) > SKIPPED_SHOWN else "")
+    return (f"<p>{len(files)} image(s) left out of training, with the reason:</p><table class=\"skipped\">"
+            f"<tr><th>dataset</th><th>file</th><th>stage</th><th>reason</th></tr>{rows}</table>{more}")
 
 
 def _scan(report: str) -> str:
