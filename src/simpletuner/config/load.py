@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import compress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,9 @@ class Loaded:
         if self.training is not None:
             return self.training
         fields, values = TrainingConfig.model_fields, {}
-        for key, value in self.raw.values.items():
+        names = fields.keys() | ALIASES.keys()
+        given = self.raw.values  # only options and their other spellings (filtered in C: there may be millions)
+        for key, value in compress(given.items(), map(names.__contains__, given)):
             key = ALIASES.get(key, key)
             if key in fields:
                 try:  # each value as its field reads it ("false" -> False); a bad one keeps the default

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from difflib import get_close_matches
+from itertools import compress, filterfalse, islice
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -73,38 +74,64 @@ def _rename_aliases(values: dict[str, Any], sources: dict[str, str], compat: Com
             sources[new] = sources.pop(old)
 
 
+def _without_most_unknown(values: dict[str, Any], sources: dict[str, str], model: type[BaseModel], compat: Compat
+                          ) -> tuple[dict[str, Any], dict[str, str], int]:
+    """Copies of `values` and `sources` keeping, in file order, every key the model or `compat` knows and the first
+    unknown keys (one more than are named); and how many unknown keys were left out (a file may hold millions:
+    they are counted, not copied or looked at one by one)."""
+    names = model.model_fields.keys() | compat.aliases.keys() | compat.ignored.keys() | compat.unsupported.keys()
+    present = {name for name in names if name in values}
+    if len(values) - len(present) <= SUGGESTED_UNKNOWN + 1:
+        return dict(values), dict(sources), 0
+    present.update(islice(filterfalse(names.__contains__, values), SUGGESTED_UNKNOWN + 1))
+    kept = dict(compress(values.items(), map(present.__contains__, values)))
+    return kept, {key: sources[key] for key in kept if key in sources}, len(values) - len(kept)
+
+
 def _foreign_keys(values: dict[str, Any], sources: dict[str, str], model: type[BaseModel], compat: Compat,
-                  origin: str, problems: list[str], warnings: list[str]) -> None:
+                  origin: str, problems: list[str], warnings: list[str], dropped: int = 0) -> None:
+    """Ignored, unsupported and unknown keys reported and removed from `values`; `dropped` unknown keys were
+    left out before (counted with the unknown keys past the named ones)."""
     fields = model.model_fields
     known = list(fields)
-    foreign = [k for k in values if k not in fields]
-    unknown = 0
-    for key in foreign:
-        if key not in compat.ignored and key not in compat.unsupported:
+    foreign = list(filterfalse(fields.__contains__, values))  # filtered in C: a file may hold millions of keys
+    unknown = dropped
+    seen: set[str] = set()  # ignored and unsupported keys handled so far
+    for index, key in enumerate(foreign):
+        if key in compat.ignored or key in compat.unsupported:
+            seen.add(key)
+            _foreign_key(key, values[key], _where(sources, key, origin), compat, problems, warnings)
+        elif unknown - dropped < SUGGESTED_UNKNOWN:
             unknown += 1
-            if unknown > SUGGESTED_UNKNOWN:
-                continue  # counted below: a suggestion for each of millions of keys takes minutes
-        value = values[key]
-        where = _where(sources, key, origin)
-        if key in compat.ignored:
-            warnings.append(f"ignored: {key} ({compat.ignored[key]}) in {where}")
-        elif key in compat.unsupported:
-            rule = compat.unsupported[key]
-            if rule.is_harmless(value):
-                warnings.append(f"ignored: {key}={value!r} (unsupported: {rule.reason}; this value asks for "
-                                f"nothing) in {where}")
-            else:
-                problems.append(f"unsupported: {key} ({rule.reason}) in {where}")
-        else:
             hint = suggest(key, known + list(compat.aliases)) or "; `simpletuner options` lists every option"
-            problems.append(f"unknown option {key!r} in {where}{hint}")
+            problems.append(f"unknown option {key!r} in {_where(sources, key, origin)}{hint}")
+        else:  # the rest are counted, not named: a suggestion for each of millions of keys takes minutes
+            rest = [k for k in (*compat.ignored, *compat.unsupported) if k in values and k not in seen
+                    and k not in fields]
+            unknown += len(foreign) - index - len(rest)
+            for other in rest:
+                _foreign_key(other, values[other], _where(sources, other, origin), compat, problems, warnings)
+            break
     if foreign:
-        kept = {k: v for k, v in values.items() if k in fields}
+        kept = dict(compress(values.items(), map(fields.__contains__, values)))
         values.clear()
         values.update(kept)
     if unknown > SUGGESTED_UNKNOWN:
         problems.append(f"... and {unknown - SUGGESTED_UNKNOWN} more unknown options in {origin} "
                         f"({unknown} in all; the first {SUGGESTED_UNKNOWN} are named above)")
+
+
+def _foreign_key(key: str, value: Any, where: str, compat: Compat, problems: list[str], warnings: list[str]) -> None:
+    """An ignored key (a warning) or an unsupported one (a problem unless its value asks for nothing)."""
+    if key in compat.ignored:
+        warnings.append(f"ignored: {key} ({compat.ignored[key]}) in {where}")
+        return
+    rule = compat.unsupported[key]
+    if rule.is_harmless(value):
+        warnings.append(f"ignored: {key}={value!r} (unsupported: {rule.reason}; this value asks for "
+                        f"nothing) in {where}")
+    else:
+        problems.append(f"unsupported: {key} ({rule.reason}) in {where}")
 
 
 def _convert(name: str, value: Any, annotation: Any) -> tuple[bool, Any]:
@@ -233,11 +260,11 @@ def _explain_all(error: ValidationError, model: type[BaseModel], values: dict[st
 def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str], compat: Compat,
              origin: str) -> Outcome:
     """Check `values` against `model`; `origin` names the file for keys without a recorded source."""
-    values, sources = dict(values), dict(sources)
+    values, sources, dropped = _without_most_unknown(values, sources, model, compat)
     problems: list[str] = []
     warnings: list[str] = []
     _rename_aliases(values, sources, compat, origin, problems)
-    _foreign_keys(values, sources, model, compat, origin, problems, warnings)
+    _foreign_keys(values, sources, model, compat, origin, problems, warnings, dropped)
     prepared = _prepare(values, sources, model, origin, problems)
     try:
         instance = model.model_validate(prepared)
