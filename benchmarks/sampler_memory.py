@@ -1,6 +1,6 @@
 """Sampler and index memory at 10 million images (synthetic index).
 
-    python benchmarks/sampler_memory.py [--images 10000000] [--batch-size 4] [--world-size 1] [--record]
+    python benchmarks/sampler_memory.py [--images 10000000] [--batch-size 4] [--world-size 1] [--rank 0] [--record]
 
 Builds two synthetic columnar indexes (`simpletuner.data.index.ImageIndex`: paths in one
 blob, sizes and stats in numpy columns), 90% and 10% of `--images`, with sizes drawn
@@ -112,11 +112,11 @@ def plan_bytes(sampler: MultiDatasetSampler) -> int:
     return sum(array.nbytes for array in arrays)
 
 
-def measure_sampler_memory(images: int, batch_size: int, world_size: int) -> dict[str, float]:
+def measure_sampler_memory(images: int, batch_size: int, world_size: int, rank: int = 0) -> dict[str, float]:
     """Run the pipeline from index to resumed sampler at `images` entries; figures by name."""
     gc.collect()
     baseline = rss_bytes()
-    out: dict[str, float] = {"images": images, "batch_size": batch_size, "world_size": world_size}
+    out: dict[str, float] = {"images": images, "batch_size": batch_size, "world_size": world_size, "rank": rank}
     big, small = images - images // 10, images // 10
 
     started = time.perf_counter()
@@ -135,7 +135,7 @@ def measure_sampler_memory(images: int, batch_size: int, world_size: int) -> dic
 
     def make() -> MultiDatasetSampler:
         datasets = [SamplerDataset("main", assignments[0]), SamplerDataset("extra", assignments[1], repeats=1)]
-        return MultiDatasetSampler(datasets, batch_size, seed=42, rank=0, world_size=world_size)
+        return MultiDatasetSampler(datasets, batch_size, seed=42, rank=rank, world_size=world_size)
 
     sampler = make()
     started = time.perf_counter()
@@ -183,11 +183,12 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=10_000_000)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=0, help="the rank whose batches are drawn")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line instead")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     logging.getLogger("simpletuner").setLevel(logging.ERROR)  # the trimming warnings are expected here
-    figures = measure_sampler_memory(args.images, args.batch_size, args.world_size)
+    figures = measure_sampler_memory(args.images, args.batch_size, args.world_size, args.rank)
     if args.json:
         print(json.dumps(figures))
         return 0

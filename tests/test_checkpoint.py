@@ -17,6 +17,7 @@ from simpletuner.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     resolve_resume,
+    resumed_accumulation,
     run_identity,
     save_checkpoint,
 )
@@ -210,7 +211,9 @@ def test_another_configuration_is_refused_before_loading(tmp_path):
     with pytest.raises(UserError, match=r"(?s)different configuration.*lora_rank: checkpoint has 16, this run 8"
                                         r".*resolution: checkpoint has 1024(.0)?, this run 512(.0)?"):
         check_compatible(path, run_identity(other))
-    with pytest.raises(UserError, match="number of processes: checkpoint has 1, this run 2"):
+    check_compatible(path, run_identity(cfg), world_size=2)  # another number of processes: elastic resume
+    (path / "deepspeed").mkdir()  # ZeRO partitions are per process
+    with pytest.raises(UserError, match="number of processes: checkpoint has 1, this run 2 \\(a DeepSpeed"):
         check_compatible(path, run_identity(cfg), world_size=2)
     check_compatible(path, run_identity(_cfg(resolution=1024, learning_rate=5e-3)), world_size=1)  # harmless
 
@@ -264,6 +267,74 @@ def test_every_rank_writes_its_state_and_rank_0_seals(tmp_path):
         load_checkpoint(results[0], modules={"model": fresh.model}, states={},
                         rank_states={"sampler": fresh.sampler}, processes=Processes(rank=rank, world_size=2))
         assert fresh.sampler.position == 10 + rank
+
+
+def _save_at(tmp_path, cfg, world_size: int, positions: list[int]) -> tuple[Path, "Run"]:
+    """A checkpoint written by `world_size` threads as ranks, after 3 identical training steps each."""
+    barrier = threading.Barrier(world_size)
+    runs = [Run(cfg, seed=1) for _ in range(world_size)]
+    for run in runs:
+        _seed_everything(7)
+        run.train(1, 3)
+    errors = []
+
+    def save(rank: int) -> None:
+        try:
+            runs[rank].sampler.position = positions[rank]
+            save_checkpoint(tmp_path, Progress(4, 0), modules={"model": runs[rank].model}, states=runs[rank].states(),
+                            processes=Processes(rank=rank, world_size=world_size, barrier=barrier.wait),
+                            rank_states={"sampler": runs[rank].sampler}, config=cfg.model_dump(mode="json"),
+                            identity=run_identity(cfg))
+        except Exception as error:  # surfaced below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=save, args=(rank,)) for rank in range(world_size)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert not errors
+    return tmp_path / "checkpoints" / "step-000004", runs[0]
+
+
+@pytest.mark.parametrize("saved, resumed", [(4, 2), (2, 3), (2, 1)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path, caplog, saved, resumed):
+    cfg = _cfg()
+    path, source = _save_at(tmp_path, cfg, saved, [7] * saved)  # ranks share their position, as samplers do
+    with caplog.at_level("INFO", logger="simpletuner"):
+        check_compatible(path, run_identity(cfg), world_size=resumed)
+    assert f"made by {saved} process(es), this run has {resumed}" in caplog.text
+    for rank in range(resumed):
+        fresh = Run(cfg, seed=5)
+        progress = load_checkpoint(path, modules={"model": fresh.model}, states=fresh.states(),
+                                   rank_states={"sampler": fresh.sampler}, identity=run_identity(cfg),
+                                   processes=Processes(rank=rank, world_size=resumed))
+        assert progress == Progress(4, 0) and fresh.sampler.position == 7
+        for mine, theirs in zip(fresh.model.parameters(), source.model.parameters()):
+            assert torch.equal(mine, theirs)
+        for mine, theirs in zip(fresh.optimizer.state_dict()["state"].values(),
+                                source.optimizer.state_dict()["state"].values()):
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        for mine, theirs in zip(fresh.ema.state_dict()["shadow"], source.ema.state_dict()["shadow"]):
+            assert torch.equal(mine, theirs)
+        assert fresh.scheduler.state_dict() == source.scheduler.state_dict()
+
+
+@pytest.mark.parametrize("saved, accumulation, resumed, expected", [(4, 1, 2, 2), (2, 3, 3, 2), (2, 2, 1, 4),
+                                                                     (2, 2, 2, 9)])
+def test_keep_global_batch_adjusts_accumulation(tmp_path, saved, accumulation, resumed, expected):
+    cfg = _cfg(gradient_accumulation_steps=accumulation)
+    path, _ = _save_at(tmp_path, cfg, saved, [0] * saved)
+    meta = check_compatible(path, run_identity(cfg), world_size=resumed)
+    assert resumed_accumulation(path, meta, resumed, 9, keep_global_batch=True) == expected  # same size: as set
+    assert resumed_accumulation(path, meta, resumed, 9, keep_global_batch=False) == 9
+
+
+def test_keep_global_batch_refuses_a_size_that_cannot_divide_it(tmp_path):
+    cfg = _cfg(gradient_accumulation_steps=1)
+    path, _ = _save_at(tmp_path, cfg, 2, [0, 0])
+    meta = check_compatible(path, run_identity(cfg), world_size=3)
+    with pytest.raises(UserError, match=r"resume_keep_global_batch: checkpoint step-000004 trained with 2 "
+                                        r"process\(es\) x gradient_accumulation_steps 1 = 2 .*3 processes cannot"):
+        resumed_accumulation(path, meta, 3, 1, keep_global_batch=True)
 
 
 def test_processes_from_an_accelerator():

@@ -126,12 +126,105 @@ def test_resume_mid_epoch_continues_exactly(photos, art, steps_before):
         assert take(resumed, 40) == uninterrupted[steps_before:]
 
 
-def test_resume_refuses_another_world_size_or_rank(photos, art):
+def test_resume_refuses_another_rank_or_batch_size(photos, art):
     state = MultiDatasetSampler(two_datasets(photos, art), 4, seed=1, rank=0, world_size=2).state_dict()
-    with pytest.raises(ConfigError, match="world_size 2, this run has 4"):
-        MultiDatasetSampler(two_datasets(photos, art), 4, seed=1, rank=0, world_size=4).load_state_dict(state)
-    with pytest.raises(ConfigError, match="rank 0, this run has 1"):
+    with pytest.raises(ConfigError, match="saved by rank 0, this is rank 1"):
         MultiDatasetSampler(two_datasets(photos, art), 4, seed=1, rank=1, world_size=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match="train_batch_size 4, this run has 2"):
+        MultiDatasetSampler(two_datasets(photos, art), 2, seed=1, rank=0, world_size=4).load_state_dict(state)
+
+
+def elastic_epoch(datasets, batch_size, sizes_and_steps, seed=3):
+    """Run epoch 0 as segments [(world_size, steps), ...] (the last runs to the epoch's end), each resumed
+    from the previous one's state (rank 0's at another world size, as a checkpoint gives it); every sample
+    handed out in epoch 0, per segment."""
+    states, seen = None, []
+    for number, (world_size, wanted) in enumerate(sizes_and_steps):
+        samplers = [MultiDatasetSampler(datasets, batch_size, seed=seed, rank=r, world_size=world_size)
+                    for r in range(world_size)]
+        if states is not None:
+            same = len(states) == world_size
+            for rank, sampler in enumerate(samplers):
+                sampler.load_state_dict(json.loads(json.dumps(states[rank if same else 0])))
+        steps = [s.steps_in_epoch for s in samplers]  # plans the epoch: may move past an epoch with nothing left
+        left = [n - s.step if s.epoch == 0 else 0 for n, s in zip(steps, samplers)]
+        assert len(set(left)) == 1
+        count = left[0] if number == len(sizes_and_steps) - 1 else min(wanted, max(0, left[0] - 1))
+        batches = [take(sampler, count) for sampler in samplers]
+        assert len({(s.epoch, s.step) for s in samplers}) == 1
+        seen.append([ref for rank in batches for batch in rank for ref in batch])
+        states = [sampler.state_dict() for sampler in samplers]
+    return seen, samplers[0]
+
+
+@pytest.mark.parametrize("sizes", [[4, 2], [2, 3], [2, 1], [1, 4], [3, 2, 5], [2, 4, 1]])
+def test_elastic_resume_re_deals_the_rest_of_the_epoch(photos, art, sizes):
+    datasets = two_datasets(photos, art, repeats=1)
+    plan = [(size, 5) for size in sizes]
+    seen, last = elastic_epoch(datasets, 4, plan)
+    counts = Counter((ref.dataset_id, ref.path) for segment in seen for ref in segment)
+    assert max(counts.values()) <= 2  # art has one repeat: at most twice; photos once
+    assert all(n == 1 for (dataset, _), n in counts.items() if dataset == "photos")
+    assert all(ref.epoch == 0 for segment in seen for ref in segment)
+    # only a dataset's last (remaining batches mod the final world size) batches are left out
+    per_epoch = {"photos": len(photos), "art": 2 * len(art)}
+    for dataset_id, total in per_epoch.items():
+        got = sum(n for (d, _), n in counts.items() if d == dataset_id)
+        assert 0 <= total - got < 4 * sizes[-1]
+    assert last.epoch == 1 and last.step == 0 and last.segments == []
+    nxt = next(last)  # the next epoch is dealt over the new world size from its start
+    assert nxt[0].epoch == 1
+
+
+def test_elastic_resume_logs_how_the_epoch_is_re_dealt(photos, art, caplog):
+    first = MultiDatasetSampler(two_datasets(photos, art), 4, seed=1, rank=0, world_size=4)
+    take(first, 3)
+    with caplog.at_level(logging.INFO, logger="simpletuner"):
+        MultiDatasetSampler(two_datasets(photos, art), 4, seed=1, rank=0, world_size=2).load_state_dict(
+            first.state_dict())
+    assert "made by 4 rank(s), this run has 2: the rest of epoch 0 (after 3 step(s) at 4 rank(s))" in caplog.text
+
+
+def test_same_world_size_resume_after_an_elastic_one_continues_exactly(photos, art):
+    datasets = two_datasets(photos, art)
+    base = MultiDatasetSampler(datasets, 4, seed=5, rank=0, world_size=4)
+    take(base, 2)
+    def resumed(rank):
+        sampler = MultiDatasetSampler(datasets, 4, seed=5, rank=rank, world_size=2)
+        sampler.load_state_dict(base.state_dict())
+        return sampler
+    uninterrupted = take(resumed(1), 30)
+    again = resumed(1)
+    take(again, 4)
+    state = json.loads(json.dumps(again.state_dict()))
+    assert state["segments"] == [[4, 2]]
+    later = MultiDatasetSampler(datasets, 4, seed=5, rank=1, world_size=2)
+    later.load_state_dict(state)
+    assert take(later, 26) == uninterrupted[4:]
+
+
+try:
+    from hypothesis import given, settings as hsettings, strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+    @hsettings(max_examples=60, deadline=None)
+    @given(
+        square=st.integers(0, 30), wide=st.integers(0, 20), batch_size=st.integers(1, 4), repeats=st.integers(0, 2),
+        sizes=st.lists(st.tuples(st.integers(1, 5), st.integers(0, 8)), min_size=2, max_size=4),
+        seed=st.integers(0, 2**32),
+    )
+    def test_elastic_resume_never_repeats_or_skips_a_sample(square, wide, batch_size, repeats, sizes, seed):
+        data = assignment("prop", {SQUARE: square + 20, WIDE: wide}, batch_size)
+        datasets = [SamplerDataset("prop", data, repeats=repeats)]
+        seen, _ = elastic_epoch(datasets, batch_size, sizes, seed=seed)
+        counts = Counter(ref.path for segment in seen for ref in segment)
+        assert max(counts.values(), default=0) <= 1 + repeats
+        # the whole epoch's batches, less those whole rank groups could not hold at the world size that ended it
+        full_batches = int((data.bucket_counts() * (1 + repeats) // batch_size).sum())
+        got_batches = sum(len(segment) for segment in seen) // batch_size
+        assert 0 <= full_batches - got_batches < max(size for size, _ in sizes)
 
 
 def test_repeats_multiply_an_epoch(photos, art):

@@ -11,6 +11,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from simpletuner.config.load import load_settings
+from simpletuner.log import setup_logging
 from simpletuner.train.checkpoint import trainable_tensors
 from simpletuner.train.setup import build_run, make_accelerator
 from simpletuner.train.trainer import run_training
@@ -33,6 +34,7 @@ class RecordingSampler:
 
 def main() -> None:
     config, out = sys.argv[1], Path(sys.argv[2])
+    setup_logging()  # SIMPLETUNER_LOG_LEVEL=INFO shows what the run decided
     settings = load_settings(config)
     accelerator = make_accelerator(settings)
     run = build_run(settings, accelerator)

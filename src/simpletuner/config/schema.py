@@ -517,6 +517,9 @@ class TrainingConfig(StrictModel):
     checkpointing_steps: int = Field(500, ge=1, description="Save a checkpoint every this many steps.")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep at most this many checkpoints.")
     resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint folder.")
+    resume_keep_global_batch: bool = Field(False, description="Resuming on another number of processes: set "
+                                           "gradient_accumulation_steps so that processes x accumulation stays "
+                                           "the checkpoint's (refused when the new count cannot divide it).")
     # validation
     validation_steps: int = Field(100, ge=1, description="Sample validation images every this many steps.")
     validation_prompt: str | None = Field(None, description="Prompt for validation images.")

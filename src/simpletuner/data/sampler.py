@@ -24,6 +24,14 @@ changes every epoch. The count is in `trimmed_samples` and logged as a warning.
 Resume: the state is (seed, epoch, step) and a few checks. Everything else is
 rebuilt from the seed, so a resumed sampler yields exactly the batches the
 uninterrupted one would have. Memory stays at a few integers per image (numpy).
+
+Resume on another number of ranks (elastic): the state also lists the segments of
+the current epoch already run at other world sizes, as (world_size, steps). The
+epoch's plan replays them to learn which batches of each dataset's shuffled order
+were taken; the rest of the epoch is re-dealt over the new ranks in groups of the
+new world size, interleaved again from the seed. No batch of the epoch is taken
+twice, and none is left out except a dataset's last (remaining batches mod world
+size) ones, the same rule as an uninterrupted epoch.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ class _DatasetEpoch:
     """
 
     passes: np.ndarray  # (1 + repeats, images) record positions; each pass shuffled within buckets
-    batch_order: np.ndarray  # shuffled batch numbers, len a multiple of world_size
+    batch_order: np.ndarray  # all shuffled batch numbers; a segment deals them from `start` on
     first_batch: np.ndarray  # number of each bucket's first batch
     trimmed: int  # samples left out this epoch
 
@@ -88,6 +96,7 @@ class _EpochPlan:
     epoch: int
     datasets: list[_DatasetEpoch]
     step_dataset: np.ndarray  # which dataset each step draws from (its next group of world_size batches)
+    start: np.ndarray  # per dataset: batches of batch_order taken by earlier segments of the epoch
 
     @property
     def steps(self) -> int:
@@ -118,6 +127,7 @@ class MultiDatasetSampler:
         self._plan: _EpochPlan | None = None
         self._taken = np.zeros(len(self.datasets), dtype=np.int64)
         self._warned: set[str] = set()
+        self.segments: list[tuple[int, int]] = []  # this epoch's earlier (world_size, steps), after elastic resumes
 
     @classmethod
     def from_config(
@@ -143,7 +153,7 @@ class MultiDatasetSampler:
         batch = self._batch(plan, self.step)
         self.step += 1
         if self.step == plan.steps:  # the next epoch's plan is built when its first batch is asked for
-            self.epoch, self.step = self.epoch + 1, 0
+            self.epoch, self.step, self.segments = self.epoch + 1, 0, []
         return batch
 
     @property
@@ -155,6 +165,9 @@ class MultiDatasetSampler:
         if self._plan is None or self._plan.epoch != self.epoch:
             self._plan = None  # let the old plan go before the new one is built
             self._plan = self._plan_epoch(self.epoch)
+            if self._plan.steps == 0 and self.segments:  # a re-dealt rest too small for one group each
+                self.epoch, self.step, self.segments = self.epoch + 1, 0, []
+                return self._current_plan()
             if self._plan.steps == 0:
                 raise DataError(self._empty_epoch_message())
             # groups each dataset has handed out before `step` (non-zero after a resume)
@@ -166,7 +179,8 @@ class MultiDatasetSampler:
         dataset, epoch = self.datasets[index], plan.datasets[index]
         group = int(self._taken[index])
         self._taken[index] += 1
-        bucket, start = epoch.locate(int(epoch.batch_order[group * self.world_size + self.rank]), self.batch_size)
+        position = int(plan.start[index]) + group * self.world_size + self.rank
+        bucket, start = epoch.locate(int(epoch.batch_order[position]), self.batch_size)
         assignment = dataset.assignment
         images = int(assignment.bucket_offsets[bucket + 1] - assignment.bucket_offsets[bucket])
         chained = start + np.arange(self.batch_size)
@@ -181,10 +195,24 @@ class MultiDatasetSampler:
 
     def _plan_epoch(self, epoch: int) -> _EpochPlan:
         epochs = [self._dataset_epoch(dataset, epoch) for dataset in self.datasets]
-        for dataset, planned in zip(self.datasets, epochs):
-            self._report_trim(dataset, planned)
-        rng = np.random.default_rng([self.seed % 2**64, epoch, 0])
-        return _EpochPlan(epoch, epochs, self._apply_cutoffs(self._interleave(epochs, rng)))
+        start = np.zeros(len(self.datasets), dtype=np.int64)
+        offset = 0  # steps of earlier segments, for disable_after_epoch_step
+        for segment, (world_size, steps) in enumerate(self.segments):
+            step_dataset = self._segment(epochs, start, world_size, segment, epoch, offset)
+            start += np.bincount(step_dataset[:steps], minlength=len(self.datasets)) * world_size
+            offset += steps
+        step_dataset = self._segment(epochs, start, self.world_size, len(self.segments), epoch, offset)
+        for dataset, planned, taken in zip(self.datasets, epochs, start.tolist()):
+            self._report_trim(dataset, planned, taken)
+        return _EpochPlan(epoch, epochs, step_dataset, start)
+
+    def _segment(self, epochs: list[_DatasetEpoch], start: np.ndarray, world_size: int, segment: int,
+                 epoch: int, offset: int) -> np.ndarray:
+        """Which dataset each step of one segment draws from: its batches from `start` on, dealt over
+        `world_size` ranks. Segment 0 is the whole epoch when no resume changed the world size."""
+        key = [self.seed % 2**64, epoch, 0] + ([segment] if segment else [])
+        groups = [(len(planned.batch_order) - int(first)) // world_size for planned, first in zip(epochs, start)]
+        return self._apply_cutoffs(self._interleave(groups, np.random.default_rng(key)), offset)
 
     def _dataset_epoch(self, dataset: SamplerDataset, epoch: int) -> _DatasetEpoch:
         assignment = dataset.assignment
@@ -199,17 +227,14 @@ class MultiDatasetSampler:
         total = int(per_bucket.sum())
         batch_order = np.arange(total, dtype=np.int32 if total < 2**31 else np.int64)
         rng.shuffle(batch_order)
-        kept = total - total % self.world_size
-        trimmed = int((chained % self.batch_size).sum()) + (total - kept) * self.batch_size
-        return _DatasetEpoch(passes, batch_order[:kept], np.cumsum(per_bucket) - per_bucket, trimmed)
+        trimmed = int((chained % self.batch_size).sum())
+        return _DatasetEpoch(passes, batch_order, np.cumsum(per_bucket) - per_bucket, trimmed)
 
-    def _interleave(self, epochs: list[_DatasetEpoch], rng: np.random.Generator) -> np.ndarray:
+    def _interleave(self, groups: list[int], rng: np.random.Generator) -> np.ndarray:
         """Which dataset each step draws from: merged exponential arrivals, one per group of batches."""
         label = np.int16 if len(self.datasets) < 2**15 else np.int32
         taking_part = [
-            (index, len(planned.batch_order) // self.world_size)
-            for index, planned in enumerate(epochs)
-            if self._weight(self.datasets[index]) > 0 and len(planned.batch_order) > 0
+            (index, count) for index, count in enumerate(groups) if self._weight(self.datasets[index]) > 0 and count > 0
         ]
         if len(taking_part) <= 1:
             return np.full(taking_part[0][1] if taking_part else 0, taking_part[0][0] if taking_part else 0, label)
@@ -224,10 +249,11 @@ class MultiDatasetSampler:
         del arrivals
         return np.repeat(np.array([index for index, _ in taking_part], dtype=label), counts)[order]
 
-    def _apply_cutoffs(self, step_dataset: np.ndarray) -> np.ndarray:
-        """Drop a dataset's steps from its cutoff on; earlier cutoffs first, so later positions settle."""
+    def _apply_cutoffs(self, step_dataset: np.ndarray, offset: int = 0) -> np.ndarray:
+        """Drop a dataset's steps from its cutoff on; earlier cutoffs first, so later positions settle.
+        `offset`: steps of the epoch run before this segment."""
         cutoffs = sorted(
-            (dataset.disable_after_epoch_step * self.accumulation, index)
+            (max(0, dataset.disable_after_epoch_step * self.accumulation - offset), index)
             for index, dataset in enumerate(self.datasets)
             if dataset.disable_after_epoch_step is not None
         )
@@ -241,15 +267,16 @@ class MultiDatasetSampler:
             return float(dataset.probability)
         return len(dataset.assignment) * (1 + dataset.repeats) * float(dataset.probability)
 
-    def _report_trim(self, dataset: SamplerDataset, planned: _DatasetEpoch) -> None:
-        self.trimmed_samples[dataset.dataset_id] = planned.trimmed
-        if planned.trimmed and dataset.dataset_id not in self._warned:
+    def _report_trim(self, dataset: SamplerDataset, planned: _DatasetEpoch, taken: int = 0) -> None:
+        trimmed = planned.trimmed + (len(planned.batch_order) - taken) % self.world_size * self.batch_size
+        self.trimmed_samples[dataset.dataset_id] = trimmed
+        if trimmed and dataset.dataset_id not in self._warned:
             self._warned.add(dataset.dataset_id)
             per_epoch = len(dataset.assignment) * (1 + dataset.repeats)
             logger.warning(
                 "dataset %r: %d of %d samples per epoch are left out so that every batch is full "
                 "(batch size %d) and %d rank(s) get equal batches; a different set each epoch",
-                dataset.dataset_id, planned.trimmed, per_epoch, self.batch_size, self.world_size,
+                dataset.dataset_id, trimmed, per_epoch, self.batch_size, self.world_size,
             )
 
     def _empty_epoch_message(self) -> str:
@@ -277,18 +304,20 @@ class MultiDatasetSampler:
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "datasets": {d.dataset_id: len(d.assignment) for d in self.datasets},
+            "segments": [list(segment) for segment in self.segments],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where the saved sampler stopped (same rank, world size and batch size)."""
+        """Continue exactly where the saved sampler stopped. Saved at another world size (any rank's
+        state will do: they share epoch and step), the rest of the epoch is re-dealt over this run's ranks."""
         if state.get("version") != _STATE_VERSION:
             raise ConfigError(f"sampler state version {state.get('version')!r} is not {_STATE_VERSION}")
-        for key in ("world_size", "batch_size", "rank"):
-            if state[key] != getattr(self, key):
-                raise ConfigError(
-                    f"sampler state was saved with {key} {state[key]}, this run has {getattr(self, key)}: "
-                    "resume with the same number of processes and train_batch_size"
-                )
+        if state["batch_size"] != self.batch_size:
+            raise ConfigError(f"sampler state was saved with train_batch_size {state['batch_size']}, this run has "
+                              f"{self.batch_size}: resume with the same train_batch_size")
+        same_world = state["world_size"] == self.world_size
+        if same_world and state["rank"] != self.rank:
+            raise ConfigError(f"sampler state was saved by rank {state['rank']}, this is rank {self.rank}")
         current = {d.dataset_id: len(d.assignment) for d in self.datasets}
         if state["datasets"] != current:
             logger.warning(
@@ -296,6 +325,15 @@ class MultiDatasetSampler:
                 "uninterrupted run's", state["datasets"], current,
             )
         self.seed, self.epoch, self.step = int(state["seed"]), int(state["epoch"]), int(state["step"])
+        self.segments = [(int(w), int(s)) for w, s in state.get("segments", [])]
+        if not same_world and self.step:
+            self.segments.append((int(state["world_size"]), self.step))
+            self.step = 0
+            if self.rank == 0:
+                logger.info("the checkpoint was made by %d rank(s), this run has %d: the rest of epoch %d "
+                            "(after %d step(s) at %s rank(s)) is re-dealt over %d rank(s), no sample twice",
+                            state["world_size"], self.world_size, self.epoch, sum(s for _, s in self.segments),
+                            "/".join(str(w) for w, _ in self.segments), self.world_size)
         self._plan = None
 
 

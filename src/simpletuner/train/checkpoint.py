@@ -21,6 +21,14 @@ new one is complete.
 
 Every process must call `save_checkpoint` and `load_checkpoint` (they hold barriers). The
 folder must be on storage all processes see.
+
+Elastic resume: a checkpoint made by N processes resumes with M. Weights, optimiser, scheduler
+and EMA are whole (rank 0's files) and load as they are; FSDP2's sharded `fsdp/` folder is a
+torch.distributed.checkpoint, which reshards on load. The sampler's position comes from rank 0's
+state (all ranks share epoch and step) and re-deals the rest of the epoch over the M ranks; each
+process restores its RNG from its own file when there is one (the trainer seeds every micro-batch
+from the step, so nothing drawn depends on it). A DeepSpeed checkpoint (ZeRO partitions per process)
+is refused at another size.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ FORMAT = 1
 META = "meta.json"
 _TEMP = ".tmp-"
 _NAME = re.compile(r"^step-(\d+)$")
+_DEEPSPEED_FOLDER = "deepspeed"  # train/sharding.py's DEEPSPEED_TAG: a layer above, not imported
 
 # Options that shape what a checkpoint holds or what its sampler position means: a checkpoint
 # made with other values cannot be resumed.
@@ -208,20 +217,56 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(path: Path, identity: Mapping[str, Any], world_size: int | None = None) -> dict[str, Any]:
+def check_compatible(path: Path, identity: Mapping[str, Any], world_size: int | None = None,
+                     explain: bool = True) -> dict[str, Any]:
     """Raise a UserError naming every option in which `identity` differs from the checkpoint's;
-    return the checkpoint's metadata. Cheap: reads meta.json only."""
+    return the checkpoint's metadata. Another number of processes is accepted (logged, when
+    `explain`), except for a DeepSpeed checkpoint. Cheap: reads meta.json only."""
     meta = read_meta(path)
     saved = meta["identity"]
     differences = [f"{key}: checkpoint has {saved.get(key)!r}, this run {identity.get(key)!r}"
                    for key in sorted(set(saved) | set(identity)) if saved.get(key) != identity.get(key)]
     if world_size is not None and meta["world_size"] != world_size:
-        differences.append(f"number of processes: checkpoint has {meta['world_size']}, this run {world_size}")
+        if (path / _DEEPSPEED_FOLDER).is_dir():
+            differences.append(f"number of processes: checkpoint has {meta['world_size']}, this run {world_size} "
+                               "(a DeepSpeed checkpoint holds per-process ZeRO partitions: resume it with "
+                               f"{meta['world_size']} processes)")
+        elif explain:
+            logger.info("checkpoint %s was made by %d process(es), this run has %d: weights, optimiser and EMA "
+                        "load whole, and the rest of epoch %d is re-dealt over %d rank(s) (no sample twice)",
+                        path.name, meta["world_size"], world_size, meta["epoch"], world_size)
     if differences:
         raise UserError(f"cannot resume from {path}: it was made by a different configuration:\n  "
                         + "\n  ".join(differences)
                         + "\nRestore those settings, or train into another output_dir.")
     return meta
+
+
+def resumed_accumulation(path: Path, meta: Mapping[str, Any], world_size: int, accumulation: int,
+                         keep_global_batch: bool) -> int:
+    """gradient_accumulation_steps for a resume: with `keep_global_batch` and another number of
+    processes, the value that keeps processes x accumulation (the effective batch) of the checkpoint;
+    a UserError when the new number of processes cannot keep it."""
+    saved_world = int(meta["world_size"])
+    if not keep_global_batch or saved_world == world_size:
+        return accumulation
+    saved = _saved_accumulation(path, accumulation)
+    product = saved_world * saved
+    if product % world_size:
+        raise UserError(f"resume_keep_global_batch: checkpoint {path.name} trained with {saved_world} process(es) x "
+                        f"gradient_accumulation_steps {saved} = {product} batches per update; {world_size} processes "
+                        f"cannot divide {product}: use a process count that divides it, or resume without "
+                        "resume_keep_global_batch")
+    logger.info("resume_keep_global_batch: gradient_accumulation_steps %d -> %d (%d x %d = %d x %d batches per update)",
+                saved, product // world_size, saved_world, saved, world_size, product // world_size)
+    return product // world_size
+
+
+def _saved_accumulation(path: Path, default: int) -> int:
+    try:
+        return int(json.loads((path / "config.json").read_text()).get("gradient_accumulation_steps", default))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError):
+        return default
 
 
 # ------------------------------------------------------------------------------------ saving
@@ -409,19 +454,23 @@ def load_checkpoint(
     parameters, optimiser over them in the same order) and this process's RNG; return the progress
     to continue from. With `identity`, first refuse a checkpoint of another configuration.
     Rank states must hold only tensors and plain Python values (they load with weights_only)."""
-    meta = check_compatible(path, identity, processes.world_size) if identity is not None else read_meta(path)
+    meta = (check_compatible(path, identity, processes.world_size, explain=False) if identity is not None
+            else read_meta(path))
+    same_world = meta["world_size"] == processes.world_size
     for name, module in modules.items():
         _load_trainable(module, path / f"{name}.safetensors")
     if collective is not None:  # before the states: the lr scheduler's state names the optimiser's
         collective.load(path, processes.is_main)
     for name, state in states.items():
         state.load_state_dict(_torch_load(path / f"{name}.pt"))
-    payload = _torch_load(path / f"rank-{processes.rank:05d}.pt")
+    own = path / f"rank-{processes.rank:05d}.pt"
+    payload = _torch_load(own if same_world else path / "rank-00000.pt")  # elastic: rank 0's position
     for name, state in (rank_states or {}).items():
         if name not in payload["states"]:
             raise UserError(f"checkpoint {path}: rank {processes.rank} has no saved state {name!r}")
         state.load_state_dict(payload["states"][name])
-    _restore_rng(payload["rng"])
+    if same_world or own.is_file():
+        _restore_rng(payload["rng"] if same_world else _torch_load(own)["rng"])
     processes.barrier()
     return Progress(step=meta["step"], epoch=meta["epoch"])
 

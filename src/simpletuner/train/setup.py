@@ -9,7 +9,7 @@ and tracker are built. The trainer never branches on a family's name.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -135,7 +135,10 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
     resume_from = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     resumed_at = 0
     if resume_from is not None:
-        resumed_at = check_compatible(resume_from, identity, accelerator.num_processes)["step"]
+        meta = check_compatible(resume_from, identity, accelerator.num_processes, accelerator.is_main_process)
+        resumed_at = meta["step"]
+        settings = _keep_global_batch(settings, resume_from, meta, accelerator.num_processes)
+        cfg = settings.training
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
@@ -260,6 +263,18 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
                sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding)
+
+
+def _keep_global_batch(settings: Settings, resume_from: Path, meta: dict[str, Any], processes: int) -> Settings:
+    """With resume_keep_global_batch, the accumulation that keeps the checkpoint's effective batch."""
+    from simpletuner.train.checkpoint import resumed_accumulation
+
+    cfg = settings.training
+    accumulation = resumed_accumulation(resume_from, meta, processes, cfg.gradient_accumulation_steps,
+                                        cfg.resume_keep_global_batch)
+    if accumulation == cfg.gradient_accumulation_steps:
+        return settings
+    return replace(settings, training=cfg.model_copy(update={"gradient_accumulation_steps": accumulation}))
 
 
 def _total_steps(cfg: Any, batches_per_epoch: int) -> int:
