@@ -269,6 +269,10 @@ class TrainingConfig(StrictModel):
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
+    dataloader_prefetch: bool = Field(True, description="Build batches (cache reads, stacking) in a background "
+                                      "thread ahead of the step that trains on them, into pinned memory on CUDA.")
+    dataloader_prefetch_qlen: int = Field(10, ge=1, description="Micro-batches dataloader_prefetch keeps ready "
+                                          "ahead of the step.")
     vae_cache_ondemand: bool = Field(False, description="Encode latents the cache lacks when a batch first needs "
                                      "them, and store them, instead of caching every image before training.")
     vae_enable_tiling: bool = Field(False, description="Tiled VAE encoding (very large images, little memory).")

@@ -60,6 +60,7 @@ class Run:
     sharding: Sharding = field(default_factory=Plain)  # replicated, FSDP2 or DeepSpeed: train/sharding.py
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
     parked: Parked | None = None  # frozen encoders waiting on the CPU while the step runs
+    feed: Any = None  # the micro-batches being trained on (train/prefetch.py), from the first step on
 
     @property
     def cfg(self):
