@@ -394,6 +394,13 @@ class TrainingConfig(StrictModel):
                                                         "recompute only every n-th block of the denoiser (1 or "
                                                         "unset: every block); larger n keeps more activations and "
                                                         "recomputes less.")
+    torch_compile: bool | Literal["auto"] = Field("auto", description="torch.compile the denoiser's repeated "
+                                                  "blocks (regional). auto: on CUDA, off on CPU (docs/SPEED.md).")
+    channels_last: bool | Literal["auto"] = Field("auto", description="UNets: weights in channels_last memory "
+                                                  "format. auto: on CUDA, off on CPU; transformers never.")
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="The SDPA kernel of the training step; auto lets PyTorch choose (flash where the "
+        "inputs allow). cudnn and efficient need CUDA.")
     fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
                                        "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
                                        "The saved model keeps diffusers' usual separate projections. Not with "

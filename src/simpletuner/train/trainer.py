@@ -25,6 +25,7 @@ import torch
 
 from simpletuner.log import LOOP_LOGGER, get_logger
 from simpletuner.train.events import NoEvents, TrainingEvents
+from simpletuner.train.levers import attention_context
 
 T = TypeVar("T")
 
@@ -172,9 +173,10 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
         batch = run.feed.next(step, micro)
         wait += time.perf_counter() - started
         seed = _micro_seed(cfg.seed, step, micro, run.accelerator.process_index)
-        with run.accelerator.autocast():
-            loss = _loss(run, batch, empty_text, seed)
-        run.accelerator.backward(loss / accumulation)
+        with attention_context(run.levers):  # forward and backward: the same SDPA kernel
+            with run.accelerator.autocast():
+                loss = _loss(run, batch, empty_text, seed)
+            run.accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
     run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
