@@ -176,6 +176,8 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
         with attention_context(run.levers):  # forward and backward: the same SDPA kernel
             with run.accelerator.autocast():
                 loss = _loss(run, batch, empty_text, seed)
+            run.sharding.before_backward(run.trained.parameters(), run.accelerator.num_processes,
+                                         micro == accumulation - 1)
             run.accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
     run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
