@@ -103,6 +103,42 @@ def test_resume_continues_exactly(tmp_path: Path, tiny_model) -> None:
     assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
 
 
+def test_prefetched_run_resumes_exactly_like_an_unprefetched_one(tmp_path: Path, tiny_model) -> None:
+    """Batches built ahead in a thread train exactly as batches built on demand, and the checkpoint (saved while
+    the builder is ahead, here in the next epoch) resumes at the first batch not yet trained on."""
+    model = tiny_model("sd1x")
+    options = dict(lora_dropout=0.1, caption_dropout_probability=0.3, disable_validation=True, max_train_steps=6,
+                   checkpointing_steps=3, gradient_accumulation_steps=2)
+    straight = write_run(tmp_path / "straight", model, "sd1x", dataloader_prefetch=False, **options)
+    assert main(["train", str(straight)]) == 0
+    full = metrics(tmp_path / "straight" / "output")
+
+    dataset = tmp_path / "straight" / "dataset"
+    ahead = write_run(tmp_path / "ahead", model, "sd1x", dataset=dataset, dataloader_prefetch=True,
+                      dataloader_prefetch_qlen=3, **options)
+    assert main(["train", str(ahead)]) == 0
+    assert metrics(tmp_path / "ahead" / "output") == full
+    checkpoint = tmp_path / "ahead" / "output" / "checkpoints" / "step-000003"
+    sampler = torch.load(checkpoint / "rank-00000.pt", weights_only=False)["states"]["sampler"]
+    # an epoch is 5 batches (10 of the 12 images fill whole batches of 2); 3 steps took 6: epoch 1, batch 1 is
+    # the next, while the builder had drawn up to 3 more
+    assert (sampler["epoch"], sampler["step"]) == (1, 1)
+
+    resumed_root = tmp_path / "resumed"
+    resumed = write_run(resumed_root, model, "sd1x", dataset=dataset, dataloader_prefetch=True,
+                        dataloader_prefetch_qlen=3, resume_from_checkpoint="latest", **options)
+    shutil.copytree(checkpoint, resumed_root / "output" / "checkpoints" / "step-000003")
+    assert main(["train", str(resumed)]) == 0
+    second_half = metrics(resumed_root / "output")
+    assert sorted(second_half) == [4, 5, 6]
+    assert all(second_half[step] == full[step] for step in (4, 5, 6)), (second_half, full)
+    final_a = load_file(tmp_path / "straight" / "output" / "pytorch_lora_weights.safetensors")
+    for root in (tmp_path / "ahead", resumed_root):
+        final_b = load_file(root / "output" / "pytorch_lora_weights.safetensors")
+        assert final_a.keys() == final_b.keys()
+        assert all(torch.equal(final_a[key], final_b[key]) for key in final_a)
+
+
 def test_rerun_hits_every_cache_entry(tmp_path: Path, tiny_model, capsys) -> None:
     model = tiny_model("sd1x")
     config = write_run(tmp_path, model, "sd1x", max_train_steps=1, disable_validation=True)

@@ -223,8 +223,6 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "only_instance_prompt": Unsupported("set only_instance_prompt on each dataset entry"),
     "parquet_caption_column": Unsupported("set parquet.caption_column on each dataset entry"),
     "parquet_filename_column": Unsupported("set parquet.filename_column on each dataset entry"),
-    "dataloader_prefetch": Unsupported("the loader always prefetches"),
-    "dataloader_prefetch_qlen": Unsupported("the loader always prefetches", _off_or(10, "10")),
     "ignore_final_epochs": Unsupported("set max_train_steps alone to train by steps"),
     "distillation_method": Unsupported("distillation is not supported"),
     "distillation_config": Unsupported("distillation is not supported"),

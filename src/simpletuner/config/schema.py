@@ -291,6 +291,10 @@ class TrainingConfig(StrictModel):
     vae_dtype: Literal["default", "fp16", "fp32", "bf16"] = Field("bf16", description="dtype of the VAE while "
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
+    dataloader_prefetch: bool = Field(True, description="Build batches (cache reads, stacking) in a background "
+                                      "thread ahead of the step that trains on them, into pinned memory on CUDA.")
+    dataloader_prefetch_qlen: int = Field(10, ge=1, description="Micro-batches dataloader_prefetch keeps ready "
+                                          "ahead of the step.")
     vae_cache_ondemand: bool = Field(False, description="Encode latents the cache lacks when a batch first needs "
                                      "them, and store them, instead of caching every image before training.")
     vae_enable_tiling: bool = Field(False, description="Tiled VAE encoding (very large images, little memory).")
@@ -414,6 +418,13 @@ class TrainingConfig(StrictModel):
                                                         "recompute only every n-th block of the denoiser (1 or "
                                                         "unset: every block); larger n keeps more activations and "
                                                         "recomputes less.")
+    torch_compile: bool | Literal["auto"] = Field("auto", description="torch.compile the denoiser's repeated "
+                                                  "blocks (regional). auto: on CUDA, off on CPU (docs/SPEED.md).")
+    channels_last: bool | Literal["auto"] = Field("auto", description="UNets: weights in channels_last memory "
+                                                  "format. auto: on CUDA, off on CPU; transformers never.")
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
+        "auto", description="The SDPA kernel of the training step; auto lets PyTorch choose (flash where the "
+        "inputs allow). cudnn and efficient need CUDA.")
     fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
                                        "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
                                        "The saved model keeps diffusers' usual separate projections. Not with "

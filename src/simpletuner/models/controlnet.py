@@ -15,7 +15,7 @@ and drawn each step, as diffusers' train_controlnet_sd3.py and train_controlnet_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from simpletuner.models import flavours as flavour_tables

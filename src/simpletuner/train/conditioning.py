@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from simpletuner.cache.jobs import CacheSummary, LazyCache
     from simpletuner.cache.latents import LatentItem
     from simpletuner.cache.store import TensorStore
-    from simpletuner.commands.scan import DatasetScan
+    from simpletuner.data.scan import DatasetScan
     from simpletuner.config.load import Settings
     from simpletuner.config.schema import DatasetConfig
     from simpletuner.models.base import Components, ModelFamily

@@ -1,7 +1,7 @@
 """The training side of the data road: scanned datasets -> cached entries -> batches.
 
-`TrainingData.prepare` scans every image dataset (the index and buckets of
-`simpletuner scan`), resolves captions, and keys each image's latent entry and
+`TrainingData.prepare` scans every image dataset (`data/scan.py`: the index and buckets
+`simpletuner scan` prints), resolves captions, and keys each image's latent entry and
 each caption's text entry with the family's encoder identities. `ensure_cached`
 encodes what the stores lack; `batch` turns a sampler batch into the tensors a
 training step needs.
@@ -163,14 +163,14 @@ class TrainingData:
         """Scan the datasets and key their cache entries; reads sources only, writes only indexes."""
         from simpletuner.cache.latents import latent_items
         from simpletuner.cache.location import storage_options_for
-        from simpletuner.commands.scan import scan_settings
         from simpletuner.config.references import latent_cache_for, text_cache_for
         from simpletuner.data.captions import CaptionResolver
         from simpletuner.data.index import skipped_rows
+        from simpletuner.data.scan import scan_settings
         from simpletuner.train.encoders import latent_identity, text_identity
 
         report = io.StringIO()
-        scans = {scan.dataset_id: scan for scan in scan_settings(settings, report)}
+        scans = {scan.dataset_id: scan for scan in scan_settings(settings, report, family)}
         vae_id = latent_identity(family, components, settings.training)
         text_id = text_identity(family, components, settings.training)
         prepared: dict[str, DatasetData] = {}

@@ -60,6 +60,8 @@ class Run:
     sharding: Sharding = field(default_factory=Plain)  # replicated, FSDP2 or DeepSpeed: train/sharding.py
     init_images: dict[tuple[int, int], Any] | None = None  # training images for img2img validation
     parked: Parked | None = None  # frozen encoders waiting on the CPU while the step runs
+    levers: Any = None  # compile, channels_last, the SDPA kernel (train/levers.py)
+    feed: Any = None  # the micro-batches being trained on (train/prefetch.py), from the first step on
 
     @property
     def cfg(self):
@@ -208,6 +210,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
+    from simpletuner.train.levers import apply_levers, resolve_levers
     from simpletuner.train.optim import build_optimizer, trained_weight_dtype
     from simpletuner.train.schedules import build_lr_scheduler
     from simpletuner.train.text_encoders import prepare_text_encoders
@@ -237,6 +240,8 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
         from simpletuner.train.checkpointing import enable_checkpointing
 
         enable_checkpointing(trains, cfg.gradient_checkpointing_interval)
+    levers = resolve_levers(cfg, denoiser, accelerator.device)
+    apply_levers(denoiser, levers)
     trains.train()
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
@@ -262,7 +267,8 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                            resumed_at=resumed_at)
     objective = family.objective(cfg, components).to(accelerator.device)
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
-               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding)
+               sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding,
+               levers=levers)
 
 
 def _keep_global_batch(settings: Settings, resume_from: Path, meta: dict[str, Any], processes: int) -> Settings:

@@ -5,7 +5,8 @@ optimiser with accelerate, averages gradients (or leaves that to the wrapped mod
 trained weights and optimiser state of checkpoints, and hands the export whole weights. The trainer
 calls the same methods whichever is used.
 
-- Plain: the module is never wrapped; gradients are averaged by one flat all-reduce after backward;
+- Plain: the module is never wrapped; gradients are averaged in buckets, all-reduced while the backward of
+  an update's last micro-batch runs (train/overlap.py);
   checkpoints hold the trainable tensors and the optimiser state as written by the first process.
 - FSDP2 (`fsdp_enable`): accelerate's FullyShardedDataParallelPlugin(fsdp_version=2) shards the module
   in place (`fully_shard`), gradients are reduce-scattered in backward. Checkpoints go through
@@ -146,6 +147,9 @@ class Sharding:
         self.optimizer = accelerator.prepare_optimizer(optimizer)
         return self.optimizer
 
+    def before_backward(self, parameters: list[nn.Parameter], world: int, last: bool) -> None:
+        """Called before each micro-batch's backward; `last`: the update's last one (its gradients are final)."""
+
     def reduce_gradients(self, parameters: list[nn.Parameter], world: int) -> None:
         """Average gradients over processes (one flat all-reduce; the module itself is never wrapped)."""
         if world == 1:
@@ -171,8 +175,25 @@ class Sharding:
         yield components, trained
 
 
+@dataclass
 class Plain(Sharding):
-    pass
+    """Replicated weights; several processes average gradients in buckets during backward (train/overlap.py)."""
+
+    reducer: Any = None
+
+    def before_backward(self, parameters: list[nn.Parameter], world: int, last: bool) -> None:
+        if world == 1:
+            return
+        if self.reducer is None:
+            from simpletuner.train.overlap import OverlappedReducer
+
+            self.reducer = OverlappedReducer(parameters, world)
+        self.reducer.syncing = last
+
+    def reduce_gradients(self, parameters: list[nn.Parameter], world: int) -> None:
+        if self.reducer is None:
+            return super().reduce_gradients(parameters, world)
+        self.reducer.finish()
 
 
 def _without_optimizer(states: Mapping[str, Any]) -> dict[str, Any]:

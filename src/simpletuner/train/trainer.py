@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from simpletuner.log import LOOP_LOGGER, get_logger
 from simpletuner.train.events import NoEvents, TrainingEvents
+from simpletuner.train.levers import attention_context
 
 T = TypeVar("T")
 
@@ -76,6 +76,7 @@ def run_training(run: Run, events: TrainingEvents | None = None) -> TrainResult:
 
     events = events or NoEvents()
     step = _resume(run)
+    run.feed = _feed(run, step)
     if run.accelerator.is_main_process:  # metrics.jsonl describes this run: nothing after its first step
         _truncate_metrics(Path(run.cfg.output_dir) / "metrics.jsonl", step)
     result = TrainResult(Path(run.cfg.output_dir), run.total_steps)
@@ -104,6 +105,7 @@ def run_training(run: Run, events: TrainingEvents | None = None) -> TrainResult:
                 events.on_validation(step, _pause(bar, "validating", lambda: _validate(run, step)))
     finally:
         bar.close()
+        run.feed.close()
     guard.check(step, lambda: _advice(run))
     events.on_checkpoint(step, _save_checkpoint(run, step))
     result.outputs = _export(run, step)
@@ -167,13 +169,15 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
     wait = 0.0
     for micro in range(accumulation):
         started = time.perf_counter()
-        refs = next(run.sampler)
-        seed = _micro_seed(cfg.seed, step, micro, run.accelerator.process_index)
-        batch = run.data.batch(refs, run.family, run.components, random.Random(seed), refill=run.sampler)
+        batch = run.feed.next(step, micro)
         wait += time.perf_counter() - started
-        with run.accelerator.autocast():
-            loss = _loss(run, batch, empty_text, seed)
-        run.accelerator.backward(loss / accumulation)
+        seed = _micro_seed(cfg.seed, step, micro, run.accelerator.process_index)
+        with attention_context(run.levers):  # forward and backward: the same SDPA kernel
+            with run.accelerator.autocast():
+                loss = _loss(run, batch, empty_text, seed)
+            run.sharding.before_backward(run.trained.parameters(), run.accelerator.num_processes,
+                                         micro == accumulation - 1)
+            run.accelerator.backward(loss / accumulation)
         total += loss.detach() / accumulation
     run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
@@ -227,6 +231,19 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {key: _to(item, device) for key, item in value.items()}
     return value
+
+
+def _feed(run: Run, start: int) -> Any:
+    """The run's micro-batches from step `start`, built ahead in a thread when dataloader_prefetch is on."""
+    from simpletuner.train.prefetch import BatchFeed
+
+    cfg, rank = run.cfg, run.accelerator.process_index
+    return BatchFeed(run.sampler, lambda refs, rng, refill: run.data.batch(refs, run.family, run.components, rng,
+                                                                           refill=refill),
+                     lambda step, micro: _micro_seed(cfg.seed, step, micro, rank), start=start,
+                     total_steps=run.total_steps, accumulation=cfg.gradient_accumulation_steps,
+                     depth=cfg.dataloader_prefetch_qlen if cfg.dataloader_prefetch else 0,
+                     pin=run.device.type == "cuda")
 
 
 def _micro_seed(seed: int | None, step: int, micro: int, rank: int) -> int:
@@ -333,14 +350,14 @@ def _checkpoint_parts(run: Run) -> dict[str, Any]:
     if run.ema is not None:
         states["ema"] = run.ema
     return run.sharding.checkpoint_parts({"trained": run.trained.module, **run.trained.text_encoders}, states,
-                                         {"sampler": run.sampler})
+                                         {"sampler": run.feed if run.feed is not None else run.sampler})
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
     from simpletuner.publish.export import checkpoint_lora_writer
     from simpletuner.train.checkpoint import Progress, save_checkpoint
 
-    return save_checkpoint(run.cfg.output_dir, Progress(step=step, epoch=run.sampler.epoch),
+    return save_checkpoint(run.cfg.output_dir, Progress(step=step, epoch=run.feed.epoch),
                            config=run.cfg.model_dump(mode="json"), identity=run.identity,
                            processes=run.processes, total_limit=run.cfg.checkpoints_total_limit,
                            write_extra=checkpoint_lora_writer(run, step), **_checkpoint_parts(run))
