@@ -20,6 +20,10 @@ def test_demo_draws_a_loss_curve_says_its_images_are_noise_and_reruns_afresh(tmp
         assert [row["step"] for row in rows] == [1, 2, 3, 4]  # the second run did not append to the first's
         assert len(list((output / "logs").rglob("events.out.tfevents.*"))) == 1
     assert "removing the previous run's" in out
+    # the demo writes what `simpletuner train` writes: the UI LoRA file, the run page and the model card
+    assert (output / "report.html").is_file() and (output / "README.md").is_file()
+    assert f"LoRA for ComfyUI, A1111/Forge: {output / 'output.safetensors'}" in out
+    assert (output / "output.safetensors").is_file()
     with Image.open(output / "loss.png") as plot:
         assert plot.format == "PNG" and plot.size == (640, 360)
         colours = {colour for _, colour in plot.convert("RGB").getcolors(640 * 360)}

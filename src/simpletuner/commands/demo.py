@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from simpletuner.demo.lossplot import write_loss_plot
     from simpletuner.demo.run import write_demo
     from simpletuner.errors import UserError
+    from simpletuner.publish.notify import build_events
     from simpletuner.train.trainer import train
 
     if args.steps < 1:
@@ -32,12 +33,17 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.output).resolve()
     print(f"demo: writing a procedural dataset and a tiny SDXL model under {root}", flush=True)
     config = write_demo(root, steps=args.steps)
-    result = train(load_settings(config))
+    settings = load_settings(config)
+    result = train(settings, build_events(settings))  # as `simpletuner train`: model card and run page too
     output = result.output_dir
+    ui_files = [str(path) for path in result.outputs if path.name != "pytorch_lora_weights.safetensors"]
     plot = write_loss_plot(output / "metrics.jsonl", output / "loss.png", title=f"demo loss, {result.steps} steps")
     print(f"""
 demo finished: {result.steps} steps.
   LoRA:              {output / 'pytorch_lora_weights.safetensors'}
+  LoRA for ComfyUI, A1111/Forge: {', '.join(ui_files) or '(not written)'}
+  run page:          {output / 'report.html'}  (open it in a browser)
+  model card:        {output / 'README.md'}
   loss curve:        {plot or '(no finite loss was logged)'}
   validation images: {output / 'validation'} (step-0 is the base model)
   checkpoints:       {output / 'checkpoints'}
