@@ -110,7 +110,7 @@ def comfy_check(lora: Mapping[str, torch.Tensor], key_map: Mapping[str, ui.Targe
 
 def unet_placements(config: Mapping) -> dict[str, ui.Target]:
     return {f"unet.{k[:-7]}": (f"diffusion_model.{v}", None)
-            for k, v in ui.unet_to_diffusers(ui.comfy_unet_config(config)).items()}
+            for k, v in ui.unet_weights_to_diffusers(ui.comfy_unet_config(config)).items()}
 
 
 def transformer_placements(family: str, settings: Mapping[str, int]) -> dict[str, ui.Target]:

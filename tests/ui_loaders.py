@@ -41,20 +41,35 @@ from torch import Tensor
 Target = tuple[str, tuple[int, int, int] | None]  # (model weight key, (dim, start, length) or None)
 
 # ------------------------------------------------------------------ comfy/utils.py
-_UNET_MAP_ATTENTIONS = ("proj_in.weight", "proj_out.weight", "norm.weight")
-_TRANSFORMER_BLOCKS = ("norm1.weight", "norm2.weight", "norm3.weight", "attn1.to_q.weight", "attn1.to_k.weight",
-                       "attn1.to_v.weight", "attn1.to_out.0.weight", "attn2.to_q.weight", "attn2.to_k.weight",
-                       "attn2.to_v.weight", "attn2.to_out.0.weight", "ff.net.0.proj.weight", "ff.net.2.weight")
-_UNET_MAP_RESNET = {"in_layers.2.weight": "conv1.weight", "emb_layers.1.weight": "time_emb_proj.weight",
-                    "out_layers.3.weight": "conv2.weight", "skip_connection.weight": "conv_shortcut.weight",
-                    "in_layers.0.weight": "norm1.weight", "out_layers.0.weight": "norm2.weight"}
-_UNET_MAP_BASIC = (("label_emb.0.0.weight", "class_embedding.linear_1.weight"),
-                   ("label_emb.0.2.weight", "class_embedding.linear_2.weight"),
-                   ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
-                   ("label_emb.0.2.weight", "add_embedding.linear_2.weight"),
-                   ("input_blocks.0.0.weight", "conv_in.weight"), ("out.0.weight", "conv_norm_out.weight"),
-                   ("out.2.weight", "conv_out.weight"), ("time_embed.0.weight", "time_embedding.linear_1.weight"),
-                   ("time_embed.2.weight", "time_embedding.linear_2.weight"))
+UNET_MAP_ATTENTIONS = ("proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias", "norm.weight",
+                       "norm.bias")
+TRANSFORMER_BLOCKS = (
+    "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias",
+    "attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight", "attn1.to_out.0.bias",
+    "attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias",
+    "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight", "ff.net.2.bias",
+)
+UNET_MAP_RESNET = {
+    "in_layers.2.weight": "conv1.weight", "in_layers.2.bias": "conv1.bias",
+    "emb_layers.1.weight": "time_emb_proj.weight", "emb_layers.1.bias": "time_emb_proj.bias",
+    "out_layers.3.weight": "conv2.weight", "out_layers.3.bias": "conv2.bias",
+    "skip_connection.weight": "conv_shortcut.weight", "skip_connection.bias": "conv_shortcut.bias",
+    "in_layers.0.weight": "norm1.weight", "in_layers.0.bias": "norm1.bias",
+    "out_layers.0.weight": "norm2.weight", "out_layers.0.bias": "norm2.bias",
+}
+UNET_MAP_BASIC = (
+    ("label_emb.0.0.weight", "class_embedding.linear_1.weight"),
+    ("label_emb.0.0.bias", "class_embedding.linear_1.bias"),
+    ("label_emb.0.2.weight", "class_embedding.linear_2.weight"),
+    ("label_emb.0.2.bias", "class_embedding.linear_2.bias"),
+    ("label_emb.0.0.weight", "add_embedding.linear_1.weight"), ("label_emb.0.0.bias", "add_embedding.linear_1.bias"),
+    ("label_emb.0.2.weight", "add_embedding.linear_2.weight"), ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
+    ("input_blocks.0.0.weight", "conv_in.weight"), ("input_blocks.0.0.bias", "conv_in.bias"),
+    ("out.0.weight", "conv_norm_out.weight"), ("out.0.bias", "conv_norm_out.bias"),
+    ("out.2.weight", "conv_out.weight"), ("out.2.bias", "conv_out.bias"),
+    ("time_embed.0.weight", "time_embedding.linear_1.weight"), ("time_embed.0.bias", "time_embedding.linear_1.bias"),
+    ("time_embed.2.weight", "time_embedding.linear_2.weight"), ("time_embed.2.bias", "time_embedding.linear_2.bias"),
+)
 
 
 def comfy_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,7 +90,8 @@ def comfy_unet_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def unet_to_diffusers(unet_config: Mapping[str, Any]) -> dict[str, str]:
-    """comfy/utils.py unet_to_diffusers: diffusers UNet key -> LDM key (weights only)."""
+    """comfy/utils.py unet_to_diffusers: diffusers UNet key -> LDM key (weights and biases, as ComfyUI maps
+    them; its LoRA key maps keep the weights only: `unet_weights_to_diffusers`)."""
     num_res_blocks = list(unet_config["num_res_blocks"])
     transformer_depth = list(unet_config["transformer_depth"])
     transformer_depth_output = list(unet_config["transformer_depth_output"])
@@ -84,25 +100,26 @@ def unet_to_diffusers(unet_config: Mapping[str, Any]) -> dict[str, str]:
     for x in range(num_blocks):
         n = 1 + (num_res_blocks[x] + 1) * x
         for i in range(num_res_blocks[x]):
-            for b, d in _UNET_MAP_RESNET.items():
+            for b, d in UNET_MAP_RESNET.items():
                 out[f"down_blocks.{x}.resnets.{i}.{d}"] = f"input_blocks.{n}.0.{b}"
             num_transformers = transformer_depth.pop(0)
             if num_transformers > 0:
-                for b in _UNET_MAP_ATTENTIONS:
+                for b in UNET_MAP_ATTENTIONS:
                     out[f"down_blocks.{x}.attentions.{i}.{b}"] = f"input_blocks.{n}.1.{b}"
                 for t in range(num_transformers):
-                    for b in _TRANSFORMER_BLOCKS:
+                    for b in TRANSFORMER_BLOCKS:
                         out[f"down_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = (
                             f"input_blocks.{n}.1.transformer_blocks.{t}.{b}")
             n += 1
-        out[f"down_blocks.{x}.downsamplers.0.conv.weight"] = f"input_blocks.{n}.0.op.weight"
-    for b in _UNET_MAP_ATTENTIONS:
+        for k in ("weight", "bias"):
+            out[f"down_blocks.{x}.downsamplers.0.conv.{k}"] = f"input_blocks.{n}.0.op.{k}"
+    for b in UNET_MAP_ATTENTIONS:
         out[f"mid_block.attentions.0.{b}"] = f"middle_block.1.{b}"
     for t in range(unet_config["transformer_depth_middle"]):
-        for b in _TRANSFORMER_BLOCKS:
+        for b in TRANSFORMER_BLOCKS:
             out[f"mid_block.attentions.0.transformer_blocks.{t}.{b}"] = f"middle_block.1.transformer_blocks.{t}.{b}"
     for i, n in enumerate([0, 2]):
-        for b, d in _UNET_MAP_RESNET.items():
+        for b, d in UNET_MAP_RESNET.items():
             out[f"mid_block.resnets.{i}.{d}"] = f"middle_block.{n}.{b}"
     num_res_blocks = list(reversed(num_res_blocks))
     for x in range(num_blocks):
@@ -110,22 +127,23 @@ def unet_to_diffusers(unet_config: Mapping[str, Any]) -> dict[str, str]:
         length = num_res_blocks[x] + 1
         for i in range(length):
             c = 0
-            for b, d in _UNET_MAP_RESNET.items():
+            for b, d in UNET_MAP_RESNET.items():
                 out[f"up_blocks.{x}.resnets.{i}.{d}"] = f"output_blocks.{n}.0.{b}"
             c += 1
             num_transformers = transformer_depth_output.pop()
             if num_transformers > 0:
                 c += 1
-                for b in _UNET_MAP_ATTENTIONS:
+                for b in UNET_MAP_ATTENTIONS:
                     out[f"up_blocks.{x}.attentions.{i}.{b}"] = f"output_blocks.{n}.1.{b}"
                 for t in range(num_transformers):
-                    for b in _TRANSFORMER_BLOCKS:
+                    for b in TRANSFORMER_BLOCKS:
                         out[f"up_blocks.{x}.attentions.{i}.transformer_blocks.{t}.{b}"] = (
                             f"output_blocks.{n}.1.transformer_blocks.{t}.{b}")
             if i == length - 1:
-                out[f"up_blocks.{x}.upsamplers.0.conv.weight"] = f"output_blocks.{n}.{c}.conv.weight"
+                for k in ("weight", "bias"):
+                    out[f"up_blocks.{x}.upsamplers.0.conv.{k}"] = f"output_blocks.{n}.{c}.conv.{k}"
             n += 1
-    for ldm, diffusers in _UNET_MAP_BASIC:
+    for ldm, diffusers in UNET_MAP_BASIC:
         out[diffusers] = ldm
     return out
 
@@ -231,10 +249,15 @@ def comfy_hunyuan_dit_key_map(model_keys: set[str]) -> dict[str, Target]:
             if k.startswith("diffusion_model.") and k.endswith(".weight")}
 
 
+def unet_weights_to_diffusers(unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """`unet_to_diffusers` for LoRA keys: ComfyUI's model_lora_keys_unet keeps `k.endswith(".weight")` only."""
+    return {k: v for k, v in unet_to_diffusers(unet_config).items() if k.endswith(".weight")}
+
+
 def comfy_unet_key_map(unet_config: Mapping[str, Any]) -> dict[str, Target]:
     """model_lora_keys_unet for a UNet model: kohya names from the model's own (LDM) keys, kohya names
     of the diffusers keys, simpletuner lycoris names, diffusers `.processor.` names."""
-    diffusers_keys = unet_to_diffusers(unet_config)
+    diffusers_keys = unet_weights_to_diffusers(unet_config)
     key_map: dict[str, Target] = {}
     for ldm in diffusers_keys.values():  # the model's state dict: diffusion_model.<LDM key>
         key = f"diffusion_model.{ldm}"
@@ -446,7 +469,7 @@ def a1111_layer_names(family: str, unet_config: Mapping[str, Any] | None,
     SDXL conditioner.embedders[0] the same, embedders[1] OpenCLIP (model.transformer.resblocks.N.attn, .mlp.c_fc...)."""
     names: dict[str, str] = {}
     if unet_config is not None:
-        for diffusers, ldm in unet_to_diffusers(comfy_unet_config(unet_config)).items():
+        for diffusers, ldm in unet_weights_to_diffusers(comfy_unet_config(unet_config)).items():
             names["diffusion_model_" + ldm[: -len(".weight")].replace(".", "_")] = "unet." + diffusers[:-7]
     clip = {"self_attn_q_proj": "self_attn.q_proj", "self_attn_k_proj": "self_attn.k_proj",
             "self_attn_v_proj": "self_attn.v_proj", "self_attn_out_proj": "self_attn.out_proj",
