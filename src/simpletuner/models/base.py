@@ -151,6 +151,7 @@ class ModelFamily(ABC):
     skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
     modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
     lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
+    control_as_latents: ClassVar[bool] = False  # its ControlNet takes the control image as VAE latents
     controlnet_loader: ClassVar[str | None] = None  # "package:Class" of its ControlNet; None: it has none
     control_latents: ClassVar[bool] = False  # its ControlNet takes VAE latents of the control image (else pixels)
 
@@ -364,9 +365,20 @@ class ModelFamily(ABC):
         """The batch with any per-step random conditioning added, drawn after the latents.
 
         Called once per step before `training_loss` (e.g. DeepFloyd stage II's noise-augmented
-        low-resolution image). With a generator, pass one on the latents' device. Default: unchanged.
+        low-resolution image). With a generator, pass one on the latents' device. Default: the control
+        latent of a ControlNet run (`draw_control_latent`), nothing else.
         """
-        return dict(batch)
+        batch = dict(batch)
+        self.draw_control_latent(components, batch, generator)
+        return batch
+
+    def draw_control_latent(self, components: Components, batch: dict[str, Any],
+                            generator: torch.Generator | None = None) -> None:
+        """In place: batch["control"] drawn from the cached control distribution and scaled, as diffusers'
+        ControlNet pipelines encode their control image (families with `control_as_latents`)."""
+        if "control_mean" in batch:
+            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
+                                                              batch.pop("control_std"), generator)
 
     @abstractmethod
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
@@ -386,7 +398,11 @@ class ModelFamily(ABC):
         raise UserError(f"model_family {self.name!r} has no ControlNet")
 
     def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
-        """What the cache stores for control images (B, 3, H, W) in [-1, 1]: default, the pixels as uint8."""
+        """What the cache stores for control images (B, 3, H, W) in [-1, 1]: the pixels as uint8, or with
+        `control_as_latents` the VAE's latent distribution (drawn each step by `draw_control_latent`)."""
+        if self.control_as_latents:
+            mean, std = self.encode_images(components, pixels)
+            return {"control_mean": mean.float(), "control_std": std.float()}
         from simpletuner.models.controlnet import pixel_control
 
         return pixel_control(pixels)

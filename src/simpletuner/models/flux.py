@@ -100,6 +100,7 @@ class FluxFamily(FlowMatchingFamily):
     """Flux.1 dev (guidance-distilled) and schnell (timestep-distilled, no guidance embedding)."""
 
     name: ClassVar[str] = "flux"
+    control_as_latents: ClassVar[bool] = True  # its ControlNet takes VAE latents of the control image
     flavours: ClassVar[Flavours] = flavour_tables.FLUX  # model_flavour -> Hub checkpoint
     text_max_length: ClassVar[int] = 512  # dev; schnell 256
     t5_tokenizer: ClassVar[str] = "tokenizer_2"
@@ -171,9 +172,7 @@ class FluxFamily(FlowMatchingFamily):
             low, high = settings["guidance_range"]
             drawn = torch.rand((latents.shape[0],), generator=generator, device=latents.device)
             batch["guidance"] = low + (high - low) * drawn
-        if "control_mean" in batch:
-            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
-                                                              batch.pop("control_std"), generator)
+        self.draw_control_latent(components, batch, generator)
         return batch
 
     def guidance(self, components: Components, batch: Mapping[str, Any], size: int,
@@ -227,11 +226,6 @@ class FluxFamily(FlowMatchingFamily):
             transformer, num_layers=min(self.controlnet_layers[0], config.num_layers),
             num_single_layers=min(self.controlnet_layers[1], config.num_single_layers),
             attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
-
-    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
-        """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
-        mean, std = self.encode_images(components, pixels)
-        return {"control_mean": mean.float(), "control_std": std.float()}
 
     def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:

@@ -67,6 +67,7 @@ class HunyuanDiTFamily(ModelFamily):
     """Hunyuan-DiT: a DiT with long skips over 4-channel latents, BERT + mT5 text, v-prediction, learned sigma."""
 
     name: ClassVar[str] = "hunyuan_dit"
+    control_as_latents: ClassVar[bool] = True  # its ControlNet takes VAE latents of the control image
     alignment: ClassVar[int] = 16  # VAE factor 8 x patch size 2
     native_resolution: ClassVar[int] = 1024
     default_prediction_type: ClassVar[str] = "v_prediction"  # the released scheduler configs say so too
@@ -190,20 +191,6 @@ class HunyuanDiTFamily(ModelFamily):
                                                  **{name: config[name] for name in names})
         controlnet.load_state_dict(transformer.state_dict(), strict=False)  # its own layers keep their init
         return controlnet.to(transformer.dtype)
-
-    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
-        """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
-        mean, std = self.encode_images(components, pixels)
-        return {"control_mean": mean.float(), "control_std": std.float()}
-
-    def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
-                          generator: torch.Generator | None = None) -> dict[str, Any]:
-        """A control latent drawn from its cached distribution and scaled, as HunyuanDiTControlNetPipeline does."""
-        batch = super().draw_conditioning(components, batch, generator)
-        if "control_mean" in batch:
-            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
-                                                              batch.pop("control_std"), generator)
-        return batch
 
     def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:

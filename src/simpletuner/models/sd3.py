@@ -125,6 +125,7 @@ class SD3Family(FlowMatchingFamily):
     """SD3 / SD3.5: MM-DiT over 16-channel latents, two CLIPs and T5."""
 
     name: ClassVar[str] = "sd3"
+    control_as_latents: ClassVar[bool] = True  # its ControlNet takes VAE latents of the control image
     flavours: ClassVar[Flavours] = flavour_tables.SD3  # model_flavour -> Hub checkpoint
     text_max_length: ClassVar[int] = 154  # T5 tokens; SD3 was trained with 77 + 77
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusion3Pipeline",)
@@ -220,21 +221,6 @@ class SD3Family(FlowMatchingFamily):
         transformer = components["transformer"]
         layers = max(1, min(self.controlnet_layers, transformer.config.num_layers - 1))
         return SD3ControlNetModel.from_transformer(transformer, num_layers=layers, num_extra_conditioning_channels=0)
-
-    def control_entry(self, components: Components, pixels: Tensor) -> dict[str, Tensor]:
-        """The VAE's latent distribution of the control images (pixels in [-1, 1])."""
-        mean, std = self.encode_images(components, pixels)
-        return {"control_mean": mean.float(), "control_std": std.float()}
-
-    def draw_conditioning(self, components: Components, batch: Mapping[str, Any],
-                          generator: torch.Generator | None = None) -> dict[str, Any]:
-        """A control latent drawn from its cached distribution and scaled, as StableDiffusion3ControlNetPipeline
-        does."""
-        batch = super().draw_conditioning(components, batch, generator)
-        if "control_mean" in batch:
-            batch["control"] = self.latents_from_distribution(components, batch.pop("control_mean"),
-                                                              batch.pop("control_std"), generator)
-        return batch
 
     def predict_with_controlnet(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
