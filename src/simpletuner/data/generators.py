@@ -10,11 +10,11 @@ out (its image then has no partner: a counted skip). Canny edges come from OpenC
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from simpletuner.atomic import written_atomically
 from simpletuner.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -140,10 +140,5 @@ def canny(rgb: np.ndarray, low: int, high: int) -> np.ndarray:
 def _write_png(array: np.ndarray, target: Path) -> None:
     from PIL import Image
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".tmp-{target.name}")
-    try:
+    with written_atomically(target) as temp:
         Image.fromarray(array).save(temp, format="PNG")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)

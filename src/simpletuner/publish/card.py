@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simpletuner.atomic import written_atomically
 from simpletuner.publish.metadata import TrainingSummary
 
 CARD_FILE = "README.md"
@@ -132,9 +133,8 @@ def render_card(info: CardInfo) -> str:
 def write_card(output_dir: Path, info: CardInfo) -> Path:
     """Write output_dir/README.md (atomically); returns its path."""
     path = output_dir / CARD_FILE
-    temp = output_dir / f".tmp-{CARD_FILE}"
-    temp.write_text(render_card(info), encoding="utf-8")
-    temp.replace(path)
+    with written_atomically(path) as temp:
+        temp.write_text(render_card(info), encoding="utf-8")
     return path
 
 

@@ -13,7 +13,6 @@ Every file is written under a temporary name, made 0644 and renamed; its header 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from simpletuner.atomic import written_atomically
 from simpletuner.errors import UserError
 from simpletuner.train.adapters import LORA_WEIGHTS, TrainedLora
 
@@ -49,16 +49,9 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
     """safetensors' save_file to a temporary name beside `path`, made 0644, then renamed over it."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".tmp-{path.name}")
-    try:
+    with written_atomically(path, mode=0o644) as temp:
         save_file(dict(tensors), str(temp), metadata=dict(metadata) if metadata else None)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_diffusers_lora(directory: str | Path, lora: TrainedLora) -> Path:
@@ -127,10 +120,8 @@ def write_peft_lora(directory: str | Path, lora: TrainedLora) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"{PEFT_PREFIX}{key}": value for key, value in layers.items()}
     written = save_file_atomic(weights, directory / PEFT_WEIGHTS, {**lora.metadata, "format": "pt"})
-    temp = directory / f".tmp-{PEFT_CONFIG}"
-    temp.write_text(json.dumps(lora.configs[component], indent=2, sort_keys=True))  # peft's LoraConfig.to_dict()
-    os.chmod(temp, 0o644)
-    os.replace(temp, directory / PEFT_CONFIG)
+    with written_atomically(directory / PEFT_CONFIG, mode=0o644) as temp:
+        temp.write_text(json.dumps(lora.configs[component], indent=2, sort_keys=True))  # peft's LoraConfig.to_dict()
     return written
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simpletuner.atomic import written_atomically
 from simpletuner.publish.card import existing_validation
 from simpletuner.publish.report_page import DatasetSummary, PageData, SkippedFile, render_page
 from simpletuner.train.events import NoEvents
@@ -155,9 +156,8 @@ class RunReport(NoEvents):
         if self.skipped_report is not None:
             self.page.skipped = read_skipped(self.skipped_report, self.dataset_roots)
         text = render_page(self.page)
-        temp = self.output_dir / f".tmp-{REPORT_FILE}"
-        temp.write_text(text, encoding="utf-8")
-        temp.replace(self.output_dir / REPORT_FILE)
+        with written_atomically(self.output_dir / REPORT_FILE) as temp:
+            temp.write_text(text, encoding="utf-8")
 
     def _throughput(self) -> list[tuple[str, str]]:
         if not self.samples_per_second:

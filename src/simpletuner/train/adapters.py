@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from simpletuner.atomic import written_atomically
 from simpletuner.errors import ConfigError, UserError
 from simpletuner.log import get_logger
 
@@ -381,16 +381,9 @@ def save_lycoris_weights(directory: str | Path, network: nn.Module, config: Mapp
                          metadata: Mapping[str, str] | None = None) -> Path:
     """Write the LyCORIS network to `pytorch_lora_weights.safetensors` (LyCORIS format), with `metadata`
     and the lycoris_config in its header; written under a temporary name, made 0644, then renamed."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LORA_WEIGHTS
-    temp = directory / f".tmp-{LORA_WEIGHTS}"
+    path = Path(directory) / LORA_WEIGHTS
     dtype = next(network.parameters()).dtype
     header = {**(metadata or {}), **({"lycoris_config": json.dumps(dict(config))} if config else {})}
-    try:
+    with written_atomically(path, mode=0o644) as temp:
         network.save_weights(str(temp), dtype, header or None)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
     return path
