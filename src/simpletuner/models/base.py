@@ -132,6 +132,31 @@ class ComponentSpec:
         return getattr(__import__(module, fromlist=[attr]), attr)
 
 
+def size_conditioning(plan: ImagePlan) -> dict[str, Tensor]:
+    """A sample's size conditioning from its ImagePlan ((width, height) there): original size, crop top-left
+    and trained size as float (h, w) / (top, left) tensors, as SDXL-style pipelines compute them."""
+    return {
+        "original_size": torch.tensor([plan.original_size[1], plan.original_size[0]], dtype=torch.float32),
+        "crop_top_left": torch.tensor(plan.crop_top_left, dtype=torch.float32),
+        "target_size": torch.tensor([plan.target_size[1], plan.target_size[0]], dtype=torch.float32),
+    }
+
+
+def batch_size_conditioning(latents: Tensor, scale: int, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, 2] original size, trained size and crop top-left of a batch on the latents' device; where the batch
+    has none, the latents' own size in pixels (`scale` pixels per latent) and no crop."""
+    device, count = latents.device, latents.shape[0]
+    target = batch.get("target_size")
+    if target is None:
+        target = torch.tensor([latents.shape[-2] * scale, latents.shape[-1] * scale]).expand(count, 2)
+    target = torch.as_tensor(target, device=device).float().reshape(-1, 2)
+    original = batch.get("original_size")
+    original = target if original is None else torch.as_tensor(original, device=device).float().reshape(-1, 2)
+    crop = batch.get("crop_top_left")
+    crop = torch.zeros_like(target) if crop is None else torch.as_tensor(crop, device=device).float().reshape(-1, 2)
+    return original, target, crop
+
+
 class ModelFamily(ABC):
     """One architecture: how to load it, encode text and images, predict, and build its pipeline."""
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from simpletuner.errors import UserError
 from simpletuner.models import flavours as flavour_tables
-from simpletuner.models.base import Components, ComponentSpec, ModelFamily
+from simpletuner.models.base import (Components, ComponentSpec, ModelFamily, batch_size_conditioning,
+                                     size_conditioning)
 from simpletuner.models.flavours import Flavours
 from simpletuner.models.pixart import learned_variance_split
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
@@ -128,25 +129,11 @@ class HunyuanDiTFamily(ModelFamily):
     # ------------------------------------------------------------ conditioning
     def sample_conditioning(self, plan: ImagePlan) -> dict[str, Tensor]:
         """Original size, crop top-left and trained size, (h, w) / (top, left), from an ImagePlan."""
-        return {
-            "original_size": torch.tensor([plan.original_size[1], plan.original_size[0]], dtype=torch.float32),
-            "crop_top_left": torch.tensor(plan.crop_top_left, dtype=torch.float32),
-            "target_size": torch.tensor([plan.target_size[1], plan.target_size[0]], dtype=torch.float32),
-        }
+        return size_conditioning(plan)
 
     def image_meta_size(self, components: Components, latents: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """[B, 6]: (orig_h, orig_w, target_h, target_w, crop_top, crop_left), as the pipeline's add_time_ids."""
-        device, count = latents.device, latents.shape[0]
-        scale = self.vae_scale_factor(components)
-        target = batch.get("target_size")
-        if target is None:
-            target = torch.tensor([latents.shape[-2] * scale, latents.shape[-1] * scale]).expand(count, 2)
-        target = torch.as_tensor(target, device=device).float().reshape(-1, 2)
-        original = batch.get("original_size")
-        original = target if original is None else torch.as_tensor(original, device=device).float().reshape(-1, 2)
-        crop = batch.get("crop_top_left")
-        crop = torch.zeros_like(target) if crop is None else torch.as_tensor(crop, device=device).float().reshape(-1, 2)
-        return torch.cat([original, target, crop], dim=1)
+        return torch.cat(batch_size_conditioning(latents, self.vae_scale_factor(components), batch), dim=1)
 
     def predict(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,
                 text: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:

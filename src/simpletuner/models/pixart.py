@@ -20,7 +20,8 @@ from torch import Tensor
 
 from simpletuner.models import flavours as flavour_tables
 from simpletuner.models.flavours import Flavours
-from simpletuner.models.base import Components, ComponentSpec, ModelFamily
+from simpletuner.models.base import (Components, ComponentSpec, ModelFamily, batch_size_conditioning,
+                                     size_conditioning)
 from simpletuner.models.sd import UNET_ADAPTER_PRESETS, unet_preset_name
 from simpletuner.models.t5_text import encode_t5, text_length
 
@@ -80,23 +81,14 @@ class PixArtSigmaFamily(ModelFamily):
     # ------------------------------------------------------------ conditioning
     def sample_conditioning(self, plan: ImagePlan) -> dict[str, Tensor]:
         """Original and trained size, (h, w), for checkpoints with resolution/aspect conditioning."""
-        return {
-            "original_size": torch.tensor([plan.original_size[1], plan.original_size[0]], dtype=torch.float32),
-            "target_size": torch.tensor([plan.target_size[1], plan.target_size[0]], dtype=torch.float32),
-        }
+        sizes = size_conditioning(plan)
+        return {"original_size": sizes["original_size"], "target_size": sizes["target_size"]}
 
     def added_conditions(self, components: Components, latents: Tensor, batch: Mapping[str, Any]) -> dict:
         """added_cond_kwargs: resolution [B, 2] and aspect_ratio [B, 1] where the checkpoint uses them."""
         if not components["transformer"].use_additional_conditions:
             return {"resolution": None, "aspect_ratio": None}
-        device, count = latents.device, latents.shape[0]
-        scale = self.vae_scale_factor(components)
-        trained = batch.get("target_size")
-        if trained is None:
-            trained = torch.tensor([latents.shape[-2] * scale, latents.shape[-1] * scale]).expand(count, 2)
-        trained = torch.as_tensor(trained, device=device).float().reshape(-1, 2)
-        original = batch.get("original_size")
-        original = trained if original is None else torch.as_tensor(original, device=device).float().reshape(-1, 2)
+        original, trained, _ = batch_size_conditioning(latents, self.vae_scale_factor(components), batch)
         return {"resolution": original, "aspect_ratio": (trained[:, 0] / trained[:, 1]).reshape(-1, 1)}
 
     def predict(self, components: Components, noisy_latents: Tensor, timesteps: Tensor,

@@ -23,7 +23,7 @@ from torch import Tensor
 from simpletuner.models import flavours as flavour_tables
 from simpletuner.models.flavours import Flavours
 from simpletuner.errors import UserError
-from simpletuner.models.base import Components, ComponentSpec, ModelFamily, declared
+from simpletuner.models.base import Components, ComponentSpec, ModelFamily, declared, size_conditioning
 from simpletuner.models.sd import (UNET_ADAPTER_PRESETS, sample_with_control, tokenize, unet_preset_name,
                                    unet_with_controlnet)
 
@@ -127,11 +127,7 @@ class SDXLFamily(ModelFamily):
     # ------------------------------------------------------------ conditioning
     def sample_conditioning(self, plan: ImagePlan) -> dict[str, Tensor]:
         """Per-sample size conditioning from an ImagePlan ((width, height) there, (h, w) here)."""
-        return {
-            "original_size": torch.tensor([plan.original_size[1], plan.original_size[0]], dtype=torch.float32),
-            "crop_top_left": torch.tensor(plan.crop_top_left, dtype=torch.float32),
-            "target_size": torch.tensor([plan.target_size[1], plan.target_size[0]], dtype=torch.float32),
-        }
+        return size_conditioning(plan)
 
     def time_ids(self, components: Components, latents: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """add_time_ids for the UNet from the batch's size conditioning."""
