@@ -174,6 +174,8 @@ class DatasetConfig(StrictModel):
                                                  "many steps.")
     is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
                                          "model's own prediction, the adapter switched off (model_type lora).")
+    is_class_data: bool = Field(False, description="Class images of classic DreamBooth prior preservation: their "
+                                "loss is weighted by prior_loss_weight (diffusers' train_dreambooth class images).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
                                                              "images (controlnet=true, a local dataset): e.g. "
@@ -204,6 +206,10 @@ class DatasetConfig(StrictModel):
     def _check_location(self) -> "DatasetConfig":
         if self.disabled or self.dataset_type == "text_embeds":
             return self
+        if self.is_class_data and self.is_regularisation_data:
+            raise ValueError(f"dataset {self.id!r}: is_class_data (class images, their loss weighted by "
+                             "prior_loss_weight) cannot be combined with is_regularisation_data (the base model's "
+                             "prediction as the target); set one of the two")
         if self.conditioning and self.type != "local":
             raise ValueError(f"dataset {self.id!r}: conditioning generators read local folders; type={self.type!r} "
                              "(give a conditioning dataset through conditioning_data instead)")
@@ -464,6 +470,9 @@ class TrainingConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = Field(
         None, description="Override the model's own prediction type.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5 is usual).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the loss of class images (datasets with "
+                                     "is_class_data): instance loss + prior_loss_weight * class loss, as diffusers' "
+                                     "train_dreambooth computes it.")
     noise_offset: float = Field(0.0, ge=0, description="Noise offset strength.")
     noise_offset_probability: float = Field(0.25, ge=0, le=1, description="Share of steps with noise offset.")
     input_perturbation: float = Field(0.0, ge=0, description="Input perturbation strength.")
