@@ -497,6 +497,16 @@ class TrainingConfig(StrictModel):
                                              "the refiner learns (0.2: timesteps 199-0; flow matching: sigmas up to 0.2); in (0, 1).")
     refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
                                                    "base model of an expert pair).")
+    validation_base_model: str | None = Field(None, description="First-stage pipeline (folder or Hub id) that "
+                                              "validation runs before the trained second stage (refiner_training): "
+                                              "it denoises to 1 - refiner_training_strength of the schedule "
+                                              "(diffusers' denoising_end), the trained model from there. SDXL, "
+                                              "Kolors.")
+    validation_refiner_model: str | None = Field(None, description="Second-stage pipeline (folder or Hub id, e.g. "
+                                                 "the SDXL refiner) that finishes the trained model's validation "
+                                                 "images: the trained model denoises to 1 - "
+                                                 "refiner_training_strength of the schedule, this one from there "
+                                                 "(diffusers' denoising_start). SDXL, Kolors.")
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
     flow_sigmoid_scale: float = Field(1.0, gt=0, description="Flow matching: scale of logit-normal (sigmoid) "
                                       "timestep sampling.")
@@ -664,6 +674,15 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
                              "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
                              "SD 1.x/2.x and SDXL only); remove train_text_encoder")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_chain(self) -> "TrainingConfig":
+        from simpletuner.config.experts import chain_problem
+
+        problem = chain_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
