@@ -111,3 +111,29 @@ def test_impossible_chains_are_refused_naming_both_options(tmp_path: Path, tiny_
     assert main(["config", "check", str(config)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and all(name in err for name in named), err
+
+
+def test_kolors_stages_chain_too(tiny_model) -> None:
+    """Kolors' pipelines have denoising_end / denoising_start: a trained Kolors base is finished by a given one."""
+    from diffusers import DiffusionPipeline
+
+    from simpletuner.config.schema import TrainingConfig
+    from simpletuner.validate_chain import StageChain
+
+    path = tiny_model("kolors")
+    cfg = TrainingConfig(model_family="kolors", pretrained_model_name_or_path=str(path), output_dir="unused",
+                         validation_refiner_model=str(path), validation_num_inference_steps=5)
+    chain = StageChain.from_config(cfg)
+    trained = DiffusionPipeline.from_pretrained(path)
+    trained.set_progress_bar_config(disable=True)
+    first, second = [], []
+    hooks = [_timesteps_of(trained.unet, first),
+             _timesteps_of(chain.other(torch.device("cpu"), torch.float32).unet, second)]
+    try:
+        (image,) = chain.sample(trained, cfg, "a red circle", 32, 32, torch.Generator().manual_seed(0),
+                                torch.device("cpu"), torch.float32)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert image.size == (32, 32)
+    assert first and second and min(first) > max(second) and len(set(first)) + len(set(second)) == 5
