@@ -174,6 +174,8 @@ class DatasetConfig(StrictModel):
                                                  "many steps.")
     is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
                                          "model's own prediction, the adapter switched off (model_type lora).")
+    is_class_data: bool = Field(False, description="Class images of classic DreamBooth prior preservation: their "
+                                "loss is weighted by prior_loss_weight (diffusers' train_dreambooth class images).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
                                                              "images (controlnet=true, a local dataset): e.g. "
@@ -204,6 +206,10 @@ class DatasetConfig(StrictModel):
     def _check_location(self) -> "DatasetConfig":
         if self.disabled or self.dataset_type == "text_embeds":
             return self
+        if self.is_class_data and self.is_regularisation_data:
+            raise ValueError(f"dataset {self.id!r}: is_class_data (class images, their loss weighted by "
+                             "prior_loss_weight) cannot be combined with is_regularisation_data (the base model's "
+                             "prediction as the target); set one of the two")
         if self.conditioning and self.type != "local":
             raise ValueError(f"dataset {self.id!r}: conditioning generators read local folders; type={self.type!r} "
                              "(give a conditioning dataset through conditioning_data instead)")
@@ -465,6 +471,9 @@ class TrainingConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = Field(
         None, description="Override the model's own prediction type.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5 is usual).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the loss of class images (datasets with "
+                                     "is_class_data): instance loss + prior_loss_weight * class loss, as diffusers' "
+                                     "train_dreambooth computes it.")
     noise_offset: float = Field(0.0, ge=0, description="Noise offset strength.")
     noise_offset_probability: float = Field(0.25, ge=0, le=1, description="Share of steps with noise offset.")
     input_perturbation: float = Field(0.0, ge=0, description="Input perturbation strength.")
@@ -489,6 +498,16 @@ class TrainingConfig(StrictModel):
                                              "the refiner learns (0.2: timesteps 199-0; flow matching: sigmas up to 0.2); in (0, 1).")
     refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
                                                    "base model of an expert pair).")
+    validation_base_model: str | None = Field(None, description="First-stage pipeline (folder or Hub id) that "
+                                              "validation runs before the trained second stage (refiner_training): "
+                                              "it denoises to 1 - refiner_training_strength of the schedule "
+                                              "(diffusers' denoising_end), the trained model from there. SDXL, "
+                                              "Kolors.")
+    validation_refiner_model: str | None = Field(None, description="Second-stage pipeline (folder or Hub id, e.g. "
+                                                 "the SDXL refiner) that finishes the trained model's validation "
+                                                 "images: the trained model denoises to 1 - "
+                                                 "refiner_training_strength of the schedule, this one from there "
+                                                 "(diffusers' denoising_start). SDXL, Kolors.")
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
     flow_sigmoid_scale: float = Field(1.0, gt=0, description="Flow matching: scale of logit-normal (sigmoid) "
                                       "timestep sampling.")
@@ -664,6 +683,15 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
                              "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
                              "SD 1.x/2.x and SDXL only); remove train_text_encoder")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_chain(self) -> "TrainingConfig":
+        from simpletuner.config.experts import chain_problem
+
+        problem = chain_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")

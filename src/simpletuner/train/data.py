@@ -84,6 +84,7 @@ class DatasetData:
     control: ControlData | None = None  # ControlNet runs: each image's control image (train.conditioning)
     masks: dict[int, MaskItem] = field(default_factory=dict)  # record index -> its loss mask (masked loss)
     regularisation: bool = False  # is_regularisation_data: the base model's predictions are the targets
+    class_images: bool = False  # is_class_data: DreamBooth class images, their loss weighted by prior_loss_weight
     epoch_failures: dict[str, Failure] = field(default_factory=dict)  # key -> why a later epoch's load failed
 
     def latent_entries(self, refs: Sequence[SampleRef]) -> list[dict[str, torch.Tensor] | None]:
@@ -210,6 +211,7 @@ class TrainingData:
                 read_source=storage.source_reader() if hf else None,
                 sequential=hf and storage.sequential,
                 regularisation=dataset.is_regularisation_data,
+                class_images=dataset.is_class_data,
             )
             if dataset.id in partners:
                 from simpletuner.train.conditioning import control_data, control_identity
@@ -358,7 +360,8 @@ class TrainingData:
     def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
               caption_rng: random.Random, refill: Iterator[Sequence[SampleRef]] | None = None) -> dict[str, Any]:
         """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning,
-        the chosen captions, and where the datasets ask for them regularisation flags and loss masks.
+        the chosen captions, and where the datasets ask for them regularisation and class-image flags and loss
+        masks.
 
         A sample whose image fails to load (on-demand caching) is left out of the batch and
         reported; when every sample of a batch fails, the next one is drawn from `refill`.
@@ -385,6 +388,8 @@ class TrainingData:
             batch.update(_stack_entries(conditioning))
         if any(self.datasets[ref.dataset_id].regularisation for ref in usable):
             batch["regularisation"] = [self.datasets[ref.dataset_id].regularisation for ref in usable]
+        if any(self.datasets[ref.dataset_id].class_images for ref in usable):
+            batch["class_data"] = [self.datasets[ref.dataset_id].class_images for ref in usable]
         if any(self.datasets[ref.dataset_id].masks for ref in usable):
             batch["loss_mask"] = self._masks(usable, batch["latent_mean"])
         return batch
