@@ -471,6 +471,9 @@ class TrainingConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = Field(
         None, description="Override the model's own prediction type.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5 is usual).")
+    masked_loss_probability: float = Field(1.0, ge=0, le=1, description="Masked loss: each sample's mask is "
+                                           "applied with this probability; otherwise the sample trains on all its "
+                                           "pixels.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the loss of class images (datasets with "
                                      "is_class_data): instance loss + prior_loss_weight * class loss, as diffusers' "
                                      "train_dreambooth computes it.")

@@ -157,6 +157,7 @@ class TrainingData:
     scan_report: str
     skipped: list[SkippedEntry] = field(default_factory=list)
     report_path: str | None = None  # where skipped entries are appended (see `open_report`)
+    mask_probability: float = 1.0  # masked_loss_probability: the chance that a sample's mask is applied
     _writes_shared: bool = True
 
     @classmethod
@@ -225,7 +226,8 @@ class TrainingData:
         _attach_masks(settings, scans, prepared, family.vae_scale_factor(components))
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
-        return cls(prepared, vae_id, text_id, report.getvalue(), skipped)
+        return cls(prepared, vae_id, text_id, report.getvalue(), skipped,
+                   mask_probability=settings.training.masked_loss_probability)
 
     # ---------------------------------------------------------------- the run's report
     def open_report(self, path: str, start: bool = True) -> None:
@@ -391,11 +393,12 @@ class TrainingData:
         if any(self.datasets[ref.dataset_id].class_images for ref in usable):
             batch["class_data"] = [self.datasets[ref.dataset_id].class_images for ref in usable]
         if any(self.datasets[ref.dataset_id].masks for ref in usable):
-            batch["loss_mask"] = self._masks(usable, batch["latent_mean"])
+            batch["loss_mask"] = self._masks(usable, batch["latent_mean"], caption_rng)
         return batch
 
-    def _masks(self, refs: Sequence[SampleRef], means: torch.Tensor) -> torch.Tensor:
-        """[B, 1, h, w] loss weights of a batch (masked loss); 1 where an image has no mask."""
+    def _masks(self, refs: Sequence[SampleRef], means: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """[B, 1, h, w] loss weights of a batch (masked loss); 1 where an image has no mask, or where its mask
+        is left out this time (masked_loss_probability, one draw from `rng` per sample)."""
         from simpletuner.train.masks import batch_masks
 
         entries = []
@@ -403,6 +406,8 @@ class TrainingData:
             data = self.datasets[ref.dataset_id]
             item = data.masks.get(ref.record)
             entries.append(None if item is None else data.latent_store.get(item.key))
+        if self.mask_probability < 1:
+            entries = [entry if rng.random() < self.mask_probability else None for entry in entries]
         return batch_masks(entries, means)
 
     def entries(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:
