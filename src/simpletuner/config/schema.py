@@ -432,11 +432,12 @@ class TrainingConfig(StrictModel):
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
         "auto", description="The SDPA kernel of the training step; auto lets PyTorch choose (flash where the "
         "inputs allow). cudnn and efficient need CUDA.")
-    fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
-                                       "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
-                                       "The saved model keeps diffusers' usual separate projections. Not with "
-                                       "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
-                                       "between q, k and v.")
+    fuse_qkv_projections: bool = Field(False, description="One fused matmul per attention layer for its query, "
+                                       "key and value projections (diffusers' fusion; not DeepFloyd). The saved "
+                                       "model keeps diffusers' usual separate projections. With a LoRA, the adapter "
+                                       "sits on the fused layer (one down matrix shared by q, k and v) and is saved "
+                                       "split into the usual q, k and v LoRAs, applying the same delta. Not with "
+                                       "LyCORIS, init_lora, a ControlNet's adapter or a quantised base.")
     # sharded training (config/sharding.py)
     fsdp_enable: bool = Field(False, description="Shard a full fine-tune's weights, gradients and optimiser state "
                               "over the processes with PyTorch FSDP2, through accelerate. Not with deepspeed_config.")
@@ -657,12 +658,20 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _fusion_trains_the_full_model(self) -> "TrainingConfig":
-        if self.fuse_qkv_projections and trains_adapter(self):
-            raise ValueError(f"fuse_qkv_projections=true needs model_type 'full' (got {self.model_type!r}): peft and "
-                             "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
-                             "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
-                             "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+    def _fusion_trains_the_full_model_or_a_lora(self) -> "TrainingConfig":
+        if not self.fuse_qkv_projections or not trains_adapter(self):
+            return self
+        refused = [(self.lora_type == "lycoris", "lora_type 'lycoris' (its factors do not split back into the q, k "
+                    "and v adapters)"),
+                   (bool(self.init_lora), "init_lora (a file of separate q, k and v adapters does not load onto "
+                    "the fused layers)"),
+                   (self.controlnet, "controlnet (its adapter trains the ControlNet, which is not fused)"),
+                   (self.base_model_precision != "no_change", f"base_model_precision {self.base_model_precision!r} "
+                    "(diffusers fuses plain weights only)")]
+        for hit, what in refused:
+            if hit:
+                raise ValueError(f"fuse_qkv_projections=true with model_type {self.model_type!r} cannot be combined "
+                                 f"with {what}; set fuse_qkv_projections=false")
         return self
 
     @model_validator(mode="after")
