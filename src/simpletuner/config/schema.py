@@ -337,7 +337,8 @@ class TrainingConfig(StrictModel):
                                                       "(default: initialised from the base model).")
     layer_freeze_strategy: Literal["none", "bitfit"] = Field("none", description="bitfit: train only the biases "
                                                              "(model_type=full).")
-    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL).")
+    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL; Kolors' "
+                                     "ChatGLM, with lora_format=diffusers for a LoRA).")
     text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoder(s); default: "
                                           "learning_rate.")
     freeze_encoder: bool = Field(True, description="With train_text_encoder: freeze the text encoders' layers that "
@@ -699,6 +700,16 @@ class TrainingConfig(StrictModel):
         problem = chain_problem(self)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _kolors_text_encoder_lora_format(self) -> "TrainingConfig":
+        if (self.model_family == "kolors" and self.train_text_encoder and trains_adapter(self)
+                and "comfyui" in self.lora_format):
+            raise ValueError("train_text_encoder=true with model_family 'kolors' trains a LoRA on ChatGLM, which "
+                             "the UI LoRA file (lora_format comfyui) has no key names for (ComfyUI and A1111 load "
+                             "Kolors LoRAs for the UNet only); set lora_format=diffusers (diffusers' KolorsPipeline "
+                             "loads the ChatGLM LoRA) or remove train_text_encoder")
         return self
 
     @model_validator(mode="after")
