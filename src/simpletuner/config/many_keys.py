@@ -93,7 +93,7 @@ def _unsupported(data: bytes) -> bool:
         return True
     try:
         msgspec.json.decode(data, type=msgspec.Raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nesting too deep for msgspec is reported by the whole reading
         return True
     return not data.lstrip().startswith(b"{")
 
