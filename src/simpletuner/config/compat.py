@@ -364,6 +364,9 @@ def _is_on(value: Any) -> bool:
     return not any(value == off and type(value) is type(off) for off in OFF_VALUES)
 
 
+LEGACY_SWITCHES = frozenset(FAMILY_SWITCHES) | {"offset_noise", "ema_cpu_only", "use_bitfit"}  # translate_legacy's
+
+
 def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
     """Rewrite old SimpleTuner switches in place into schema options; returns warnings."""
     warnings: list[str] = []
