@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.models.base import Components, ModelFamily
     from simpletuner.train.trackers import Tracker
+    from simpletuner.validate_chain import StageChain
 
 logger = get_logger(__name__)
 
@@ -30,6 +31,7 @@ class ValidationPlan:
     prompts: dict[str, str]  # name -> prompt
     resolutions: list[tuple[int, int]]  # (width, height)
     seed: int
+    chain: StageChain | None = None  # the other stage of a two-expert validation (validate_chain)
 
 
 def parse_resolutions(text: str, alignment: int) -> list[tuple[int, int]]:
@@ -73,8 +75,11 @@ def validation_plan(cfg: TrainingConfig, family: ModelFamily) -> ValidationPlan 
     if cfg.validation_guidance_skip_layers and not family.skip_layer_guidance:
         logger.warning("validation_guidance_skip_layers is ignored for model_family %r: its pipeline has no "
                        "skip-layer guidance (SimpleTuner drops it too)", cfg.model_family)
+    from simpletuner.validate_chain import StageChain
+
     text = cfg.validation_resolution or str(family.default_resolution(cfg))
-    return ValidationPlan(prompts, parse_resolutions(text, family.alignment), cfg.validation_seed)
+    return ValidationPlan(prompts, parse_resolutions(text, family.alignment), cfg.validation_seed,
+                          StageChain.from_config(cfg))
 
 
 def _autocast_if_mixed(components: Components, device: Any) -> Any:
@@ -100,15 +105,20 @@ def run_validation(plan: ValidationPlan, family: ModelFamily, components: Compon
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = family.pipeline(components)
     pipeline.set_progress_bar_config(disable=True)
-    device = next(family.denoiser(components).parameters()).device
+    denoiser = next(family.denoiser(components).parameters())
+    device = denoiser.device
     written: list[Path] = []
     logged: dict[str, list[Any]] = {}
     for name, prompt in plan.prompts.items():
         for width, height in plan.resolutions:
             generator = torch.Generator(device="cpu").manual_seed(plan.seed)
             with torch.no_grad(), _autocast_if_mixed(components, device):
-                images = family.sample_images(pipeline, cfg, prompt, width, height, generator,
-                                              (init_images or {}).get((width, height)))
+                if plan.chain is not None:
+                    images = plan.chain.sample(pipeline, cfg, prompt, width, height, generator, device,
+                                               denoiser.dtype)
+                else:
+                    images = family.sample_images(pipeline, cfg, prompt, width, height, generator,
+                                                  (init_images or {}).get((width, height)))
             for index, image in enumerate(images):
                 path = folder / f"{name}-{width}x{height}-{index}.png"
                 image.save(path)
@@ -118,6 +128,8 @@ def run_validation(plan: ValidationPlan, family: ModelFamily, components: Compon
                 control.save(folder / f"{name}-{width}x{height}-control.png")
                 images = [control, *images]
             logged[f"validation/{name}-{width}x{height}"] = images
+    if plan.chain is not None:
+        plan.chain.park()
     if tracker is not None:
         tracker.log_images(logged, step)
     logger.info("validation step %d: %d images in %s (on %s)", step, len(written), folder, device)

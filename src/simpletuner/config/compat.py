@@ -91,7 +91,6 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
     **_group("one conditioning dataset is paired with each image dataset; combined sampling is not built",
              {"conditioning_multidataset_sampling": "random"}),
     **_group("huber_c is constant over timesteps", {"huber_schedule": "constant"}),
-    **_group("masked loss applies every mask (a probability is not built)", {"masked_loss_probability": 1.0}),
     **_group("set prevent_upscaling on a dataset", {"max_upscale_threshold": None}),
     **_group("set repeats on the dataset", {"allow_dataset_oversubscription": None}),
     **_group("flow-matching timesteps are sampled from the flow_* schedules", {"flow_custom_timesteps": None}),
@@ -231,7 +230,8 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "optimizer_config": Unsupported("use the optimiser options (adam_beta1, adam_weight_decay, ...)"),
     "optimizer_cpu_offload_method": Unsupported("optimiser CPU offload is not supported", _off_or("none", "offload")),
     "optimizer_offload_gradients": Unsupported("optimiser CPU offload is not supported"),
-    "fuse_optimizer": Unsupported("fused AdamW is used on CUDA automatically"),
+    "fuse_optimizer": Unsupported("it fuses a CPU-offloaded optimiser, and optimiser CPU offload is "
+                                   "not built; PyTorch's fused AdamW step is on by default (adamw_fused)"),
     "optimizer_beta1": Unsupported("use adam_beta1"),
     "optimizer_beta2": Unsupported("use adam_beta2"),
     "optimizer_release_gradients": Unsupported("not supported"),
@@ -362,6 +362,9 @@ FAMILY_SWITCHES: dict[str, str] = {
 
 def _is_on(value: Any) -> bool:
     return not any(value == off and type(value) is type(off) for off in OFF_VALUES)
+
+
+LEGACY_SWITCHES = frozenset(FAMILY_SWITCHES) | {"offset_noise", "ema_cpu_only", "use_bitfit"}  # translate_legacy's
 
 
 def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[str]:

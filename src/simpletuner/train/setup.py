@@ -92,7 +92,7 @@ def check_output_dir(output_dir: str) -> Path:
 def make_accelerator(settings: Settings) -> Accelerator:
     from accelerate import Accelerator
 
-    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu
+    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu, select_deepspeed
 
     cfg = settings.training
     plugins = accelerator_plugins(cfg)  # FSDP2 or DeepSpeed, when asked for
@@ -100,6 +100,8 @@ def make_accelerator(settings: Settings) -> Accelerator:
                               gradient_accumulation_steps=1, **plugins)  # the trainer counts accumulation
     if "fsdp_plugin" in plugins:
         enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    if "deepspeed_plugin" in plugins:
+        select_deepspeed(accelerator, plugins["deepspeed_plugin"])
     return accelerator
 
 
@@ -207,6 +209,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
                     resume_from: Path | None, processes: Processes, resumed_at: int = 0,
                     sharding: Sharding | None = None) -> Run:
+    from simpletuner.config.schema import trains_adapter
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
@@ -226,13 +229,21 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
 
         trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
         targets = controlnet_lora_targets(trains, targets)
+    fused_first = cfg.fuse_qkv_projections and trains_adapter(cfg)  # the LoRA goes on the fused layers
+    excluded: list[str] = []
+    if fused_first:
+        from simpletuner.train.fusion import fuse_qkv, fused_adapter_targets
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
+        targets, excluded = fused_adapter_targets(denoiser, targets)
     trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
-                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
+                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS),
+                                exclude_modules=excluded)
     trained.text_encoders = prepare_text_encoders(family, components, cfg)
     trained.module.to(accelerator.device)
     if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
         trained.cast_trainable(trained_weight_dtype(cfg))
-    if cfg.fuse_qkv_projections:
+    if cfg.fuse_qkv_projections and not fused_first:  # full training: fused after the weights are made trainable
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))

@@ -177,7 +177,7 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
                 loss = _loss(run, batch, empty_text, seed)
             run.sharding.before_backward(run.trained.parameters(), run.accelerator.num_processes,
                                          micro == accumulation - 1)
-            run.accelerator.backward(loss / accumulation)
+            run.sharding.backward(run.accelerator, loss / accumulation)
         total += loss.detach() / accumulation
     run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
@@ -222,7 +222,8 @@ def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], se
     batch["latents"], batch["text"] = latents, text
     batch = run.family.draw_conditioning(run.components, batch, generator)
     draw = run.objective.draw(latents, generator)
-    return training_loss(run.family, run.components, run.objective, batch, draw, run.trained.base_model)
+    return training_loss(run.family, run.components, run.objective, batch, draw, run.trained.base_model,
+                         prior_loss_weight=run.cfg.prior_loss_weight)
 
 
 def _to(value: Any, device: torch.device) -> Any:
