@@ -1,8 +1,8 @@
-"""fuse_qkv_projections: diffusers' fused attention projections in full training; the saved model unchanged."""
+"""fuse_qkv_projections: diffusers' fused attention projections in full training; the saved model unchanged
+(with a LoRA: tests/test_fusion_lora.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -99,18 +99,11 @@ def test_deepfloyd_unet_with_added_kv_attention_is_refused_by_name(tiny_model):
         fuse_qkv(_denoiser(tiny_model("deepfloyd_if")))
 
 
-def test_adapters_with_fusion_are_refused_and_false_is_always_accepted(tmp_path, tiny_model, capsys):
-    config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", fuse_qkv_projections=True)
-    assert main(["config", "check", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert "fuse_qkv_projections=true needs model_type 'full' (got 'lora')" in err and "Traceback" not in err
-    for model_type in ("lora", "full"):
-        config = write_run(tmp_path / model_type, tiny_model("sd1x"), "sd1x", model_type=model_type,
-                           fuse_qkv_projections=model_type == "full")
+def test_fusion_is_accepted_with_full_training_and_a_lora_and_false_always(tmp_path, tiny_model):
+    for model_type, fused in (("lora", True), ("full", True), ("lora", False)):
+        config = write_run(tmp_path / f"{model_type}-{fused}", tiny_model("sd1x"), "sd1x", model_type=model_type,
+                           fuse_qkv_projections=fused)
         assert main(["config", "check", str(config)]) == 0
-    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "lora",
-                                  "fuse_qkv_projections": False}))
-    assert main(["config", "check", str(config)]) == 0
 
 
 @pytest.mark.slow

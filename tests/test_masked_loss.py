@@ -173,3 +173,73 @@ def test_mask_dataset_that_no_image_dataset_names_is_refused(tmp_path: Path, tin
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "'masks'" in err and "conditioning_type='mask'" in err and "conditioning_data" in err
+
+
+def test_masked_loss_probability_applies_each_samples_mask_by_chance(tmp_path: Path, tiny_model) -> None:
+    """masked_loss_probability p: each sample of a batch keeps its mask with chance p, else weighs 1 everywhere;
+    the draw is per sample (a batch can mix both) and follows the batch's seed."""
+    import random
+
+    from train_helpers import prepared_data
+
+    config = _masked_run(tmp_path, tiny_model("sd1x"), masked_loss_probability=0.5)
+    data, family, components, sampler = prepared_data(config)
+    assert data.mask_probability == 0.5
+    kept = dropped = mixed = 0
+    for seed in range(60):
+        refs = next(sampler)
+        batch = data.batch(refs, family, components, random.Random(seed))
+        again = data.batch(refs, family, components, random.Random(seed))
+        assert torch.equal(batch["loss_mask"], again["loss_mask"])  # the same seed, the same choice
+        data.mask_probability = 1.0
+        masks = data.batch(refs, family, components, random.Random(seed))["loss_mask"]
+        data.mask_probability = 0.0
+        assert torch.equal(data.batch(refs, family, components, random.Random(seed))["loss_mask"],
+                           torch.ones_like(masks))
+        data.mask_probability = 0.5
+        assert not torch.equal(masks, torch.ones_like(masks))  # half of every mask is black
+        rows = [torch.equal(row, mask) for row, mask in zip(batch["loss_mask"], masks)]
+        for row, applied in zip(batch["loss_mask"], rows):
+            assert applied or torch.equal(row, torch.ones_like(row))
+        kept += sum(rows)
+        dropped += len(rows) - sum(rows)
+        mixed += 0 < sum(rows) < len(rows)
+    data.close()
+    assert 0.3 < kept / (kept + dropped) < 0.7 and mixed > 0, (kept, dropped, mixed)
+
+
+@pytest.mark.slow
+def test_masked_loss_probability_zero_trains_as_without_masks(tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("sd1x")
+    plain = write_run(tmp_path / "plain", model, "sd1x", images=6, disable_validation=True, max_train_steps=3)
+    assert main(["train", str(plain)]) == 0
+    never = _masked_run(tmp_path / "never", model, black=True, max_train_steps=3, masked_loss_probability=0.0,
+                        dataset=tmp_path / "plain" / "dataset")
+    assert main(["train", str(never)]) == 0
+    assert metrics(tmp_path / "never" / "output") == metrics(tmp_path / "plain" / "output")
+
+
+@pytest.mark.slow
+def test_masked_loss_probability_run_resumes_exactly(tmp_path: Path, tiny_model) -> None:
+    model = tiny_model("sd1x")
+    straight = _masked_run(tmp_path / "straight", model, max_train_steps=4, checkpointing_steps=2,
+                           masked_loss_probability=0.5)
+    assert main(["train", str(straight)]) == 0
+    full = metrics(tmp_path / "straight" / "output")
+    resumed_root = tmp_path / "resumed"
+    resumed = _masked_run(resumed_root, model, max_train_steps=4, checkpointing_steps=2, masked_loss_probability=0.5,
+                          resume_from_checkpoint="latest", dataset=tmp_path / "straight" / "dataset",
+                          masks=tmp_path / "straight" / "masks")
+    shutil.copytree(tmp_path / "straight" / "output" / "checkpoints" / "step-000002",
+                    resumed_root / "output" / "checkpoints" / "step-000002")
+    assert main(["train", str(resumed)]) == 0
+    second = metrics(resumed_root / "output")
+    assert sorted(second) == [3, 4] and all(second[step] == full[step] for step in (3, 4)), (second, full)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_masked_loss_probability_outside_0_1_is_refused(tmp_path: Path, tiny_model, capsys, value: float) -> None:
+    config = _masked_run(tmp_path, tiny_model("sd1x"), masked_loss_probability=value)
+    assert main(["config", "check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "masked_loss_probability" in err

@@ -94,11 +94,11 @@ def test_full_text_encoder_training_exports_it_and_resumes_exactly(tmp_path: Pat
     assert torch.equal(_prompt_embeds(again), _prompt_embeds(trained))
 
 
-def test_kolors_text_encoder_training_is_refused_by_name(tmp_path: Path, tiny_model, capsys) -> None:
+def test_kolors_text_encoder_lora_in_the_ui_file_is_refused_naming_both(tmp_path: Path, tiny_model, capsys) -> None:
     config = write_run(tmp_path, tiny_model("kolors"), "kolors", resolution=64, train_text_encoder=True)
-    assert main(["train", str(config)]) == 2
+    assert main(["train", str(config)]) == 2  # the default lora_format writes the UI file too
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "train_text_encoder" in err and "'kolors'" in err
+    assert "Traceback" not in err and "train_text_encoder" in err and "'kolors'" in err and "lora_format" in err
 
 
 @pytest.mark.parametrize("strategy,frozen", [("before", {0}), ("after", {2, 3}), ("outside", {1}),

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.models.base import Components, ModelFamily
     from simpletuner.train.trackers import Tracker
+    from simpletuner.validate_chain import StageChain
 
 logger = get_logger(__name__)
 
@@ -43,6 +44,7 @@ class ValidationPlan:
     prompts: dict[str, str]  # name -> prompt
     resolutions: list[tuple[int, int]]  # (width, height)
     seed: int
+    chain: StageChain | None = None  # the other stage of a two-expert validation (validate_chain)
     controls: tuple[ControlInput, ...] = ()  # validation_conditioning_images
     eval_images: int = 0  # num_eval_images of a ControlNet run: control images drawn from its datasets
 
@@ -88,14 +90,16 @@ def validation_plan(cfg: TrainingConfig, family: ModelFamily) -> ValidationPlan 
     if cfg.validation_guidance_skip_layers and not family.skip_layer_guidance:
         logger.warning("validation_guidance_skip_layers is ignored for model_family %r: its pipeline has no "
                        "skip-layer guidance (SimpleTuner drops it too)", cfg.model_family)
+    from simpletuner.validate_chain import StageChain
+
     text = cfg.validation_resolution or str(family.default_resolution(cfg))
     if (cfg.validation_conditioning_images or cfg.num_eval_images) and not cfg.controlnet:
         logger.warning("validation_conditioning_images and num_eval_images are read by ControlNet validation only "
                        "(controlnet=true); ignored")
     controls = tuple(control_file(path) for path in cfg.validation_conditioning_images or ()) \
         if cfg.controlnet else ()
-    return ValidationPlan(prompts, parse_resolutions(text, family.alignment), cfg.validation_seed, controls,
-                          (cfg.num_eval_images or 0) if cfg.controlnet else 0)
+    return ValidationPlan(prompts, parse_resolutions(text, family.alignment), cfg.validation_seed,
+                          StageChain.from_config(cfg), controls, (cfg.num_eval_images or 0) if cfg.controlnet else 0)
 
 
 def control_file(path: str) -> ControlInput:
@@ -132,28 +136,34 @@ def run_validation(plan: ValidationPlan, family: ModelFamily, components: Compon
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = family.pipeline(components)
     pipeline.set_progress_bar_config(disable=True)
-    device = next(family.denoiser(components).parameters()).device
+    weights = next(family.denoiser(components).parameters())
     if controls:
-        written, logged = _sample_controls(plan, family, pipeline, components, cfg, folder, device, controls)
+        written, logged = _sample_controls(plan, family, pipeline, components, cfg, folder, weights, controls)
     else:
-        written, logged = _sample_sizes(plan, family, pipeline, components, cfg, folder, device, init_images)
+        written, logged = _sample_sizes(plan, family, pipeline, components, cfg, folder, weights, init_images)
+    if plan.chain is not None:
+        plan.chain.park()
     if tracker is not None:
         tracker.log_images(logged, step)
-    logger.info("validation step %d: %d images in %s (on %s)", step, len(written), folder, device)
+    logger.info("validation step %d: %d images in %s (on %s)", step, len(written), folder, weights.device)
     return written
 
 
 def _sample(family: ModelFamily, pipeline: Any, components: Components, cfg: TrainingConfig, plan: ValidationPlan,
-            prompt: str, size: tuple[int, int], device: Any, init_image: Any) -> list[Any]:
+            prompt: str, size: tuple[int, int], weights: Any, init_image: Any) -> list[Any]:
+    """One prompt at one size (through the other expert too, with a chain); `weights`: a denoiser parameter."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(plan.seed)
-    with torch.no_grad(), _autocast_if_mixed(components, device):
+    with torch.no_grad(), _autocast_if_mixed(components, weights.device):
+        if plan.chain is not None:
+            return plan.chain.sample(pipeline, cfg, prompt, size[0], size[1], generator, weights.device,
+                                     weights.dtype)
         return family.sample_images(pipeline, cfg, prompt, size[0], size[1], generator, init_image)
 
 
 def _sample_controls(plan: ValidationPlan, family: ModelFamily, pipeline: Any, components: Components,
-                     cfg: TrainingConfig, folder: Path, device: Any, controls: list[ControlInput]
+                     cfg: TrainingConfig, folder: Path, weights: Any, controls: list[ControlInput]
                      ) -> tuple[list[Path], dict[str, list[Any]]]:
     """Every prompt from every control image; each result saved beside its control image; a grid per prompt."""
     from PIL import ImageOps
@@ -167,7 +177,7 @@ def _sample_controls(plan: ValidationPlan, family: ModelFamily, pipeline: Any, c
                 image = control.image if control.image.size == size else ImageOps.fit(control.image, size)
                 stem = f"{name}-{size[0]}x{size[1]}-{control.tag}"
                 image.save(folder / f"{stem}-control.png")
-                images = _sample(family, pipeline, components, cfg, plan, prompt, size, device, image)
+                images = _sample(family, pipeline, components, cfg, plan, prompt, size, weights, image)
                 for index, result in enumerate(images):
                     path = folder / f"{stem}-{index}.png"
                     result.save(path)
@@ -191,13 +201,13 @@ def image_grid(rows: list[list[Any]]) -> Any:
 
 
 def _sample_sizes(plan: ValidationPlan, family: ModelFamily, pipeline: Any, components: Components,
-                  cfg: TrainingConfig, folder: Path, device: Any, init_images: dict[tuple[int, int], Any] | None
+                  cfg: TrainingConfig, folder: Path, weights: Any, init_images: dict[tuple[int, int], Any] | None
                   ) -> tuple[list[Path], dict[str, list[Any]]]:
     written: list[Path] = []
     logged: dict[str, list[Any]] = {}
     for name, prompt in plan.prompts.items():
         for width, height in plan.resolutions:
-            images = _sample(family, pipeline, components, cfg, plan, prompt, (width, height), device,
+            images = _sample(family, pipeline, components, cfg, plan, prompt, (width, height), weights,
                              (init_images or {}).get((width, height)))
             for index, image in enumerate(images):
                 path = folder / f"{name}-{width}x{height}-{index}.png"

@@ -91,7 +91,6 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
     **_group("one conditioning dataset is paired with each image dataset; combined sampling is not built",
              {"conditioning_multidataset_sampling": "random"}),
     **_group("huber_c is constant over timesteps", {"huber_schedule": "constant"}),
-    **_group("masked loss applies every mask (a probability is not built)", {"masked_loss_probability": 1.0}),
     **_group("set prevent_upscaling on a dataset", {"max_upscale_threshold": None}),
     **_group("set repeats on the dataset", {"allow_dataset_oversubscription": None}),
     **_group("flow-matching timesteps are sampled from the flow_* schedules", {"flow_custom_timesteps": None}),

@@ -178,6 +178,8 @@ class DatasetConfig(StrictModel):
                                                  "many steps.")
     is_regularisation_data: bool = Field(False, description="Prior-preservation images: their target is the base "
                                          "model's own prediction, the adapter switched off (model_type lora).")
+    is_class_data: bool = Field(False, description="Class images of classic DreamBooth prior preservation: their "
+                                "loss is weighted by prior_loss_weight (diffusers' train_dreambooth class images).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
                                                              "images (controlnet=true; a local, S3 or Hugging Face "
@@ -209,6 +211,10 @@ class DatasetConfig(StrictModel):
     def _check_location(self) -> "DatasetConfig":
         if self.disabled or self.dataset_type == "text_embeds":
             return self
+        if self.is_class_data and self.is_regularisation_data:
+            raise ValueError(f"dataset {self.id!r}: is_class_data (class images, their loss weighted by "
+                             "prior_loss_weight) cannot be combined with is_regularisation_data (the base model's "
+                             "prediction as the target); set one of the two")
         if self.type == "local" and not self.instance_data_dir:
             raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
@@ -335,7 +341,8 @@ class TrainingConfig(StrictModel):
                                                       "(default: initialised from the base model).")
     layer_freeze_strategy: Literal["none", "bitfit"] = Field("none", description="bitfit: train only the biases "
                                                              "(model_type=full).")
-    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL).")
+    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (SD 1.x/2.x, SDXL; Kolors' "
+                                     "ChatGLM, with lora_format=diffusers for a LoRA).")
     text_encoder_lr: float | None = Field(None, gt=0, description="Learning rate of the text encoder(s); default: "
                                           "learning_rate.")
     freeze_encoder: bool = Field(True, description="With train_text_encoder: freeze the text encoders' layers that "
@@ -429,11 +436,12 @@ class TrainingConfig(StrictModel):
     attention_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
         "auto", description="The SDPA kernel of the training step; auto lets PyTorch choose (flash where the "
         "inputs allow). cudnn and efficient need CUDA.")
-    fuse_qkv_projections: bool = Field(False, description="Full training: one fused matmul per attention layer for "
-                                       "its query, key and value projections (diffusers' fusion; not DeepFloyd). "
-                                       "The saved model keeps diffusers' usual separate projections. Not with "
-                                       "LoRA/LyCORIS: an adapter on the fused layer would share one down matrix "
-                                       "between q, k and v.")
+    fuse_qkv_projections: bool = Field(False, description="One fused matmul per attention layer for its query, "
+                                       "key and value projections (diffusers' fusion; not DeepFloyd). The saved "
+                                       "model keeps diffusers' usual separate projections. With a LoRA, the adapter "
+                                       "sits on the fused layer (one down matrix shared by q, k and v) and is saved "
+                                       "split into the usual q, k and v LoRAs, applying the same delta. Not with "
+                                       "LyCORIS, init_lora, a ControlNet's adapter or a quantised base.")
     # sharded training (config/sharding.py)
     fsdp_enable: bool = Field(False, description="Shard a full fine-tune's weights, gradients and optimiser state "
                               "over the processes with PyTorch FSDP2, through accelerate. Not with deepspeed_config.")
@@ -468,6 +476,12 @@ class TrainingConfig(StrictModel):
     prediction_type: Literal["epsilon", "v_prediction", "sample", "flow_matching"] | None = Field(
         None, description="Override the model's own prediction type.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5 is usual).")
+    masked_loss_probability: float = Field(1.0, ge=0, le=1, description="Masked loss: each sample's mask is "
+                                           "applied with this probability; otherwise the sample trains on all its "
+                                           "pixels.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the loss of class images (datasets with "
+                                     "is_class_data): instance loss + prior_loss_weight * class loss, as diffusers' "
+                                     "train_dreambooth computes it.")
     noise_offset: float = Field(0.0, ge=0, description="Noise offset strength.")
     noise_offset_probability: float = Field(0.25, ge=0, le=1, description="Share of steps with noise offset.")
     input_perturbation: float = Field(0.0, ge=0, description="Input perturbation strength.")
@@ -492,6 +506,16 @@ class TrainingConfig(StrictModel):
                                              "the refiner learns (0.2: timesteps 199-0; flow matching: sigmas up to 0.2); in (0, 1).")
     refiner_training_invert_schedule: bool = Field(False, description="Learn the other part of the schedule (the "
                                                    "base model of an expert pair).")
+    validation_base_model: str | None = Field(None, description="First-stage pipeline (folder or Hub id) that "
+                                              "validation runs before the trained second stage (refiner_training): "
+                                              "it denoises to 1 - refiner_training_strength of the schedule "
+                                              "(diffusers' denoising_end), the trained model from there. SDXL, "
+                                              "Kolors.")
+    validation_refiner_model: str | None = Field(None, description="Second-stage pipeline (folder or Hub id, e.g. "
+                                                 "the SDXL refiner) that finishes the trained model's validation "
+                                                 "images: the trained model denoises to 1 - "
+                                                 "refiner_training_strength of the schedule, this one from there "
+                                                 "(diffusers' denoising_start). SDXL, Kolors.")
     data_aesthetic_score: float = Field(7.0, description="Aesthetic score given to the SDXL refiner's conditioning.")
     flow_sigmoid_scale: float = Field(1.0, gt=0, description="Flow matching: scale of logit-normal (sigmoid) "
                                       "timestep sampling.")
@@ -645,12 +669,20 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _fusion_trains_the_full_model(self) -> "TrainingConfig":
-        if self.fuse_qkv_projections and trains_adapter(self):
-            raise ValueError(f"fuse_qkv_projections=true needs model_type 'full' (got {self.model_type!r}): peft and "
-                             "LyCORIS adapters on to_q/to_k/to_v would sit on layers the fused attention never calls, "
-                             "and one adapter on the fused layer shares its down matrix between q, k and v, so the "
-                             "LoRA would differ from the one trained unfused; set fuse_qkv_projections=false")
+    def _fusion_trains_the_full_model_or_a_lora(self) -> "TrainingConfig":
+        if not self.fuse_qkv_projections or not trains_adapter(self):
+            return self
+        refused = [(self.lora_type == "lycoris", "lora_type 'lycoris' (its factors do not split back into the q, k "
+                    "and v adapters)"),
+                   (bool(self.init_lora), "init_lora (a file of separate q, k and v adapters does not load onto "
+                    "the fused layers)"),
+                   (self.controlnet, "controlnet (its adapter trains the ControlNet, which is not fused)"),
+                   (self.base_model_precision != "no_change", f"base_model_precision {self.base_model_precision!r} "
+                    "(diffusers fuses plain weights only)")]
+        for hit, what in refused:
+            if hit:
+                raise ValueError(f"fuse_qkv_projections=true with model_type {self.model_type!r} cannot be combined "
+                                 f"with {what}; set fuse_qkv_projections=false")
         return self
 
     @model_validator(mode="after")
@@ -666,6 +698,25 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"train_text_encoder=true cannot be combined with model_family {self.model_family!r}: "
                              "its T5-XXL text encoder is too large to train (SimpleTuner trains text encoders for "
                              "SD 1.x/2.x and SDXL only); remove train_text_encoder")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_chain(self) -> "TrainingConfig":
+        from simpletuner.config.experts import chain_problem
+
+        problem = chain_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _kolors_text_encoder_lora_format(self) -> "TrainingConfig":
+        if (self.model_family == "kolors" and self.train_text_encoder and trains_adapter(self)
+                and "comfyui" in self.lora_format):
+            raise ValueError("train_text_encoder=true with model_family 'kolors' trains a LoRA on ChatGLM, which "
+                             "the UI LoRA file (lora_format comfyui) has no key names for (ComfyUI and A1111 load "
+                             "Kolors LoRAs for the UNet only); set lora_format=diffusers (diffusers' KolorsPipeline "
+                             "loads the ChatGLM LoRA) or remove train_text_encoder")
         return self
 
     @model_validator(mode="after")

@@ -172,6 +172,8 @@ class ModelFamily(ABC):
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = ()
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")  # module classes LyCORIS adapts
+    # what a text encoder's LoRA adapts (train_text_encoder): CLIP's attention, as diffusers' examples adapt
+    text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     t5_component: ClassVar[str | None] = None  # the T5 encoder that pretrained_t5_model_name_or_path replaces
     skip_layer_guidance: ClassVar[bool] = False  # its pipeline takes skip-layer guidance (validation_guidance_skip_*)
     modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id

@@ -34,6 +34,7 @@ class KolorsFamily(SDXLFamily):
     modelspec_architecture: ClassVar[str] = "kolors"
     controlnet_loader: ClassVar[str | None] = None  # diffusers has no Kolors ControlNet pipeline
     text_max_length: ClassVar[int] = 256
+    text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("query_key_value", "dense")  # ChatGLM's attention
     pipeline_classes: ClassVar[tuple[str, ...]] = ("KolorsPipeline",)
     component_specs: ClassVar[tuple[ComponentSpec, ...]] = (
         ComponentSpec("unet", "diffusers:UNet2DConditionModel"),
@@ -53,11 +54,11 @@ class KolorsFamily(SDXLFamily):
         return settings
 
     def trainable_text_encoders(self, components: Components) -> list[str]:
-        return []  # ChatGLM-6B: too large to train beside the UNet here
+        return ["text_encoder"]  # ChatGLM3-6B: LoRA on its attention, or full where memory allows
 
-    @torch.no_grad()
     def text_outputs(self, components: Components, captions: Sequence[str]) -> dict[str, Tensor]:
-        """{"prompt_embeds": [B, L, 4096], "pooled_prompt_embeds": [B, 4096]} (tiny model: 64 wide)."""
+        """{"prompt_embeds": [B, L, 4096], "pooled_prompt_embeds": [B, 4096]} (tiny model: 64 wide); differentiable
+        (the caller chooses no_grad, or trains the text encoder)."""
         encoder = components["text_encoder"]
         tokens = components["tokenizer"](list(captions), padding="max_length", truncation=True, return_tensors="pt",
                                          max_length=components.settings["text_max_length"]).to(encoder.device)

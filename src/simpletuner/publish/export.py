@@ -162,9 +162,12 @@ def trained_lora(family: ModelFamily, components: Components, trained: Trained,
     """The run's LoRA (the denoiser's adapter, and the text encoders' where they train) as the input of every
     LoRA writer."""
     from simpletuner.train.adapters import TrainedLora
+    from simpletuner.train.fusion import fused_part_rows, split_fused_lora
 
-    return TrainedLora.from_models(components.pipeline_class,
+    lora = TrainedLora.from_models(components.pipeline_class,
                                    {family.denoiser_name(): trained.model, **trained.text_encoders}, metadata)
+    rows = fused_part_rows(trained.model)  # fuse_qkv_projections: written as the separate projections' LoRAs
+    return split_fused_lora(lora, family.denoiser_name(), rows) if rows else lora
 
 
 def export_model(family: ModelFamily, components: Components, trained: Trained, cfg: Any,

@@ -2,7 +2,8 @@
 
 - diffusers: `pytorch_lora_weights.safetensors`, peft's names under the pipeline component's prefix
   (`unet.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector` for DoRA; a text encoder's
-  DoRA magnitudes as `.lora_magnitude_vector.weight`, see `MAGNITUDE`), one key style in the whole file;
+  DoRA magnitudes as `.lora_magnitude_vector.weight`, see `MAGNITUDE`; a text encoder other than CLIP in
+  diffusers' `.lora_linear_layer.down/up` names, see `_file_names`), one key style per component;
   rank, alpha and DoRA in the `lora_adapter_metadata` header entry, from which the pipeline's
   `load_lora_weights` builds the adapter.
 - peft: an adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that
@@ -31,16 +32,28 @@ MAGNITUDE = ".lora_magnitude_vector"
 # diffusers loads a text encoder's LoRA through transformers' `load_adapter`, which takes a DoRA magnitude only
 # as `<module>.lora_magnitude_vector.weight`: under peft's name it is reported missing and left untrained.
 TEXT_ENCODER_PREFIX = "text_encoder"
+CLIP_TEXT_MODULES = (".q_proj", ".k_proj", ".v_proj", ".out_proj")  # diffusers' PEFT_TO_DIFFUSERS names
 
 
 def _file_names(component: str, layers: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`layers` (peft's names) as the diffusers file names them for `component`."""
+    """`layers` (peft's names) as the diffusers file names them for `component`.
+
+    diffusers' text-encoder loader recognises peft's names only on CLIP's attention modules
+    (`CLIP_TEXT_MODULES`); a text encoder with other modules (Kolors' ChatGLM: query_key_value, dense)
+    is written in diffusers' own `lora_linear_layer.down` / `.up` names, which it maps back to peft's.
+    """
     if not component.startswith(TEXT_ENCODER_PREFIX):
         return dict(layers)
-    return {f"{key}.weight" if key.endswith(MAGNITUDE) else key: value for key, value in layers.items()}
+    renamed = {f"{key}.weight" if key.endswith(MAGNITUDE) else key: value for key, value in layers.items()}
+    modules = {key.rsplit(".lora_", 1)[0] for key in layers}
+    if all(module.endswith(CLIP_TEXT_MODULES) for module in modules):
+        return renamed
+    return {key.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): value
+            for key, value in renamed.items()}
 
 
 def _peft_name(key: str) -> str:
+    key = key.replace(".lora_linear_layer.down.", ".lora_A.").replace(".lora_linear_layer.up.", ".lora_B.")
     return key.removesuffix(".weight") if key.endswith(f"{MAGNITUDE}.weight") else key
 
 

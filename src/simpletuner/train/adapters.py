@@ -102,13 +102,15 @@ def prepare_trainable(
     *,
     prefix: str | None = "unet",
     lycoris_targets: Sequence[str] = DEFAULT_LYCORIS_TARGETS,
+    exclude_modules: Sequence[str] = (),
 ) -> Trained:
     """Make `model` train as `cfg` says (model_type, lora_type, lora_*, init_lora, lycoris_config).
 
     `target_modules`: peft target module names for standard LoRA (the family's preset);
     `prefix`: the component's key prefix in LoRA files (unet, transformer, text_encoder), used
     to pick its weights from an init_lora file; `lycoris_targets`: module class names LyCORIS
-    adapts when lycoris_config has no apply_preset.
+    adapts when lycoris_config has no apply_preset; `exclude_modules`: module paths the LoRA leaves out
+    although a target names them (fuse_qkv_projections: the projections the fused layers hold).
     """
     if "lora" not in cfg.model_type:
         if getattr(cfg, "layer_freeze_strategy", "none") == "bitfit":
@@ -125,7 +127,7 @@ def prepare_trainable(
             load_lycoris_weights(network, cfg.init_lora)
         return Trained("lycoris", model, network)
     apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_dora=cfg.use_dora,
-               target_modules=target_modules, init=cfg.lora_init_type)
+               target_modules=target_modules, init=cfg.lora_init_type, exclude_modules=exclude_modules)
     if cfg.init_lora:
         load_lora_into(model, cfg.init_lora, prefix=prefix)
     return Trained("lora", model, model)
@@ -146,12 +148,13 @@ def freeze_all_but_biases(model: nn.Module) -> nn.Module:
 
 
 def lora_config(*, rank: int, alpha: float | None = None, dropout: float = 0.0, use_dora: bool = False,
-                target_modules: Sequence[str], init: str = "default") -> Any:
+                target_modules: Sequence[str], init: str = "default", exclude_modules: Sequence[str] = ()) -> Any:
     """The peft LoraConfig of a run's LoRA (alpha defaults to the rank: scale 1)."""
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                       use_dora=use_dora, target_modules=list(target_modules),
+                      exclude_modules=list(exclude_modules) or None,
                       init_lora_weights=True if init == "default" else init)
 
 
@@ -164,12 +167,14 @@ def apply_lora(
     use_dora: bool = False,
     target_modules: Sequence[str],
     init: str = "default",
+    exclude_modules: Sequence[str] = (),
 ) -> nn.Module:
-    """Freeze `model` and add a peft LoRA adapter ("default") to the named modules; return `model`."""
+    """Freeze `model` and add a peft LoRA adapter ("default") to the named modules (less `exclude_modules`);
+    return `model`."""
     if not target_modules:
         raise ConfigError("LoRA needs target modules; the model family gave none")
     config = lora_config(rank=rank, alpha=alpha, dropout=dropout, use_dora=use_dora,
-                         target_modules=target_modules, init=init)
+                         target_modules=target_modules, init=init, exclude_modules=exclude_modules)
     add_lora_adapter(model, config)
     return model
 

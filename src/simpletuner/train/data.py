@@ -84,6 +84,7 @@ class DatasetData:
     control: ControlData | None = None  # ControlNet runs: each image's control image (train.conditioning)
     masks: dict[int, MaskItem] = field(default_factory=dict)  # record index -> its loss mask (masked loss)
     regularisation: bool = False  # is_regularisation_data: the base model's predictions are the targets
+    class_images: bool = False  # is_class_data: DreamBooth class images, their loss weighted by prior_loss_weight
     epoch_failures: dict[str, Failure] = field(default_factory=dict)  # key -> why a later epoch's load failed
 
     def latent_entries(self, refs: Sequence[SampleRef]) -> list[dict[str, torch.Tensor] | None]:
@@ -156,6 +157,7 @@ class TrainingData:
     scan_report: str
     skipped: list[SkippedEntry] = field(default_factory=list)
     report_path: str | None = None  # where skipped entries are appended (see `open_report`)
+    mask_probability: float = 1.0  # masked_loss_probability: the chance that a sample's mask is applied
     _writes_shared: bool = True
 
     @classmethod
@@ -210,6 +212,7 @@ class TrainingData:
                 read_source=storage.source_reader() if hf else None,
                 sequential=hf and storage.sequential,
                 regularisation=dataset.is_regularisation_data,
+                class_images=dataset.is_class_data,
             )
             if dataset.id in partners:
                 from simpletuner.train.conditioning import control_data, control_identity
@@ -223,7 +226,8 @@ class TrainingData:
         _attach_masks(settings, scans, prepared, family.vae_scale_factor(components))
         if not prepared:
             raise DataError("no image dataset is enabled: add an entry with dataset_type 'image' to the dataset file")
-        return cls(prepared, vae_id, text_id, report.getvalue(), skipped)
+        return cls(prepared, vae_id, text_id, report.getvalue(), skipped,
+                   mask_probability=settings.training.masked_loss_probability)
 
     # ---------------------------------------------------------------- the run's report
     def open_report(self, path: str, start: bool = True) -> None:
@@ -358,7 +362,8 @@ class TrainingData:
     def batch(self, refs: Sequence[SampleRef], family: ModelFamily, components: Components,
               caption_rng: random.Random, refill: Iterator[Sequence[SampleRef]] | None = None) -> dict[str, Any]:
         """Cached entries of one sampler batch, stacked: latent distribution, text outputs, conditioning,
-        the chosen captions, and where the datasets ask for them regularisation flags and loss masks.
+        the chosen captions, and where the datasets ask for them regularisation and class-image flags and loss
+        masks.
 
         A sample whose image fails to load (on-demand caching) is left out of the batch and
         reported; when every sample of a batch fails, the next one is drawn from `refill`.
@@ -385,12 +390,15 @@ class TrainingData:
             batch.update(_stack_entries(conditioning))
         if any(self.datasets[ref.dataset_id].regularisation for ref in usable):
             batch["regularisation"] = [self.datasets[ref.dataset_id].regularisation for ref in usable]
+        if any(self.datasets[ref.dataset_id].class_images for ref in usable):
+            batch["class_data"] = [self.datasets[ref.dataset_id].class_images for ref in usable]
         if any(self.datasets[ref.dataset_id].masks for ref in usable):
-            batch["loss_mask"] = self._masks(usable, batch["latent_mean"])
+            batch["loss_mask"] = self._masks(usable, batch["latent_mean"], caption_rng)
         return batch
 
-    def _masks(self, refs: Sequence[SampleRef], means: torch.Tensor) -> torch.Tensor:
-        """[B, 1, h, w] loss weights of a batch (masked loss); 1 where an image has no mask."""
+    def _masks(self, refs: Sequence[SampleRef], means: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """[B, 1, h, w] loss weights of a batch (masked loss); 1 where an image has no mask, or where its mask
+        is left out this time (masked_loss_probability, one draw from `rng` per sample)."""
         from simpletuner.train.masks import batch_masks
 
         entries = []
@@ -398,6 +406,8 @@ class TrainingData:
             data = self.datasets[ref.dataset_id]
             item = data.masks.get(ref.record)
             entries.append(None if item is None else data.latent_store.get(item.key))
+        if self.mask_probability < 1:
+            entries = [entry if rng.random() < self.mask_probability else None for entry in entries]
         return batch_masks(entries, means)
 
     def entries(self, refs: Sequence[SampleRef]) -> tuple[list[SampleRef], list[dict[str, torch.Tensor]]]:

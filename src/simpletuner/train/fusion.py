@@ -9,19 +9,27 @@ checkpoint loading all write in place), and do not train themselves. `unfuse_qkv
 gives them their own copy again and removes the fused layers, so the model saves with
 diffusers' usual keys.
 
-Full training only: a LoRA placed on the fused layer would share one down matrix
-between q, k and v, another adapter than the separate ones trained without fusion,
-and adapters on to_q/to_k/to_v would sit on layers the fused forward never calls
-(the configuration refuses the combination).
+With a LoRA (peft, `model_type` lora), the model is fused before the adapter is added: the adapter sits
+on each fused layer (`fused_adapter_targets`: the preset's projections are left out, the fused layers
+they make up are named instead), so one down matrix A serves q, k and v and the up matrix B stacks
+their rows. Its delta B @ A is, row block by row block, the deltas B_q @ A, B_k @ A, B_v @ A:
+`split_fused_lora` writes it as three LoRAs with diffusers' usual names, which apply exactly the
+delta trained (DoRA's magnitude, a per-row scale, splits the same way). LyCORIS is refused: its
+Kronecker factors do not split by rows in general.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from simpletuner.errors import UserError
+
+if TYPE_CHECKING:
+    from simpletuner.train.adapters import TrainedLora
 
 # fused layer -> the projections it concatenates, in order
 FUSED_PARTS: dict[str, tuple[str, ...]] = {
@@ -98,3 +106,88 @@ def _share_rows(fused: nn.Linear, parts: Sequence[nn.Linear]) -> None:
             part.bias.data = fused.bias.data[rows]
             part.bias.requires_grad_(False)
         start += part.out_features
+
+
+# ------------------------------------------------------------------------------- LoRA on fused layers
+def fused_adapter_targets(model: nn.Module, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """peft's target and excluded modules for a LoRA on the fused `model`.
+
+    Each fused layer all of whose projections the preset names is targeted (by its path); the
+    projections it holds, which the fused attention never calls, are excluded. Raises UserError when a
+    preset names only some projections of a fused layer (the fused adapter would change the others).
+    """
+    added, excluded = [], []
+    for path, fused_name, parts in _fused_names(model):
+        named = [part for part in parts if _targeted(f"{path}.{part}", targets)]
+        excluded += [f"{path}.{part}" for part in parts]
+        if named and len(named) < len(parts):
+            raise UserError(f"fuse_qkv_projections=true: the LoRA targets {sorted(targets)} name {', '.join(named)} "
+                            f"but not all of {', '.join(parts)}, which {path}.{fused_name} computes in one matmul; "
+                            "choose a preset with all of them, or set fuse_qkv_projections=false")
+        if named:
+            added.append(f"{path}.{fused_name}")
+    return [*targets, *added], excluded
+
+
+def fused_part_rows(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """Path of each fused layer -> the path and row count of each projection it holds, in order."""
+    return {f"{path}.{fused_name}": [(f"{path}.{part}", model.get_submodule(f"{path}.{part}").out_features)
+                                     for part in parts]
+            for path, fused_name, parts in _fused_names(model)}
+
+
+def split_fused_lora(lora: TrainedLora, component: str, rows: Mapping[str, Sequence[tuple[str, int]]]) -> TrainedLora:
+    """The LoRA of `component` with each fused layer's adapter split into its projections' adapters.
+
+    A is shared; B, DoRA's magnitude and the frozen base weight (for formats that need it) split by rows.
+    The configuration names the preset's modules again, as a LoRA trained unfused.
+    """
+    layers: dict[str, Any] = {}
+    for key, value in lora.layers[component].items():
+        module, _, kind = key.partition(".lora_")
+        if module not in rows:
+            layers[key] = value
+            continue
+        start = 0
+        for part, count in rows[module]:
+            if kind.startswith("A."):
+                layers[f"{part}.lora_{kind}"] = value.clone()
+            else:  # B's rows, the magnitude's entries
+                layers[f"{part}.lora_{kind}"] = value[start:start + count].clone()
+            start += count
+    config = dict(lora.configs[component])
+    config["target_modules"] = sorted(t for t in config.get("target_modules") or ()
+                                      if t.rsplit(".", 1)[-1] not in FUSED_PARTS)
+    config["exclude_modules"] = None
+    bases = dict(lora.base_weights)
+    if component in bases:
+        bases[component] = _split_rows(bases[component], rows)
+    return replace(lora, layers={**lora.layers, component: layers}, configs={**lora.configs, component: config},
+                   base_weights=bases)
+
+
+def _split_rows(weights: Mapping[str, Any], rows: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
+    split: dict[str, Any] = {}
+    for module, weight in weights.items():
+        if module not in rows:
+            split[module] = weight
+            continue
+        start = 0
+        for part, count in rows[module]:
+            split[part] = weight[start:start + count]
+            start += count
+    return split
+
+
+def _fused_names(model: nn.Module):
+    """(module path, fused layer name, its projections) for every fused layer, adapted or not."""
+    for path, module in model.named_modules():
+        for fused_name, parts in FUSED_PARTS.items():
+            if isinstance(getattr(module, fused_name, None), nn.Module) and all(
+                    isinstance(getattr(module, part, None), nn.Linear) for part in parts):
+                yield path, fused_name, parts
+
+
+def _targeted(path: str, targets: Sequence[str]) -> bool:
+    """peft's rule for a list of target names: the path is one, or ends with one on a dot boundary."""
+    return any(path == target or path.endswith(f".{target}") for target in targets)

@@ -12,7 +12,7 @@ Conventions: `alphas_cumprod` is the DDPM cumulative product of (1 - beta) over
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -355,7 +355,8 @@ class Objective:
 
 def training_loss(family: ModelFamily, components: Components, objective: TrainingObjective,
                   batch: Mapping[str, Any], draw: NoiseDraw,
-                  base_model: Callable[[], ContextManager[Any]] | None = None) -> Tensor:
+                  base_model: Callable[[], ContextManager[Any]] | None = None, *,
+                  prior_loss_weight: float = 1.0) -> Tensor:
     """The loss of one training step.
 
     `batch["latents"]` are model-space latents (already drawn and scaled, see
@@ -368,6 +369,8 @@ def training_loss(family: ModelFamily, components: Components, objective: Traini
     With a ControlNet in the components, the prediction is the frozen denoiser's steered by it
     through `batch["control"]` (models.controlnet); a regularisation sample's target is then the prediction
     steered by the ControlNet without its adapter.
+    `batch["class_data"]` (a list of bools), when present, marks DreamBooth class images: the loss is then
+    the instance samples' loss plus `prior_loss_weight` times the class samples' loss (`prior_preservation_loss`).
     """
     latents = batch["latents"]
     noisy = objective.noisy_latents(latents, draw)
@@ -383,4 +386,29 @@ def training_loss(family: ModelFamily, components: Components, objective: Traini
             base = predict(components, noisy, draw.timesteps, batch["text"], batch)
         chosen = torch.tensor(regularisation, device=target.device)
         target = select_per_sample(~chosen, target, base.to(target.dtype))
-    return objective.loss(prediction, target, draw.timesteps, batch.get("loss_mask"))
+    mask = batch.get("loss_mask")
+
+    def loss_of(chosen: Tensor | None) -> Tensor:
+        if chosen is None:
+            return objective.loss(prediction, target, draw.timesteps, mask)
+        return objective.loss(prediction[chosen], target[chosen], draw.timesteps[chosen],
+                              None if mask is None else mask[chosen])
+
+    return prior_preservation_loss(loss_of, batch.get("class_data"), prior_loss_weight, prediction.device)
+
+
+def prior_preservation_loss(loss_of: Callable[[Tensor | None], Tensor], class_data: Sequence[bool] | None,
+                            weight: float, device: torch.device) -> Tensor:
+    """DreamBooth's prior-preservation loss, as diffusers' train_dreambooth(_lora).py computes it: the loss of the
+    instance samples plus `weight` times the loss of the class samples, each averaged over its own samples.
+
+    `loss_of(chosen)` is the loss over the samples a boolean index picks (None: the whole batch). Without
+    class samples it is the plain loss; a batch of class samples only gives `weight` times their loss.
+    """
+    if class_data is None or not any(class_data):
+        return loss_of(None)
+    chosen = torch.tensor(list(class_data), dtype=torch.bool, device=device)
+    loss = weight * loss_of(chosen)
+    if not all(class_data):
+        loss = loss_of(~chosen) + loss
+    return loss

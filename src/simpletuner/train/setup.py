@@ -211,6 +211,7 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
                     resume_from: Path | None, processes: Processes, resumed_at: int = 0,
                     sharding: Sharding | None = None) -> Run:
+    from simpletuner.config.schema import trains_adapter
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
     from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
@@ -230,13 +231,21 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
 
         trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
         targets = controlnet_lora_targets(trains, targets)
+    fused_first = cfg.fuse_qkv_projections and trains_adapter(cfg)  # the LoRA goes on the fused layers
+    excluded: list[str] = []
+    if fused_first:
+        from simpletuner.train.fusion import fuse_qkv, fused_adapter_targets
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
+        targets, excluded = fused_adapter_targets(denoiser, targets)
     trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
-                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS))
+                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS),
+                                exclude_modules=excluded)
     trained.text_encoders = prepare_text_encoders(family, components, cfg)
     trained.module.to(accelerator.device)
     if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
         trained.cast_trainable(trained_weight_dtype(cfg))
-    if cfg.fuse_qkv_projections:
+    if cfg.fuse_qkv_projections and not fused_first:  # full training: fused after the weights are made trainable
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))

@@ -1,8 +1,9 @@
 """Text-encoder training (train_text_encoder): which encoders train, how, and their outputs in the step.
 
-SD 1.x/2.x and SDXL train their CLIP text encoders beside the UNet: with model_type
-lora each gets a peft LoRA on its attention projections (saved under `text_encoder.` /
-`text_encoder_2.` in the same LoRA file, which diffusers' `load_lora_weights` loads);
+SD 1.x/2.x and SDXL train their CLIP text encoders beside the UNet, Kolors its ChatGLM: with
+model_type lora each gets a peft LoRA on its attention projections (the family's
+`text_encoder_lora_targets`; saved under `text_encoder.` / `text_encoder_2.` in the same LoRA
+file, which diffusers' `load_lora_weights` loads);
 with model_type full the whole encoder trains and the exported pipeline holds it. While
 an encoder trains, its outputs are computed in each step from the batch's captions, so
 the text cache (made by the frozen encoder) is not read for it.
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
 
     from simpletuner.models.base import Components, ModelFamily
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention, as diffusers' examples adapt
-
 
 def prepare_text_encoders(family: ModelFamily, components: Components, cfg: Any) -> dict[str, nn.Module]:
     """Component name -> text encoder made trainable as cfg says; empty without train_text_encoder."""
@@ -31,7 +30,7 @@ def prepare_text_encoders(family: ModelFamily, components: Components, cfg: Any)
     names = family.trainable_text_encoders(components)
     if not names:
         raise ConfigError(f"train_text_encoder=true: model_family {cfg.model_family!r} does not train its text "
-                          "encoder in this version (SD 1.x/2.x and SDXL do); remove train_text_encoder")
+                          "encoder in this version (SD 1.x/2.x, SDXL and Kolors do); remove train_text_encoder")
     if "lora" in cfg.model_type and cfg.lora_type != "standard":
         raise ConfigError(f"train_text_encoder=true trains a peft LoRA on the text encoders, which lora_type "
                           f"{cfg.lora_type!r} cannot share; use lora_type 'standard' or remove train_text_encoder")
@@ -39,7 +38,7 @@ def prepare_text_encoders(family: ModelFamily, components: Components, cfg: Any)
     for name in names:
         encoder = components[name]
         if "lora" in cfg.model_type:
-            add_text_encoder_lora(encoder, cfg)
+            add_text_encoder_lora(encoder, cfg, family.text_encoder_lora_targets)
         else:
             encoder.requires_grad_(True)
         if cfg.freeze_encoder:
@@ -77,12 +76,13 @@ def freeze_layers(encoder: nn.Module, strategy: str, before: int, after: int) ->
     return frozen
 
 
-def add_text_encoder_lora(encoder: nn.Module, cfg: Any) -> None:
-    """A peft LoRA ("default") on the encoder's attention projections, with the UNet LoRA's settings."""
+def add_text_encoder_lora(encoder: nn.Module, cfg: Any, targets: Sequence[str]) -> None:
+    """A peft LoRA ("default") on the encoder's `targets` (its attention projections), with the UNet LoRA's
+    settings."""
     from simpletuner.train.adapters import apply_lora
 
     apply_lora(encoder, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, use_dora=cfg.use_dora,
-               target_modules=LORA_TARGETS, init=cfg.lora_init_type)
+               target_modules=targets, init=cfg.lora_init_type)
 
 
 def encode_in_step(family: ModelFamily, components: Components,

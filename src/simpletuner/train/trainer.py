@@ -222,7 +222,8 @@ def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], se
     batch["latents"], batch["text"] = latents, text
     batch = run.family.draw_conditioning(run.components, batch, generator)
     draw = run.objective.draw(latents, generator)
-    return training_loss(run.family, run.components, run.objective, batch, draw, run.trained.base_model)
+    return training_loss(run.family, run.components, run.objective, batch, draw, run.trained.base_model,
+                         prior_loss_weight=run.cfg.prior_loss_weight)
 
 
 def _to(value: Any, device: torch.device) -> Any:
