@@ -581,6 +581,49 @@ def test_comfyui_maps_every_key_of_the_exported_controlnet(tmp_path, tiny_model,
     assert any(key.startswith("label_emb.") for key in mapped.values()) == (kind == "sdxl")
 
 
+@pytest.mark.parametrize(("kind", "branch"), [("sd3", "mmdit"), ("flux", "flux_instantx")])
+def test_comfyui_loads_every_parameter_of_the_exported_sd3_and_flux_controlnets(tmp_path, tiny_model, kind, branch):
+    from comfy_controlnet_keys import comfy_transformer_controlnet_keys
+    from safetensors.torch import load_file
+
+    from simpletuner.publish.export import export_controlnet
+    from simpletuner.train.adapters import Trained
+
+    cfg = TrainingConfig(model_family=kind, pretrained_model_name_or_path=str(tiny_model(kind)), controlnet=True)
+    family = get_family(kind)
+    controlnet = attach_controlnet(family, family.load(cfg, DTypePolicy()), cfg)
+    export_controlnet(Trained("full", controlnet, controlnet), tmp_path, {})
+    state = load_file(str(tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert comfy_transformer_controlnet_keys(state) == (branch, [], [])
+    # the check sees a lost weight: without a block's projection ComfyUI leaves its parameter uninitialised
+    lost = next(key for key in state if key.endswith("attn.to_out.0.weight"))
+    found, missing, _ = comfy_transformer_controlnet_keys({k: v for k, v in state.items() if k != lost})
+    assert found == branch and len(missing) == 1 and missing[0].endswith(".weight")
+
+
+def test_comfyui_cannot_load_the_hunyuan_dit_controlnet_file_as_status_says(tmp_path, tiny_model):
+    from comfy_controlnet_keys import comfy_controlnet_loader
+    from safetensors.torch import load_file
+
+    from simpletuner.publish.export import export_controlnet
+    from simpletuner.train.adapters import Trained
+
+    cfg = TrainingConfig(model_family="hunyuan_dit", pretrained_model_name_or_path=str(tiny_model("hunyuan_dit")),
+                         controlnet=True)
+    family = get_family("hunyuan_dit")
+    controlnet = attach_controlnet(family, family.load(cfg, DTypePolicy()), cfg)
+    export_controlnet(Trained("full", controlnet, controlnet), tmp_path, {})
+    state = load_file(str(tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert "after_proj_list.18.bias" not in state  # not Tencent's format, which ComfyUI's Hunyuan-DiT loader reads
+    assert "controlnet_cond_embedding.conv_in.weight" not in state  # nor the diffusers UNet ControlNet format
+    assert comfy_controlnet_loader(state) == "none"  # no SD3/Flux/Qwen branch takes it either
+    # and the last resorts, the ldm ControlNet and the T2I-Adapter formats, need keys it lacks
+    assert not {"zero_convs.0.0.weight", "control_model.zero_convs.0.0.weight", "body.0.in_conv.weight",
+                "conv_in.weight", "backbone.0.0.weight", "backbone.10.blocks.0.weight"} & set(state)
+    status = (Path(__file__).parents[1] / "docs" / "STATUS.md").read_text()
+    assert "ComfyUI cannot load the Hunyuan-DiT ControlNet file" in status
+
+
 # ---------------------------------------------------------------- SD3: the ControlNet takes VAE latents
 def test_sd3_loss_parity_with_diffusers_train_controlnet_sd3_step(tiny_model):
     from diffusers import SD3ControlNetModel
