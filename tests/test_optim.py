@@ -68,7 +68,7 @@ def test_adamw_uses_the_configuration():
     assert isinstance(optimizer, torch.optim.AdamW)
     group = optimizer.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-4, (0.8, 0.95), 1e-6, 0.1)
-    assert not group["fused"]
+    assert group["fused"]  # adamw_fused auto: PyTorch's fused CPU kernel
 
 
 @pytest.mark.parametrize("name", ["adamw", *PACKAGES])
@@ -170,3 +170,20 @@ def test_adamw_is_fused_on_cuda():
     loss = model(torch.randn(4, 4, device="cuda")).pow(2).mean()
     loss.backward()
     optimizer.step()
+
+
+def test_adamw_is_fused_by_default_wherever_pytorch_has_the_kernel():
+    model = _model()
+    fused = build_optimizer(model, _cfg(optimizer="adamw"), "cpu")
+    assert all(group["fused"] for group in fused.param_groups)  # PyTorch's fused CPU kernel
+    other = _model()
+    plain = build_optimizer(other, _cfg(optimizer="adamw", adamw_fused=False), "cpu")
+    assert not any(group["fused"] for group in plain.param_groups)
+    # the same training within rounding: fusing changes how fast, not what
+    assert _train(model, fused) == pytest.approx(_train(other, plain), rel=1e-5)
+
+
+def test_adamw_fused_on_a_device_without_the_kernel_is_refused():
+    with pytest.raises(UserError, match="adamw_fused=true: PyTorch has no fused AdamW for 'meta' devices"):
+        build_optimizer(_model(), _cfg(optimizer="adamw", adamw_fused=True), "meta")
+    assert not any(g["fused"] for g in build_optimizer(_model(), _cfg(optimizer="adamw"), "meta").param_groups)

@@ -227,7 +227,8 @@ UNSUPPORTED: dict[str, Unsupported] = {
     "optimizer_config": Unsupported("use the optimiser options (adam_beta1, adam_weight_decay, ...)"),
     "optimizer_cpu_offload_method": Unsupported("optimiser CPU offload is not supported", _off_or("none", "offload")),
     "optimizer_offload_gradients": Unsupported("optimiser CPU offload is not supported"),
-    "fuse_optimizer": Unsupported("fused AdamW is used on CUDA automatically"),
+    "fuse_optimizer": Unsupported("it fuses a CPU-offloaded optimiser, and optimiser CPU offload is "
+                                   "not built; PyTorch's fused AdamW step is on by default (adamw_fused)"),
     "optimizer_beta1": Unsupported("use adam_beta1"),
     "optimizer_beta2": Unsupported("use adam_beta2"),
     "optimizer_release_gradients": Unsupported("not supported"),
@@ -358,6 +359,9 @@ FAMILY_SWITCHES: dict[str, str] = {
 
 def _is_on(value: Any) -> bool:
     return not any(value == off and type(value) is type(off) for off in OFF_VALUES)
+
+
+LEGACY_SWITCHES = frozenset(FAMILY_SWITCHES) | {"offset_noise", "ema_cpu_only", "use_bitfit"}  # translate_legacy's
 
 
 def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[str]:

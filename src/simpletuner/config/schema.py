@@ -411,6 +411,10 @@ class TrainingConfig(StrictModel):
     adam_beta2: float = Field(0.999, description="AdamW beta2.")
     adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    adamw_fused: bool | Literal["auto"] = Field("auto", description="optimizer adamw: PyTorch's fused AdamW "
+                                              "step (one kernel for every parameter). auto: on wherever "
+                                              "PyTorch has the fused kernel (CUDA, CPU, MPS, ...); false: "
+                                              "PyTorch's default (foreach on CUDA) (docs/SPEED.md).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables). SimpleTuner uses 2.0.")
     grad_clip_method: Literal["norm", "value"] = Field("norm", description="norm: scale the whole gradient to "
                                                        "max_grad_norm; value: clip each element. SimpleTuner "

@@ -4,7 +4,7 @@ With fp16 mixed precision, accelerate's GradScaler already skips updates whose g
 (a normal event while it finds its scale); the guard leaves those to it and counts only a non-finite
 loss.
 
-Cost. With fused Adam/AdamW (the default on CUDA) the skip happens on the device: the optimiser
+Cost. With fused Adam/AdamW (optimizer adamw's default: `adamw_fused`) the skip happens on the device: the optimiser
 gets the flag as `found_inf`, the mechanism torch's GradScaler uses, and its kernel leaves
 weights and moments untouched, so the step still never waits for the host. Any other
 optimiser cannot skip by itself, so the guard reads the flag on the host: one synchronisation

@@ -83,7 +83,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimiser named by `cfg.optimizer` over the trainable parameters of `params`.
 
-    `device_type` is where the parameters live ("cuda", "cpu", "mps"): AdamW is fused on CUDA.
+    `device_type` is where the parameters live ("cuda", "cpu", "mps"): AdamW is fused as `adamw_fused` says.
     `text_encoder_params` train at cfg.text_encoder_lr when it is set.
     Schedule-free AdamW keeps its own warm-up (cfg.lr_warmup_steps) and must be switched with
     `set_train_mode` around validation and export.
@@ -95,7 +95,8 @@ def build_optimizer(
     lr = cfg.learning_rate
     name = cfg.optimizer
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, fused=device_type == "cuda")
+        fused = adamw_fused(cfg, device_type)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon, fused=fused or None)
     module = _import(name)
     if name == "adamw8bit":
         return module.optim.AdamW8bit(groups, lr=lr, betas=betas, eps=cfg.adam_epsilon)
@@ -120,6 +121,22 @@ def build_optimizer(
         optimizer.train()
         return optimizer
     raise UserError(f"optimizer={name!r} is unknown; accepted: adamw, {', '.join(_PACKAGES)}")
+
+
+def adamw_fused(cfg: TrainingConfig, device_type: str) -> bool:
+    """Whether AdamW takes PyTorch's fused step: `adamw_fused` (auto: wherever PyTorch has the kernel).
+
+    Fused is the fastest step PyTorch has on CUDA and on the CPU alike (benchmarks/RESULTS.md).
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    supported = device_type in _get_fused_kernels_supported_devices()
+    if cfg.adamw_fused == "auto":
+        return supported
+    if cfg.adamw_fused and not supported:
+        raise UserError(f"adamw_fused=true: PyTorch has no fused AdamW for {device_type!r} devices; "
+                        "set adamw_fused to auto or false")
+    return bool(cfg.adamw_fused)
 
 
 def _check_dtype(groups: list[dict[str, Any]], dtype: torch.dtype, name: str) -> None:
