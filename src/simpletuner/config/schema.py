@@ -466,7 +466,8 @@ class TrainingConfig(StrictModel):
     deepspeed_config: str | dict[str, Any] | None = Field(None, description="DeepSpeed ZeRO 1/2/3 through "
                                                           "accelerate: a DeepSpeed JSON file, or its JSON inline. "
                                                           "Optimiser offload: zero_optimization.offload_optimizer. "
-                                                          "Needs the deepspeed extra and CUDA.")
+                                                          "Needs the deepspeed extra; runs on CUDA or CPU "
+                                                          "processes.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")

@@ -19,6 +19,7 @@ calls the same methods whichever is used.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -111,6 +112,33 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: Any) -> None:
         state.fsdp_plugin = plugin
 
 
+def select_deepspeed(accelerator: Accelerator, plugin: Any) -> None:
+    """Make DeepSpeed the accelerator's distributed type, on CPU processes too, and keep the frozen models whole.
+
+    accelerate turns DeepSpeed on only for accelerator processes; ZeRO runs on CPU processes as well (gloo,
+    DeepSpeed's CPU accelerator), so it is selected there too: one process, or several launched with
+    `accelerate launch --multi_gpu` (or torchrun) without a GPU. DeepSpeed casts for mixed precision itself.
+    Selecting the plugin also tells transformers that ZeRO-3 is on, which would build every transformers model
+    loaded afterwards (the frozen text encoders) partitioned under `deepspeed.zero.Init`, outside any engine:
+    that notice is withdrawn, and the engine partitions the trained module when accelerate prepares it."""
+    from accelerate.utils import DistributedType
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    state = accelerator.state
+    if state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # one process: DeepSpeed wants a process group (of one) all the same
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # which DeepSpeed reads instead of asking the group
+        plugin.set_mixed_precision(state.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins = plugin
+        state.distributed_type = DistributedType.DEEPSPEED
+        state._mixed_precision = "no"
+    unset_hf_deepspeed_config()
+
+
 def sharding_for(accelerator: Accelerator, cfg: Any) -> "Sharding":
     """The sharding the accelerator ended up with; refuses sharding options it could not honour."""
     from accelerate.utils import DistributedType
@@ -122,9 +150,6 @@ def sharding_for(accelerator: Accelerator, cfg: Any) -> "Sharding":
         from simpletuner.config.sharding import zero_stage
 
         return DeepSpeed(stage=zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config))
-    if cfg.deepspeed_config:
-        raise UserError("deepspeed_config: accelerate runs DeepSpeed only on CUDA processes (none here); "
-                        "remove deepspeed_config to train unsharded")
     if cfg.fsdp_enable:
         logger.warning("fsdp_enable with %d process: nothing to shard over, training unsharded",
                        accelerator.num_processes)
@@ -149,6 +174,10 @@ class Sharding:
 
     def before_backward(self, parameters: list[nn.Parameter], world: int, last: bool) -> None:
         """Called before each micro-batch's backward; `last`: the update's last one (its gradients are final)."""
+
+    def backward(self, accelerator: Accelerator, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, already divided by the number of micro-batches of the update."""
+        accelerator.backward(loss)
 
     def reduce_gradients(self, parameters: list[nn.Parameter], world: int) -> None:
         """Average gradients over processes (one flat all-reduce; the module itself is never wrapped)."""
@@ -294,6 +323,7 @@ class DeepSpeed(Sharding):
     stage: int = 2
     sharded = True
     engine: Any = None
+    last: bool = True  # the micro-batch whose backward comes next is the update's last
 
     @property
     def validates(self) -> bool:  # ZeRO-1/2 keep whole weights on every process
@@ -304,8 +334,17 @@ class DeepSpeed(Sharding):
         self.module = module  # the engine's hooks sit on the module's parameters; calls go to it directly
         return self.optimizer
 
+    def before_backward(self, parameters: list[nn.Parameter], world: int, last: bool) -> None:
+        self.last = last
+
+    def backward(self, accelerator: Accelerator, loss: torch.Tensor) -> None:
+        """The engine accumulates the micro-batches' gradients, reduces them at the update's last one and steps
+        there (with its own clipping). The loss comes divided by the number of micro-batches already, so the
+        engine does not divide it again."""
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=self.last, scale_wrt_gas=False)
+
     def reduce_gradients(self, parameters: list[nn.Parameter], world: int) -> None:
-        return None  # the engine reduces (and steps) in accelerator.backward
+        return None  # the engine reduced (and stepped) in the last micro-batch's backward
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
                          rank_states: Mapping[str, Any]) -> dict[str, Any]:

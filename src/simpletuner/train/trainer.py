@@ -177,7 +177,7 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
                 loss = _loss(run, batch, empty_text, seed)
             run.sharding.before_backward(run.trained.parameters(), run.accelerator.num_processes,
                                          micro == accumulation - 1)
-            run.accelerator.backward(loss / accumulation)
+            run.sharding.backward(run.accelerator, loss / accumulation)
         total += loss.detach() / accumulation
     run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
