@@ -387,14 +387,27 @@ def _validate(run: Run, step: int) -> list[Path]:
             module.eval()
         try:
             with run.parked.on_device() if run.parked else contextlib.nullcontext():
+                controls = _controls(run)
                 images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
-                                        _init_images(run))
+                                        None if controls else _init_images(run), controls)
         finally:
             for module in modules:
                 module.train()
             set_train_mode(run.optimizer, True)
     run.accelerator.wait_for_everyone()
     return images
+
+
+def _controls(run: Run) -> list[Any] | None:
+    """The control images ControlNet validation samples from (validation_conditioning_images, num_eval_images);
+    None: one control image of each validation size (_init_images)."""
+    if run.validation is None or not (run.validation.controls or run.validation.eval_images):
+        return None
+    if run.validation.controls:
+        return list(run.validation.controls)
+    from simpletuner.train.conditioning import eval_controls
+
+    return eval_controls(run.data.datasets, run.validation.eval_images)
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
