@@ -346,12 +346,12 @@ def _finite(value: float) -> float | None:
 
 
 # ------------------------------------------------------------------ checkpoints, validation, export
-def _checkpoint_parts(run: Run) -> dict[str, Any]:
+def _checkpoint_parts(run: Run, loading: Path | None = None) -> dict[str, Any]:
     states: dict[str, Any] = {"optimizer": run.optimizer, "lr_scheduler": run.lr_scheduler}
     if run.ema is not None:
         states["ema"] = run.ema
     return run.sharding.checkpoint_parts({"trained": run.trained.module, **run.trained.text_encoders}, states,
-                                         {"sampler": run.feed if run.feed is not None else run.sampler})
+                                         {"sampler": run.feed if run.feed is not None else run.sampler}, loading)
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
@@ -370,7 +370,7 @@ def _resume(run: Run) -> int:
     if run.resume_from is None:
         return 0
     progress = load_checkpoint(run.resume_from, identity=run.identity, processes=run.processes,
-                               **_checkpoint_parts(run))
+                               **_checkpoint_parts(run, run.resume_from))
     logger.info("resumed from %s at step %d", run.resume_from, progress.step)
     return progress.step
 
