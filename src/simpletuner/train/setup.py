@@ -148,6 +148,10 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
 
         set_seed(cfg.seed)
     components = family.load(cfg)
+    if cfg.controlnet:  # from the base's full-precision weights, before the frozen base is quantised
+        from simpletuner.models.controlnet import attach_controlnet
+
+        attach_controlnet(family, components, cfg)
     quantize_components(family, components, cfg, accelerator.device)  # frozen weights, before any adapter
     components.to(accelerator.device)
     _configure_vae(components, cfg)

@@ -12,7 +12,8 @@ calls the same methods whichever is used.
   in place (`fully_shard`), gradients are reduce-scattered in backward. Checkpoints go through
   torch.distributed.checkpoint's state-dict API: each process's shard (SHARDED_STATE_DICT, a `fsdp/`
   folder of torch.distributed.checkpoint) or the full weights and optimiser state gathered to the first
-  process (FULL_STATE_DICT, `trained.safetensors` and `optimizer.pt`).
+  process (FULL_STATE_DICT, `trained.safetensors` and `optimizer.pt`). Either loads at any number of
+  processes, and into an unsharded run (train/reshard.py).
 - DeepSpeed (`deepspeed_config`): accelerate's DeepSpeedPlugin; the engine reduces gradients and steps;
   checkpoints are the engine's own (`deepspeed/` folder, every process writes its partition).
 """
@@ -31,6 +32,7 @@ from torch import nn
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.reshard import SHARDED_FOLDER
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"
-FSDP_FOLDER = "fsdp"
 
 
 # ------------------------------------------------------------------ accelerator plugins
@@ -194,8 +195,17 @@ class Sharding:
             grad.copy_(reduced)
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
-                         rank_states: Mapping[str, Any]) -> dict[str, Any]:
-        """save_checkpoint/load_checkpoint arguments; the sharded kinds take the module and optimiser over."""
+                         rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
+        """save_checkpoint/load_checkpoint arguments (`loading`: the checkpoint to be read, None when saving); the
+        sharded kinds take the module and optimiser over. A checkpoint FSDP2 wrote (sharded, or whole with the
+        optimiser keyed by name) is read whole through train/reshard.py: elastic resume of an FSDP2 run on one
+        process, or with fsdp_enable off."""
+        from simpletuner.train.reshard import Reader, written_by_fsdp
+
+        if loading is not None and written_by_fsdp(loading):
+            return {"modules": {name: m for name, m in modules.items() if name != "trained"},
+                    "states": _without_optimizer(states), "rank_states": dict(rank_states),
+                    "collective": Reader(modules["trained"], states["optimizer"])}
         return {"modules": dict(modules), "states": dict(states), "rank_states": dict(rank_states)}
 
     @contextmanager
@@ -252,7 +262,7 @@ class FSDP2(Sharding):
         return None  # reduce-scattered by FSDP in backward
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
-                         rank_states: Mapping[str, Any]) -> dict[str, Any]:
+                         rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
         return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
                 "collective": self}  # save/load below, on every process
 
@@ -270,7 +280,7 @@ class FSDP2(Sharding):
         if not full:
             import torch.distributed.checkpoint as dcp
 
-            dcp.save({"model": model, "optimizer": optim}, checkpoint_id=str(folder / FSDP_FOLDER))
+            dcp.save({"model": model, "optimizer": optim}, checkpoint_id=str(folder / SHARDED_FOLDER))
         elif is_main:
             from safetensors.torch import save_file
 
@@ -280,30 +290,12 @@ class FSDP2(Sharding):
             torch.save(optim, folder / "optimizer.pt")
 
     def load(self, folder: Path, is_main: bool) -> None:
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        """Read the checkpoint in whichever layout it has (train/reshard.py): a sharded `fsdp/` folder reshards to
+        this run's processes; whole files (this FULL_STATE_DICT, or an unsharded run's) are sharded on load."""
+        from simpletuner.train.reshard import load_either
 
-        if self.state_dict_type != "FULL_STATE_DICT":
-            import torch.distributed.checkpoint as dcp
-
-            state = {"model": get_model_state_dict(self.module),
-                     "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
-            _require(folder / FSDP_FOLDER, "fsdp_state_dict_type=SHARDED_STATE_DICT")
-            dcp.load(state, checkpoint_id=str(folder / FSDP_FOLDER))
-            set_model_state_dict(self.module, state["model"])
-            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
-            return
-        from safetensors.torch import load_file
-
-        _require(folder / "trained.safetensors", "fsdp_state_dict_type=FULL_STATE_DICT")
-        broadcast = self.ram_efficient  # the first process reads, the others receive
-        read = is_main or not broadcast
-        model = load_file(str(folder / "trained.safetensors")) if read else {}
-        optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True) if read else {}
-        set_model_state_dict(self.module, model, options=self._options(True, broadcast_from_rank0=broadcast,
-                                                                         strict=False))  # buffers are not saved
-        set_optimizer_state_dict(self.module, self.optimizer, optim,
-                                 options=self._options(True, broadcast_from_rank0=broadcast))
+        broadcast = self.ram_efficient  # whole files: the first process reads, the others receive
+        load_either(folder, self.module, self.optimizer, read=is_main or not broadcast, broadcast=broadcast)
 
     @contextmanager
     def whole(self, components: Components, trained: Trained) -> Iterator[tuple[Components, Trained]]:
@@ -361,7 +353,7 @@ class DeepSpeed(Sharding):
         return None  # the engine reduced (and stepped) in the last micro-batch's backward
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
-                         rank_states: Mapping[str, Any]) -> dict[str, Any]:
+                         rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
         return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
                 "collective": self}  # save/load below, on every process
 
