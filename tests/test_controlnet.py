@@ -479,6 +479,8 @@ def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
     backends = json.loads((tmp_path / "multidatabackend.json").read_text())
     backends[0]["conditioning"] = [{"type": "canny"}]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    assert main(["config", "check", str(config)]) == 2  # `config check` sees it too
+    assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
     assert main(["train", str(config)]) == 2
     assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
     backends[0]["conditioning"] = [{"type": "depth"}]
