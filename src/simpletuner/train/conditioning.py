@@ -136,3 +136,23 @@ def control_image(data: Any, index: int) -> Any:
     pixels = load_pixels(item.source, item.plan, storage_options=data.control.storage_options)
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
+
+
+def eval_controls(datasets: dict[str, Any], count: int) -> list[Any]:
+    """`num_eval_images`: the first `count` control images of the image datasets' conditioning partners (datasets
+    in order, pairs by their image's path), each as trained, to sample at its trained size and named by its
+    image's file name."""
+    from pathlib import PurePosixPath
+
+    from simpletuner.validate import ControlInput, _slug
+
+    controls = []
+    for data in datasets.values():
+        if data.control is None:
+            continue
+        for index in sorted(data.control.items, key=lambda i: data.latent_items[i].source):
+            if len(controls) == count:
+                return controls
+            tag = _slug(PurePosixPath(data.latent_items[index].source).stem)
+            controls.append(ControlInput(tag, control_image(data, index), data.latent_items[index].plan.target_size))
+    return controls
