@@ -26,7 +26,7 @@ from simpletuner.demo.dataset import write_dataset
 from simpletuner.models.base import DTypePolicy
 from simpletuner.models.controlnet import attach_controlnet
 from simpletuner.models.registry import get_family
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse"]
 

@@ -204,7 +204,7 @@ def _agree(run: Run, flag: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-    from simpletuner.train.objectives import caption_keep_mask, training_loss
+    from simpletuner.models.objectives import caption_keep_mask, training_loss
 
     device = run.device
     generator = torch.Generator(device=device).manual_seed(seed)
