@@ -23,6 +23,8 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 FEATURES = {
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
+    # its canny generator makes Kontext's reference images, which only Flux Kontext (not built) reads
+    "kontext-references": ("conditioning generators make ControlNet inputs", "Flux Kontext"),
     "pixart-controlnet": ("controlnet=true: model_family 'pixart_sigma' has no ControlNet", "ControlNet for PixArt"),
 }
 REFUSED = {
@@ -35,7 +37,7 @@ REFUSED = {
     "flux.peft-controlnet-lora": set(),
     "pixart.peft-controlnet-lora": {"pixart-controlnet"},
     "sdxl.lycoris-lokr": set(),
-    "kontext.peft-lora": {"kontext"},
+    "kontext.peft-lora": {"kontext", "kontext-references"},
     "deepfloyd-if-i-medium.peft-lora": set(),
     "quickstart-sdxl": set(),
     "quickstart-sd3": set(),

@@ -75,15 +75,11 @@ def with_generated_conditioning(settings: Settings) -> Settings:
 
 
 def _check(dataset: DatasetConfig, settings: Settings) -> ConditioningGenerator:
-    if not settings.training.controlnet:
-        raise ConfigError(f"dataset {dataset.id!r}: conditioning generators make ControlNet inputs; set "
-                          "controlnet=true or remove conditioning")
-    if len(dataset.conditioning) != 1:
-        raise ConfigError(f"dataset {dataset.id!r}: conditioning lists {len(dataset.conditioning)} generators; a "
-                          "ControlNet trains on one")
-    if dataset.conditioning_data:
-        raise ConfigError(f"dataset {dataset.id!r}: both conditioning (generated) and conditioning_data="
-                          f"{dataset.conditioning_data!r}; keep one")
+    from simpletuner.config.conditioning import generator_problems
+
+    problems = generator_problems(settings.training, dataset)
+    if problems:
+        raise ConfigError(problems[0])
     return dataset.conditioning[0]
 
 

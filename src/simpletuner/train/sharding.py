@@ -213,6 +213,12 @@ class Sharding:
         """Components and trained module with whole weights, for the export (every process enters)."""
         yield components, trained
 
+    @contextmanager
+    def for_validation(self, components: Components, trained: Trained, device: torch.device) -> Iterator[Components]:
+        """Components whose trained module holds whole weights on `device`, for the first process's validation
+        pipeline (every process enters)."""
+        yield components
+
 
 @dataclass
 class Plain(Sharding):
@@ -244,7 +250,6 @@ class FSDP2(Sharding):
     state_dict_type: str = "SHARDED_STATE_DICT"
     ram_efficient: bool = False
     sharded = True
-    validates = False
 
     def prepare(self, accelerator: Accelerator, module: nn.Module, optimizer: Any) -> Any:
         prepared, self.optimizer = accelerator.prepare(module, optimizer)
@@ -308,6 +313,15 @@ class FSDP2(Sharding):
         name = next(key for key, value in components.modules.items() if value is self.module)
         yield (replace(components, modules={**components.modules, name: copy}),
                replace(trained, model=copy, module=copy))
+
+    @contextmanager
+    def for_validation(self, components: Components, trained: Trained, device: torch.device) -> Iterator[Components]:
+        """The whole weights gathered into an unsharded copy on the first process's device: validation there
+        holds the full trained module beside its shard for as long as it samples."""
+        with self.whole(components, trained) as (gathered, copy):
+            if copy.module is not trained.module:
+                copy.module.to(device).eval()
+            yield gathered
 
 
 @dataclass

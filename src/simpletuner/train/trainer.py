@@ -204,7 +204,7 @@ def _agree(run: Run, flag: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-    from simpletuner.train.objectives import caption_keep_mask, training_loss
+    from simpletuner.models.objectives import caption_keep_mask, training_loss
 
     device = run.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -380,20 +380,21 @@ def _validate(run: Run, step: int) -> list[Path]:
     from simpletuner.validate import run_validation
 
     images: list[Path] = []
-    if run.accelerator.is_main_process:
-        modules = [run.family.denoiser(run.components), *run.trained.text_encoders.values()]
-        set_train_mode(run.optimizer, False)
-        for module in modules:
-            module.eval()
-        try:
-            with run.parked.on_device() if run.parked else contextlib.nullcontext():
-                controls = _controls(run)
-                images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
-                                        None if controls else _init_images(run), controls)
-        finally:
+    with run.sharding.for_validation(run.components, run.trained, run.device) as components:  # every process
+        if run.accelerator.is_main_process:
+            modules = [run.family.denoiser(components), *run.trained.text_encoders.values()]
+            set_train_mode(run.optimizer, False)
             for module in modules:
-                module.train()
-            set_train_mode(run.optimizer, True)
+                module.eval()
+            try:
+                with run.parked.on_device() if run.parked else contextlib.nullcontext():
+                    controls = _controls(run)
+                    images = run_validation(run.validation, run.family, components, run.cfg, step, run.tracker,
+                                            None if controls else _init_images(run), controls)
+            finally:
+                for module in modules:
+                    module.train()
+                set_train_mode(run.optimizer, True)
     run.accelerator.wait_for_everyone()
     return images
 
