@@ -483,6 +483,8 @@ def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
     assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
     assert main(["train", str(config)]) == 2
     assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
+    assert main(["config", "check", str(config), "--controlnet", "true", "--cache_dir", "s3://bucket/cache"]) == 2
+    assert "conditioning generators write their control images under a local cache_dir" in capsys.readouterr().err
     backends[0]["conditioning"] = [{"type": "depth"}]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     assert main(["train", str(config), "--controlnet", "true"]) == 2
