@@ -24,8 +24,6 @@ FLOORS = {
 EXCEPTIONS = {
     ("simpletuner.train.setup", "simpletuner.validate"):
         "a run's set-up builds its validation plan (the prompts and sizes) before the first step",
-    ("simpletuner.train.conditioning", "simpletuner.validate"):
-        "num_eval_images: the control images the run trains with become validation inputs (validate.ControlInput)",
     ("simpletuner.train.trainer", "simpletuner.validate"):
         "the loop runs validation at the steps the configuration names",
     ("simpletuner.train.trainer", "simpletuner.publish.export"):

@@ -407,8 +407,9 @@ def _controls(run: Run) -> list[Any] | None:
     if run.validation.controls:
         return list(run.validation.controls)
     from simpletuner.train.conditioning import eval_controls
+    from simpletuner.validate import control_input
 
-    return eval_controls(run.data.datasets, run.validation.eval_images)
+    return [control_input(*control) for control in eval_controls(run.data.datasets, run.validation.eval_images)]
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
