@@ -88,7 +88,8 @@ def test_a_two_process_checkpoint_resumes_on_one_and_on_three(tmp_path, tiny_mod
     assert re.search(r"exitcode\s*:\s*2", done.stderr) and "simpletuner.errors.UserError" not in done.stderr
 
 
-def test_a_checkpoint_of_another_adapter_shape_is_refused(tmp_path, tiny_model):
+def test_a_checkpoint_of_another_adapter_shape_or_model_is_refused_naming_the_difference(tmp_path, tiny_model,
+                                                                                          capsys):
     from simpletuner.cli import main
 
     model = tiny_model("sd1x")
@@ -96,9 +97,22 @@ def test_a_checkpoint_of_another_adapter_shape_is_refused(tmp_path, tiny_model):
                       disable_validation=True)
     assert main(["train", str(first)]) == 0
     checkpoint = tmp_path / "first" / "output" / "checkpoints" / "step-000001"
+    capsys.readouterr()
     other = write_run(tmp_path / "other", model, "sd1x", dataset=tmp_path / "first" / "dataset", lora_rank=8,
                       disable_validation=True, resume_from_checkpoint=str(checkpoint))
     assert main(["train", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "it was made by a different configuration" in err and "lora_rank: checkpoint has 4, this run 8" in err
+    assert "Traceback" not in err
+
+    another_model = tiny_model("sd1x", seed=1)  # the same family and shapes, another model
+    moved = write_run(tmp_path / "moved", another_model, "sd1x", dataset=tmp_path / "first" / "dataset",
+                      disable_validation=True, resume_from_checkpoint=str(checkpoint))
+    assert main(["train", str(moved)]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrained_model_name_or_path: checkpoint has {str(model)!r}, this run {str(another_model)!r}" in err
+    assert not (tmp_path / "other" / "output" / "checkpoints").exists()
+    assert not (tmp_path / "moved" / "output" / "checkpoints").exists()
 
 
 def test_a_four_process_checkpoint_resumes_on_two_with_every_sample_of_the_epoch_once(tmp_path, tiny_model):
