@@ -2,7 +2,7 @@
 
 This is the one place where the benchmark meets SimpleTuner. What comes from the package:
   * the model family (`simpletuner.models.registry.get_family`): its `settings_from`, `objective`,
-    `draw_conditioning` and `predict`, with `simpletuner.train.objectives.training_loss`;
+    `draw_conditioning` and `predict`, with `simpletuner.models.objectives.training_loss`;
   * the dtype policy (`simpletuner.models.base.DTypePolicy.for_training`);
   * what trains (`simpletuner.train.adapters.prepare_trainable`: full, or peft LoRA);
   * the optimiser (`simpletuner.train.optim.build_optimizer`: fused AdamW on CUDA).
@@ -272,7 +272,7 @@ def _family_loss(family: Any, model: torch.nn.Module, cfg: Any, device: torch.de
     sync_free: the objective's schedule tables live on the device; otherwise every step copies them
     from pageable host memory, and such a copy waits for the GPU's queue to drain.
     """
-    from simpletuner.train.objectives import training_loss
+    from simpletuner.models.objectives import training_loss
 
     components = family_components(family, model, cfg)
     objective = family.objective(cfg, components)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import simpletuner
 from simpletuner.config import files, many_keys
@@ -128,3 +130,26 @@ def test_the_count_of_left_out_names_is_exact(tmp_path):
     selection = many_keys.select(text.encode(), {"model_family"}, 21, 32)
     assert selection is not None and selection.left_out == 1000 - 21
     assert json.loads(selection.text) == {**{f"k{i}": i for i in range(21)}, "model_family": "flux"}
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs"), blacklist_characters='"\\'), max_size=8)
+_NAMES = st.one_of(st.sampled_from(["learning_rate", "--learning_rate", "seed", "--seed", "model_family", "x", "--x",
+                                    "", "-", "--", "é", "lora_rank"]), _TEXT)
+_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.floats(allow_nan=False,
+                       allow_infinity=False) | _TEXT, lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(_TEXT, inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_NAMES, _VALUES, max_size=40), st.sampled_from([None, 0, 2]), st.integers(0, 25))
+def test_a_selection_is_exactly_the_recognised_entries_and_the_first_unknown_ones(options, indent, unknown):
+    text = json.dumps(options, indent=indent, ensure_ascii=False)
+    recognised = {"learning_rate", "seed", "model_family", "lora_rank", "é"}
+    selection = many_keys.select(text.encode(), recognised, unknown, 32)
+    names = [name[2:] if name.startswith("--") else name for name in options]
+    assert (selection is None) == (len(set(names)) < len(names))  # only a name given twice sends it back here
+    if selection is not None:
+        others = [key for key, name in zip(options, names) if name not in recognised][:unknown]
+        kept = [key for key, name in zip(options, names) if name in recognised or key in others]
+        assert list(json.loads(selection.text).items()) == [(key, options[key]) for key in kept]
+        assert selection.left_out == len(options) - len(kept)

@@ -26,7 +26,7 @@ from simpletuner.demo.dataset import write_dataset
 from simpletuner.models.base import DTypePolicy
 from simpletuner.models.controlnet import attach_controlnet
 from simpletuner.models.registry import get_family
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse"]
 
@@ -483,6 +483,8 @@ def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
     assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
     assert main(["train", str(config)]) == 2
     assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
+    assert main(["config", "check", str(config), "--controlnet", "true", "--cache_dir", "s3://bucket/cache"]) == 2
+    assert "conditioning generators write their control images under a local cache_dir" in capsys.readouterr().err
     backends[0]["conditioning"] = [{"type": "depth"}]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     assert main(["train", str(config), "--controlnet", "true"]) == 2

@@ -111,7 +111,12 @@ def control_file(path: str) -> ControlInput:
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, UnidentifiedImageError) as error:
         raise ConfigError(f"validation_conditioning_images: {path} cannot be read as an image ({error})") from error
-    return ControlInput(_slug(Path(path).stem), rgb)
+    return control_input(Path(path).stem, rgb)
+
+
+def control_input(name: str, image: Any, size: tuple[int, int] | None = None) -> ControlInput:
+    """A control image for validation, its files named after `name`."""
+    return ControlInput(_slug(name), image, size)
 
 
 def _autocast_if_mixed(components: Components, device: Any) -> Any:

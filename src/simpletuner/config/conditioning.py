@@ -20,6 +20,10 @@ def generator_problems(training: TrainingConfig, dataset: DatasetConfig) -> list
     if len(dataset.conditioning) != 1:
         problems.append(f"dataset {dataset.id!r}: conditioning lists {len(dataset.conditioning)} generators; a "
                         "ControlNet trains on one")
+    if str(training.cache_dir).startswith("s3://"):
+        problems.append(f"dataset {dataset.id!r}: conditioning generators write their control images under a local "
+                        f"cache_dir, and cache_dir={training.cache_dir!r} is on S3; set cache_dir to a local folder "
+                        "(cache_dir_vae may stay on S3)")
     if dataset.conditioning_data:
         problems.append(f"dataset {dataset.id!r}: both conditioning (generated) and conditioning_data="
                         f"{dataset.conditioning_data!r}; keep one")

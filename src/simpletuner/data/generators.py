@@ -5,8 +5,8 @@
 `<cache_dir>/conditioning/<id>/<type>-<settings>/`, never in the source (a local folder, an S3 prefix or a
 Hugging Face dataset, read through `open_source`). `generate` writes one PNG per source image there, at the
 source's relative path (a Hugging Face row's name, `row-000012`, for its rows), each under a temporary name
-then renamed; an image already generated from the same source (the folder's `.source` file names its URL,
-which for a Hugging Face dataset holds its fingerprint) and newer than its source image is kept; a source
+then renamed; an image already generated from the same source (`<folder>.source`, beside the folder, names its
+URL, which for a Hugging Face dataset holds its fingerprint) and newer than its source image is kept; a source
 image that cannot be read is reported and left out (its image then has no partner: a counted skip). Canny
 edges come from OpenCV (the `controlnet` extra).
 """
@@ -97,13 +97,13 @@ def generate_all(settings: Settings, original: Settings) -> list[str]:
     return lines
 
 
-SOURCE_NOTE = ".source"  # in a generated folder: the URL of the source its images were made from
+SOURCE_NOTE = ".source"  # <generated folder>.source: the URL of the source its images were made from
 
 
 def generate(source: Source, folder: Path, generator: ConditioningGenerator) -> Generated:
     """Write the control image of every image of `source` into the local `folder` (the source is only read)."""
     result = Generated(folder)
-    note = folder / SOURCE_NOTE
+    note = folder.with_name(folder.name + SOURCE_NOTE)  # beside the folder: no stray file among the images
     same_source = note.is_file() and note.read_text() == source.url
     for entry in source.list_images():
         target = (folder / entry.path).with_suffix(".png")

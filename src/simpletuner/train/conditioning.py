@@ -138,21 +138,19 @@ def control_image(data: Any, index: int) -> Any:
     return Image.fromarray(array)
 
 
-def eval_controls(datasets: dict[str, Any], count: int) -> list[Any]:
+def eval_controls(datasets: dict[str, Any], count: int) -> list[tuple[str, Any, tuple[int, int]]]:
     """`num_eval_images`: the first `count` control images of the image datasets' conditioning partners (datasets
-    in order, pairs by their image's path), each as trained, to sample at its trained size and named by its
-    image's file name."""
+    in order, pairs by their image's path), each as trained: (its image's file name without the extension, the
+    control image, its trained size)."""
     from pathlib import PurePosixPath
 
-    from simpletuner.validate import ControlInput, _slug
-
-    controls = []
+    controls: list[tuple[str, Any, tuple[int, int]]] = []
     for data in datasets.values():
         if data.control is None:
             continue
         for index in sorted(data.control.items, key=lambda i: data.latent_items[i].source):
             if len(controls) == count:
                 return controls
-            tag = _slug(PurePosixPath(data.latent_items[index].source).stem)
-            controls.append(ControlInput(tag, control_image(data, index), data.latent_items[index].plan.target_size))
+            item = data.latent_items[index]
+            controls.append((PurePosixPath(item.source).stem, control_image(data, index), item.plan.target_size))
     return controls

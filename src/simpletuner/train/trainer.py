@@ -204,7 +204,7 @@ def _agree(run: Run, flag: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-    from simpletuner.train.objectives import caption_keep_mask, training_loss
+    from simpletuner.models.objectives import caption_keep_mask, training_loss
 
     device = run.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -407,8 +407,9 @@ def _controls(run: Run) -> list[Any] | None:
     if run.validation.controls:
         return list(run.validation.controls)
     from simpletuner.train.conditioning import eval_controls
+    from simpletuner.validate import control_input
 
-    return eval_controls(run.data.datasets, run.validation.eval_images)
+    return [control_input(*control) for control in eval_controls(run.data.datasets, run.validation.eval_images)]
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:
