@@ -11,7 +11,7 @@ update, over a `Run` assembled from the trainer's own pieces:
   * the batches: the trainer's `BatchFeed` (`trainer._feed`), built ahead in a thread when
     dataloader_prefetch is on, from cached-batch stand-ins (`BenchData`: random latents and text outputs
     shaped as the caches give them, in CPU memory);
-  * the loss: the family's `predict` and `objective` in `train.objectives.training_loss`, through the
+  * the loss: the family's `predict` and `objective` in `models.objectives.training_loss`, through the
     trainer's `_loss` (caption dropout, latents drawn from the cached distribution, conditioning).
 What is benchmark-local: the family's `Components` are built around the bare denoiser with the
 release's scheduler (`family.load` would read a checkpoint; text and latents come from the cache),

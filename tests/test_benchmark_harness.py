@@ -25,8 +25,8 @@ from benchmarks.trainer_step import (  # noqa: E402
 )
 from benchmarks.steps import Workload  # noqa: E402
 from simpletuner.errors import UserError  # noqa: E402
-from simpletuner.train.flow import FlowMatchingObjective  # noqa: E402
-from simpletuner.train.objectives import Objective, training_loss  # noqa: E402
+from simpletuner.models.flow import FlowMatchingObjective  # noqa: E402
+from simpletuner.models.objectives import Objective, training_loss  # noqa: E402
 
 PUBLISHED_PARAMETERS = {  # denoiser parameter counts of the released checkpoints
     "sd15": 859_520_964,

@@ -132,8 +132,9 @@ def test_harmless_current_release_options_are_accepted(tmp_path):
     assert report.problems == []
     assert loaded.training.checkpointing_steps == 20 and loaded.training.validation_steps == 40
     ignored = " ".join(loaded.warnings)
-    for name in ("validation_disable_unconditional", "num_eval_images", "conditioning_multidataset_sampling"):
+    for name in ("validation_disable_unconditional", "conditioning_multidataset_sampling"):
         assert name in ignored
+    assert loaded.training.num_eval_images == 25  # an option of its own now (ControlNet validation)
     assert loaded.training.gradient_checkpointing_interval == 2  # an option of its own now
 
 
@@ -154,7 +155,9 @@ def test_publishing_options_are_accepted(tmp_path):
     ({"fuse_qkv_projections": True, "lora_type": "lycoris"},
      "fuse_qkv_projections=true with model_type 'lora' cannot be combined with lora_type 'lycoris'"),
     ({"conditioning_multidataset_sampling": "combined"}, "combined sampling is not built"),
-    ({"flux_lora_target": "controlnet"}, "this ControlNet target preset is not built"),
+    ({"flux_lora_target": "all+ffs+embedder+controlnet"}, "adapters on the embedders are not built"),
+    ({"flux_lora_target": "controlnet"}, "flux_lora_target='controlnet' adapts a ControlNet's control layers and "
+                                         "needs controlnet=true"),
 ])
 def test_options_that_ask_for_a_feature_not_built_are_refused_by_name(tmp_path, options, phrase):
     report, _ = check_file(_files(tmp_path, {**BASE, **options}))

@@ -22,17 +22,22 @@ NOT_BUILT = STATUS.split("## Not built yet", 1)[1]
 # A refusal: how its line starts or what it holds, and the feature's name in docs/STATUS.md's "Not built yet".
 FEATURES = {
     "tread": ("unsupported: tread_config (TREAD", "TREAD"),
-    "conditioning": ("conditioning generators read local folders", "conditioning generators on S3 and Hugging Face"),
     "kontext": ("model_flavour 'kontext': Flux Kontext", "Flux Kontext"),
+    # its canny generator makes Kontext's reference images, which only Flux Kontext (not built) reads
+    "kontext-references": ("conditioning generators make ControlNet inputs", "Flux Kontext"),
+    "pixart-controlnet": ("controlnet=true: model_family 'pixart_sigma' has no ControlNet", "ControlNet for PixArt"),
 }
 REFUSED = {
     "flux.peft-lora": set(),
     "flux.peft-lora+TREAD": {"tread"},
     "kolors.peft-lora": set(),
     "sd3.peft-lora": set(),
-    "sdxl.peft-controlnet-lora": {"conditioning"},  # as published: canny from a Hugging Face dataset
+    "sdxl.peft-controlnet-lora": set(),  # canny from a Hugging Face dataset, int8-quanto base (sd3, flux), and
+    "sd3.peft-controlnet-lora": set(),   # flux_lora_target 'controlnet': tests/test_controlnet.py trains each
+    "flux.peft-controlnet-lora": set(),
+    "pixart.peft-controlnet-lora": {"pixart-controlnet"},
     "sdxl.lycoris-lokr": set(),
-    "kontext.peft-lora": {"conditioning", "kontext"},
+    "kontext.peft-lora": {"kontext", "kontext-references"},
     "deepfloyd-if-i-medium.peft-lora": set(),
     "quickstart-sdxl": set(),
     "quickstart-sd3": set(),

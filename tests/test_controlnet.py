@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from simpletuner.demo.dataset import write_dataset
 from simpletuner.models.base import DTypePolicy
 from simpletuner.models.controlnet import attach_controlnet
 from simpletuner.models.registry import get_family
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse"]
 
@@ -234,8 +235,14 @@ def test_controlnet_on_a_family_without_one_exits_2_naming_it(tmp_path, tiny_mod
     assert not (tmp_path / "output" / "checkpoints").exists()
 
 
+def test_config_check_knows_the_families_with_a_controlnet():
+    from simpletuner.config.schema import CONTROLNET_FAMILIES
+    from simpletuner.models.registry import family_names
+
+    assert CONTROLNET_FAMILIES == tuple(name for name in family_names() if get_family(name).controlnet_loader)
+
+
 @pytest.mark.parametrize(("option", "says"), [
-    ({"base_model_precision": "int8-quanto"}, "base_model_precision='int8-quanto': a ControlNet on a quantised base"),
     ({"train_text_encoder": True}, "train_text_encoder=true: the ControlNet export holds the ControlNet only"),
 ])
 def test_controlnet_with_what_it_cannot_keep_exits_2_naming_the_option(tmp_path, tiny_model, capsys, option, says):
@@ -245,6 +252,100 @@ def test_controlnet_with_what_it_cannot_keep_exits_2_naming_the_option(tmp_path,
     assert says in err
     assert "Traceback" not in err
     assert not (tmp_path / "output" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["full", "lora"])
+def test_a_controlnet_trains_in_full_precision_on_a_quantised_frozen_base(tmp_path, tiny_model, model_type):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from optimum.quanto import QLinear
+
+    from simpletuner.config.load import load_settings
+    from simpletuner.train.setup import build_run, make_accelerator
+
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", model_type=model_type, max_train_steps=2,
+                            checkpointing_steps=2, validation_steps=2, learning_rate=1e-2,
+                            base_model_precision="int8-quanto")
+    settings = load_settings(str(config))
+    run = build_run(settings, make_accelerator(settings))
+    unet, controlnet = run.components["unet"], run.components["controlnet"]
+    assert any(isinstance(module, QLinear) for module in unet.modules())  # the frozen base is quantised
+    assert not any(isinstance(module, QLinear) for module in controlnet.modules())
+    assert all(not p.requires_grad for p in unet.parameters())
+    trained = [p for p in controlnet.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    # the ControlNet copied the base's full-precision weights, not the quantised ones
+    base = UNet2DConditionModel.from_pretrained(tiny_model("sd1x"), subfolder="unet")
+    copied = controlnet.get_base_model() if hasattr(controlnet, "get_base_model") else controlnet
+    reference = ControlNetModel.from_unet(base)
+    expected = dict(reference.named_parameters())["down_blocks.0.attentions.0.proj_in.weight"]
+    actual = {name.replace(".base_layer", ""): p for name, p in copied.named_parameters()}
+    torch.testing.assert_close(actual["down_blocks.0.attentions.0.proj_in.weight"], expected, rtol=0, atol=0)
+    del run
+    assert main(["train", str(config)]) == 0
+    output = tmp_path / "output"
+    assert sorted(metrics(output)) == [1, 2]
+    assert list((output / "validation" / "step-2").glob("*-control.png"))
+    exported = ControlNetModel.from_pretrained(output / "controlnet")
+    assert all(p.dtype == torch.float32 for p in exported.parameters())
+
+
+def _tensorboard_images(output: Path) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [path.parent for path in (output / "logs").rglob("events.out.tfevents.*")]
+    images: dict[str, list] = {}
+    for run in runs:
+        events = EventAccumulator(str(run), size_guidance={"images": 0})
+        events.Reload()
+        for tag in events.Tags()["images"]:
+            images.setdefault(tag, []).extend(events.Images(tag))
+    return images
+
+
+@pytest.mark.slow
+def test_num_eval_images_samples_from_control_images_of_the_conditioning_dataset(tmp_path, tiny_model):
+    pytest.importorskip("tensorboard")
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=2, validation_steps=2,
+                            num_eval_images=2, validation_resolution="48x48", report_to="tensorboard")
+    assert main(["train", str(config)]) == 0  # 48x48 is no trained size: the control images' own sizes are used
+    output = tmp_path / "output"
+    folder = output / "validation" / "step-2"
+    edges = sorted((tmp_path / "edges").glob("*.png"))[:2]  # the first pairs by path
+    for edge in edges:
+        controls = list(folder.glob(f"validation-*-{edge.stem}-control.png"))
+        assert len(controls) == 1, sorted(p.name for p in folder.iterdir())
+        result = controls[0].with_name(controls[0].name.replace("-control.png", "-0.png"))
+        assert result.is_file() and Image.open(result).size == Image.open(controls[0]).size
+        # the control image as trained: the edge file resized and cropped to its image's bucket
+        width, height = Image.open(controls[0]).size
+        assert controls[0].name.startswith(f"validation-{width}x{height}-")
+    assert len(list(folder.glob("*-control.png"))) == 2
+    grids = _tensorboard_images(output)["validation/validation-grid/0"]
+    sizes = [Image.open(path).size for path in sorted(folder.glob("*-control.png"))]
+    cell = (max(w for w, _ in sizes), max(h for _, h in sizes))
+    assert {(grid.step, grid.width, grid.height) for grid in grids} >= {(2, cell[0] * 2, cell[1] * 2)}
+
+
+@pytest.mark.slow
+def test_validation_conditioning_images_are_sampled_at_each_validation_size(tmp_path, tiny_model, capsys):
+    edge = tmp_path / "my edges.png"
+    Image.new("RGB", (50, 30), "white").save(edge)
+    config = controlnet_run(tmp_path, tiny_model("sd1x"), "sd1x", max_train_steps=2, validation_steps=2,
+                            validation_conditioning_images=[str(edge)], validation_resolution="32x32,40x24")
+    assert main(["train", str(config)]) == 0
+    folder = tmp_path / "output" / "validation" / "step-2"
+    for size in ((32, 32), (40, 24)):
+        stem = f"validation-{size[0]}x{size[1]}-my_edges"
+        assert Image.open(folder / f"{stem}-control.png").size == size
+        assert Image.open(folder / f"{stem}-0.png").size == size
+    missing = tmp_path / "none.png"
+    options = json.loads(config.read_text())
+    config.write_text(json.dumps({**options, "validation_conditioning_images": [str(missing)]}))
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert f"validation_conditioning_images: {missing} cannot be read as an image" in err
+    assert "Traceback" not in err
 
 
 def test_an_image_dataset_without_a_conditioning_dataset_exits_2(tmp_path, tiny_model, capsys):
@@ -297,13 +398,93 @@ def test_canny_generator_makes_control_images_in_the_cache_and_trains(tmp_path, 
     assert "0 generated, 6 kept" in capsys.readouterr().out
 
 
+def _remote_canny_run(tmp_path: Path, model: Path, entry: dict) -> tuple[Path, Path]:
+    """A ControlNet run whose image dataset is `entry` with a canny generator; returns (config, generated folder)."""
+    config = write_run(tmp_path, model, "sd1x", images=6, controlnet=True, max_train_steps=2,
+                       disable_validation=True)
+    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backends[0] = {"id": "shapes", "resolution": 32, "resolution_type": "pixel_area", **entry,
+                   "conditioning": {"type": "canny", "conditioning_type": "controlnet", "captions": ["x"]}}
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    return config, tmp_path / "cache" / "conditioning" / "shapes" / "canny-100-200"
+
+
+def _canny_of(png: bytes) -> np.ndarray:
+    import io
+
+    import cv2
+
+    return cv2.Canny(np.asarray(Image.open(io.BytesIO(png)).convert("L")), 100, 200)
+
+
+@pytest.mark.slow
+def test_canny_generator_reads_an_s3_dataset_and_writes_into_the_cache(tmp_path, tiny_model, capsys, s3_server):
+    pytest.importorskip("cv2")
+    dataset = write_dataset(tmp_path / "pngs", count=6)
+    s3_server.make_bucket("canny-source")
+    files = {f"photos/{p.name}": p.read_bytes() for p in sorted(dataset.iterdir())}
+    s3_server.put("canny-source", files)
+    config, folder = _remote_canny_run(tmp_path, tiny_model("sd1x"), {
+        **s3_server.dataset_fields("canny-source", "photos"), "caption_strategy": "textfile"})
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"conditioning 'shapes_conditioning_canny': 6 generated, 0 kept, in {folder}" in out
+    assert "shapes <-> shapes_conditioning_canny (conditioning): 6 pairs" in out
+    assert sorted(metrics(tmp_path / "output")) == [1, 2]
+    expected = _canny_of(files["photos/0000.png"])
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "0000.png"))[..., 0], expected)
+    assert expected.any()
+    listed = sorted(s3_server.filesystem().find("canny-source"))
+    assert listed == sorted(f"canny-source/{key}" for key in files)  # nothing written beside the sources
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "again")]) == 0
+    assert "0 generated, 6 kept" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_canny_generator_reads_a_saved_hugging_face_dataset_and_writes_into_the_cache(tmp_path, tiny_model,
+                                                                                       capsys):
+    pytest.importorskip("cv2")
+    datasets = pytest.importorskip("datasets")
+    pngs = sorted(write_dataset(tmp_path / "pngs", count=6).glob("*.png"))
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+
+    def save(folder: Path, images: list[bytes]) -> None:
+        datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in images],
+                                    "text": [f"shape {i}" for i in range(len(images))]},
+                                   features=features).save_to_disk(str(folder))
+
+    images = [p.read_bytes() for p in pngs]
+    save(tmp_path / "hf", images)
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    config, folder = _remote_canny_run(tmp_path, tiny_model("sd1x"), {
+        "type": "huggingface", "dataset_name": str(tmp_path / "hf"), "caption_column": "text"})
+    assert main(["train", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "6 generated, 0 kept" in out and "(conditioning): 6 pairs" in out
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"row-{i:06d}.png" for i in range(6)]
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "row-000002.png"))[..., 0], _canny_of(images[2]))
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "again")]) == 0
+    assert "0 generated, 6 kept" in capsys.readouterr().out
+    # another dataset under the same name (a new fingerprint): its control images are made again
+    shutil.rmtree(tmp_path / "hf")
+    save(tmp_path / "hf", images[::-1])
+    assert main(["train", str(config), "--output_dir", str(tmp_path / "third")]) == 0
+    assert "6 generated, 0 kept" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "row-000002.png"))[..., 0], _canny_of(images[3]))
+
+
 def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
     config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=4, max_train_steps=1)
     backends = json.loads((tmp_path / "multidatabackend.json").read_text())
     backends[0]["conditioning"] = [{"type": "canny"}]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    assert main(["config", "check", str(config)]) == 2  # `config check` sees it too
+    assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
     assert main(["train", str(config)]) == 2
     assert "dataset 'shapes': conditioning generators make ControlNet inputs" in capsys.readouterr().err
+    assert main(["config", "check", str(config), "--controlnet", "true", "--cache_dir", "s3://bucket/cache"]) == 2
+    assert "conditioning generators write their control images under a local cache_dir" in capsys.readouterr().err
     backends[0]["conditioning"] = [{"type": "depth"}]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     assert main(["train", str(config), "--controlnet", "true"]) == 2
@@ -314,33 +495,55 @@ def test_a_generator_without_controlnet_exits_2(tmp_path, tiny_model, capsys):
 EXAMPLES = Path(__file__).parent / "data" / "upstream_examples"
 
 
-def _local_backends(tmp_path: Path, **changes) -> Path:
-    """multidatabackend-controlnet-1024px.json with its Hugging Face dataset replaced by a local folder."""
-    backends = json.loads((EXAMPLES / "multidatabackend-controlnet-1024px.json").read_text())
-    entry = backends[0]
-    for key in ("dataset_name", "metadata_backend"):
-        entry.pop(key)
-    entry.update(type="local", instance_data_dir=str(write_dataset(tmp_path / "minecraft", count=6)), **changes)
+def _saved_minecraft(tmp_path: Path) -> Path:
+    """A Hugging Face dataset saved on this machine, standing in for the examples' keras-dreambooth/minercraft."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "minecraft"
+    if folder.is_dir():
+        return folder
+    pngs = sorted(write_dataset(tmp_path / "minecraft-pngs", count=6).glob("*.png"))
+    datasets.Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": None} for p in pngs]},
+                               features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(folder))
+    return folder
+
+
+def _local_backends(tmp_path: Path, name: str, **changes) -> Path:
+    """The example's dataset file with its Hugging Face dataset replaced by one saved here (same type, same
+    canny generator); `changes` size it for a tiny model."""
+    backends = json.loads((EXAMPLES / name).read_text())
+    backends[0].update(dataset_name=str(_saved_minecraft(tmp_path)), **changes)
     path = tmp_path / "multidatabackend.json"
     path.write_text(json.dumps(backends))
     return path
 
 
+# example -> (its model_family, its dataset file, the tiny model's resolution, options the tiny model needs)
+CONTROLNET_EXAMPLES = {
+    "sdxl.peft-controlnet-lora": ("sdxl", "multidatabackend-controlnet-1024px.json", 64, []),
+    "sd3.peft-controlnet-lora": ("sd3", "multidatabackend-controlnet-1024px.json", 32, []),
+    "flux.peft-controlnet-lora": ("flux", "multidatabackend-controlnet-128px.json", 32,
+                                  ["--tokenizer_max_length", "32"]),
+}
+
+
 @pytest.mark.slow
-def test_simpletuner_sdxl_controlnet_lora_example_checks_and_trains_with_local_data(tmp_path, tiny_model,
-                                                                                    monkeypatch):
+@pytest.mark.parametrize("name", sorted(CONTROLNET_EXAMPLES))
+def test_simpletuner_controlnet_lora_examples_check_and_train_with_local_data(tmp_path, tiny_model, monkeypatch,
+                                                                              name):
+    pytest.importorskip("cv2")
     monkeypatch.chdir(tmp_path)  # its cache paths are relative
-    config = str(EXAMPLES / "sdxl.peft-controlnet-lora" / "config.json")
-    assert main(["config", "check", config, "--data_backend_config", str(_local_backends(tmp_path))]) == 0
-    tiny = _local_backends(tmp_path, resolution=64, maximum_image_size=64, target_downsample_size=64,
-                           minimum_image_size=0)
+    family, backends, size, extra = CONTROLNET_EXAMPLES[name]
+    config = str(EXAMPLES / name / "config.json")
+    assert main(["config", "check", config, "--data_backend_config", str(_local_backends(tmp_path, backends))]) == 0
+    tiny = _local_backends(tmp_path, backends, resolution=size, maximum_image_size=size,
+                           target_downsample_size=size, minimum_image_size=0)
     # its own process: the example's bf16 mixed precision needs a fresh accelerate state
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(simpletuner.__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "simpletuner", "train", config, "--data_backend_config", str(tiny),
-                             "--pretrained_model_name_or_path", str(tiny_model("sdxl")), "--resolution", "64",
-                             "--validation_resolution", "64x64", "--validation_num_inference_steps", "2",
-                             "--validation_steps", "2", "--max_train_steps", "2", "--lora_rank", "4",
+                             "--pretrained_model_name_or_path", str(tiny_model(family)), "--resolution", str(size),
+                             "--validation_resolution", f"{size}x{size}", "--validation_num_inference_steps", "2",
+                             "--validation_steps", "2", "--max_train_steps", "2", "--lora_rank", "4", *extra,
                              "--output_dir", str(tmp_path / "output")], cwd=tmp_path, env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -348,7 +551,16 @@ def test_simpletuner_sdxl_controlnet_lora_example_checks_and_trains_with_local_d
     assert sorted(metrics(output)) == [1, 2]
     assert (output / "controlnet" / "config.json").is_file() and (output / "pytorch_lora_weights.safetensors").is_file()
     assert list((output / "validation" / "step-2").glob("*-control.png"))
-    assert list((tmp_path / "cache" / "conditioning" / "controlnet-1024").glob("canny-*/*.png"))
+    dataset_id = json.loads((EXAMPLES / backends).read_text())[0]["id"]
+    assert len(list((tmp_path / "cache" / "conditioning" / dataset_id).glob("canny-*/row-*.png"))) == 6
+    if family == "flux":  # flux_lora_target 'controlnet': adapters on the ControlNet's control layers only
+        from safetensors import safe_open
+
+        with safe_open(str(output / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+            keys = list(handle.keys())
+        control = ("controlnet.controlnet_x_embedder.", "controlnet.controlnet_blocks.",
+                   "controlnet.controlnet_single_blocks.")
+        assert keys and all(key.startswith(control) for key in keys), keys[:5]
 
 
 # ---------------------------------------------------------------- ComfyUI
@@ -371,6 +583,49 @@ def test_comfyui_maps_every_key_of_the_exported_controlnet(tmp_path, tiny_model,
     assert len(set(mapped.values())) == len(mapped)  # no two weights land on one ComfyUI key
     assert mapped["controlnet_cond_embedding.conv_out.weight"].startswith("input_hint_block.")
     assert any(key.startswith("label_emb.") for key in mapped.values()) == (kind == "sdxl")
+
+
+@pytest.mark.parametrize(("kind", "branch"), [("sd3", "mmdit"), ("flux", "flux_instantx")])
+def test_comfyui_loads_every_parameter_of_the_exported_sd3_and_flux_controlnets(tmp_path, tiny_model, kind, branch):
+    from comfy_controlnet_keys import comfy_transformer_controlnet_keys
+    from safetensors.torch import load_file
+
+    from simpletuner.publish.export import export_controlnet
+    from simpletuner.train.adapters import Trained
+
+    cfg = TrainingConfig(model_family=kind, pretrained_model_name_or_path=str(tiny_model(kind)), controlnet=True)
+    family = get_family(kind)
+    controlnet = attach_controlnet(family, family.load(cfg, DTypePolicy()), cfg)
+    export_controlnet(Trained("full", controlnet, controlnet), tmp_path, {})
+    state = load_file(str(tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert comfy_transformer_controlnet_keys(state) == (branch, [], [])
+    # the check sees a lost weight: without a block's projection ComfyUI leaves its parameter uninitialised
+    lost = next(key for key in state if key.endswith("attn.to_out.0.weight"))
+    found, missing, _ = comfy_transformer_controlnet_keys({k: v for k, v in state.items() if k != lost})
+    assert found == branch and len(missing) == 1 and missing[0].endswith(".weight")
+
+
+def test_comfyui_cannot_load_the_hunyuan_dit_controlnet_file_as_status_says(tmp_path, tiny_model):
+    from comfy_controlnet_keys import comfy_controlnet_loader
+    from safetensors.torch import load_file
+
+    from simpletuner.publish.export import export_controlnet
+    from simpletuner.train.adapters import Trained
+
+    cfg = TrainingConfig(model_family="hunyuan_dit", pretrained_model_name_or_path=str(tiny_model("hunyuan_dit")),
+                         controlnet=True)
+    family = get_family("hunyuan_dit")
+    controlnet = attach_controlnet(family, family.load(cfg, DTypePolicy()), cfg)
+    export_controlnet(Trained("full", controlnet, controlnet), tmp_path, {})
+    state = load_file(str(tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert "after_proj_list.18.bias" not in state  # not Tencent's format, which ComfyUI's Hunyuan-DiT loader reads
+    assert "controlnet_cond_embedding.conv_in.weight" not in state  # nor the diffusers UNet ControlNet format
+    assert comfy_controlnet_loader(state) == "none"  # no SD3/Flux/Qwen branch takes it either
+    # and the last resorts, the ldm ControlNet and the T2I-Adapter formats, need keys it lacks
+    assert not {"zero_convs.0.0.weight", "control_model.zero_convs.0.0.weight", "body.0.in_conv.weight",
+                "conv_in.weight", "backbone.0.0.weight", "backbone.10.blocks.0.weight"} & set(state)
+    status = (Path(__file__).parents[1] / "docs" / "STATUS.md").read_text()
+    assert "ComfyUI cannot load the Hunyuan-DiT ControlNet file" in status
 
 
 # ---------------------------------------------------------------- SD3: the ControlNet takes VAE latents

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from simpletuner.config.schema import TrainingConfig
 from simpletuner.errors import ConfigError
-from simpletuner.train.flow import (
+from simpletuner.models.flow import (
     SCHNELL_SIGMAS,
     AutoShift,
     FlowMatchingObjective,
@@ -29,7 +29,7 @@ from simpletuner.train.flow import (
     shift_sigmas,
     time_shift_exponential,
 )
-from simpletuner.train.objectives import NoiseDraw, TrainingObjective
+from simpletuner.models.objectives import NoiseDraw, TrainingObjective
 
 
 def cfg(**options) -> TrainingConfig:

@@ -59,6 +59,13 @@ def test_chatglm_lora_loads_in_kolors_pipeline_changes_the_text_and_resumes_exac
     image_after = _sample(pipeline)
     assert torch.isfinite(image_after).all() and not torch.equal(image_before, image_after)
 
+    # `simpletuner export --format merged` reads ChatGLM's LoRA back and fuses it
+    assert main(["export", str(output), "--format", "merged", "--output", str(tmp_path / "merged")]) == 0
+    with_lora = KolorsPipeline.from_pretrained(model)
+    with_lora.load_lora_weights(output, weight_name="pytorch_lora_weights.safetensors")
+    merged = KolorsPipeline.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_prompt_embeds(merged), _prompt_embeds(with_lora), rtol=1e-4, atol=1e-5)
+
     resumed_root = tmp_path / "resumed"
     resumed = _run(resumed_root, model, dataset=tmp_path / "straight" / "dataset", resume_from_checkpoint="latest",
                    **options)

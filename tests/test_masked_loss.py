@@ -63,7 +63,7 @@ def test_a_fully_masked_region_gives_no_gradient_from_its_pixels(tiny_model) -> 
     mask is black, and not zero where it is white."""
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.models.registry import get_family
-    from simpletuner.train.objectives import training_loss
+    from simpletuner.models.objectives import training_loss
 
     cfg = TrainingConfig(model_family="sd1x", pretrained_model_name_or_path=str(tiny_model("sd1x")),
                          output_dir="unused", model_type="full")

@@ -23,7 +23,7 @@ from simpletuner.models.base import DTypePolicy
 from simpletuner.models.deepfloyd import DeepFloydFamily, downsample, stage_from_model_type
 from simpletuner.models.registry import get_family
 from simpletuner.testing.tiny import input_image
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
 CAPTIONS = ["A Red Cat on a MAT ", "", "an astronaut riding a horse, oil painting"]

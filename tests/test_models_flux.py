@@ -27,7 +27,7 @@ from simpletuner.models.flux import (
 )
 from simpletuner.models.registry import get_family
 from simpletuner.testing.tiny import sample_kwargs
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse, oil painting"]

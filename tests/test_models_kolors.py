@@ -19,7 +19,7 @@ from simpletuner.models.base import DTypePolicy
 from simpletuner.models.kolors import KolorsFamily
 from simpletuner.models.registry import get_family
 from simpletuner.models.sdxl import SDXLFamily
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse, oil painting"]

@@ -19,7 +19,7 @@ from simpletuner.errors import UserError
 from simpletuner.models.base import DTypePolicy
 from simpletuner.models.pixart import PixArtSigmaFamily
 from simpletuner.models.registry import get_family
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
 CAPTIONS = ["A Red Cat on a mat  ", "", "an astronaut riding a horse, oil painting"]

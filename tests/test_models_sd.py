@@ -22,7 +22,7 @@ from simpletuner.errors import ConfigError, UserError
 from simpletuner.models.base import DTypePolicy, read_model_index
 from simpletuner.models.registry import family_names, get_family
 from simpletuner.models.sd import SD1Family, SD2Family, StableDiffusionFamily
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse, oil painting"]

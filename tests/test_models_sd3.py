@@ -18,8 +18,8 @@ from simpletuner.models.base import DTypePolicy
 from simpletuner.models.registry import get_family
 from simpletuner.models.sd3 import SD3Family
 from simpletuner.testing.tiny import sample_kwargs
-from simpletuner.train.flow import FlowMatchingObjective
-from simpletuner.train.objectives import NoiseDraw, training_loss
+from simpletuner.models.flow import FlowMatchingObjective
+from simpletuner.models.objectives import NoiseDraw, training_loss
 
 FP32 = DTypePolicy()
 CAPTIONS = ["a red cat on a mat", "", "an astronaut riding a horse, oil painting"]

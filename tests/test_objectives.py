@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from simpletuner.config.schema import TrainingConfig
 from simpletuner.errors import ConfigError
-from simpletuner.train.objectives import (
+from simpletuner.models.objectives import (
     NoiseDraw,
     Objective,
     add_noise,

@@ -37,7 +37,7 @@ def _batch(family, components, class_data):
 def test_loss_is_instance_loss_plus_weighted_class_loss_as_in_diffusers_dreambooth(sd1x) -> None:
     """diffusers' train_dreambooth_lora.py with prior preservation: the batch holds instance then class
     examples; model_pred and target are chunked in two; loss = mse(instance) + prior_loss_weight * mse(class)."""
-    from simpletuner.train.objectives import training_loss
+    from simpletuner.models.objectives import training_loss
 
     family, components, objective = sd1x
     batch, generator = _batch(family, components, [False, False, True, True])

@@ -36,7 +36,7 @@ def _batch(family, components, regularisation):
 
 
 def test_regularisation_loss_is_the_adapters_deviation_from_the_base(lora_unet) -> None:
-    from simpletuner.train.objectives import training_loss
+    from simpletuner.models.objectives import training_loss
 
     family, components, objective, trained = lora_unet
     batch, generator = _batch(family, components, [True, True])

@@ -283,6 +283,16 @@ def test_an_epoch_without_any_batch_is_a_data_error(art):
         next(sampler)
 
 
+def test_more_ranks_than_full_batches_is_a_data_error_naming_the_process_count(art):
+    batches = MultiDatasetSampler([SamplerDataset("art", art)], 4, seed=0).steps_in_epoch
+    ranks = 8
+    assert 0 < batches < ranks  # one rank alone would have steps
+    sampler = MultiDatasetSampler([SamplerDataset("art", art)], 4, seed=0, rank=1, world_size=ranks)
+    with pytest.raises(DataError, match=r"(?s)batch size 4, 8 rank\(s\).*needs 8 full batches for one step; use "
+                                        r"fewer processes"):
+        next(sampler)
+
+
 def test_from_config(photos):
     training = TrainingConfig(model_family="sdxl", pretrained_model_name_or_path="tiny", train_batch_size=4,
                               seed=7, data_backend_sampling="uniform")

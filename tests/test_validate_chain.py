@@ -137,3 +137,16 @@ def test_kolors_stages_chain_too(tiny_model) -> None:
             hook.remove()
     assert image.size == (32, 32)
     assert first and second and min(first) > max(second) and len(set(first)) + len(set(second)) == 5
+
+
+@pytest.mark.slow
+def test_a_refiner_cannot_be_the_first_stage(tmp_path: Path, tiny_model, capsys) -> None:
+    """A trained SDXL refiner (recognised when it loads) with validation_refiner_model: refused at the first
+    validation, before any step, naming the option."""
+    config = _chained_run(tmp_path, tiny_model("sdxl_refiner"), "sdxl_refiner",
+                          validation_refiner_model=str(tiny_model("sdxl_refiner")))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "validation_refiner_model" in err and "first stage" in err, err
+    assert not (tmp_path / "output" / "metrics.jsonl").exists() or "loss" not in (
+        tmp_path / "output" / "metrics.jsonl").read_text()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from collections.abc import Sequence
 
+from simpletuner.config.conditioning import generator_problems
 from simpletuner.config.load import Loaded, Settings, read_settings
 from simpletuner.config.packages import missing_packages
 from simpletuner.config.references import latent_cache_for, text_cache_for
@@ -138,6 +139,7 @@ def check_settings(settings: Settings) -> CheckReport:
     report.problems += missing_libraries(training)
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
+        report.problems += generator_problems(training, dataset)
         if dataset.dataset_type == "image" and not dataset.text_embeds:
             choice = text_cache_for(dataset, settings.all_datasets, training)
             if choice.dataset_id is None:

@@ -112,9 +112,6 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "fsdp_limit_all_gathers": True, "fsdp_cpu_offload": None, "fsdp_activation_checkpointing": None}),
 }
 
-# flux_lora_target's ControlNet presets (a ControlNet LoRA here has one rule for every family)
-CONTROLNET_PRESET = ("this ControlNet target preset is not built: a ControlNet LoRA adapts the flux_lora_target "
-                     "layers plus the ControlNet's control layers")
 
 # SimpleTuner spelling -> our field name (same meaning).
 ALIASES: dict[str, str] = {
@@ -139,8 +136,9 @@ VALUE_HINTS: dict[tuple[str, str], str] = {
     ("report_to", "all"): "use tensorboard or wandb",
     ("model_family", "auraflow"): "AuraFlow is not supported",
     ("model_family", "smoldit"): "SmolDiT is not supported",
-    ("flux_lora_target", "controlnet"): CONTROLNET_PRESET,
-    ("flux_lora_target", "all+ffs+embedder+controlnet"): CONTROLNET_PRESET,
+    ("flux_lora_target", "all+ffs+embedder+controlnet"): "adapters on the embedders are not built; with "
+                                                         "controlnet=true, 'controlnet' adapts the ControlNet's "
+                                                         "control layers and 'all+ffs' its blocks and those",
     ("flux_lora_target", "all+ffs+embedder"): "adapters on the embedders are not built; all+ffs is the closest",
 }
 
@@ -177,7 +175,6 @@ IGNORED: dict[str, str] = {
     "seed_for_each_device": "every process derives its own seed from seed",
     "non_ema_revision": "revision is used",
     "validation_disable_unconditional": "validation never renders the unconditional (empty prompt) image",
-    "num_eval_images": "read only by evaluation (evaluation_type, eval datasets), which is refused when set",
     "offload_during_save": "moving weights to the CPU while saving changes memory use only, never the result",
     "delete_model_after_load": "the Hub download cache is left as it is (deleting it changes disk use only)",
     "checkpointing_use_tempdir": "checkpoints are always written under a temporary name, then renamed",
@@ -362,6 +359,9 @@ FAMILY_SWITCHES: dict[str, str] = {
 
 def _is_on(value: Any) -> bool:
     return not any(value == off and type(value) is type(off) for off in OFF_VALUES)
+
+
+LEGACY_SWITCHES = frozenset(FAMILY_SWITCHES) | {"offset_noise", "ema_cpu_only", "use_bitfit"}  # translate_legacy's
 
 
 def translate_legacy(values: dict[str, Any], sources: dict[str, str]) -> list[str]:

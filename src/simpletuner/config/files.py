@@ -12,6 +12,7 @@ import re
 import shlex
 import sys
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from itertools import compress, repeat
@@ -34,6 +35,7 @@ class RawConfig:
     datasets: list[Any] | None = None  # [[datasets]] tables of a TOML file
     path: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    left_out: int = 0  # unknown options a large file held beyond those kept in `values` (counted, not read)
 
     def update(self, values: dict[str, Any], origin: str) -> None:
         sources = dict.fromkeys(values, origin)
@@ -60,20 +62,42 @@ def config_format(path: Path) -> str:
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder; give the configuration file (config.toml, config.json, config.env)")
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read configuration file {path}: {error}") from None
+        raise _reading_error(path, error) from None
 
 
-def read_config_file(path: str | Path) -> RawConfig:
-    """Read one configuration file of any supported form."""
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise _reading_error(path, error) from None
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _reading_error(path, error) from None
+
+
+def _reading_error(path: Path, error: OSError | UnicodeDecodeError) -> ConfigError:
+    if isinstance(error, FileNotFoundError):
+        return ConfigError(f"configuration file not found: {path}")
+    if isinstance(error, IsADirectoryError):
+        return ConfigError(f"{path} is a folder; give the configuration file (config.toml, config.json, config.env)")
+    return ConfigError(f"cannot read configuration file {path}: {error}")
+
+
+def read_config_file(path: str | Path, recognised: Collection[str] | None = None, unknown: int = 0) -> RawConfig:
+    """Read one configuration file of any supported form. With `recognised` (every name a later step looks at),
+    a JSON file of MANY_KEYS_BYTES or more keeps only those options and the first `unknown` others, and counts
+    the rest in `left_out` (see many_keys.py; it reads the whole file when that could differ)."""
     path = Path(path).expanduser()
     kind = config_format(path)
-    reader = {"toml": _read_toml, "json": _read_json, "env": _read_env}[kind]
-    raw = reader(path)
+    if kind == "json":
+        raw = _read_json(path, recognised, unknown)
+    else:
+        raw = {"toml": _read_toml, "env": _read_env}[kind](path)
     raw.path = path
     return raw
 
@@ -160,8 +184,24 @@ def _without_trailing_commas(text: str) -> str:
     return _TRAILING_COMMA.sub(lambda m: m.group(1) or m.group(2), text)
 
 
-def _read_json(path: Path) -> RawConfig:
-    text = _read_text(path)
+MANY_KEYS_BYTES = 1 << 20  # JSON files from this size up are first read by many_keys.select
+
+
+def _selected(data: bytes, path: Path, recognised: Collection[str] | None, unknown: int) -> Any:
+    """many_keys.select's reading of a large JSON file, or None (see read_config_file)."""
+    if recognised is None or len(data) < MANY_KEYS_BYTES:
+        return None
+    if not data.isascii():
+        _decode(data, path)  # a ConfigError when it is not UTF-8
+    from simpletuner.config import many_keys  # numpy: only for large files
+
+    return many_keys.select(data, recognised, unknown, MAX_DEPTH)
+
+
+def _read_json(path: Path, recognised: Collection[str] | None = None, unknown: int = 0) -> RawConfig:
+    data = _read_bytes(path)
+    selection = _selected(data, path, recognised, unknown)
+    text = selection.text if selection is not None else _decode(data, path)
     warnings = []
     try:
         data = parse_json(text, path)
@@ -176,7 +216,7 @@ def _read_json(path: Path) -> RawConfig:
                           "an object of options. Point data_backend_config at the dataset file instead.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration is a JSON object of options, not {type(data).__name__}")
-    raw = RawConfig(warnings=warnings)
+    raw = RawConfig(warnings=warnings, left_out=selection.left_out if selection is not None else 0)
     raw.update(_without_dashes(data, text), str(path))
     return raw
 

@@ -31,12 +31,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from simpletuner.config.arguments import parse_arguments
 from simpletuner.config.compat import (
-    ALIASES, DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED, IGNORED, UNSUPPORTED, translate_legacy,
+    ALIASES, DATASET_ALIASES, DATASET_IGNORED, DATASET_UNSUPPORTED, IGNORED, LEGACY_SWITCHES, UNSUPPORTED,
+    translate_legacy,
 )
 from simpletuner.config.files import RawConfig, parse_json, read_config_file
 from simpletuner.config.references import reference_problems
 from simpletuner.config.schema import DatasetConfig, TrainingConfig
-from simpletuner.config.validate import Compat, validate
+from simpletuner.config.validate import SUGGESTED_UNKNOWN, Compat, recognised_names, validate
 from simpletuner.errors import ConfigError
 from simpletuner.log import get_logger
 
@@ -87,9 +88,12 @@ def _warn(warnings: list[str]) -> None:
 
 
 def read_raw(path: str | Path | None, overrides: Sequence[str] = ()) -> RawConfig:
-    """The options of `path` with `overrides` applied on top, old SimpleTuner switches translated."""
-    raw = read_config_file(path) if path is not None else RawConfig()
-    raw.update(parse_arguments(list(overrides)), "command line")
+    """The options of `path` with `overrides` applied on top, old SimpleTuner switches translated. A large JSON
+    file keeps only the options read later and the first unknown ones (the rest are counted: RawConfig.left_out)."""
+    given = parse_arguments(list(overrides))
+    recognised = recognised_names(TrainingConfig, TRAINING_COMPAT) | LEGACY_SWITCHES | given.keys()
+    raw = read_config_file(path, recognised, SUGGESTED_UNKNOWN + 1) if path is not None else RawConfig()
+    raw.update(given, "command line")
     raw.warnings.extend(translate_legacy(raw.values, raw.sources))
     return raw
 
@@ -100,7 +104,7 @@ def _subject(raw: RawConfig) -> str:
 
 def _training(raw: RawConfig) -> tuple[TrainingConfig, list[str]]:
     origin = str(raw.path) if raw.path else "command line"
-    outcome = validate(TrainingConfig, raw.values, raw.sources, TRAINING_COMPAT, origin)
+    outcome = validate(TrainingConfig, raw.values, raw.sources, TRAINING_COMPAT, origin, raw.left_out)
     _fail(outcome.problems, _subject(raw))
     if not isinstance(outcome.model, TrainingConfig):  # validate() returns a model or problems; never neither
         raise ConfigError(f"{_subject(raw)}: the options could not be validated")
@@ -341,7 +345,7 @@ def read_settings(path: str | Path | None, overrides: Sequence[str] = ()) -> Loa
     first stage that has one."""
     raw = read_raw(path, overrides)
     origin = str(raw.path) if raw.path else "command line"
-    outcome = validate(TrainingConfig, raw.values, raw.sources, TRAINING_COMPAT, origin)
+    outcome = validate(TrainingConfig, raw.values, raw.sources, TRAINING_COMPAT, origin, raw.left_out)
     training = outcome.model if isinstance(outcome.model, TrainingConfig) else None
     if training is not None:
         training = _with_config_relative_paths(training, raw.path.parent if raw.path else None)

@@ -29,6 +29,10 @@ TimestepSpacing = Literal["leading", "trailing", "linspace"]
 ADAPTER_MODEL_TYPES = ("lora", "deepfloyd-lora", "deepfloyd-stage2-lora")
 
 
+# the families whose model has a ControlNet (models.*: controlnet_loader); config check refuses the others
+CONTROLNET_FAMILIES = ("flux", "hunyuan_dit", "legacy", "sd1x", "sd2x", "sd3", "sdxl")
+
+
 def trains_adapter(cfg: "TrainingConfig") -> bool:
     """True when model_type trains an adapter (LoRA / LyCORIS) over a frozen base; False for the full model."""
     return cfg.model_type in ADAPTER_MODEL_TYPES
@@ -178,7 +182,8 @@ class DatasetConfig(StrictModel):
                                 "loss is weighted by prior_loss_weight (diffusers' train_dreambooth class images).")
     conditioning_data: str | None = Field(None, description="id of the conditioning dataset paired with this one.")
     conditioning: list[ConditioningGenerator] | None = Field(None, description="Make this image dataset's control "
-                                                             "images (controlnet=true, a local dataset): e.g. "
+                                                             "images (controlnet=true; a local, S3 or Hugging Face "
+                                                             "dataset): e.g. "
                                                              "[{type: canny}], written under <cache_dir>/conditioning.")
     conditioning_type: Literal["mask", "controlnet"] | None = Field(None, description="What a conditioning "
                                                                     "dataset holds.")
@@ -210,9 +215,6 @@ class DatasetConfig(StrictModel):
             raise ValueError(f"dataset {self.id!r}: is_class_data (class images, their loss weighted by "
                              "prior_loss_weight) cannot be combined with is_regularisation_data (the base model's "
                              "prediction as the target); set one of the two")
-        if self.conditioning and self.type != "local":
-            raise ValueError(f"dataset {self.id!r}: conditioning generators read local folders; type={self.type!r} "
-                             "(give a conditioning dataset through conditioning_data instead)")
         if self.type == "local" and not self.instance_data_dir:
             raise ValueError(f"dataset {self.id!r}: type 'local' needs instance_data_dir")
         if self.type == "aws" and not self.aws_bucket_name:
@@ -322,10 +324,12 @@ class TrainingConfig(StrictModel):
         "default", description="How LoRA weights start (peft's init_lora_weights).")
     init_lokr_norm: float | None = Field(None, gt=0, description="LyCORIS LoKr: perturbed-normal initialisation "
                                          "scale (1e-4 to 1e-2).")
-    flux_lora_target: Literal["mmdit", "context", "context+ffs", "all", "all+ffs", "ai-toolkit", "tiny", "nano"] = (
+    flux_lora_target: Literal["mmdit", "context", "context+ffs", "all", "all+ffs", "ai-toolkit", "tiny", "nano",
+                              "controlnet"] = (
         Field("all", description="Flux, standard LoRA: which layers get adapters (all: every attention layer, "
               "no feed-forward; all+ffs: also feed-forward; mmdit: no text-input layers; context: text attention "
-              "only; tiny/nano: two/one blocks)."))
+              "only; tiny/nano: two/one blocks; controlnet: with controlnet=true, the ControlNet's control layers "
+              "only)."))
     unet_lora_target: Literal["attention", "attention+ffs"] = Field("attention", description="UNet, SD3 "
                                                                     "and PixArt models, standard LoRA: adapt the "
                                                                     "attention projections, or also the "
@@ -462,7 +466,8 @@ class TrainingConfig(StrictModel):
     deepspeed_config: str | dict[str, Any] | None = Field(None, description="DeepSpeed ZeRO 1/2/3 through "
                                                           "accelerate: a DeepSpeed JSON file, or its JSON inline. "
                                                           "Optimiser offload: zero_optimization.offload_optimizer. "
-                                                          "Needs the deepspeed extra and CUDA.")
+                                                          "Needs the deepspeed extra; runs on CUDA or CPU "
+                                                          "processes.")
     # EMA
     use_ema: bool = Field(False, description="Keep an exponential moving average of the trained weights.")
     ema_decay: float = Field(0.995, gt=0, lt=1, description="EMA decay per update.")
@@ -571,6 +576,13 @@ class TrainingConfig(StrictModel):
     validation_noise_scheduler: Literal["ddim", "ddpm", "euler", "euler-a", "unipc", "dpm++"] | None = Field(
         None, description="Scheduler for validation (default: the model's).")
     num_validation_images: int = Field(1, ge=1, description="Images per validation prompt.")
+    validation_conditioning_images: list[str] | None = Field(
+        None, description="ControlNet: control images (local files) that validation samples each prompt from, at "
+        "each validation_resolution (each image centre-cropped and resized to it).")
+    num_eval_images: int | None = Field(None, ge=1, description="ControlNet: validation samples each prompt from "
+                                        "this many control images of the conditioning datasets (the first pairs by "
+                                        "path), each at its trained size and crop. Without either option, one "
+                                        "control image of each validation_resolution. No effect on other runs.")
     validation_guidance_rescale: float = Field(0.0, ge=0, le=1, description="Guidance rescale for validation "
                                                "(0.7 for zero-terminal-SNR models).")
     validation_guidance_real: float = Field(1.0, ge=1, description="Flux: real classifier-free guidance for "
@@ -724,11 +736,22 @@ class TrainingConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _controlnet_family(self) -> "TrainingConfig":
+        if self.controlnet and self.model_family not in CONTROLNET_FAMILIES:
+            raise ValueError(f"controlnet=true: model_family {self.model_family!r} has no ControlNet training in "
+                             f"this version; ControlNet training takes {', '.join(CONTROLNET_FAMILIES)}")
+        return self
+
+    @model_validator(mode="after")
     def _frozen_quantised_base(self) -> "TrainingConfig":
-        if self.base_model_precision != "no_change" and not trains_adapter(self):
+        if self.flux_lora_target == "controlnet" and not self.controlnet:
+            raise ValueError("flux_lora_target='controlnet' adapts a ControlNet's control layers and needs "
+                             "controlnet=true; for a Flux LoRA choose another flux_lora_target")
+        if self.base_model_precision != "no_change" and not trains_adapter(self) and not self.controlnet:
             raise ValueError(f"base_model_precision={self.base_model_precision!r} quantises the base model, which "
                              f"model_type {self.model_type!r} trains itself; quantised weights cannot be trained: "
-                             "use model_type 'lora' or base_model_precision 'no_change'")
+                             "use model_type 'lora', controlnet=true (the base stays frozen) or base_model_precision "
+                             "'no_change'")
         return self
 
     @model_validator(mode="after")

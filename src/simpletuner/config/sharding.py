@@ -98,7 +98,4 @@ def sharding_problems(cfg: Any) -> list[str]:
     if (cfg.fsdp_enable or cfg.deepspeed_config) and cfg.use_ema:
         problems.append("use_ema=true with sharded training is not built yet: the EMA would average unsharded "
                         "copies; set use_ema=false")
-    if cfg.deepspeed_config and cfg.gradient_accumulation_steps > 1:
-        problems.append(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} with deepspeed_config is not "
-                        "built yet: DeepSpeed counts accumulation itself; use 1")
     return problems

@@ -74,12 +74,18 @@ def _rename_aliases(values: dict[str, Any], sources: dict[str, str], compat: Com
             sources[new] = sources.pop(old)
 
 
+def recognised_names(model: type[BaseModel], compat: Compat) -> frozenset[str]:
+    """The keys `validate` reads one by one: the model's fields and the other spellings `compat` knows."""
+    return frozenset(model.model_fields.keys() | compat.aliases.keys() | compat.ignored.keys()
+                     | compat.unsupported.keys())
+
+
 def _without_most_unknown(values: dict[str, Any], sources: dict[str, str], model: type[BaseModel], compat: Compat
                           ) -> tuple[dict[str, Any], dict[str, str], int]:
     """Copies of `values` and `sources` keeping, in file order, every key the model or `compat` knows and the first
     unknown keys (one more than are named); and how many unknown keys were left out (a file may hold millions:
     they are counted, not copied or looked at one by one)."""
-    names = model.model_fields.keys() | compat.aliases.keys() | compat.ignored.keys() | compat.unsupported.keys()
+    names = recognised_names(model, compat)
     present = {name for name in names if name in values}
     if len(values) - len(present) <= SUGGESTED_UNKNOWN + 1:
         return dict(values), dict(sources), 0
@@ -258,9 +264,11 @@ def _explain_all(error: ValidationError, model: type[BaseModel], values: dict[st
 
 
 def validate(model: type[Model], values: dict[str, Any], sources: dict[str, str], compat: Compat,
-             origin: str) -> Outcome:
-    """Check `values` against `model`; `origin` names the file for keys without a recorded source."""
+             origin: str, left_out: int = 0) -> Outcome:
+    """Check `values` against `model`; `origin` names the file for keys without a recorded source; `left_out`
+    unknown keys were counted, not read, before (RawConfig.left_out)."""
     values, sources, dropped = _without_most_unknown(values, sources, model, compat)
+    dropped += left_out
     problems: list[str] = []
     warnings: list[str] = []
     _rename_aliases(values, sources, compat, origin, problems)

@@ -2,10 +2,13 @@
 
 `with_generated_conditioning` turns an image dataset's generator into a conditioning dataset of its own
 (id `<id>_conditioning_<type>`, paired through `conditioning_data`) whose folder lies under
-`<cache_dir>/conditioning/<id>/<type>-<settings>/`, never in the source folder. `generate` writes one PNG
-per source image there, at the source's relative path, each under a temporary name then renamed; an image
-already generated (newer than its source) is kept, and a source that cannot be read is reported and left
-out (its image then has no partner: a counted skip). Canny edges come from OpenCV (the `controlnet` extra).
+`<cache_dir>/conditioning/<id>/<type>-<settings>/`, never in the source (a local folder, an S3 prefix or a
+Hugging Face dataset, read through `open_source`). `generate` writes one PNG per source image there, at the
+source's relative path (a Hugging Face row's name, `row-000012`, for its rows), each under a temporary name
+then renamed; an image already generated from the same source (`<folder>.source`, beside the folder, names its
+URL, which for a Hugging Face dataset holds its fingerprint) and newer than its source image is kept; a source
+image that cannot be read is reported and left out (its image then has no partner: a counted skip). Canny
+edges come from OpenCV (the `controlnet` extra).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ if TYPE_CHECKING:
 
     from simpletuner.config.load import Settings
     from simpletuner.config.schema import ConditioningGenerator, DatasetConfig
+    from simpletuner.data.hf import HuggingFaceStorage
+    from simpletuner.data.storage import DatasetStorage
+
+    Source = DatasetStorage | HuggingFaceStorage
 
 
 @dataclass
@@ -68,62 +75,69 @@ def with_generated_conditioning(settings: Settings) -> Settings:
 
 
 def _check(dataset: DatasetConfig, settings: Settings) -> ConditioningGenerator:
-    if not settings.training.controlnet:
-        raise ConfigError(f"dataset {dataset.id!r}: conditioning generators make ControlNet inputs; set "
-                          "controlnet=true or remove conditioning")
-    if len(dataset.conditioning) != 1:
-        raise ConfigError(f"dataset {dataset.id!r}: conditioning lists {len(dataset.conditioning)} generators; a "
-                          "ControlNet trains on one")
-    if dataset.conditioning_data:
-        raise ConfigError(f"dataset {dataset.id!r}: both conditioning (generated) and conditioning_data="
-                          f"{dataset.conditioning_data!r}; keep one")
+    from simpletuner.config.conditioning import generator_problems
+
+    problems = generator_problems(settings.training, dataset)
+    if problems:
+        raise ConfigError(problems[0])
     return dataset.conditioning[0]
 
 
 def generate_all(settings: Settings, original: Settings) -> list[str]:
     """Generate the control images of every generator in `original`'s datasets; one report line each."""
+    from simpletuner.data.storage import open_source
+
     lines = []
     for dataset in original.datasets:
         if dataset.conditioning and not dataset.disabled:
             generator = dataset.conditioning[0]
-            result = generate(Path(dataset.instance_data_dir),
-                              generated_folder(settings.training.cache_dir, dataset.id, generator), generator)
+            result = generate(open_source(dataset), generated_folder(settings.training.cache_dir, dataset.id,
+                                                                     generator), generator)
             lines.append(result.report(generated_id(dataset.id, generator)))
     return lines
 
 
-def generate(source: Path, folder: Path, generator: ConditioningGenerator) -> Generated:
-    """Write the control image of every image under `source` into `folder` (source is only read)."""
-    from simpletuner.data.storage import image_extensions
+SOURCE_NOTE = ".source"  # <generated folder>.source: the URL of the source its images were made from
 
-    if not source.is_dir():
-        raise UserError(f"conditioning generator: {source} is not a folder")
+
+def generate(source: Source, folder: Path, generator: ConditioningGenerator) -> Generated:
+    """Write the control image of every image of `source` into the local `folder` (the source is only read)."""
     result = Generated(folder)
-    extensions = image_extensions()
-    for path in sorted(source.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in extensions:
-            continue
-        relative = path.relative_to(source)
-        target = (folder / relative).with_suffix(".png")
-        if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+    note = folder.with_name(folder.name + SOURCE_NOTE)  # beside the folder: no stray file among the images
+    same_source = note.is_file() and note.read_text() == source.url
+    for entry in source.list_images():
+        target = (folder / entry.path).with_suffix(".png")
+        if same_source and target.is_file() and target.stat().st_mtime >= entry.mtime:
             result.kept += 1
             continue
         try:
-            edges = canny(_read_rgb(path), generator.low_threshold, generator.high_threshold)
+            edges = canny(_decode_rgb(source.read_bytes(entry.path)), generator.low_threshold,
+                          generator.high_threshold)
         except (OSError, ValueError) as error:
-            result.failed.append(f"{relative}: {error}")
+            result.failed.append(f"{entry.path}: {error}")
             continue
         _write_png(edges, target)
         result.written += 1
+    if not same_source:
+        folder.mkdir(parents=True, exist_ok=True)
+        with written_atomically(note) as temp:
+            temp.write_text(source.url)
     return result
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    import numpy as np
-    from PIL import Image, ImageOps
+def _decode_rgb(data: bytes) -> np.ndarray:
+    import io
 
-    with Image.open(path) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("no image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except UnidentifiedImageError as error:
+        raise ValueError(str(error)) from error
 
 
 def canny(rgb: np.ndarray, low: int, high: int) -> np.ndarray:

@@ -288,6 +288,9 @@ class MultiDatasetSampler:
                 f"  - {dataset.dataset_id!r}: {len(dataset.assignment)} image(s), repeats {dataset.repeats}, "
                 f"probability {dataset.probability:g}, {batches} full batch(es) per epoch"
             )
+        if self.world_size > 1:  # every step deals one batch to each rank: a dataset needs world_size of them
+            lines.append(f"each step takes one full batch per rank: a dataset needs {self.world_size} full batches "
+                         f"for one step; use fewer processes, or")
         lines.append("lower train_batch_size, raise repeats or probability, or add images")
         return "\n".join(lines)
 

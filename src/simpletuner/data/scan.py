@@ -11,7 +11,7 @@ The datasets are only read; each index is saved in the cache directory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 if TYPE_CHECKING:
     from simpletuner.config.load import Settings
@@ -20,7 +20,15 @@ if TYPE_CHECKING:
     from simpletuner.data.index import ScanResult
     from simpletuner.data.hf import HuggingFaceStorage
     from simpletuner.data.storage import DatasetStorage, FileEntry
-    from simpletuner.models.base import ModelFamily  # only its alignment and default_resolution are read
+
+
+class ModelFamily(Protocol):
+    """What a scan reads of the run's model family (models/base.py's ModelFamily, a floor above data)."""
+
+    alignment: int
+
+    def default_resolution(self, cfg: "TrainingConfig") -> int: ...
+
 
 EXAMPLES = 3
 # index reasons as people read them (buckets' kinds, e.g. "too small", are already words)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from simpletuner.config.schema import TrainingConfig
     from simpletuner.data.records import ImagePlan
-    from simpletuner.train.objectives import TrainingObjective
+    from simpletuner.models.objectives import TrainingObjective
 
 logger = get_logger(__name__)
 
@@ -352,7 +352,7 @@ class ModelFamily(ABC):
     # ------------------------------------------------------------ training
     def objective(self, cfg: TrainingConfig, components: Components) -> TrainingObjective:
         """The run's objective: the model's schedule with the configured options applied."""
-        from simpletuner.train.objectives import Objective, refiner_timestep_range
+        from simpletuner.models.objectives import Objective, refiner_timestep_range
 
         betas = components.noise_scheduler.betas
         timestep_range = None
@@ -375,7 +375,7 @@ class ModelFamily(ABC):
         `empty_text` is `text_outputs(components, [""])` (batch size 1, broadcast). Returns the
         new text outputs and batch; families may also drop other conditioning.
         """
-        from simpletuner.train.objectives import select_per_sample
+        from simpletuner.models.objectives import select_per_sample
 
         return {key: select_per_sample(keep, value, empty_text[key]) for key, value in text.items()}, dict(batch)
 

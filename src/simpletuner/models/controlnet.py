@@ -35,10 +35,6 @@ def check_controlnet_family(family: ModelFamily, cfg: TrainingConfig | None = No
     if cfg is not None and cfg.model_type == "lora" and cfg.lora_type == "lycoris":
         raise UserError("controlnet=true with lora_type='lycoris': a ControlNet trains in full (model_type='full') "
                         "or with a LoRA (lora_type='standard')")
-    if cfg is not None and cfg.base_model_precision != "no_change":
-        raise UserError(f"controlnet=true with base_model_precision={cfg.base_model_precision!r}: a ControlNet on a "
-                        "quantised base is not built in this version (the ControlNet is made from the base's "
-                        "weights); set base_model_precision='no_change'")
     if cfg is not None and cfg.train_text_encoder:
         raise UserError("controlnet=true with train_text_encoder=true: the ControlNet export holds the ControlNet "
                         "only, so trained text encoders would be lost; set train_text_encoder=false")
@@ -57,12 +53,16 @@ def _has_controlnet(name: str) -> bool:
 
 
 def attach_controlnet(family: ModelFamily, components: Components, cfg: TrainingConfig) -> nn.Module:
-    """Build the run's ControlNet into components["controlnet"]; the base denoiser is frozen.
+    """Build the run's ControlNet into components["controlnet"] (once: a later call returns it); the base
+    denoiser is frozen.
 
-    The ControlNet trains in fp32 (model_type full) or in the frozen dtype under a LoRA.
+    The ControlNet trains in fp32 (model_type full) or in the frozen dtype under a LoRA. Built before the base is
+    quantised (`base_model_precision`), it copies the base's full-precision weights and stays unquantised.
     """
     from simpletuner.config.schema import trains_adapter
 
+    if CONTROLNET in components.modules:
+        return components.modules[CONTROLNET]
     check_controlnet_family(family)
     denoiser = family.denoiser(components)
     denoiser.requires_grad_(False)

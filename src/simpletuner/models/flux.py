@@ -57,6 +57,7 @@ FLUX_ADAPTER_PRESETS: dict[str, tuple[str, ...]] = {
                    + ("norm.linear", "norm1.linear", "norm1_context.linear") + _SINGLE_MLP),
     "tiny": ("single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"),
     "nano": ("single_transformer_blocks.7.proj_out",),
+    "controlnet": (),  # with controlnet=true: the ControlNet's control layers only (models.controlnet adds them)
 }
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
     from simpletuner.config.schema import TrainingConfig
-    from simpletuner.train.flow import FlowMatchingObjective
+    from simpletuner.models.flow import FlowMatchingObjective
 
 logger = get_logger(__name__)
 
@@ -108,7 +108,7 @@ class FlowMatchingFamily(ModelFamily):
         return type(scheduler).from_config(scheduler.config)
 
     def objective(self, cfg: TrainingConfig, components: Components) -> FlowMatchingObjective:
-        from simpletuner.train.flow import FlowMatchingObjective
+        from simpletuner.models.flow import FlowMatchingObjective
 
         return FlowMatchingObjective.from_config(cfg, components["scheduler"].config)
 

@@ -24,8 +24,9 @@ folder must be on storage all processes see.
 
 Elastic resume: a checkpoint made by N processes resumes with M. Weights, optimiser, scheduler
 and EMA are whole (rank 0's files) and load as they are; FSDP2's sharded `fsdp/` folder is a
-torch.distributed.checkpoint, which reshards on load. The sampler's position comes from rank 0's
-state (all ranks share epoch and step) and re-deals the rest of the epoch over the M ranks; each
+torch.distributed.checkpoint, which reshards on load (train/reshard.py reads either layout into
+either sharding, so an FSDP2 checkpoint also resumes on one process and an unsharded one under
+FSDP2). The sampler's position comes from rank 0's state (all ranks share epoch and step) and re-deals the rest of the epoch over the M ranks; each
 process restores its RNG from its own file when there is one (the trainer seeds every micro-batch
 from the step, so nothing drawn depends on it). A DeepSpeed checkpoint (ZeRO partitions per process)
 is refused at another size.
@@ -233,7 +234,8 @@ def check_compatible(path: Path, identity: Mapping[str, Any], world_size: int | 
                                f"{meta['world_size']} processes)")
         elif explain:
             logger.info("checkpoint %s was made by %d process(es), this run has %d: weights, optimiser and EMA "
-                        "load whole, and the rest of epoch %d is re-dealt over %d rank(s) (no sample twice)",
+                        "are restored (sharded ones resharded), and the rest of epoch %d is re-dealt over %d rank(s) "
+                        "(no sample twice)",
                         path.name, meta["world_size"], world_size, meta["epoch"], world_size)
     if differences:
         raise UserError(f"cannot resume from {path}: it was made by a different configuration:\n  "

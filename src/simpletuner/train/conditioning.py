@@ -136,3 +136,21 @@ def control_image(data: Any, index: int) -> Any:
     pixels = load_pixels(item.source, item.plan, storage_options=data.control.storage_options)
     array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     return Image.fromarray(array)
+
+
+def eval_controls(datasets: dict[str, Any], count: int) -> list[tuple[str, Any, tuple[int, int]]]:
+    """`num_eval_images`: the first `count` control images of the image datasets' conditioning partners (datasets
+    in order, pairs by their image's path), each as trained: (its image's file name without the extension, the
+    control image, its trained size)."""
+    from pathlib import PurePosixPath
+
+    controls: list[tuple[str, Any, tuple[int, int]]] = []
+    for data in datasets.values():
+        if data.control is None:
+            continue
+        for index in sorted(data.control.items, key=lambda i: data.latent_items[i].source):
+            if len(controls) == count:
+                return controls
+            item = data.latent_items[index]
+            controls.append((PurePosixPath(item.source).stem, control_image(data, index), item.plan.target_size))
+    return controls

@@ -89,7 +89,7 @@ def quantize_module(module: nn.Module, precision: str) -> nn.Module:
         _torchao(module, precision)
     else:
         _nf4(module)
-    return module
+    return module.requires_grad_(False)  # the quantised layers' new parameters are frozen too
 
 
 def _targets(family: ModelFamily, cfg: Any) -> dict[str, str]:

@@ -92,7 +92,7 @@ def check_output_dir(output_dir: str) -> Path:
 def make_accelerator(settings: Settings) -> Accelerator:
     from accelerate import Accelerator
 
-    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu
+    from simpletuner.train.sharding import accelerator_plugins, enable_fsdp_on_cpu, select_deepspeed
 
     cfg = settings.training
     plugins = accelerator_plugins(cfg)  # FSDP2 or DeepSpeed, when asked for
@@ -100,6 +100,8 @@ def make_accelerator(settings: Settings) -> Accelerator:
                               gradient_accumulation_steps=1, **plugins)  # the trainer counts accumulation
     if "fsdp_plugin" in plugins:
         enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"])
+    if "deepspeed_plugin" in plugins:
+        select_deepspeed(accelerator, plugins["deepspeed_plugin"])
     return accelerator
 
 
@@ -146,6 +148,10 @@ def build_run(settings: Settings, accelerator: Accelerator) -> Run:
 
         set_seed(cfg.seed)
     components = family.load(cfg)
+    if cfg.controlnet:  # from the base's full-precision weights, before the frozen base is quantised
+        from simpletuner.models.controlnet import attach_controlnet
+
+        attach_controlnet(family, components, cfg)
     quantize_components(family, components, cfg, accelerator.device)  # frozen weights, before any adapter
     components.to(accelerator.device)
     _configure_vae(components, cfg)

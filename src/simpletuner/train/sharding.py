@@ -12,13 +12,15 @@ calls the same methods whichever is used.
   in place (`fully_shard`), gradients are reduce-scattered in backward. Checkpoints go through
   torch.distributed.checkpoint's state-dict API: each process's shard (SHARDED_STATE_DICT, a `fsdp/`
   folder of torch.distributed.checkpoint) or the full weights and optimiser state gathered to the first
-  process (FULL_STATE_DICT, `trained.safetensors` and `optimizer.pt`).
+  process (FULL_STATE_DICT, `trained.safetensors` and `optimizer.pt`). Either loads at any number of
+  processes, and into an unsharded run (train/reshard.py).
 - DeepSpeed (`deepspeed_config`): accelerate's DeepSpeedPlugin; the engine reduces gradients and steps;
   checkpoints are the engine's own (`deepspeed/` folder, every process writes its partition).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -30,6 +32,7 @@ from torch import nn
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
+from simpletuner.train.reshard import SHARDED_FOLDER
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -40,7 +43,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"
-FSDP_FOLDER = "fsdp"
 
 
 # ------------------------------------------------------------------ accelerator plugins
@@ -111,6 +113,33 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: Any) -> None:
         state.fsdp_plugin = plugin
 
 
+def select_deepspeed(accelerator: Accelerator, plugin: Any) -> None:
+    """Make DeepSpeed the accelerator's distributed type, on CPU processes too, and keep the frozen models whole.
+
+    accelerate turns DeepSpeed on only for accelerator processes; ZeRO runs on CPU processes as well (gloo,
+    DeepSpeed's CPU accelerator), so it is selected there too: one process, or several launched with
+    `accelerate launch --multi_gpu` (or torchrun) without a GPU. DeepSpeed casts for mixed precision itself.
+    Selecting the plugin also tells transformers that ZeRO-3 is on, which would build every transformers model
+    loaded afterwards (the frozen text encoders) partitioned under `deepspeed.zero.Init`, outside any engine:
+    that notice is withdrawn, and the engine partitions the trained module when accelerate prepares it."""
+    from accelerate.utils import DistributedType
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    state = accelerator.state
+    if state.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # one process: DeepSpeed wants a process group (of one) all the same
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # which DeepSpeed reads instead of asking the group
+        plugin.set_mixed_precision(state.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        state.deepspeed_plugins = plugin
+        state.distributed_type = DistributedType.DEEPSPEED
+        state._mixed_precision = "no"
+    unset_hf_deepspeed_config()
+
+
 def sharding_for(accelerator: Accelerator, cfg: Any) -> "Sharding":
     """The sharding the accelerator ended up with; refuses sharding options it could not honour."""
     from accelerate.utils import DistributedType
@@ -122,9 +151,6 @@ def sharding_for(accelerator: Accelerator, cfg: Any) -> "Sharding":
         from simpletuner.config.sharding import zero_stage
 
         return DeepSpeed(stage=zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config))
-    if cfg.deepspeed_config:
-        raise UserError("deepspeed_config: accelerate runs DeepSpeed only on CUDA processes (none here); "
-                        "remove deepspeed_config to train unsharded")
     if cfg.fsdp_enable:
         logger.warning("fsdp_enable with %d process: nothing to shard over, training unsharded",
                        accelerator.num_processes)
@@ -150,6 +176,10 @@ class Sharding:
     def before_backward(self, parameters: list[nn.Parameter], world: int, last: bool) -> None:
         """Called before each micro-batch's backward; `last`: the update's last one (its gradients are final)."""
 
+    def backward(self, accelerator: Accelerator, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss, already divided by the number of micro-batches of the update."""
+        accelerator.backward(loss)
+
     def reduce_gradients(self, parameters: list[nn.Parameter], world: int) -> None:
         """Average gradients over processes (one flat all-reduce; the module itself is never wrapped)."""
         if world == 1:
@@ -165,14 +195,29 @@ class Sharding:
             grad.copy_(reduced)
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
-                         rank_states: Mapping[str, Any]) -> dict[str, Any]:
-        """save_checkpoint/load_checkpoint arguments; the sharded kinds take the module and optimiser over."""
+                         rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
+        """save_checkpoint/load_checkpoint arguments (`loading`: the checkpoint to be read, None when saving); the
+        sharded kinds take the module and optimiser over. A checkpoint FSDP2 wrote (sharded, or whole with the
+        optimiser keyed by name) is read whole through train/reshard.py: elastic resume of an FSDP2 run on one
+        process, or with fsdp_enable off."""
+        from simpletuner.train.reshard import Reader, written_by_fsdp
+
+        if loading is not None and written_by_fsdp(loading):
+            return {"modules": {name: m for name, m in modules.items() if name != "trained"},
+                    "states": _without_optimizer(states), "rank_states": dict(rank_states),
+                    "collective": Reader(modules["trained"], states["optimizer"])}
         return {"modules": dict(modules), "states": dict(states), "rank_states": dict(rank_states)}
 
     @contextmanager
     def whole(self, components: Components, trained: Trained) -> Iterator[tuple[Components, Trained]]:
         """Components and trained module with whole weights, for the export (every process enters)."""
         yield components, trained
+
+    @contextmanager
+    def for_validation(self, components: Components, trained: Trained, device: torch.device) -> Iterator[Components]:
+        """Components whose trained module holds whole weights on `device`, for the first process's validation
+        pipeline (every process enters)."""
+        yield components
 
 
 @dataclass
@@ -205,7 +250,6 @@ class FSDP2(Sharding):
     state_dict_type: str = "SHARDED_STATE_DICT"
     ram_efficient: bool = False
     sharded = True
-    validates = False
 
     def prepare(self, accelerator: Accelerator, module: nn.Module, optimizer: Any) -> Any:
         prepared, self.optimizer = accelerator.prepare(module, optimizer)
@@ -218,7 +262,7 @@ class FSDP2(Sharding):
         return None  # reduce-scattered by FSDP in backward
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
-                         rank_states: Mapping[str, Any]) -> dict[str, Any]:
+                         rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
         return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
                 "collective": self}  # save/load below, on every process
 
@@ -236,7 +280,7 @@ class FSDP2(Sharding):
         if not full:
             import torch.distributed.checkpoint as dcp
 
-            dcp.save({"model": model, "optimizer": optim}, checkpoint_id=str(folder / FSDP_FOLDER))
+            dcp.save({"model": model, "optimizer": optim}, checkpoint_id=str(folder / SHARDED_FOLDER))
         elif is_main:
             from safetensors.torch import save_file
 
@@ -246,30 +290,12 @@ class FSDP2(Sharding):
             torch.save(optim, folder / "optimizer.pt")
 
     def load(self, folder: Path, is_main: bool) -> None:
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        """Read the checkpoint in whichever layout it has (train/reshard.py): a sharded `fsdp/` folder reshards to
+        this run's processes; whole files (this FULL_STATE_DICT, or an unsharded run's) are sharded on load."""
+        from simpletuner.train.reshard import load_either
 
-        if self.state_dict_type != "FULL_STATE_DICT":
-            import torch.distributed.checkpoint as dcp
-
-            state = {"model": get_model_state_dict(self.module),
-                     "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
-            _require(folder / FSDP_FOLDER, "fsdp_state_dict_type=SHARDED_STATE_DICT")
-            dcp.load(state, checkpoint_id=str(folder / FSDP_FOLDER))
-            set_model_state_dict(self.module, state["model"])
-            set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
-            return
-        from safetensors.torch import load_file
-
-        _require(folder / "trained.safetensors", "fsdp_state_dict_type=FULL_STATE_DICT")
-        broadcast = self.ram_efficient  # the first process reads, the others receive
-        read = is_main or not broadcast
-        model = load_file(str(folder / "trained.safetensors")) if read else {}
-        optim = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True) if read else {}
-        set_model_state_dict(self.module, model, options=self._options(True, broadcast_from_rank0=broadcast,
-                                                                         strict=False))  # buffers are not saved
-        set_optimizer_state_dict(self.module, self.optimizer, optim,
-                                 options=self._options(True, broadcast_from_rank0=broadcast))
+        broadcast = self.ram_efficient  # whole files: the first process reads, the others receive
+        load_either(folder, self.module, self.optimizer, read=is_main or not broadcast, broadcast=broadcast)
 
     @contextmanager
     def whole(self, components: Components, trained: Trained) -> Iterator[tuple[Components, Trained]]:
@@ -288,12 +314,22 @@ class FSDP2(Sharding):
         yield (replace(components, modules={**components.modules, name: copy}),
                replace(trained, model=copy, module=copy))
 
+    @contextmanager
+    def for_validation(self, components: Components, trained: Trained, device: torch.device) -> Iterator[Components]:
+        """The whole weights gathered into an unsharded copy on the first process's device: validation there
+        holds the full trained module beside its shard for as long as it samples."""
+        with self.whole(components, trained) as (gathered, copy):
+            if copy.module is not trained.module:
+                copy.module.to(device).eval()
+            yield gathered
+
 
 @dataclass
 class DeepSpeed(Sharding):
     stage: int = 2
     sharded = True
     engine: Any = None
+    last: bool = True  # the micro-batch whose backward comes next is the update's last
 
     @property
     def validates(self) -> bool:  # ZeRO-1/2 keep whole weights on every process
@@ -304,11 +340,20 @@ class DeepSpeed(Sharding):
         self.module = module  # the engine's hooks sit on the module's parameters; calls go to it directly
         return self.optimizer
 
+    def before_backward(self, parameters: list[nn.Parameter], world: int, last: bool) -> None:
+        self.last = last
+
+    def backward(self, accelerator: Accelerator, loss: torch.Tensor) -> None:
+        """The engine accumulates the micro-batches' gradients, reduces them at the update's last one and steps
+        there (with its own clipping). The loss comes divided by the number of micro-batches already, so the
+        engine does not divide it again."""
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=self.last, scale_wrt_gas=False)
+
     def reduce_gradients(self, parameters: list[nn.Parameter], world: int) -> None:
-        return None  # the engine reduces (and steps) in accelerator.backward
+        return None  # the engine reduced (and stepped) in the last micro-batch's backward
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
-                         rank_states: Mapping[str, Any]) -> dict[str, Any]:
+                         rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
         return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
                 "collective": self}  # save/load below, on every process
 

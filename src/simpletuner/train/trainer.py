@@ -177,7 +177,7 @@ def _update(run: Run, step: int, empty_text: dict[str, torch.Tensor], guard: Any
                 loss = _loss(run, batch, empty_text, seed)
             run.sharding.before_backward(run.trained.parameters(), run.accelerator.num_processes,
                                          micro == accumulation - 1)
-            run.accelerator.backward(loss / accumulation)
+            run.sharding.backward(run.accelerator, loss / accumulation)
         total += loss.detach() / accumulation
     run.sharding.reduce_gradients(run.trained.parameters(), run.accelerator.num_processes)
     grad_norm = _clip(run)
@@ -204,7 +204,7 @@ def _agree(run: Run, flag: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(run: Run, raw: dict[str, Any], empty_text: dict[str, torch.Tensor], seed: int) -> torch.Tensor:
-    from simpletuner.train.objectives import caption_keep_mask, training_loss
+    from simpletuner.models.objectives import caption_keep_mask, training_loss
 
     device = run.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -346,12 +346,12 @@ def _finite(value: float) -> float | None:
 
 
 # ------------------------------------------------------------------ checkpoints, validation, export
-def _checkpoint_parts(run: Run) -> dict[str, Any]:
+def _checkpoint_parts(run: Run, loading: Path | None = None) -> dict[str, Any]:
     states: dict[str, Any] = {"optimizer": run.optimizer, "lr_scheduler": run.lr_scheduler}
     if run.ema is not None:
         states["ema"] = run.ema
     return run.sharding.checkpoint_parts({"trained": run.trained.module, **run.trained.text_encoders}, states,
-                                         {"sampler": run.feed if run.feed is not None else run.sampler})
+                                         {"sampler": run.feed if run.feed is not None else run.sampler}, loading)
 
 
 def _save_checkpoint(run: Run, step: int) -> Path:
@@ -370,7 +370,7 @@ def _resume(run: Run) -> int:
     if run.resume_from is None:
         return 0
     progress = load_checkpoint(run.resume_from, identity=run.identity, processes=run.processes,
-                               **_checkpoint_parts(run))
+                               **_checkpoint_parts(run, run.resume_from))
     logger.info("resumed from %s at step %d", run.resume_from, progress.step)
     return progress.step
 
@@ -380,21 +380,36 @@ def _validate(run: Run, step: int) -> list[Path]:
     from simpletuner.validate import run_validation
 
     images: list[Path] = []
-    if run.accelerator.is_main_process:
-        modules = [run.family.denoiser(run.components), *run.trained.text_encoders.values()]
-        set_train_mode(run.optimizer, False)
-        for module in modules:
-            module.eval()
-        try:
-            with run.parked.on_device() if run.parked else contextlib.nullcontext():
-                images = run_validation(run.validation, run.family, run.components, run.cfg, step, run.tracker,
-                                        _init_images(run))
-        finally:
+    with run.sharding.for_validation(run.components, run.trained, run.device) as components:  # every process
+        if run.accelerator.is_main_process:
+            modules = [run.family.denoiser(components), *run.trained.text_encoders.values()]
+            set_train_mode(run.optimizer, False)
             for module in modules:
-                module.train()
-            set_train_mode(run.optimizer, True)
+                module.eval()
+            try:
+                with run.parked.on_device() if run.parked else contextlib.nullcontext():
+                    controls = _controls(run)
+                    images = run_validation(run.validation, run.family, components, run.cfg, step, run.tracker,
+                                            None if controls else _init_images(run), controls)
+            finally:
+                for module in modules:
+                    module.train()
+                set_train_mode(run.optimizer, True)
     run.accelerator.wait_for_everyone()
     return images
+
+
+def _controls(run: Run) -> list[Any] | None:
+    """The control images ControlNet validation samples from (validation_conditioning_images, num_eval_images);
+    None: one control image of each validation size (_init_images)."""
+    if run.validation is None or not (run.validation.controls or run.validation.eval_images):
+        return None
+    if run.validation.controls:
+        return list(run.validation.controls)
+    from simpletuner.train.conditioning import eval_controls
+    from simpletuner.validate import control_input
+
+    return [control_input(*control) for control in eval_controls(run.data.datasets, run.validation.eval_images)]
 
 
 def _init_images(run: Run) -> dict[tuple[int, int], Any]:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from simpletuner.errors import ConfigError
 from simpletuner.log import get_logger
-from simpletuner.train.objectives import (LossType, NoiseDraw, _per_sample, elementwise_loss, masked, offset_noise,
+from simpletuner.models.objectives import (LossType, NoiseDraw, _per_sample, elementwise_loss, masked, offset_noise,
                                           weighted_mean)
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class AutoShift:
 class FlowMatchingObjective:
     """Flow matching with its sigma sampling, shift, loss weighting and loss type.
 
-    Implements `simpletuner.train.objectives.TrainingObjective`: `draw` gives timesteps
+    Implements `simpletuner.models.objectives.TrainingObjective`: `draw` gives timesteps
     sigma * num_train_timesteps (float); `noisy_latents`, `target` and `loss` read sigma back.
     """
 
