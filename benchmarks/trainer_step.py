@@ -234,8 +234,23 @@ def build_trainer_step(work: Workload, options: Mapping[str, Any] | None = None)
     """`simpletuner train`'s step for `work`, with `options` over the benchmark's configuration."""
     from accelerate import Accelerator
 
-    from simpletuner.config.load import Settings
     from simpletuner.errors import UserError
+
+    cfg = training_config(work, options)
+    family = registered_family(work.arch)
+    if family is None:
+        raise UserError(f"--model {work.arch.name}: no SimpleTuner family is wired for it in benchmarks/trainer_step.py")
+    family = with_reference_targets(family, work.arch)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=work.device.type == "cpu")
+    try:
+        return _assemble(work, cfg, family, accelerator)
+    except BaseException:
+        release_accelerator()
+        raise
+
+
+def _assemble(work: Workload, cfg: Any, family: Any, accelerator: Any) -> PreparedStep:
+    from simpletuner.config.load import Settings
     from simpletuner.models.base import DTypePolicy
     from simpletuner.train import trainer
     from simpletuner.train.checkpoint import Processes
@@ -245,12 +260,6 @@ def build_trainer_step(work: Workload, options: Mapping[str, Any] | None = None)
     from simpletuner.train.setup import Run, prepare_model
     from simpletuner.train.sharding import sharding_for
 
-    cfg = training_config(work, options)
-    family = registered_family(work.arch)
-    if family is None:
-        raise UserError(f"--model {work.arch.name}: no SimpleTuner family is wired for it in benchmarks/trainer_step.py")
-    family = with_reference_targets(family, work.arch)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=work.device.type == "cpu")
     model = build_model(work.arch, tiny=work.tiny, device=work.device, dtype=DTypePolicy.for_training(cfg).denoiser)
     components = family_components(family, model, cfg)
     trained, levers = prepare_model(cfg, family, components, accelerator.device)
@@ -272,9 +281,22 @@ def build_trainer_step(work: Workload, options: Mapping[str, Any] | None = None)
         state["last"] = trainer._update(run, state["step"], empty_text, guard).loss
         state["step"] += 1
 
+    def close() -> None:
+        run.feed.close()
+        release_accelerator()
+
     return PreparedStep("simpletuner", model, run_step, lambda: float(state["last"]),
-                        sum(p.numel() for p in trained.parameters()), close=run.feed.close,
+                        sum(p.numel() for p in trained.parameters()), close=close,
                         levers=describe_levers(cfg, levers, accelerator.device.type))
+
+
+def release_accelerator() -> None:
+    """Forget accelerate's process-wide state (mixed precision, ...), so a later run in this process (the test
+    suite's) may configure its own; the process group of a torchrun launch stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def with_reference_targets(family: Any, arch: Architecture) -> Any:

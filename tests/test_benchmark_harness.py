@@ -124,6 +124,9 @@ def test_our_step_is_the_trainers_update(monkeypatch):
     assert calls == [0, 1, 2]  # warm-up 1 + timed 2, steps numbered as the loop numbers them
     assert report.options == {"dataloader_prefetch": False} and "-dataloader_prefetch" in report.levers
     assert "-torch_compile" in report.levers and "adamw_fused" in report.levers  # CPU defaults of the options
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState._shared_state == {}  # released: later runs in this process set their own precision
 
 
 def test_our_step_runs_on_two_processes_and_rank_zero_reports(tmp_path):
