@@ -1,15 +1,19 @@
 """`simpletuner cache` under a two-node launch (two torchrun instances on 127.0.0.1, gloo, CPU): each node
 encodes a disjoint part of the latents into one store on S3 (a real moto server), and a rerun after a
-node's work was lost encodes only what is missing."""
+node's work was lost encodes only what is missing: its segments deleted, or the node killed (SIGKILL)
+mid-cache."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from train_helpers import write_run
@@ -91,5 +95,69 @@ def test_two_nodes_cache_disjoint_parts_into_one_s3_store(tmp_path, tiny_model):
         rank0_now = {k for name, keys in again.items() if "rank0" in name for k in keys}
         assert rank0_now == parts[0] | parts[1]  # the rerun's rank 0 wrote the 8-ish missing entries too
         assert len(set().union(*again.values())) == 16
+    finally:
+        moto.stop()
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL a torchrun node: its workers (torchrun starts each in a session of its own) and the launcher."""
+    children = Path(f"/proc/{node.pid}/task/{node.pid}/children").read_text().split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    node.kill()
+    node.wait()
+
+
+def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_finishes(tmp_path, tiny_model):
+    from moto.server import ThreadedMotoServer
+
+    from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        server = S3Server(f"http://{host}:{port}")
+        server.make_bucket("dying")
+        # 96 images on each node's (shared) disk, latents cached into S3
+        config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=96, disable_validation=True)
+        backends = json.loads((tmp_path / "multidatabackend.json").read_text())
+        backends[0]["cache_dir_vae"] = "s3://dying/cache/vae"
+        (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+        env = {**ENV, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+               "AWS_ENDPOINT_URL": server.endpoint, "AWS_REGION": REGION}
+        node1_tmp = tmp_path / "node1-tmp"  # where node 1 writes a shard before it is uploaded and committed
+        node1_tmp.mkdir()
+
+        rendezvous = free_port()
+        command = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                   "--master_port", str(rendezvous), "-m", "simpletuner", "cache", str(config)]
+        node0 = subprocess.Popen([*command[:5], "--node_rank", "0", *command[5:]], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        node1 = subprocess.Popen([*command[:5], "--node_rank", "1", *command[5:]],
+                                 env={**env, "TMPDIR": str(node1_tmp)}, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 600
+        while not list(node1_tmp.glob("simpletuner-shard-*")):  # node 1 has encoded its first latents
+            assert node1.poll() is None and time.monotonic() < deadline, "node 1 ended before caching"
+            time.sleep(0.005)
+        kill_node(node1)  # mid-cache: its shard is not committed
+        _, err = node0.communicate(timeout=600)
+        assert node0.returncode != 0 and "Connection closed by peer" in err  # node 0 stops, it does not hang
+
+        by_writer = writers(server, "s3://dying/cache/vae")  # the store is valid: read_segments found no bad one
+        assert by_writer and all("rank0" in name for name in by_writer)  # node 1 committed nothing
+        node0_part = set().union(*by_writer.values())
+        assert 0 < len(node0_part) < 96  # node 0 committed its whole part before it stopped
+        assert [p for p in node1_tmp.glob("simpletuner-shard-*") if p.stat().st_size]  # what node 1 lost
+
+        done = subprocess.run([sys.executable, "-m", "simpletuner", "cache", str(config)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        after = writers(server, "s3://dying/cache/vae")
+        rerun = [keys for name, keys in after.items() if name not in by_writer]
+        assert len(rerun) == 1 and not rerun[0] & node0_part  # the rerun encoded only what was missing
+        assert len(rerun[0] | node0_part) == 96  # and the store is whole
+        assert {name: after[name] for name in by_writer} == by_writer  # node 0's part untouched
     finally:
         moto.stop()

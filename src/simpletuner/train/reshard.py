@@ -85,7 +85,8 @@ def _check_names(folder: Path, module: nn.Module, weights: dict[str, torch.Tenso
     problems = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
     if problems:
-        raise UserError(f"checkpoint weights {folder / WEIGHTS} do not fit the model being trained: {'; '.join(problems)}")
+        raise UserError(f"checkpoint weights {folder / WEIGHTS} do not fit the model being trained: "
+                        f"{'; '.join(problems)}")
 
 
 def by_name(state: dict[str, Any], module: nn.Module, optimizer: Any) -> dict[str, Any]:
