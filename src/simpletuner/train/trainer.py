@@ -244,7 +244,7 @@ def _feed(run: Run, start: int) -> Any:
                      lambda step, micro: _micro_seed(cfg.seed, step, micro, rank), start=start,
                      total_steps=run.total_steps, accumulation=cfg.gradient_accumulation_steps,
                      depth=cfg.dataloader_prefetch_qlen if cfg.dataloader_prefetch else 0,
-                     pin=run.device.type == "cuda")
+                     pin=run.device.type == "cuda", device=run.device)
 
 
 def _micro_seed(seed: int | None, step: int, micro: int, rank: int) -> int:
