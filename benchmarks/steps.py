@@ -1,4 +1,4 @@
-"""What both measured steps share (workload, batch feeds, the prepared-step record) and the reference
+"""What both measured steps share (workload, cached batches, the prepared-step record) and the reference
 step: a plain diffusers training step written the way diffusers' example scripts train.
 
 Reference, as in train_text_to_image_lora.py / train_text_to_image.py (UNets) and
@@ -57,6 +57,8 @@ class PreparedStep:
     run_step: Callable[[], None]
     last_loss: Callable[[], float]  # reads the latest loss back (a host sync)
     trainable_parameters: int
+    close: Callable[[], None] = lambda: None  # stops what the step runs beside it (the trainer's batch thread)
+    levers: list[str] | None = None  # the speed levers it runs with, where it has options
 
 
 def cpu_batches(work: Workload, *, pin: bool) -> list[dict[str, torch.Tensor]]:
@@ -81,33 +83,6 @@ class BlockingFeed:
 
     def next(self) -> dict[str, torch.Tensor]:
         return {k: v.to(self._device) for k, v in next(self._batches).items()}
-
-
-class PrefetchFeed:
-    """Copies the next batch from pinned memory on a side stream while the current step computes."""
-
-    def __init__(self, pool: list[dict[str, torch.Tensor]], device: torch.device):
-        self._batches = itertools.cycle(pool)
-        self._device = device
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pending = self._start()
-
-    def _start(self) -> dict[str, torch.Tensor]:
-        cpu = next(self._batches)
-        if self._stream is None:
-            return {k: v.to(self._device) for k, v in cpu.items()}
-        with torch.cuda.stream(self._stream):
-            return {k: v.to(self._device, non_blocking=True) for k, v in cpu.items()}
-
-    def next(self) -> dict[str, torch.Tensor]:
-        ready = self._pending
-        if self._stream is not None:
-            current = torch.cuda.current_stream(self._device)
-            current.wait_stream(self._stream)
-            for tensor in ready.values():
-                tensor.record_stream(current)
-        self._pending = self._start()
-        return ready
 
 
 def add_lora(model: torch.nn.Module, targets: list[str], rank: int) -> None:

@@ -4,9 +4,11 @@
 
 Builds the denoiser at its published size with random weights (benchmarks/architectures.py), feeds it
 batches shaped as the latent and text caches give them, and times `--steps` optimiser steps after
-`--warmup` steps, for our step (benchmarks/our_step.py: SimpleTuner's family, objective, optimiser,
-plus the `--levers`) and then, in the same process, for the plain diffusers training step
-(benchmarks/steps.py). Reports seconds/step, samples/s, peak memory, achieved TFLOP/s and MFU
+`--warmup` steps, for the trainer's own step (benchmarks/trainer_step.py: the function `simpletuner train`
+calls per update, over the trainer's model, optimiser, sharding and batch feed; its levers are options of
+`simpletuner train`, changed with `--set key=value`) and then, in the same process, for the plain diffusers
+training step (benchmarks/steps.py). Under `torchrun --nproc_per_node N` our step runs on N processes
+(the reference is skipped) and rank 0 reports. Reports seconds/step, samples/s, peak memory, achieved TFLOP/s and MFU
 (analytic FLOPs; formula in benchmarks/flops.py), and the ratio of samples/s (ours / reference).
 `--record` appends the table to benchmarks/RESULTS.md with date, device, versions and the command.
 `--tiny --device cpu` runs the same code on tiny configurations: a check of the harness, not a figure.
@@ -17,12 +19,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import json
 import math
+import os
 import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +47,7 @@ class StepResult:
     last_loss: float | None = None
     host_syncs_per_step: float | None = None  # CUDA only, counted on extra untimed steps
     error: str | None = None  # "out of memory", or the failure's message
+    levers: list[str] = field(default_factory=list)  # the speed levers the step ran with ("-x": off)
 
 
 @dataclass
@@ -54,6 +60,8 @@ class BenchmarkReport:
     tiny: bool
     device: str
     levers: list[str]
+    options: dict[str, Any]
+    processes: int
     gradient_checkpointing: bool
     forward_tflop_per_sample: float
     step_tflop: float
@@ -78,8 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, autotuning, compile)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tiny", action="store_true", help="tiny configurations: checks the harness, measures nothing real")
-    p.add_argument("--levers", default="default", help="levers of our step: all, none, default, a comma list, "
-                   "or e.g. 'all,-compile' (see benchmarks/our_step.py)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of `simpletuner train` for our step (repeatable), e.g. torch_compile=false, "
+                   "attention_backend=flash, fuse_qkv_projections=true; values are read as JSON, else as text")
     p.add_argument("--gradient-checkpointing", action="store_true", help="in both steps (+1 forward in the FLOPs)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers reference step")
@@ -88,6 +97,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--record", action="store_true", help="append the result to RESULTS.md")
     p.add_argument("--results", type=Path, default=RESULTS, help="where --record appends (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` items -> options of `simpletuner train` (values read as JSON, else kept as text)."""
+    from simpletuner.errors import UserError
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set torch_compile=false")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def _sync(device) -> None:
@@ -107,7 +132,8 @@ def _free(device) -> None:
     torch._dynamo.reset()
 
 
-def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tflops: float | None, name: str) -> StepResult:
+def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tflops: float | None,
+            name: str) -> StepResult:
     """Build a step, run `warmup` steps, then time `steps` steps between two device synchronisations.
 
     Peak memory covers everything from the build on (weights, optimiser state, activations).
@@ -124,6 +150,7 @@ def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tfl
     try:
         prepared = build(work)
         result.name = prepared.name
+        result.levers = list(prepared.levers or [])
         result.trainable_parameters = prepared.trainable_parameters
         with tqdm(total=warmup + steps, desc=prepared.name, unit="step", leave=False, file=sys.stderr) as bar:
             for _ in range(warmup):
@@ -143,6 +170,8 @@ def measure(build, work, *, warmup: int, steps: int, step_flops: float, peak_tfl
         result.error = "out of memory"
         return result
     finally:
+        if prepared is not None:
+            prepared.close()
         del prepared
         if device.type == "cuda":
             result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
@@ -198,8 +227,8 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkReport:
 
     from benchmarks.architectures import check_resolution, get_architecture
     from benchmarks.flops import forward_flops, peak_tflops_for, training_factor
-    from benchmarks.our_step import build_our_step, parse_levers
     from benchmarks.steps import Workload, build_reference_step
+    from benchmarks.trainer_step import build_trainer_step
     from simpletuner.errors import UserError
 
     arch = get_architecture(args.model)
@@ -213,7 +242,8 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkReport:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu (with --tiny)")
-    levers = parse_levers(args.levers)
+    options = parse_options(args.options)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     work = Workload(arch, args.mode, args.batch, resolution, args.tiny, device,
                     args.gradient_checkpointing, args.lora_rank)
     forward = forward_flops(arch, batch=1, resolution=resolution, tiny=args.tiny)
@@ -224,17 +254,20 @@ def run(args: argparse.Namespace, command: str) -> BenchmarkReport:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (optimizer, loss) as any trainer sets
         torch.backends.cudnn.allow_tf32 = True
     measured = dict(warmup=args.warmup, steps=args.steps, step_flops=step_flops, peak_tflops=peak)
-    ours = measure(lambda w: build_our_step(w, levers), work, name="simpletuner", **measured)
+    ours = measure(lambda w: build_trainer_step(w, options), work, name="simpletuner", **measured)
     reference = None
-    if not args.no_reference:
+    if not args.no_reference and processes == 1:
         reference = measure(build_reference_step, work, name="diffusers example", **measured)
+    if processes > 1 and ours.samples_per_second:  # every process trains its own batch
+        ours.samples_per_second *= processes
     ratio = None
     if reference and ours.samples_per_second and reference.samples_per_second:
         ratio = ours.samples_per_second / reference.samples_per_second
     notes: list[str] = []
     return BenchmarkReport(
         command=command, model=arch.name, mode=args.mode, batch=args.batch, resolution=resolution, tiny=args.tiny,
-        device=device_name, levers=list(levers), gradient_checkpointing=args.gradient_checkpointing,
+        device=device_name, levers=ours.levers, options=options, processes=processes,
+        gradient_checkpointing=args.gradient_checkpointing,
         forward_tflop_per_sample=forward / 1e12, step_tflop=step_flops / 1e12, peak_tflops=peak,
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), versions=_versions(),
         ours=ours, reference=reference, ratio=ratio, notes=notes,
@@ -275,15 +308,16 @@ def _flop(tflop: float) -> str:
 def describe(report: BenchmarkReport) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
     peak = "n/a (no peak known for this device)" if report.peak_tflops is None else f"{report.peak_tflops:g} TFLOP/s"
-    size = " (tiny configuration: a harness check, not a measurement)" if report.tiny else ""
+    size = " (tiny configuration: a regression check of ours against the reference, no GPU claim)" if report.tiny else ""
     lines = [
         f"## Training step: {report.model} {report.mode}, {report.resolution}px, batch {report.batch}{size}",
         "",
         f"- date: {report.date}; device: {report.device}",
         f"- software: {versions}",
         f"- command: `{report.command}`",
-        f"- our levers: {', '.join(report.levers) or 'none'}; gradient checkpointing: "
-        f"{'on' if report.gradient_checkpointing else 'off'}",
+        f"- our step: `simpletuner train`'s, with options {json.dumps(report.options) if report.options else '(defaults)'}; "
+        f"levers: {', '.join(report.levers) or 'none'}; processes: {report.processes}"
+        + (" (samples/s counts every process)" if report.processes > 1 else ""),
         f"- analytic FLOPs: forward {_flop(report.forward_tflop_per_sample)}/sample, step {_flop(report.step_tflop)}; "
         f"MFU against peak {peak}",
         *(f"- note: {note}" for note in report.notes),
@@ -310,8 +344,12 @@ def main(argv: list[str] | None = None) -> BenchmarkReport:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    command = "python benchmarks/train_step.py " + shlex.join(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --standalone --nproc_per_node {world} " if world > 1 else "python "
+    command = launcher + "benchmarks/train_step.py " + shlex.join(argv)
     report = run(args, command)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return report
     print(describe(report))
     if args.record:
         record(report, args.results)

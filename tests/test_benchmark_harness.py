@@ -20,9 +20,8 @@ from benchmarks.architectures import ARCHITECTURES, build_model, make_batch, pac
 from benchmarks.flops import (  # noqa: E402
     flux_forward_flops_closed_form, forward_flops, mfu, training_factor, training_flops,
 )
-from benchmarks.our_step import (  # noqa: E402
-    FAMILY_INPUTS, FAMILY_OF, LEVERS, _compile_blocks, family_components, parse_levers, registered_family,
-    training_config,
+from benchmarks.trainer_step import (  # noqa: E402
+    FAMILY_INPUTS, FAMILY_OF, family_components, registered_family, training_config,
 )
 from benchmarks.steps import Workload  # noqa: E402
 from simpletuner.errors import UserError  # noqa: E402
@@ -105,23 +104,46 @@ def test_flux_packing_round_trips():
     assert torch.equal(unpack_flux_latents(packed, 8, 6), latents)
 
 
-def test_levers_parse():
-    assert parse_levers("all") == LEVERS
-    assert parse_levers("none") == ()
-    assert parse_levers("all,-compile") == tuple(lever for lever in LEVERS if lever != "compile")
-    assert parse_levers("prefetch,flash") == ("flash", "prefetch")
-    with pytest.raises(UserError, match="unknown lever 'turbo'"):
-        parse_levers("all,turbo")
+def test_options_parse_as_simpletuner_train_options():
+    assert train_step.parse_options(["torch_compile=false", "attention_backend=math", "lora_rank=8"]) == {
+        "torch_compile": False, "attention_backend": "math", "lora_rank": 8}
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        train_step.parse_options(["torch_compile"])
+    cfg = training_config(_tiny_work("sdxl"), {"channels_last": True})
+    assert cfg.channels_last is True and cfg.torch_compile == "auto"  # the trainer's defaults unless set
 
 
-def test_compile_lever_compiles_every_repeated_block():
-    arch = ARCHITECTURES["sdxl"]
-    model = build_model(arch, tiny=True, device="cpu", dtype=torch.float32)
-    _compile_blocks(model, arch)
-    blocks = [m for m in model.modules() if type(m).__name__ in arch.block_classes]
-    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
-    others = [m for m in model.modules() if type(m).__name__ == "Transformer2DModel"]
-    assert others and all(m._compiled_call_impl is None for m in others)
+def test_our_step_is_the_trainers_update(monkeypatch):
+    """Each of our timed steps is one call of the training loop's own update function."""
+    from simpletuner.train import trainer
+
+    calls = []
+    update = trainer._update
+    monkeypatch.setattr(trainer, "_update", lambda *a, **k: calls.append(a[1]) or update(*a, **k))
+    report = train_step.main(["--model", "sd15", *COMMON, "--no-reference", "--set", "dataloader_prefetch=false"])
+    assert calls == [0, 1, 2]  # warm-up 1 + timed 2, steps numbered as the loop numbers them
+    assert report.options == {"dataloader_prefetch": False} and "-dataloader_prefetch" in report.levers
+    assert "-torch_compile" in report.levers and "adamw_fused" in report.levers  # CPU defaults of the options
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState._shared_state == {}  # released: later runs in this process set their own precision
+
+
+def test_our_step_runs_on_two_processes_and_rank_zero_reports(tmp_path):
+    import os
+    import subprocess
+
+    results = tmp_path / "RESULTS.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "benchmarks" / "train_step.py"), "--model", "sd15", *COMMON, "--record",
+                           "--results", str(results)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = results.read_text()
+    assert text.count("## Training step: sd15 lora") == 1  # one report, from rank 0
+    assert "processes: 2 (samples/s counts every process)" in text and "| simpletuner |" in text
+    assert "| diffusers example |" not in text  # the reference is a one-process loop
+    assert "`torchrun --standalone --nproc_per_node 2 benchmarks/train_step.py --model sd15" in text
 
 
 def _check(report, mode="lora"):
@@ -143,8 +165,7 @@ COMMON = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--peak-
 
 def test_sd15_lora_tiny_on_cpu_records_both_steps(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
-    argv = ["--model", "sd15", "--mode", "lora", "--batch", "2", *COMMON, "--levers", "all,-compile",
-            "--record", "--results", str(results)]
+    argv = ["--model", "sd15", "--mode", "lora", "--batch", "2", *COMMON, "--record", "--results", str(results)]
     report = train_step.main(argv)
     _check(report)
     assert report.ours.trainable_parameters == report.reference.trainable_parameters
@@ -160,9 +181,9 @@ def test_sd15_lora_tiny_on_cpu_records_both_steps(tmp_path, capsys):
 
 
 def test_flux_tiny_on_cpu_lora_and_full():
-    lora = train_step.main(["--model", "flux", "--mode", "lora", *COMMON, "--levers", "none"])
+    lora = train_step.main(["--model", "flux", "--mode", "lora", *COMMON, "--set", "adamw_fused=false"])
     _check(lora)
-    full = train_step.main(["--model", "flux", "--mode", "full", *COMMON, "--levers", "all,-compile"])
+    full = train_step.main(["--model", "flux", "--mode", "full", *COMMON])
     _check(full, mode="full")
     assert full.ours.trainable_parameters == sum(
         p.numel() for p in build_model(ARCHITECTURES["flux"], tiny=True, device="meta", dtype=torch.float32).parameters()
@@ -172,7 +193,7 @@ def test_flux_tiny_on_cpu_lora_and_full():
 
 @pytest.mark.parametrize("name", ["sd3", "pixart", "hunyuan_dit"])
 def test_sd3_and_pixart_tiny_on_cpu_run_our_family_step(name):
-    report = train_step.main(["--model", name, "--mode", "lora", "--batch", "2", *COMMON, "--levers", "all,-compile"])
+    report = train_step.main(["--model", name, "--mode", "lora", "--batch", "2", *COMMON])
     _check(report)
     assert not report.notes  # the family's own step, no benchmark stand-in
 
@@ -212,7 +233,7 @@ def test_our_loss_is_the_denoiser_called_as_the_reference_calls_it(name):
 
 def _tiny_components(name, device="cpu"):
     work = _tiny_work(name)
-    cfg = training_config(work, levers=())
+    cfg = training_config(work)
     family = registered_family(work.arch)
     model = build_model(work.arch, tiny=True, device=device, dtype=torch.float32)
     return family, cfg, family_components(family, model, cfg)
@@ -255,14 +276,14 @@ def test_bad_input_is_a_user_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["sdxl", "flux", "pixart"])
-def test_tiny_on_cuda_with_every_lever(name):
+def test_tiny_on_cuda_with_the_trainers_default_levers(name):
     report = train_step.main(["--model", name, "--tiny", "--device", "cuda", "--steps", "3", "--warmup", "3",
-                              "--levers", "all", "--peak-tflops", "1000"])
+                              "--peak-tflops", "1000"])
     for result in (report.ours, report.reference):
         assert result.error is None
         assert result.seconds_per_step > 0 and result.peak_memory_gib > 0
         assert math.isfinite(result.last_loss)
-    assert report.ours.host_syncs_per_step == 0  # the no_sync and prefetch levers
+    assert report.ours.host_syncs_per_step is not None and "torch_compile" in report.ours.levers  # auto: on
     assert report.reference.host_syncs_per_step > 0  # loss.item() every step
 
 

@@ -4,8 +4,11 @@
 (step, micro-batch). With prefetch on, a background thread draws the sampler's
 batches and builds them (cache reads, stacking; on-demand encoding when asked)
 up to `depth` micro-batches ahead, into pinned memory when the device is CUDA, so
-that the step's copy to the device can be non-blocking. Without it, each batch is
-built when the step asks for it. Either way the batches, and the caption choices
+that the copy to the device can be non-blocking. On CUDA (`device`), when the loop
+takes a micro-batch, the next one, if already built, starts its copy to the device
+on a side stream, so it overlaps this micro-batch's forward and backward; the loop's
+stream waits for that copy only when it takes the batch. Without prefetch, each batch
+is built when the step asks for it (and copied by the step). Either way the batches, and the caption choices
 seeded by (seed, step, micro-batch, rank), are the same.
 
 The sampler runs ahead of training when prefetching: `state_dict` is the
@@ -41,10 +44,13 @@ class BatchFeed:
     """Micro-batches for steps `start`..`total_steps - 1`, each `accumulation` of them, built ahead or on demand."""
 
     def __init__(self, sampler: Any, make_batch: MakeBatch, seed_of: SeedOf, *, start: int, total_steps: int,
-                 accumulation: int, depth: int = 0, pin: bool = False) -> None:
+                 accumulation: int, depth: int = 0, pin: bool = False, device: torch.device | None = None) -> None:
         self._sampler, self._make, self._seed_of = sampler, make_batch, seed_of
         self._start, self._total, self._accumulation = start, total_steps, accumulation
         self._pin = pin
+        self._device = device if device is not None and device.type == "cuda" and depth > 0 else None
+        self._stream = torch.cuda.Stream(self._device) if self._device is not None else None
+        self._staged: _Built | None = None  # the next micro-batch, being copied on the side stream
         self._state, self._epoch = sampler.state_dict(), sampler.epoch
         self._queue: queue.Queue[_Built] | None = None
         self._stop = threading.Event()
@@ -57,13 +63,38 @@ class BatchFeed:
     # ---------------------------------------------------------------- the loop's side
     def next(self, step: int, micro: int) -> dict[str, Any]:
         """The micro-batch of (step, micro); raises what building it raised."""
-        built = self._build(step, micro) if self._queue is None else self._queue.get()
+        staged, self._staged = self._staged, None
+        built = staged or (self._build(step, micro) if self._queue is None else self._queue.get())
         if built.error is not None:
             raise built.error
         assert (built.step, built.micro) == (step, micro), f"feed at {built.step}.{built.micro}, loop at {step}.{micro}"
         self._state, self._epoch = built.state, built.epoch
         assert built.batch is not None
-        return built.batch
+        batch = built.batch
+        if self._stream is not None:
+            batch = self._arrived(batch) if staged is not None else _on_device(batch, self._device)
+            self._stage_next()
+        return batch
+
+    def _stage_next(self) -> None:
+        """Start copying the next micro-batch to the device on the side stream, if it is already built."""
+        assert self._queue is not None and self._stream is not None
+        try:
+            built = self._queue.get_nowait()
+        except queue.Empty:
+            return
+        if built.batch is not None:
+            with torch.cuda.stream(self._stream):
+                built.batch = _on_device(built.batch, self._device)
+        self._staged = built
+
+    def _arrived(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loop's stream waits for the side stream's copy, and the copies are marked as used by it."""
+        current = torch.cuda.current_stream(self._device)
+        current.wait_stream(self._stream)
+        for tensor in _tensors(batch):
+            tensor.record_stream(current)
+        return batch
 
     @property
     def epoch(self) -> int:
@@ -115,3 +146,19 @@ def _pinned(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _pinned(item) for key, item in value.items()}
     return value
+
+
+def _on_device(value: Any, device: torch.device | None) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    return value
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)

@@ -213,51 +213,16 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
                     data: TrainingData, validation: ValidationPlan | None, identity: dict[str, Any],
                     resume_from: Path | None, processes: Processes, resumed_at: int = 0,
                     sharding: Sharding | None = None) -> Run:
-    from simpletuner.config.schema import trains_adapter
     from simpletuner.data.sampler import MultiDatasetSampler, SamplerDataset
-    from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
     from simpletuner.train.ema import EMA
-    from simpletuner.train.levers import apply_levers, resolve_levers
-    from simpletuner.train.optim import build_optimizer, trained_weight_dtype
+    from simpletuner.train.optim import build_optimizer
     from simpletuner.train.schedules import build_lr_scheduler
-    from simpletuner.train.text_encoders import prepare_text_encoders
     from simpletuner.train.trackers import open_tracker
 
     cfg = settings.training
     if cfg.lr_scale:
         cfg = cfg.model_copy(update={"learning_rate": scaled_learning_rate(cfg, accelerator.num_processes)})
-    denoiser = family.denoiser(components)
-    trains, prefix, targets = denoiser, family.denoiser_name(), family.adapter_targets(cfg)
-    if cfg.controlnet:  # the ControlNet trains (full or with an adapter); the denoiser stays frozen
-        from simpletuner.models.controlnet import CONTROLNET, attach_controlnet, controlnet_lora_targets
-
-        trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
-        targets = controlnet_lora_targets(trains, targets)
-    fused_first = cfg.fuse_qkv_projections and trains_adapter(cfg)  # the LoRA goes on the fused layers
-    excluded: list[str] = []
-    if fused_first:
-        from simpletuner.train.fusion import fuse_qkv, fused_adapter_targets
-
-        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-        targets, excluded = fused_adapter_targets(denoiser, targets)
-    trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
-                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS),
-                                exclude_modules=excluded)
-    trained.text_encoders = prepare_text_encoders(family, components, cfg)
-    trained.module.to(accelerator.device)
-    if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
-        trained.cast_trainable(trained_weight_dtype(cfg))
-    if cfg.fuse_qkv_projections and not fused_first:  # full training: fused after the weights are made trainable
-        from simpletuner.train.fusion import fuse_qkv
-
-        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
-    if cfg.gradient_checkpointing:  # the trained model's blocks (a ControlNet's; its frozen denoiser is not)
-        from simpletuner.train.checkpointing import enable_checkpointing
-
-        enable_checkpointing(trains, cfg.gradient_checkpointing_interval)
-    levers = resolve_levers(cfg, denoiser, accelerator.device)
-    apply_levers(denoiser, levers)
-    trains.train()
+    trained, levers = prepare_model(cfg, family, components, accelerator.device)
     sampler = MultiDatasetSampler.from_config(
         cfg, [SamplerDataset.from_config(d, data.datasets[d.id].assignment) for d in settings.datasets
               if d.id in data.datasets],
@@ -284,6 +249,51 @@ def _training_parts(settings: Settings, accelerator: Accelerator, family: ModelF
     return Run(settings, accelerator, processes, family, components, data, trained, optimizer, lr_scheduler,
                sampler, objective, ema, tracker, validation, identity, total_steps, resume_from, sharding=sharding,
                levers=levers)
+
+
+def prepare_model(cfg: Any, family: ModelFamily, components: Components, device: torch.device) -> tuple[Trained, Any]:
+    """What trains (full, LoRA, LyCORIS; a ControlNet; text encoders), fused, checkpointed and with the speed levers
+    applied, on `device`; returns it and the levers (train/levers.py). The trainer and benchmarks/train_step.py
+    both build the step's model with this."""
+    from simpletuner.config.schema import trains_adapter
+    from simpletuner.train.adapters import DEFAULT_LYCORIS_TARGETS, prepare_trainable
+    from simpletuner.train.levers import apply_levers, resolve_levers
+    from simpletuner.train.optim import trained_weight_dtype
+    from simpletuner.train.text_encoders import prepare_text_encoders
+
+    denoiser = family.denoiser(components)
+    trains, prefix, targets = denoiser, family.denoiser_name(), family.adapter_targets(cfg)
+    if cfg.controlnet:  # the ControlNet trains (full or with an adapter); the denoiser stays frozen
+        from simpletuner.models.controlnet import CONTROLNET, attach_controlnet, controlnet_lora_targets
+
+        trains, prefix = attach_controlnet(family, components, cfg), CONTROLNET
+        targets = controlnet_lora_targets(trains, targets)
+    fused_first = cfg.fuse_qkv_projections and trains_adapter(cfg)  # the LoRA goes on the fused layers
+    excluded: list[str] = []
+    if fused_first:
+        from simpletuner.train.fusion import fuse_qkv, fused_adapter_targets
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
+        targets, excluded = fused_adapter_targets(denoiser, targets)
+    trained = prepare_trainable(trains, cfg, targets, prefix=prefix,
+                                lycoris_targets=getattr(family, "lycoris_targets", DEFAULT_LYCORIS_TARGETS),
+                                exclude_modules=excluded)
+    trained.text_encoders = prepare_text_encoders(family, components, cfg)
+    trained.module.to(device)
+    if trained_weight_dtype(cfg) is not None:  # adamw_bf16 trains bf16 weights
+        trained.cast_trainable(trained_weight_dtype(cfg))
+    if cfg.fuse_qkv_projections and not fused_first:  # full training: fused after the weights are made trainable
+        from simpletuner.train.fusion import fuse_qkv
+
+        logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
+    if cfg.gradient_checkpointing:  # the trained model's blocks (a ControlNet's; its frozen denoiser is not)
+        from simpletuner.train.checkpointing import enable_checkpointing
+
+        enable_checkpointing(trains, cfg.gradient_checkpointing_interval)
+    levers = resolve_levers(cfg, denoiser, device)
+    apply_levers(denoiser, levers)
+    trains.train()
+    return trained, levers
 
 
 def _keep_global_batch(settings: Settings, resume_from: Path, meta: dict[str, Any], processes: int) -> Settings:

@@ -244,7 +244,7 @@ def _feed(run: Run, start: int) -> Any:
                      lambda step, micro: _micro_seed(cfg.seed, step, micro, rank), start=start,
                      total_steps=run.total_steps, accumulation=cfg.gradient_accumulation_steps,
                      depth=cfg.dataloader_prefetch_qlen if cfg.dataloader_prefetch else 0,
-                     pin=run.device.type == "cuda")
+                     pin=run.device.type == "cuda", device=run.device)
 
 
 def _micro_seed(seed: int | None, step: int, micro: int, rank: int) -> int:
@@ -437,6 +437,8 @@ def _export(run: Run, step: int) -> list[Path]:
     from simpletuner.train.writes import explained_write_errors
 
     outputs: list[Path] = []
+    if run.ema is not None:  # every process: the averaged weights (of its shard, when sharded) are exported
+        run.ema.copy_to()
     with run.sharding.whole(run.components, run.trained) as (components, trained):  # every process gathers
         if run.accelerator.is_main_process:
             _check_finite(trained.parameters(), run.cfg.output_dir)
