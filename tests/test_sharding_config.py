@@ -88,7 +88,8 @@ def test_a_deepspeed_file_with_bad_json_names_the_file(tmp_path):
      "FSDP and DeepSpeed cannot be enabled simultaneously"),
     ({"fsdp_enable": True, "model_type": "lora"}, "fsdp_enable=true needs model_type 'full'"),
     ({"fsdp_enable": True, "fsdp_version": 1}, "only FSDP2 (fsdp_version=2) is built"),
-    ({"fsdp_enable": True, "use_ema": True}, "use_ema=true with sharded training is not built"),
+    ({"deepspeed_config": json.dumps({"zero_optimization": {"stage": 3}}), "use_ema": True},
+     "use_ema=true with DeepSpeed ZeRO-3 is not built"),
     ({"fsdp_enable": True, "fsdp_state_dict_type": "LOCAL_STATE_DICT"}, "SHARDED_STATE_DICT"),
 ])
 def test_combinations_that_cannot_train_are_refused(tmp_path, options, phrase):

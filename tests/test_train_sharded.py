@@ -64,9 +64,18 @@ def validation_images(root: Path, step: int) -> dict[str, np.ndarray]:
 
 def test_fsdp2_sharded_state_matches_the_unsharded_run_and_resumes_exactly(tmp_path, tiny_model):
     model = tiny_model("sd1x")
-    validating = {"disable_validation": False, "validation_steps": 4}
+    validating = {"disable_validation": False, "validation_steps": 4, "use_ema": True, "ema_decay": 0.9}
     plain = run(tmp_path / "plain", model, **validating)
     sharded = run(tmp_path / "fsdp", model, fsdp_enable=True, **validating)  # SHARDED_STATE_DICT, block wrapping
+
+    # each process averages its shard; the checkpoint holds the EMA whole, as the unsharded run's
+    for step in ("step-000002", "step-000004"):
+        expected_ema, got_ema = (torch.load(root / "output" / "checkpoints" / step / "ema.pt", weights_only=True)
+                                 for root in (plain, sharded))
+        assert got_ema["updates"] == expected_ema["updates"] == int(step[-1])
+        assert len(got_ema["shadow"]) == len(expected_ema["shadow"])
+        for got_shadow, expected_shadow in zip(got_ema["shadow"], expected_ema["shadow"]):
+            torch.testing.assert_close(got_shadow, expected_shadow, rtol=1e-4, atol=1e-5)
 
     # validation samples the whole weights gathered to the first process: the base model's images are the plain
     # run's, the trained model's differ by at most a level or two of 255 (its weights differ as said below)
@@ -83,7 +92,7 @@ def test_fsdp2_sharded_state_matches_the_unsharded_run_and_resumes_exactly(tmp_p
     assert expected.keys() == got.keys()
     moved = [name for name in expected if not torch.equal(expected[name], load_file(
         Path(model) / "unet" / "diffusion_pytorch_model.safetensors")[name])]
-    assert moved  # the full fine-tune changed the weights
+    assert moved  # the full fine-tune changed the weights (both exports are the EMA's)
     # fp32 sums in another order (reduce-scatter of shards vs one flat all-reduce); Adam divides by the root of
     # the second moment, so where a gradient is near zero its last bits move the weight by up to the learning
     # rate (1e-4): allow a tenth of that
@@ -114,19 +123,20 @@ def test_fsdp2_full_state_dict_gathers_to_one_file_and_resumes_exactly(tmp_path,
 def test_deepspeed_zero2_with_offload_and_accumulation_matches_the_plain_run_and_resumes_exactly(tmp_path,
                                                                                                    tiny_model):
     """ZeRO-2 on 2 CPU processes over gloo (DeepSpeed's CPU accelerator), optimiser state offloaded to the CPU,
-    2 micro-batches per update. Its first run JIT-compiles DeepSpeed's shared-memory op into
+    2 micro-batches per update, EMA (whole weights on every process at stage 2). Its first run JIT-compiles DeepSpeed's shared-memory op into
     TORCH_EXTENSIONS_DIR (about 2 minutes on 2 cores; seconds once cached)."""
     pytest.importorskip("deepspeed")
     model = tiny_model("sd1x")
     zero = {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
-    options = {"deepspeed_config": json.dumps({"zero_optimization": zero}), "gradient_accumulation_steps": 2,
-               "images": 12}
-    plain = run(tmp_path / "plain", model, gradient_accumulation_steps=2, images=12)
+    common = {"gradient_accumulation_steps": 2, "images": 12, "use_ema": True, "ema_decay": 0.9}
+    options = {"deepspeed_config": json.dumps({"zero_optimization": zero}), **common}
+    plain = run(tmp_path / "plain", model, **common)
     trained = run(tmp_path / "zero2", model, **options)
 
     checkpoint = trained / "output" / "checkpoints" / "step-000002"
     partitions = {path.name for path in (checkpoint / "deepspeed").iterdir()}
     assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= partitions  # one per process
+    assert torch.load(checkpoint / "ema.pt", weights_only=True)["updates"] == 2
     expected, got = exported(plain), exported(trained)
     assert expected.keys() == got.keys()
     before = load_file(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")

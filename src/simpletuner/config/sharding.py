@@ -95,7 +95,16 @@ def sharding_problems(cfg: Any) -> list[str]:
     if cfg.fsdp_enable and cfg.fsdp_version != 2:
         problems.append(f"fsdp_version={cfg.fsdp_version}: only FSDP2 (fsdp_version=2) is built; FSDP1 is deprecated "
                         "upstream")
-    if (cfg.fsdp_enable or cfg.deepspeed_config) and cfg.use_ema:
-        problems.append("use_ema=true with sharded training is not built yet: the EMA would average unsharded "
-                        "copies; set use_ema=false")
+    if cfg.deepspeed_config and cfg.use_ema and _stage_or_none(cfg.deepspeed_config) == 3:
+        problems.append("use_ema=true with DeepSpeed ZeRO-3 is not built yet: the EMA would average the engine's "
+                        "empty placeholders of partitioned weights; set use_ema=false, or use ZeRO stage 1 or 2 or "
+                        "fsdp_enable")
     return problems
+
+
+def _stage_or_none(value: Any) -> int | None:
+    """The ZeRO stage `deepspeed_config` names; None when it cannot be read (reported on its own)."""
+    try:
+        return zero_stage(read_deepspeed_config(value))
+    except ValueError:
+        return None

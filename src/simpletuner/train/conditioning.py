@@ -148,7 +148,8 @@ def eval_controls(datasets: dict[str, Any], count: int) -> list[tuple[str, Any, 
     for data in datasets.values():
         if data.control is None:
             continue
-        for index in sorted(data.control.items, key=lambda i: data.latent_items[i].source):
+        usable = [i for i in data.control.items if i in data.latent_items and i not in data.failed]
+        for index in sorted(usable, key=lambda i: data.latent_items[i].source):
             if len(controls) == count:
                 return controls
             item = data.latent_items[index]

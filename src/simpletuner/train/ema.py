@@ -2,7 +2,8 @@
 
 The average starts as a copy of the weights and moves towards them by `1 - decay` every
 `update_every` optimiser steps. It may live on another device than the weights (the CPU, to
-save accelerator memory); it is kept in float32 whatever the weights' precision.
+save accelerator memory); it is kept in float32 whatever the weights' precision. Of weights
+sharded over the processes (FSDP2's DTensors) each process averages its own shard.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class EMA:
         self.decay = decay
         self.update_every = update_every
         self.updates = 0
-        self.shadow = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
+        self.shadow = [_local(p).detach().to(device=device or p.device, dtype=torch.float32, copy=True)
                        for p in self.parameters]
 
     @torch.no_grad()
@@ -42,7 +43,7 @@ class EMA:
         if step % self.update_every:
             return False
         for shadow, param in zip(self.shadow, self.parameters):
-            shadow.lerp_(param.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+            shadow.lerp_(_local(param).detach().to(shadow.device, torch.float32), 1.0 - self.decay)
         self.updates += 1
         return True
 
@@ -51,7 +52,7 @@ class EMA:
         """Write the averaged weights into `parameters` (by default the followed ones)."""
         targets = self.parameters if parameters is None else list(parameters)
         for shadow, param in zip(self.shadow, targets, strict=True):
-            param.copy_(shadow.to(param.device, param.dtype))
+            _local(param).copy_(shadow.to(param.device, param.dtype))
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -79,3 +80,8 @@ class EMA:
                                  f"trains one of {tuple(mine.shape)}")
             mine.copy_(saved)
         self.updates = state["updates"]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded (DTensor) weight, sharing its storage; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

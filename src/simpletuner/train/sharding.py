@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 DEEPSPEED_TAG = "deepspeed"
+EMA_STATE = "ema"  # the checkpoint's ema.pt, as save_checkpoint names its states
 
 
 # ------------------------------------------------------------------ accelerator plugins
@@ -249,6 +250,7 @@ def _without_optimizer(states: Mapping[str, Any]) -> dict[str, Any]:
 class FSDP2(Sharding):
     state_dict_type: str = "SHARDED_STATE_DICT"
     ram_efficient: bool = False
+    ema: Any = None  # the run's EMA (of each process's shard), saved whole with the checkpoint
     sharded = True
 
     def prepare(self, accelerator: Accelerator, module: nn.Module, optimizer: Any) -> Any:
@@ -263,7 +265,9 @@ class FSDP2(Sharding):
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
                          rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
-        return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
+        shared = _without_optimizer(states)
+        self.ema = shared.pop("ema", None)
+        return {"modules": {}, "states": shared, "rank_states": dict(rank_states),
                 "collective": self}  # save/load below, on every process
 
     def _options(self, full: bool, **extra: Any) -> Any:
@@ -288,14 +292,25 @@ class FSDP2(Sharding):
             save_file({k: v.contiguous() for k, v in model.items() if k in trainable},
                       str(folder / "trained.safetensors"))
             torch.save(optim, folder / "optimizer.pt")
+        if self.ema is not None:  # whole, as an unsharded run saves it: every process sends its shard
+            state = self.ema.state_dict()
+            state["shadow"] = [_gathered(shard, param) for shard, param in zip(state["shadow"], self.ema.parameters)]
+            if is_main:
+                torch.save(state, folder / f"{EMA_STATE}.pt")
 
     def load(self, folder: Path, is_main: bool) -> None:
         """Read the checkpoint in whichever layout it has (train/reshard.py): a sharded `fsdp/` folder reshards to
-        this run's processes; whole files (this FULL_STATE_DICT, or an unsharded run's) are sharded on load."""
+        this run's processes; whole files (this FULL_STATE_DICT, or an unsharded run's) are sharded on load. The
+        EMA is whole in the checkpoint; each process takes its shard."""
         from simpletuner.train.reshard import load_either
 
         broadcast = self.ram_efficient  # whole files: the first process reads, the others receive
         load_either(folder, self.module, self.optimizer, read=is_main or not broadcast, broadcast=broadcast)
+        if self.ema is not None:
+            _require(folder / f"{EMA_STATE}.pt", "use_ema")
+            state = torch.load(folder / f"{EMA_STATE}.pt", map_location="cpu", weights_only=True)
+            state["shadow"] = [_shard_of(whole, param) for whole, param in zip(state["shadow"], self.ema.parameters)]
+            self.ema.load_state_dict(state)
 
     @contextmanager
     def whole(self, components: Components, trained: Trained) -> Iterator[tuple[Components, Trained]]:
@@ -374,6 +389,27 @@ class DeepSpeed(Sharding):
             context = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
         with context:
             yield components, trained
+
+
+def _gathered(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `shard` is this process's part, laid out as the sharded `param` (collective)."""
+    if not hasattr(param, "device_mesh"):
+        return shard
+    from torch.distributed.tensor import DTensor
+
+    sharded = DTensor.from_local(shard.to(param.device), param.device_mesh, param.placements, shape=param.shape,
+                                 stride=param.stride())
+    return sharded.full_tensor().cpu()
+
+
+def _shard_of(whole: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This process's part of `whole`, laid out as the sharded `param` (each process slices its own copy)."""
+    if not hasattr(param, "device_mesh"):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(param.device), param.device_mesh, param.placements,
+                             src_data_rank=None).to_local()
 
 
 def _require(path: Path, option: str) -> None:

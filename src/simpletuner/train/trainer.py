@@ -437,6 +437,8 @@ def _export(run: Run, step: int) -> list[Path]:
     from simpletuner.train.writes import explained_write_errors
 
     outputs: list[Path] = []
+    if run.ema is not None:  # every process: the averaged weights (of its shard, when sharded) are exported
+        run.ema.copy_to()
     with run.sharding.whole(run.components, run.trained) as (components, trained):  # every process gathers
         if run.accelerator.is_main_process:
             _check_finite(trained.parameters(), run.cfg.output_dir)
