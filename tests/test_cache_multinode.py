@@ -119,8 +119,8 @@ def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_fi
         host, port = moto.get_host_and_port()
         server = S3Server(f"http://{host}:{port}")
         server.make_bucket("dying")
-        # 96 images on each node's (shared) disk, latents cached into S3
-        config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=96, disable_validation=True)
+        # 192 images on the nodes' shared disk, latents cached into S3; parts big enough for the kill to land first
+        config = write_run(tmp_path, tiny_model("sd1x"), "sd1x", images=192, disable_validation=True)
         backends = json.loads((tmp_path / "multidatabackend.json").read_text())
         backends[0]["cache_dir_vae"] = "s3://dying/cache/vae"
         (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
@@ -148,7 +148,7 @@ def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_fi
         by_writer = writers(server, "s3://dying/cache/vae")  # the store is valid: read_segments found no bad one
         assert by_writer and all("rank0" in name for name in by_writer)  # node 1 committed nothing
         node0_part = set().union(*by_writer.values())
-        assert 0 < len(node0_part) < 96  # node 0 committed its whole part before it stopped
+        assert 0 < len(node0_part) < 192  # node 0 committed its whole part before it stopped
         assert [p for p in node1_tmp.glob("simpletuner-shard-*") if p.stat().st_size]  # what node 1 lost
 
         done = subprocess.run([sys.executable, "-m", "simpletuner", "cache", str(config)], env=env,
@@ -157,7 +157,7 @@ def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_fi
         after = writers(server, "s3://dying/cache/vae")
         rerun = [keys for name, keys in after.items() if name not in by_writer]
         assert len(rerun) == 1 and not rerun[0] & node0_part  # the rerun encoded only what was missing
-        assert len(rerun[0] | node0_part) == 96  # and the store is whole
+        assert len(rerun[0] | node0_part) == 192  # and the store is whole
         assert {name: after[name] for name in by_writer} == by_writer  # node 0's part untouched
     finally:
         moto.stop()
