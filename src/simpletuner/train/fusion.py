@@ -159,8 +159,9 @@ def split_fused_lora(lora: TrainedLora, component: str, rows: Mapping[str, Seque
                 layers[f"{part}.lora_{kind}"] = value[start:start + count].clone()
             start += count
     config = dict(lora.configs[component])
-    config["target_modules"] = sorted(t for t in config.get("target_modules") or ()
-                                      if t.rsplit(".", 1)[-1] not in FUSED_PARTS)
+    targets = config.get("target_modules") or ()
+    if not isinstance(targets, str):  # a list (a regular expression names no fused layer)
+        config["target_modules"] = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in FUSED_PARTS)
     config["exclude_modules"] = None
     bases = dict(lora.base_weights)
     if component in bases:
