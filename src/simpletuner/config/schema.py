@@ -300,7 +300,9 @@ class TrainingConfig(StrictModel):
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
     dataloader_prefetch: bool = Field(True, description="Build batches (cache reads, stacking) in a background "
-                                      "thread ahead of the step that trains on them, into pinned memory on CUDA.")
+                                      "thread ahead of the step that trains on them, into pinned memory on CUDA, "
+                                      "where the next one is copied to the device on a side stream while the step "
+                                      "runs.")
     dataloader_prefetch_qlen: int = Field(10, ge=1, description="Micro-batches dataloader_prefetch keeps ready "
                                           "ahead of the step.")
     vae_cache_ondemand: bool = Field(False, description="Encode latents the cache lacks when a batch first needs "
