@@ -112,7 +112,7 @@ def test_a_preset_naming_only_part_of_a_fused_layer_is_refused(tiny_model):
 
 
 @pytest.mark.parametrize("options, refused", [
-    ({"init_lora": "x.safetensors"}, "init_lora"),
+    ({"lora_type": "lycoris", "lycoris_config": "x.json", "init_lora": "x.safetensors"}, "init_lora with LyCORIS"),
     ({"base_model_precision": "int8-quanto"}, "base_model_precision 'int8-quanto'"),
 ])
 def test_combinations_that_cannot_split_are_refused(tmp_path, tiny_model, capsys, options, refused):
@@ -229,3 +229,32 @@ def test_fused_lycoris_training_exports_the_unfused_file_and_refuses_lokr(tmp_pa
     capsys.readouterr()
     assert main(["train", str(lokr)]) == 2
     assert "lycoris_config algo 'lokr': its adapter on a fused layer does not split" in capsys.readouterr().err
+
+
+def test_a_fused_runs_file_starts_a_fused_lora_and_an_unfused_runs_file_is_refused(tmp_path, tiny_model):
+    from peft import get_peft_model_state_dict
+
+    from simpletuner.train.adapters import load_lora_into
+
+    family = get_family("sd3")
+    cfg = TrainingConfig(model_family="sd3", pretrained_model_name_or_path="x")
+    pipeline_class = _pipeline_class(tiny_model("sd3"))
+    trained = _denoiser(tiny_model("sd3"))
+    write_lora_files(family, _lora(family, trained, True, False, cfg, pipeline_class), tmp_path / "fused",
+                     ["diffusers"])
+    write_lora_files(family, _lora(family, _denoiser(tiny_model("sd3")), False, False, cfg, pipeline_class),
+                     tmp_path / "plain", ["diffusers"])
+
+    def fresh():
+        model = _denoiser(tiny_model("sd3"))
+        fuse_qkv(model)
+        targets, excluded = fused_adapter_targets(model, family.adapter_targets(cfg))
+        return apply_lora(model, rank=4, alpha=2, target_modules=targets, exclude_modules=excluded)
+
+    started = fresh()
+    load_lora_into(started, tmp_path / "fused" / LORA_WEIGHTS, prefix="transformer")
+    want, got = get_peft_model_state_dict(trained), get_peft_model_state_dict(started)
+    assert got.keys() == want.keys() and any(".to_qkv." in key for key in got)
+    assert all(torch.equal(got[key], want[key]) for key in want)
+    with pytest.raises(UserError, match="have different down matrices .* fuse_qkv_projections=false"):
+        load_lora_into(fresh(), tmp_path / "plain" / LORA_WEIGHTS, prefix="transformer")

@@ -326,6 +326,11 @@ def load_lora_into(model: nn.Module, file: str | Path, *, prefix: str | None = "
     if prefix and any(k.startswith(f"{prefix}.") for k in saved):
         saved = {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(f"{prefix}.")}
     saved = convert_unet_state_dict_to_peft(saved)
+    from simpletuner.train.fusion import fuse_lora_weights, fused_part_rows
+
+    rows = fused_part_rows(model)  # fuse_qkv_projections: the file's q, k and v adapters join on the fused layers
+    if rows:
+        saved = fuse_lora_weights(saved, rows)
     wanted = get_peft_model_state_dict(model)
     missing = sorted(set(wanted) - set(saved))
     wrong = sorted(n for n in set(wanted) & set(saved) if wanted[n].shape != saved[n].shape)

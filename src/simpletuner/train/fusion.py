@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from simpletuner.errors import UserError
@@ -168,6 +169,30 @@ def split_fused_lora(lora: TrainedLora, component: str, rows: Mapping[str, Seque
         bases[component] = _split_rows(bases[component], rows)
     return replace(lora, layers={**lora.layers, component: layers}, configs={**lora.configs, component: config},
                    base_weights=bases)
+
+
+def fuse_lora_weights(weights: Mapping[str, Any], rows: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
+    """The inverse of `split_fused_lora` on peft-named weights: each fused layer's projections' adapters joined
+    into the fused layer's (B and DoRA's magnitude stacked, A shared). Raises UserError when their down matrices
+    differ (a LoRA trained unfused: no adapter on the fused layer applies its delta)."""
+    joined = dict(weights)
+    for fused, parts in rows.items():
+        names = [part for part, _ in parts]
+        kinds = sorted({key.partition(".lora_")[2] for key in weights if key.partition(".lora_")[0] in names})
+        for kind in kinds:
+            values = [joined.pop(f"{part}.lora_{kind}", None) for part in names]
+            if any(value is None for value in values):
+                raise UserError(f"init_lora: {fused} needs adapters on all of {', '.join(names)}; the file has "
+                                "only some")
+            if kind.startswith("A."):
+                if not all(torch.equal(values[0], value) for value in values[1:]):
+                    raise UserError(f"init_lora: the adapters of {', '.join(names)} have different down matrices (a "
+                                    "LoRA trained without fuse_qkv_projections), so no adapter on the fused layer "
+                                    f"{fused} applies them; start it with fuse_qkv_projections=false")
+                joined[f"{fused}.lora_{kind}"] = values[0]
+            else:
+                joined[f"{fused}.lora_{kind}"] = torch.cat(values)
+    return joined
 
 
 def _split_rows(weights: Mapping[str, Any], rows: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
