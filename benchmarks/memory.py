@@ -14,9 +14,13 @@ Method (CPU, no GPU needed):
   (its layout read from the full model built on the meta device) the bytes of the built block of
   the same layout.
 - Activations: the same reduced-depth model runs forward on PyTorch's meta device (shapes only, no
-  arithmetic) with a latent that requires a gradient, as under LoRA or full training; the bytes of
-  every tensor autograd saves for backward, less the weights themselves and less the attention
-  probability matrices (flash / memory-efficient attention keeps none), are summed. Depth k and 2k
+  arithmetic) with a latent that requires a gradient; the bytes of every tensor autograd saves for
+  backward, less the weights themselves, are summed, each tensor once however many operations save
+  it. LoRA rows: frozen weights, plus each adapted layer's input and rank-16 intermediate (what its
+  LoRA keeps); full rows: every weight trains, so every layer keeps its input. Attention is
+  counted as flash / memory-efficient attention saves it (query, key, value, output and the fp32
+  log-sum-exp of each row; no probability matrix): on the meta device PyTorch's SDPA would take its
+  math path, so it is replaced by a stand-in that saves just those. Depth k and 2k
   give the bytes per block, extrapolated by block count. Batch 1, bf16. With gradient checkpointing
   of every block (SimpleTuner's Flux examples turn it on) the step keeps the part outside the
   blocks, each block's inputs (counted the same way, by forward pre-hooks) and one block's
@@ -42,6 +46,8 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -172,23 +178,59 @@ def lora_weights(model: nn.Module, arch: Architecture, full: dict, built: dict) 
     return rest + sum(per_list[a] * full[k] / built[k] for a, k in BLOCK_LISTS[arch.name])
 
 
-def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bool) -> tuple[float, float]:
+class _FlashLike(torch.autograd.Function):
+    """Scaled dot-product attention as flash / memory-efficient attention keeps it for backward: query, key,
+    value, the output and the rows' log-sum-exp (fp32), no attention matrix. Shapes only (the meta device):
+    on meta, PyTorch's SDPA takes its math path, which saves the probabilities and fp32 copies."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        raise NotImplementedError("shapes only: the memory estimate never runs backward")
+
+
+def _flash_like(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+                ) -> torch.Tensor:
+    return _FlashLike.apply(query, key, value)
+
+
+def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bool,
+                     trains: str = "lora") -> tuple[float, float]:
     """One forward of `config` on the meta device (batch 1, bf16): the bytes autograd saves for backward, and
-    the bytes of the blocks' distinct inputs (what checkpointing every block keeps instead)."""
+    the bytes of the blocks' distinct inputs (what checkpointing every block keeps instead). `trains`: "lora"
+    (frozen weights; each adapted layer also keeps its input and its rank-r intermediate) or "full" (every
+    weight trains, so every layer keeps its input). A tensor saved by several operations counts once."""
     model = _build(arch, config, "meta")
+    if trains == "full":
+        model.requires_grad_(True)
     batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
              for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
     weights = {id(p) for p in model.parameters()}
-    saved = 0
+    saved: dict[int, torch.Tensor] = {}  # by id; holding the tensors keeps their ids from being reused
+    intermediates = 0
     inputs: dict[int, torch.Tensor] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
         base = tensor._base if tensor._base is not None else tensor
-        square = tensor.dim() == 4 and tensor.shape[-1] == tensor.shape[-2] and tensor.shape[-1] > 64
-        if id(base) not in weights and id(tensor) not in weights and not square:
-            saved += tensor.numel() * tensor.element_size()
+        if id(base) not in weights and id(tensor) not in weights:
+            saved.setdefault(id(tensor), tensor)
         return tensor
+
+    def adapted(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        nonlocal intermediates
+        saved.setdefault(id(args[0]), args[0])  # lora_A's weight gradient needs the layer's input
+        intermediates += args[0].numel() // module.in_features * LORA_RANK * args[0].element_size()
+
+    if trains == "lora":
+        for name, layer in model.named_modules():
+            if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
+                layer.register_forward_hook(adapted)
 
     def keep_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         for value in [*args, *kwargs.values()]:
@@ -200,19 +242,22 @@ def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bo
         for block in getattr(model, attribute):
             block.register_forward_pre_hook(keep_inputs, with_kwargs=True)
     noisy = batch["latents"].requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_like):
         arch.call(model, noisy, torch.ones(1, device="meta"), batch)
-    return float(saved), float(sum(t.numel() * t.element_size() for t in inputs.values()))
+    kept = sum(t.numel() * t.element_size() for t in saved.values()) + intermediates
+    return float(kept), float(sum(t.numel() * t.element_size() for t in inputs.values()))
 
 
 def extrapolated_activations(arch: Architecture, tiny: bool, resolution: int, full: dict,
-                             built: dict) -> tuple[float, float]:
+                             built: dict, trains: str = "lora") -> tuple[float, float]:
     """Activations of the full model without and with checkpointing of every block. Checkpointed: the part
     outside the blocks, every block's inputs, and one block's activations (recomputed during backward)."""
-    saved, inputs = activation_bytes(arch, built, resolution, tiny)
+    saved, inputs = activation_bytes(arch, built, resolution, tiny, trains)
     plain, kept, per_block = saved, inputs, []
     for attribute, key in BLOCK_LISTS[arch.name]:
-        saved_2, inputs_2 = activation_bytes(arch, reduced_config(arch, tiny, 2, attribute), resolution, tiny)
+        saved_2, inputs_2 = activation_bytes(arch, reduced_config(arch, tiny, 2, attribute), resolution, tiny,
+                                             trains)
         block = (saved_2 - saved) / built[key]
         per_block.append(block)
         plain += block * (full[key] - built[key])
@@ -228,6 +273,7 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
     arch = ARCHITECTURES[name]
     full, built = dict(arch.model_config(tiny)), reduced_config(arch, tiny)
     activations = extrapolated_activations(arch, tiny, resolution, full, built)  # (plain, checkpointed)
+    trained_all = extrapolated_activations(arch, tiny, resolution, full, built, "full")
     model = _build(arch, built, "cpu")
     layout = block_layout(arch, full, model)
     bf16 = extrapolated_bytes(model, arch, layout)
@@ -242,12 +288,12 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
                         8 * lora, *activations))
         del quantised
     del model
-    rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *activations))
+    rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *trained_all))
     for world in world_sizes:
         rows.append(Row(name, f"full-zero2 x{world}", 4 * parameters, 4 * parameters / world,
-                        8 * parameters / world, *activations))
+                        8 * parameters / world, *trained_all))
         rows.append(Row(name, f"full-zero3/fsdp x{world}", 4 * parameters / world, 4 * parameters / world,
-                        8 * parameters / world, *activations))
+                        8 * parameters / world, *trained_all))
     return rows
 
 
@@ -336,7 +382,8 @@ def record(text: str, peaks: list[str], args: argparse.Namespace) -> None:
              f"- command: `{command}`",
              "- method: weights of a reduced-depth, full-width bf16 model quantised with the trainer's own "
              "function, counted per block and extrapolated by block count; activations saved for backward "
-             "counted on the meta device at depth k and 2k (no attention matrices: flash attention); LoRA "
+             "counted on the meta device at depth k and 2k (attention as flash attention saves it: q, k, v, "
+             "output and log-sum-exp, no probability matrix); LoRA "
              f"rank {LORA_RANK} in fp32 with AdamW; full training fp32 + AdamW; sharded rows per rank, computed "
              "(see the script's docstring). SimpleTuner's column is its published Flux LoRA figure at 1024 px "
              "(whole process on a GPU), not measured here.\n", text]

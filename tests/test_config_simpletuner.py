@@ -152,8 +152,8 @@ def test_publishing_options_are_accepted(tmp_path):
 @pytest.mark.parametrize("options, phrase", [
     ({"lr_end": 1e-6, "lr_scheduler": "polynomial"}, "lr_end = 1e-06: a final learning rate"),
     ({"tread_config": {"routes": []}}, "tread_config (TREAD (token routing) is not built"),
-    ({"fuse_qkv_projections": True, "lora_type": "lycoris"},
-     "fuse_qkv_projections=true with model_type 'lora' cannot be combined with lora_type 'lycoris'"),
+    ({"fuse_qkv_projections": True, "base_model_precision": "int8-quanto"},
+     "fuse_qkv_projections=true with model_type 'lora' cannot be combined with base_model_precision"),
     ({"conditioning_multidataset_sampling": "combined"}, "combined sampling is not built"),
     ({"flux_lora_target": "all+ffs+embedder+controlnet"}, "adapters on the embedders are not built"),
     ({"flux_lora_target": "controlnet"}, "flux_lora_target='controlnet' adapts a ControlNet's control layers and "

@@ -112,8 +112,7 @@ def test_a_preset_naming_only_part_of_a_fused_layer_is_refused(tiny_model):
 
 
 @pytest.mark.parametrize("options, refused", [
-    ({"lora_type": "lycoris", "lycoris_config": "x.json"}, "lora_type 'lycoris'"),
-    ({"init_lora": "x.safetensors"}, "init_lora"),
+    ({"lora_type": "lycoris", "lycoris_config": "x.json", "init_lora": "x.safetensors"}, "init_lora with LyCORIS"),
     ({"base_model_precision": "int8-quanto"}, "base_model_precision 'int8-quanto'"),
 ])
 def test_combinations_that_cannot_split_are_refused(tmp_path, tiny_model, capsys, options, refused):
@@ -152,3 +151,110 @@ def test_fused_lora_training_exports_the_unfused_files_and_resumes_exactly(tmp_p
     final = [load_file(tmp_path / run / "output" / LORA_WEIGHTS) for run in ("straight", "resumed")]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])
+
+
+def _lycoris(model, algo: str, fused: bool, targets):
+    from simpletuner.train.adapters import apply_lycoris
+    from simpletuner.train.fusion import lycoris_excluded
+
+    config = {"algo": algo, "linear_dim": 4, "linear_alpha": 2}
+    excluded = []
+    if fused:
+        fuse_qkv(model)
+        excluded = lycoris_excluded(fused_adapter_targets(model, ["to_q", "to_k", "to_v"])[1], config)
+    network = apply_lycoris(model, config, targets=targets, exclude=excluded)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return network
+
+
+@pytest.mark.parametrize("tiny, algo", [("sd3", "lora"), ("flux", "loha"), ("pixart_sigma", "locon")])
+def test_lycoris_on_fused_layers_saves_the_unfused_keys_and_applies_the_fused_delta(tmp_path, tiny_model, tiny, algo):
+    from lycoris import create_lycoris_from_weights
+
+    from simpletuner.train.adapters import save_lycoris_weights
+    from simpletuner.train.fusion import fused_part_rows, split_fused_lycoris_file
+
+    targets = get_family(tiny).lycoris_targets if tiny == "flux" else ("Attention",)
+    fused_model = _denoiser(tiny_model(tiny))
+    inputs = _inputs(fused_model, tiny)
+    network = _lycoris(fused_model, algo, True, targets)
+    rows = fused_part_rows(fused_model)
+    names = {module.lora_name for module in network.loras}
+    assert {"lycoris_" + fused.replace(".", "_") for fused in rows} <= names  # adapters on the fused layers
+    assert not names & {"lycoris_" + part.replace(".", "_") for parts in rows.values() for part, _ in parts}
+    path = save_lycoris_weights(tmp_path / "fused", network, {"algo": algo})
+    split_fused_lycoris_file(path, rows)
+    plain = save_lycoris_weights(tmp_path / "plain", _lycoris(_denoiser(tiny_model(tiny)), algo, False, targets))
+    mine, theirs = load_file(path), load_file(plain)
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+    with torch.no_grad():
+        trained = fused_model(**inputs, return_dict=False)[0]
+        fresh = _denoiser(tiny_model(tiny))
+        loaded, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+        loaded.apply_to()
+        torch.testing.assert_close(fresh(**inputs, return_dict=False)[0], trained, rtol=1e-4, atol=1e-5)
+
+
+def test_lokr_on_fused_layers_is_refused_by_name(tiny_model):
+    from simpletuner.train.fusion import check_lycoris_split
+
+    with pytest.raises(UserError, match="lycoris_config algo 'lokr': its adapter on a fused layer does not split"):
+        check_lycoris_split({"algo": "lokr"})
+    check_lycoris_split({"algo": "loha"})
+
+
+@pytest.mark.slow
+def test_fused_lycoris_training_exports_the_unfused_file_and_refuses_lokr(tmp_path, tiny_model, capsys):
+    model = tiny_model("sd3")
+    options = dict(max_train_steps=2, checkpointing_steps=2, disable_validation=True, images=6, tokenizer_max_length=32,
+                   lora_type="lycoris")
+    for algo in ("loha", "lokr"):
+        (tmp_path / f"{algo}.json").write_text(json.dumps({"algo": algo, "linear_dim": 4, "linear_alpha": 2}))
+    fused = write_run(tmp_path / "fused", model, "sd3", fuse_qkv_projections=True,
+                      lycoris_config=str(tmp_path / "loha.json"), **options)
+    assert main(["train", str(fused)]) == 0
+    dataset = tmp_path / "fused" / "dataset"
+    plain = write_run(tmp_path / "plain", model, "sd3", dataset=dataset, lycoris_config=str(tmp_path / "loha.json"),
+                      **options)
+    assert main(["train", str(plain)]) == 0
+    mine, theirs = (load_file(tmp_path / run / "output" / LORA_WEIGHTS) for run in ("fused", "plain"))
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+    assert any("_to_q." in key for key in mine) and not any("qkv" in key for key in mine)
+
+    lokr = write_run(tmp_path / "lokr", model, "sd3", dataset=dataset, fuse_qkv_projections=True,
+                     lycoris_config=str(tmp_path / "lokr.json"), **options)
+    capsys.readouterr()
+    assert main(["train", str(lokr)]) == 2
+    assert "lycoris_config algo 'lokr': its adapter on a fused layer does not split" in capsys.readouterr().err
+
+
+def test_a_fused_runs_file_starts_a_fused_lora_and_an_unfused_runs_file_is_refused(tmp_path, tiny_model):
+    from peft import get_peft_model_state_dict
+
+    from simpletuner.train.adapters import load_lora_into
+
+    family = get_family("sd3")
+    cfg = TrainingConfig(model_family="sd3", pretrained_model_name_or_path="x")
+    pipeline_class = _pipeline_class(tiny_model("sd3"))
+    trained = _denoiser(tiny_model("sd3"))
+    write_lora_files(family, _lora(family, trained, True, False, cfg, pipeline_class), tmp_path / "fused",
+                     ["diffusers"])
+    write_lora_files(family, _lora(family, _denoiser(tiny_model("sd3")), False, False, cfg, pipeline_class),
+                     tmp_path / "plain", ["diffusers"])
+
+    def fresh():
+        model = _denoiser(tiny_model("sd3"))
+        fuse_qkv(model)
+        targets, excluded = fused_adapter_targets(model, family.adapter_targets(cfg))
+        return apply_lora(model, rank=4, alpha=2, target_modules=targets, exclude_modules=excluded)
+
+    started = fresh()
+    load_lora_into(started, tmp_path / "fused" / LORA_WEIGHTS, prefix="transformer")
+    want, got = get_peft_model_state_dict(trained), get_peft_model_state_dict(started)
+    assert got.keys() == want.keys() and any(".to_qkv." in key for key in got)
+    assert all(torch.equal(got[key], want[key]) for key in want)
+    with pytest.raises(UserError, match="have different down matrices .* fuse_qkv_projections=false"):
+        load_lora_into(fresh(), tmp_path / "plain" / LORA_WEIGHTS, prefix="transformer")

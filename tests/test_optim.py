@@ -187,3 +187,29 @@ def test_adamw_fused_on_a_device_without_the_kernel_is_refused():
     with pytest.raises(UserError, match="adamw_fused=true: PyTorch has no fused AdamW for 'meta' devices"):
         build_optimizer(_model(), _cfg(optimizer="adamw", adamw_fused=True), "meta")
     assert not any(g["fused"] for g in build_optimizer(_model(), _cfg(optimizer="adamw"), "meta").param_groups)
+
+
+@pytest.mark.slow
+def test_fused_adamw_run_resumes_exactly(tmp_path, tiny_model):
+    """adamw_fused's default (on, the CPU included) keeps exact resume: the fused step's state checkpoints whole."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from train_helpers import metrics, write_run
+
+    from simpletuner.cli import main
+
+    model = tiny_model("sd1x")
+    options = dict(optimizer="adamw", max_train_steps=4, checkpointing_steps=2, disable_validation=True, images=6)
+    assert main(["train", str(write_run(tmp_path / "straight", model, "sd1x", **options))]) == 0
+    checkpoint = tmp_path / "straight" / "output" / "checkpoints" / "step-000002"
+    resumed = write_run(tmp_path / "resumed", model, "sd1x", dataset=tmp_path / "straight" / "dataset",
+                        resume_from_checkpoint="latest", **options)
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "output" / "checkpoints" / checkpoint.name)
+    assert main(["train", str(resumed)]) == 0
+    full = metrics(tmp_path / "straight" / "output")
+    assert metrics(tmp_path / "resumed" / "output") == {step: full[step] for step in (3, 4)}
+    weights = [load_file(tmp_path / run / "output" / "pytorch_lora_weights.safetensors") for run in ("straight", "resumed")]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert all(group["fused"] for group in state["param_groups"])  # the checkpointed optimiser was the fused one

@@ -300,7 +300,9 @@ class TrainingConfig(StrictModel):
                                                                   "encoding latents (default: the model's).")
     vae_batch_size: int = Field(4, ge=1, description="Images per VAE batch when caching latents.")
     dataloader_prefetch: bool = Field(True, description="Build batches (cache reads, stacking) in a background "
-                                      "thread ahead of the step that trains on them, into pinned memory on CUDA.")
+                                      "thread ahead of the step that trains on them, into pinned memory on CUDA, "
+                                      "where the next one is copied to the device on a side stream while the step "
+                                      "runs.")
     dataloader_prefetch_qlen: int = Field(10, ge=1, description="Micro-batches dataloader_prefetch keeps ready "
                                           "ahead of the step.")
     vae_cache_ondemand: bool = Field(False, description="Encode latents the cache lacks when a batch first needs "
@@ -444,8 +446,10 @@ class TrainingConfig(StrictModel):
                                        "key and value projections (diffusers' fusion; not DeepFloyd). The saved "
                                        "model keeps diffusers' usual separate projections. With a LoRA, the adapter "
                                        "sits on the fused layer (one down matrix shared by q, k and v) and is saved "
-                                       "split into the usual q, k and v LoRAs, applying the same delta. Not with "
-                                       "LyCORIS, init_lora, a ControlNet's adapter or a quantised base.")
+                                       "split into the usual q, k and v LoRAs, applying the same delta (LyCORIS: "
+                                       "lora/locon/loha only). A peft init_lora joins onto the fused layers when its q, "
+                                       "k and v adapters share their down matrix (a fused run's file). Not with a "
+                                       "ControlNet's adapter or a quantised base.")
     # sharded training (config/sharding.py)
     fsdp_enable: bool = Field(False, description="Shard a full fine-tune's weights, gradients and optimiser state "
                               "over the processes with PyTorch FSDP2, through accelerate. Not with deepspeed_config.")
@@ -677,10 +681,8 @@ class TrainingConfig(StrictModel):
     def _fusion_trains_the_full_model_or_a_lora(self) -> "TrainingConfig":
         if not self.fuse_qkv_projections or not trains_adapter(self):
             return self
-        refused = [(self.lora_type == "lycoris", "lora_type 'lycoris' (its factors do not split back into the q, k "
-                    "and v adapters)"),
-                   (bool(self.init_lora), "init_lora (a file of separate q, k and v adapters does not load onto "
-                    "the fused layers)"),
+        refused = [(bool(self.init_lora) and self.lora_type == "lycoris", "init_lora with LyCORIS (its file's "
+                    "q, k and v adapters are not joined onto the fused layers)"),
                    (self.controlnet, "controlnet (its adapter trains the ControlNet, which is not fused)"),
                    (self.base_model_precision != "no_change", f"base_model_precision {self.base_model_precision!r} "
                     "(diffusers fuses plain weights only)")]

@@ -189,6 +189,11 @@ def export_model(family: ModelFamily, components: Components, trained: Trained, 
 
         written = [save_lycoris_weights(staging, trained.module, load_lycoris_config(cfg.lycoris_config),
                                         metadata)]
+        from simpletuner.train.fusion import fused_part_rows, split_fused_lycoris_file
+
+        rows = fused_part_rows(trained.model)  # fuse_qkv_projections: written as the separate projections'
+        if rows:
+            split_fused_lycoris_file(written[0], rows)
     else:
         if cfg.fuse_qkv_projections:  # saved with diffusers' separate projections
             from simpletuner.train.fusion import unfuse_qkv

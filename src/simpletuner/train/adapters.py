@@ -121,8 +121,15 @@ def prepare_trainable(
         if not cfg.lycoris_config:
             raise ConfigError("lora_type='lycoris' needs lycoris_config: a JSON file with at least "
                               '{"algo": "lokr"} (and optionally factor, linear_dim, linear_alpha, apply_preset)')
-        network = apply_lycoris(model, load_lycoris_config(cfg.lycoris_config), targets=lycoris_targets,
-                                init_norm=cfg.init_lokr_norm)
+        config = load_lycoris_config(cfg.lycoris_config)
+        excluded: list[str] = []
+        if exclude_modules:  # fuse_qkv_projections: the fused layers' projections
+            from simpletuner.train.fusion import check_lycoris_split, lycoris_excluded
+
+            check_lycoris_split(config)
+            excluded = lycoris_excluded(exclude_modules, config)
+        network = apply_lycoris(model, config, targets=lycoris_targets, init_norm=cfg.init_lokr_norm,
+                                exclude=excluded)
         if cfg.init_lora:
             load_lycoris_weights(network, cfg.init_lora)
         return Trained("lycoris", model, network)
@@ -319,6 +326,11 @@ def load_lora_into(model: nn.Module, file: str | Path, *, prefix: str | None = "
     if prefix and any(k.startswith(f"{prefix}.") for k in saved):
         saved = {k[len(prefix) + 1:]: v for k, v in saved.items() if k.startswith(f"{prefix}.")}
     saved = convert_unet_state_dict_to_peft(saved)
+    from simpletuner.train.fusion import fuse_lora_weights, fused_part_rows
+
+    rows = fused_part_rows(model)  # fuse_qkv_projections: the file's q, k and v adapters join on the fused layers
+    if rows:
+        saved = fuse_lora_weights(saved, rows)
     wanted = get_peft_model_state_dict(model)
     missing = sorted(set(wanted) - set(saved))
     wrong = sorted(n for n in set(wanted) & set(saved) if wanted[n].shape != saved[n].shape)
@@ -355,15 +367,18 @@ def apply_lycoris(
     *,
     targets: Sequence[str] = DEFAULT_LYCORIS_TARGETS,
     init_norm: float | None = None,
+    exclude: Sequence[str] = (),
 ) -> nn.Module:
     """Freeze `model`, wrap it with a LyCORIS network made from `config` and return the network
-    (its parameters are what train; move it with the model)."""
+    (its parameters are what train; move it with the model). `exclude`: LyCORIS exclude_name patterns added to
+    the preset's (LyCORIS keeps presets in class state: each network sets its own, empty or not)."""
     from lycoris import LycorisNetwork, create_lycoris
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # its INFO lines would flood the console
     settings = dict(config)
     algo = settings.pop("algo")
-    preset = settings.pop("apply_preset", None) or {"target_module": list(targets)}
+    preset = dict(settings.pop("apply_preset", None) or {"target_module": list(targets)})
+    preset["exclude_name"] = [*preset.get("exclude_name", []), *exclude]
     if init_norm is not None:
         settings.setdefault("init_lokr_norm", init_norm)
     model.requires_grad_(False)

@@ -14,8 +14,11 @@ on each fused layer (`fused_adapter_targets`: the preset's projections are left 
 they make up are named instead), so one down matrix A serves q, k and v and the up matrix B stacks
 their rows. Its delta B @ A is, row block by row block, the deltas B_q @ A, B_k @ A, B_v @ A:
 `split_fused_lora` writes it as three LoRAs with diffusers' usual names, which apply exactly the
-delta trained (DoRA's magnitude, a per-row scale, splits the same way). LyCORIS is refused: its
-Kronecker factors do not split by rows in general.
+delta trained (DoRA's magnitude, a per-row scale, splits the same way). LyCORIS the same way, for the
+algorithms whose factors split by rows (`LYCORIS_SPLIT_ALGOS`: LoCon's up matrix; LoHa's two `_a`
+factors, as the Hadamard product of row blocks is the row block of the product): `split_fused_lycoris`
+rewrites the exported file. LoKr is refused: a Kronecker product's row blocks are no Kronecker products
+in general.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from simpletuner.errors import UserError
@@ -156,14 +160,39 @@ def split_fused_lora(lora: TrainedLora, component: str, rows: Mapping[str, Seque
                 layers[f"{part}.lora_{kind}"] = value[start:start + count].clone()
             start += count
     config = dict(lora.configs[component])
-    config["target_modules"] = sorted(t for t in config.get("target_modules") or ()
-                                      if t.rsplit(".", 1)[-1] not in FUSED_PARTS)
+    targets = config.get("target_modules") or ()
+    if not isinstance(targets, str):  # a list (a regular expression names no fused layer)
+        config["target_modules"] = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in FUSED_PARTS)
     config["exclude_modules"] = None
     bases = dict(lora.base_weights)
     if component in bases:
         bases[component] = _split_rows(bases[component], rows)
     return replace(lora, layers={**lora.layers, component: layers}, configs={**lora.configs, component: config},
                    base_weights=bases)
+
+
+def fuse_lora_weights(weights: Mapping[str, Any], rows: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
+    """The inverse of `split_fused_lora` on peft-named weights: each fused layer's projections' adapters joined
+    into the fused layer's (B and DoRA's magnitude stacked, A shared). Raises UserError when their down matrices
+    differ (a LoRA trained unfused: no adapter on the fused layer applies its delta)."""
+    joined = dict(weights)
+    for fused, parts in rows.items():
+        names = [part for part, _ in parts]
+        kinds = sorted({key.partition(".lora_")[2] for key in weights if key.partition(".lora_")[0] in names})
+        for kind in kinds:
+            values = [joined.pop(f"{part}.lora_{kind}", None) for part in names]
+            if any(value is None for value in values):
+                raise UserError(f"init_lora: {fused} needs adapters on all of {', '.join(names)}; the file has "
+                                "only some")
+            if kind.startswith("A."):
+                if not all(torch.equal(values[0], value) for value in values[1:]):
+                    raise UserError(f"init_lora: the adapters of {', '.join(names)} have different down matrices (a "
+                                    "LoRA trained without fuse_qkv_projections), so no adapter on the fused layer "
+                                    f"{fused} applies them; start it with fuse_qkv_projections=false")
+                joined[f"{fused}.lora_{kind}"] = values[0]
+            else:
+                joined[f"{fused}.lora_{kind}"] = torch.cat(values)
+    return joined
 
 
 def _split_rows(weights: Mapping[str, Any], rows: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
@@ -191,3 +220,65 @@ def _fused_names(model: nn.Module):
 def _targeted(path: str, targets: Sequence[str]) -> bool:
     """peft's rule for a list of target names: the path is one, or ends with one on a dot boundary."""
     return any(path == target or path.endswith(f".{target}") for target in targets)
+
+
+# ------------------------------------------------------------------------------- LyCORIS on fused layers
+LYCORIS_SPLIT_ALGOS = ("lora", "locon", "loha")
+_LYCORIS_ROWS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")  # split by rows; every other tensor is shared
+_LYCORIS_SHARED = ("lora_down.weight", "hada_w1_b", "hada_w2_b", "alpha", "scalar")
+
+
+def check_lycoris_split(config: Mapping[str, Any]) -> None:
+    """Refuse, by name, a LyCORIS configuration whose adapters on a fused layer cannot be saved split."""
+    algo = config.get("algo")
+    if algo not in LYCORIS_SPLIT_ALGOS or config.get("weight_decompose") or config.get("dora_wd"):
+        raise UserError(f"fuse_qkv_projections=true with lycoris_config algo {algo!r}"
+                        f"{' and weight_decompose' if algo in LYCORIS_SPLIT_ALGOS else ''}: its adapter on a fused "
+                        f"layer does not split back into the q, k and v adapters; use algo "
+                        f"{', '.join(LYCORIS_SPLIT_ALGOS)} without weight_decompose, or set fuse_qkv_projections=false")
+
+
+def lycoris_excluded(paths: Sequence[str], config: Mapping[str, Any]) -> list[str]:
+    """LyCORIS `exclude_name` patterns matching exactly `paths` (its patterns are regular expressions matched at
+    the start of a module path, or shell patterns with use_fnmatch)."""
+    import re
+
+    preset = config.get("apply_preset") or {}
+    if preset.get("use_fnmatch"):
+        return list(paths)
+    return [re.escape(path) + "$" for path in paths]
+
+
+def split_fused_lycoris(weights: Mapping[str, Any], rows: Mapping[str, Sequence[tuple[str, int]]],
+                        prefix: str = "lycoris") -> dict[str, Any]:
+    """A LyCORIS state dict with each fused layer's adapter split into its projections' adapters."""
+    names = {f"{prefix}_{fused.replace('.', '_')}": [(f"{prefix}_{part.replace('.', '_')}", count)
+                                                     for part, count in parts] for fused, parts in rows.items()}
+    split: dict[str, Any] = {}
+    for key, value in weights.items():
+        module, _, kind = key.partition(".")
+        if module not in names:
+            split[key] = value
+            continue
+        if kind not in _LYCORIS_ROWS + _LYCORIS_SHARED:
+            raise UserError(f"fuse_qkv_projections=true: the LyCORIS weight {key} does not split back into the q, "
+                            "k and v adapters; set fuse_qkv_projections=false")
+        start = 0
+        for part, count in names[module]:
+            split[f"{part}.{kind}"] = value[start:start + count].clone() if kind in _LYCORIS_ROWS else value.clone()
+            start += count
+    return split
+
+
+def split_fused_lycoris_file(path: Any, rows: Mapping[str, Sequence[tuple[str, int]]]) -> None:
+    """Rewrite a LyCORIS file (keeping its header) with each fused layer's adapter split (see above)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from simpletuner.atomic import written_atomically
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}
+    with written_atomically(path, mode=0o644) as temporary:
+        save_file(split_fused_lycoris(weights, rows), str(temporary), metadata=header)
