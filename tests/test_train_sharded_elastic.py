@@ -1,11 +1,10 @@
 """FSDP2 checkpoints resumed on another number of CPU processes (gloo): the sharded state dict reshards.
 
 A 2-process FSDP2 run saves SHARDED_STATE_DICT (`fsdp/`, a torch.distributed.checkpoint). It resumes
-with 3 processes (FSDP2 over 3 shards), and that checkpoint with 1 process (which trains unsharded); each
+with 3 processes (FSDP2 over 3 shards), that checkpoint with 1 process (which trains unsharded and saves
+whole files, its optimiser state keyed by position), and that one with 2 processes under FSDP2 again; each
 run stops where its checkpoint was taken and saves again at once, and the weights and optimiser state it
-restored are compared, tensor by tensor, with the first checkpoint's. The other direction (an unsharded
-checkpoint into FSDP2) differs from FULL_STATE_DICT's resume (tests/test_train_sharded.py) only in the
-optimiser state's keys, rekeyed by name here.
+restored are compared, tensor by tensor, with the first checkpoint's.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def assert_same_state(got: dict[str, Any], expected: dict[str, Any]) -> None:
         g["params"] for g in expected["optimizer"]["param_groups"]]
 
 
-def test_a_sharded_fsdp2_checkpoint_resumes_on_three_processes_then_on_one(tmp_path, tiny_model):
+def test_a_sharded_fsdp2_checkpoint_resumes_on_three_processes_then_on_one_then_on_two(tmp_path, tiny_model):
     model = tiny_model("sd1x")
     first = train(tmp_path / "two", model, 2)
     dataset = tmp_path / "two" / "dataset"
@@ -90,6 +89,10 @@ def test_a_sharded_fsdp2_checkpoint_resumes_on_three_processes_then_on_one(tmp_p
         return sorted(s["exp_avg"].numpy().tobytes() + s["exp_avg_sq"].numpy().tobytes() for s in states)
 
     assert moments(optimizer["state"].values()) == moments(saved["optimizer"]["state"].values())
+
+    # 1 -> 2: the unsharded checkpoint (optimiser keyed by position) is sharded on load into FSDP2 again
+    again = train(tmp_path / "again", model, 2, 1, dataset=dataset, resume_from_checkpoint=str(one))
+    assert_same_state(read_sharded(again, tmp_path / "again.pt"), saved)
 
 
 def test_an_unsharded_optimizer_state_is_rekeyed_by_name_for_fsdp2():

@@ -9,8 +9,8 @@ A checkpoint folder holds them in one of two layouts:
 
 Both load through torch.distributed.checkpoint's state-dict API, which fits them to the module as this run
 holds it (sharded by FSDP2 over any number of processes, or whole), so a checkpoint resumes under another
-sharding and another number of processes: 2 FSDP2 processes -> 1 process (which trains unsharded), 1 -> 2,
-2 -> 3 (tests/test_train_sharded_elastic.py).
+sharding and another number of processes: 2 FSDP2 processes -> 3, 3 -> 1 process (which trains unsharded),
+1 -> 2 FSDP2 processes (tests/test_train_sharded_elastic.py).
 """
 
 from __future__ import annotations
