@@ -146,3 +146,12 @@ def test_conditioning_pairs_and_unpaired_conditioning_is_noted(tmp_path):
     assert not any("conditioning_data" in problem for problem in report.problems), report.problems
     assert any("'edges' is paired with no image dataset" in note for note in report.notes)
     assert not any("'masks' is paired" in note for note in report.notes)
+
+
+def test_prior_loss_weight_without_class_data_is_noted(tmp_path):
+    unused = check_settings(load_settings(_setup(tmp_path, options={**GOOD, "prior_loss_weight": 0.5})))
+    assert "prior_loss_weight is set but no dataset has is_class_data: it weights nothing" in unused.notes
+    used = check_settings(load_settings(_setup(tmp_path, options={**GOOD, "prior_loss_weight": 0.5}, datasets=[
+        {"id": "photos", "instance_data_dir": "images"},
+        {"id": "dogs", "instance_data_dir": "images", "is_class_data": True}])))
+    assert not any("prior_loss_weight" in note for note in used.notes)

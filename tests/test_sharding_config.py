@@ -91,6 +91,9 @@ def test_a_deepspeed_file_with_bad_json_names_the_file(tmp_path):
     ({"deepspeed_config": json.dumps({"zero_optimization": {"stage": 3}}), "use_ema": True},
      "use_ema=true with DeepSpeed ZeRO-3 is not built"),
     ({"fsdp_enable": True, "fsdp_state_dict_type": "LOCAL_STATE_DICT"}, "SHARDED_STATE_DICT"),
+    ({"fsdp_enable": True, "train_text_encoder": True}, "train_text_encoder=true with fsdp_enable=true"),
+    ({"deepspeed_config": json.dumps(ZERO2_OFFLOAD), "train_text_encoder": True},
+     "train_text_encoder=true with deepspeed_config"),
 ])
 def test_combinations_that_cannot_train_are_refused(tmp_path, options, phrase):
     assert phrase in _refused(tmp_path, **options)

@@ -137,6 +137,8 @@ def check_settings(settings: Settings) -> CheckReport:
     report.problems += missing
     report.notes += less
     report.problems += missing_libraries(training)
+    if "prior_loss_weight" in training.model_fields_set and not any(d.is_class_data for d in settings.datasets):
+        report.notes.append("prior_loss_weight is set but no dataset has is_class_data: it weights nothing")
     for dataset in settings.datasets:
         report.problems += _dataset_problems(dataset)
         report.problems += generator_problems(training, dataset)

@@ -95,6 +95,10 @@ def sharding_problems(cfg: Any) -> list[str]:
     if cfg.fsdp_enable and cfg.fsdp_version != 2:
         problems.append(f"fsdp_version={cfg.fsdp_version}: only FSDP2 (fsdp_version=2) is built; FSDP1 is deprecated "
                         "upstream")
+    if cfg.train_text_encoder and (cfg.fsdp_enable or cfg.deepspeed_config):
+        sharding = "fsdp_enable=true" if cfg.fsdp_enable else "deepspeed_config"
+        problems.append(f"train_text_encoder=true with {sharding} is not built yet: a sharded checkpoint holds the "
+                        "sharded module only, so the trained text encoders would not be saved; remove one of them")
     if cfg.deepspeed_config and cfg.use_ema and _stage_or_none(cfg.deepspeed_config) == 3:
         problems.append("use_ema=true with DeepSpeed ZeRO-3 is not built yet: the EMA would average the engine's "
                         "empty placeholders of partitioned weights; set use_ema=false, or use ZeRO stage 1 or 2 or "
