@@ -241,6 +241,7 @@ def build_trainer_step(work: Workload, options: Mapping[str, Any] | None = None)
     if family is None:
         raise UserError(f"--model {work.arch.name}: no SimpleTuner family is wired for it in benchmarks/trainer_step.py")
     family = with_reference_targets(family, work.arch)
+    release_accelerator()  # a run earlier in this process (the test suite's) may have set another precision
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=work.device.type == "cpu")
     try:
         return _assemble(work, cfg, family, accelerator)
