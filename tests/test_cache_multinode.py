@@ -144,6 +144,7 @@ def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_fi
         kill_node(node1)  # mid-cache: its shard is not committed
         _, err = node0.communicate(timeout=600)
         assert node0.returncode != 0 and "Connection closed by peer" in err  # node 0 stops, it does not hang
+        assert "run `simpletuner cache` again to encode the rest" in err  # with one line for a person
 
         by_writer = writers(server, "s3://dying/cache/vae")  # the store is valid: read_segments found no bad one
         assert by_writer and all("rank0" in name for name in by_writer)  # node 1 committed nothing

@@ -255,10 +255,18 @@ def run_cache_job(
 
 
 def _barrier() -> None:
+    """Wait for the job's other processes. One that died (a node lost mid-cache) fails the wait with one line;
+    this process's part is committed by then."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
         dist.barrier()
+    except RuntimeError as error:  # torch's DistError is a RuntimeError; gloo says "Connection closed by peer"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"another process of this cache job stopped before it finished ({reason}); this "
+                        "process's entries are committed: run `simpletuner cache` again to encode the rest") from None
 
 
 class LazyCache:
