@@ -4,7 +4,6 @@ and v LoRAs an unfused run writes, applying exactly the delta the fused model tr
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from test_fusion import _denoiser, _inputs
 from test_lora_export import _merged, _train_like
-from train_helpers import metrics, write_run
+from train_helpers import metrics, resumed_losses, write_run
 
 from simpletuner.cli import main
 from simpletuner.config.schema import TrainingConfig
@@ -145,9 +144,7 @@ def test_fused_lora_training_exports_the_unfused_files_and_resumes_exactly(tmp_p
     checkpoint = out["straight"] / "checkpoints" / "step-000002"
     resumed = write_run(tmp_path / "resumed", model, "sd3", dataset=dataset, resume_from_checkpoint="latest",
                         fuse_qkv_projections=True, **options)
-    shutil.copytree(checkpoint, tmp_path / "resumed" / "output" / "checkpoints" / checkpoint.name)
-    assert main(["train", str(resumed)]) == 0
-    assert metrics(tmp_path / "resumed" / "output") == {step: fused_losses[step] for step in (3, 4)}
+    assert resumed_losses(checkpoint, resumed) == {step: fused_losses[step] for step in (3, 4)}
     final = [load_file(tmp_path / run / "output" / LORA_WEIGHTS) for run in ("straight", "resumed")]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][key], final[1][key]) for key in final[0])

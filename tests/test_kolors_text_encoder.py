@@ -3,13 +3,12 @@ step, and diffusers' KolorsPipeline loads the result: the prompt's text and imag
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import metrics, write_run
+from train_helpers import metrics, resumed_losses, write_run
 
 from simpletuner.cli import main
 
@@ -69,9 +68,7 @@ def test_chatglm_lora_loads_in_kolors_pipeline_changes_the_text_and_resumes_exac
     resumed_root = tmp_path / "resumed"
     resumed = _run(resumed_root, model, dataset=tmp_path / "straight" / "dataset", resume_from_checkpoint="latest",
                    **options)
-    shutil.copytree(output / "checkpoints" / "step-000002", resumed_root / "output" / "checkpoints" / "step-000002")
-    assert main(["train", str(resumed)]) == 0
-    full, second = metrics(output), metrics(resumed_root / "output")
+    full, second = metrics(output), resumed_losses(output / "checkpoints" / "step-000002", resumed)
     assert sorted(second) == [3, 4] and all(second[step] == full[step] for step in (3, 4)), (second, full)
     again = load_file(resumed_root / "output" / "pytorch_lora_weights.safetensors")
     assert again.keys() == weights.keys() and all(torch.equal(again[key], weights[key]) for key in weights)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import metrics, write_run
+from train_helpers import metrics, resumed_losses, write_run
 
 from simpletuner.cli import main
 
@@ -101,10 +100,7 @@ def test_mixed_class_run_resumes_exactly(tmp_path: Path, tiny_model) -> None:
     resumed_root = tmp_path / "resumed"
     resumed = _class_run(resumed_root, model, dataset=tmp_path / "straight" / "dataset", max_train_steps=6,
                          checkpointing_steps=3, prior_loss_weight=0.5, resume_from_checkpoint="latest")
-    shutil.copytree(tmp_path / "straight" / "output" / "checkpoints" / "step-000003",
-                    resumed_root / "output" / "checkpoints" / "step-000003")
-    assert main(["train", str(resumed)]) == 0
-    second = metrics(resumed_root / "output")
+    second = resumed_losses(tmp_path / "straight" / "output" / "checkpoints" / "step-000003", resumed)
     assert sorted(second) == [4, 5, 6] and all(second[step] == full[step] for step in (4, 5, 6)), (second, full)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ def metrics(output_dir: Path) -> dict[int, float]:
     """step -> loss, from the run's metrics.jsonl."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
+
+
+def resumed_losses(checkpoint: Path, config: Path) -> dict[int, float]:
+    """Train the run `config` (resume_from_checkpoint="latest", output under its folder's `output/`) from a copy of
+    another run's `checkpoint`; step -> loss of the steps it trained."""
+    from simpletuner.cli import main
+
+    output = config.parent / "output"
+    shutil.copytree(checkpoint, output / "checkpoints" / checkpoint.name)
+    assert main(["train", str(config)]) == 0
+    return metrics(output)
 
 
 def prepared_data(config: Path, on_demand: bool = False):
