@@ -14,10 +14,8 @@ machine's CPUs: with more processes than free cores the rate stops growing.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 MB = 1024 * 1024
 
 
@@ -132,15 +129,12 @@ def main() -> int:
             table += rows(world_size, args.images, run_ranks(world_size, folder))
             print("\n".join(table), flush=True)
     if args.record:
-        load = os.getloadavg()[0]
-        header = (f"\n## Cache-build rate per process count, {args.images} PNGs of {args.size} px, SDXL VAE "
-                  f"(published configuration, random weights, fp32), batch 4 ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-                  f"- machine: {platform.node()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}, one torch "
-                  f"thread per process; load average {load:.1f} at the end (other sessions' work included)\n"
-                  f"- command: `OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/cache_ranks.py "
-                  f"{' '.join(sys.argv[1:])}`\n\n")
-        with RESULTS.open("a") as results:
-            results.write(header + "\n".join(table) + "\n")
+        from benchmarks.results import record
+
+        record(f"Cache-build rate per process count, {args.images} PNGs of {args.size} px, SDXL VAE (published "
+               "configuration, random weights, fp32), batch 4", table,
+               f", one torch thread per process; load average {os.getloadavg()[0]:.1f} at the end (other sessions' "
+               "work included)", command="OMP_NUM_THREADS=1 PYTHONPATH=src python")
     return 0
 
 

@@ -12,9 +12,7 @@ The load average is printed beside them: on a shared machine wall time grows wit
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SOURCES = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -70,12 +67,10 @@ def main() -> int:
              f"- load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPU(s)"]
     print("\n".join(lines))
     if args.record:
-        header = (f"\n## config check, {args.keys:,} unknown keys ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}"
-                  f" UTC)\n\n- machine: {platform.node()}, {os.cpu_count()} CPU(s), Python "
-                  f"{platform.python_version()}\n- command: `python benchmarks/config_check.py "
-                  f"{' '.join(sys.argv[1:])}`\n")
-        with RESULTS.open("a") as results:
-            results.write(header + "\n".join(lines) + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from benchmarks.results import record
+
+        record(f"config check, {args.keys:,} unknown keys", lines)
     return 0
 
 

@@ -14,16 +14,13 @@ more processes than cores the times include waiting for a core.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 
 
 def run_ranks(world_size: int, images: int, batch_size: int) -> list[dict[str, float]]:
@@ -63,13 +60,12 @@ def main() -> int:
         table += rows(world_size, run_ranks(world_size, args.images, args.batch_size))
         print("\n".join(table), flush=True)
     if args.record:
-        header = (f"\n## Sampler epoch planning per rank, {args.images:,} images, batch size {args.batch_size}, "
-                  f"{'/'.join(map(str, args.ranks))} processes ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
-                  f"- machine: {platform.node()}, {os.cpu_count()} CPU(s), Python {platform.python_version()}; "
-                  "the processes of a row run at once and share the CPUs\n"
-                  f"- command: `python benchmarks/sampler_ranks.py {' '.join(sys.argv[1:])}`\n\n")
-        with RESULTS.open("a") as results:
-            results.write(header + "\n".join(table) + "\n")
+        sys.path.insert(0, str(HERE.parent))
+        from benchmarks.results import record
+
+        record(f"Sampler epoch planning per rank, {args.images:,} images, batch size {args.batch_size}, "
+               f"{'/'.join(map(str, args.ranks))} processes", table,
+               "; the processes of a row run at once and share the CPUs")
     return 0
 
 
