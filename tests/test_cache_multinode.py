@@ -138,19 +138,22 @@ def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_fi
                                  env={**env, "TMPDIR": str(node1_tmp)}, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 600
-        while not list(node1_tmp.glob("simpletuner-shard-*")):  # node 1 has encoded its first latents
+        while not _written(node1_tmp):  # node 1 has written its first latents into its shard
             assert node1.poll() is None and time.monotonic() < deadline, "node 1 ended before caching"
             time.sleep(0.005)
         kill_node(node1)  # mid-cache: its shard is not committed
         _, err = node0.communicate(timeout=600)
-        assert node0.returncode != 0 and "Connection closed by peer" in err  # node 0 stops, it does not hang
-        assert "run `simpletuner cache` again to encode the rest" in err  # with one line for a person
+        # node 0 stops at the job's closing barrier, it does not hang, and says so in one line (the reason is gloo's
+        # own: "Connection closed by peer" or, when the kill lands with data in flight, a reset)
+        assert node0.returncode != 0, err[-3000:]
+        assert "error: another process of this cache job stopped before it finished" in err, err[-3000:]
+        assert "run `simpletuner cache` again to encode the rest" in err
 
         by_writer = writers(server, "s3://dying/cache/vae")  # the store is valid: read_segments found no bad one
         assert by_writer and all("rank0" in name for name in by_writer)  # node 1 committed nothing
         node0_part = set().union(*by_writer.values())
         assert 0 < len(node0_part) < 192  # node 0 committed its whole part before it stopped
-        assert [p for p in node1_tmp.glob("simpletuner-shard-*") if p.stat().st_size]  # what node 1 lost
+        assert _written(node1_tmp)  # what node 1 lost
 
         done = subprocess.run([sys.executable, "-m", "simpletuner", "cache", str(config)], env=env,
                               capture_output=True, text=True, timeout=600)
@@ -162,3 +165,15 @@ def test_a_node_killed_mid_cache_loses_only_its_uncommitted_shard_and_a_rerun_fi
         assert {name: after[name] for name in by_writer} == by_writer  # node 0's part untouched
     finally:
         moto.stop()
+
+
+def _written(folder: Path) -> list[Path]:
+    """The shards in `folder` that hold data (a shard is created empty, then written; committed ones go away)."""
+    written = []
+    for shard in folder.glob("simpletuner-shard-*"):
+        try:
+            if shard.stat().st_size:
+                written.append(shard)
+        except FileNotFoundError:  # committed between the listing and the look
+            pass
+    return written
