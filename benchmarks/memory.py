@@ -30,6 +30,11 @@ Method (CPU, no GPU needed):
   gradients, AdamW state (16 bytes per weight). Sharded rows are the per-rank share computed
   analytically: ZeRO-2 splits gradients and optimiser state across the ranks, ZeRO-3 / FSDP full
   shard splits weights too; activations are never split.
+- Block swap rows (`musubi_blocks_to_swap`, Flux's LoRA modes, where a goal is set): the fewest last
+  blocks (in running order) whose frozen weights, kept in CPU memory, bring the total under the goal.
+  Their bytes leave the parameters column, and the largest swapped block's come back: one swapped block's
+  weights are on the accelerator while it runs (train/block_swap.py). Swapped blocks are always
+  checkpointed, so the checkpointed activations are unchanged.
 - Not counted: the CUDA context, allocator fragmentation, text encoders and VAE (cached before
   training), temporary buffers inside kernels. UNet families (SD 1.x, SDXL) are not covered: their
   depth does not reduce to a count of equal blocks.
@@ -163,6 +168,27 @@ def extrapolated_bytes(model: nn.Module, arch: Architecture, layout: dict[str, l
     return total
 
 
+def running_block_bytes(model: nn.Module, arch: Architecture, layout: dict[str, list[int]]) -> list[int]:
+    """Bytes of every block of the full model in the order the blocks run, from the built block of its layout."""
+    return [tensor_bytes(getattr(model, attribute)[index]) for attribute, _ in BLOCK_LISTS[arch.name]
+            for index in layout[attribute]]
+
+
+def swapped_row(row: Row, blocks: list[int], goal_bytes: float) -> Row | None:
+    """`row` with the fewest last blocks swapped to the CPU that bring its total to `goal_bytes` (one swapped
+    block on the accelerator while it runs); None when the row already meets the goal or no count does."""
+    if row.total <= goal_bytes:
+        return None
+    for count in range(1, len(blocks) + 1):
+        swapped = blocks[len(blocks) - count:]
+        parameters = row.parameters - sum(swapped) + max(swapped)
+        candidate = Row(row.model, f"{row.mode} swap {count}", parameters, row.gradients, row.optimizer,
+                        row.activations, row.checkpointed)
+        if candidate.total <= goal_bytes:
+            return candidate
+    return None
+
+
 def lora_weights(model: nn.Module, arch: Architecture, full: dict, built: dict) -> float:
     """Trained LoRA weights of the full model (rank LORA_RANK on the family's targets)."""
     per_list = {attribute: 0 for attribute, _ in BLOCK_LISTS[arch.name]}
@@ -280,13 +306,18 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
     lora = lora_weights(model, arch, full, built)
     parameters = bf16 / 2  # bf16: 2 bytes per weight
     rows = [Row(name, "lora-bf16", bf16 + 4 * lora, 4 * lora, 8 * lora, *activations)]
+    blocks = {"lora-bf16": running_block_bytes(model, arch, layout)}
     for precision, mode in (("int8-quanto", "lora-int8"), ("nf4-bnb", "lora-nf4")):
         quantised = _build(arch, built, "cpu")
         quantised.load_state_dict(model.state_dict())
         quantize_module(quantised, precision)
         rows.append(Row(name, mode, extrapolated_bytes(quantised, arch, layout) + 4 * lora, 4 * lora,
                         8 * lora, *activations))
+        blocks[mode] = running_block_bytes(quantised, arch, layout)
         del quantised
+    if name == "flux":  # the goals are Flux's
+        rows += [row for row in (swapped_row(row, blocks[row.mode], ANCHORS[row.mode][1] * 1e9)
+                                 for row in list(rows)) if row is not None]
     del model
     rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *trained_all))
     for world in world_sizes:
@@ -333,7 +364,8 @@ def table(rows: list[Row], anchors: bool = True, unit: tuple[str, int] = ("GiB",
     lines = ["| model | mode | parameters | gradients | optimiser | activations | activations, checkpointed "
              "| total (checkpointed) | SimpleTuner | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        anchor, goal = ANCHORS.get(row.mode, ("", "")) if anchors and row.model == "flux" else ("", "")
+        base_mode = row.mode.split(" swap ")[0]
+        anchor, goal = ANCHORS.get(base_mode, ("", "")) if anchors and row.model == "flux" else ("", "")
         cells = [row.parameters, row.gradients, row.optimizer, row.activations, row.checkpointed, row.total]
         lines.append(f"| {row.model} | {row.mode} | " + " | ".join(f"{c / unit[1]:.2f} {unit[0]}" for c in cells)
                      + f" | {f'~{anchor} GB' if anchor else ''} | {f'<= {goal} GB' if goal else ''} |")
@@ -384,7 +416,9 @@ def record(text: str, peaks: list[str], args: argparse.Namespace) -> None:
              "function, counted per block and extrapolated by block count; activations saved for backward "
              "counted on the meta device at depth k and 2k (attention as flash attention saves it: q, k, v, "
              "output and log-sum-exp, no probability matrix); LoRA "
-             f"rank {LORA_RANK} in fp32 with AdamW; full training fp32 + AdamW; sharded rows per rank, computed "
+             f"rank {LORA_RANK} in fp32 with AdamW; full training fp32 + AdamW; sharded rows per rank, computed; "
+             "'swap N' rows: the last N blocks' frozen weights in CPU memory (musubi_blocks_to_swap), the largest "
+             "swapped block counted back as the one on the accelerator while it runs "
              "(see the script's docstring). SimpleTuner's column is its published Flux LoRA figure at 1024 px "
              "(whole process on a GPU), not measured here.\n", text]
     if peaks:

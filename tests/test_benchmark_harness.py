@@ -300,6 +300,9 @@ def test_memory_extrapolation_by_block_count_matches_the_whole_model(name):
     whole = memory._build(arch, full, "cpu")
     layout = memory.block_layout(arch, full, reduced)
     assert memory.extrapolated_bytes(reduced, arch, layout) == pytest.approx(memory.tensor_bytes(whole))
+    whole_blocks = [memory.tensor_bytes(block) for attribute, _ in memory.BLOCK_LISTS[name]
+                    for block in getattr(whole, attribute)]
+    assert memory.running_block_bytes(reduced, arch, layout) == whole_blocks
     plain, checkpointed = memory.extrapolated_activations(arch, True, 64, full, built)
     assert 0 < checkpointed < plain
     assert plain == pytest.approx(memory.activation_bytes(arch, full, 64, True)[0])
@@ -323,6 +326,18 @@ def test_memory_script_prints_every_mode_and_records(tmp_path, capsys):
     assert "| flux | lora-int8 |" in out and "~18 GB" in out and "<= 14 GB" in out
     text = results.read_text()
     assert "Training memory per family and mode" in text and "python benchmarks/memory.py" in text
+
+
+def test_memory_swap_rows_take_the_fewest_last_blocks_that_meet_the_goal():
+    from benchmarks import memory
+
+    row = memory.Row("flux", "lora-bf16", parameters=100, gradients=0, optimizer=0, activations=0, checkpointed=10)
+    blocks = [30, 30, 10, 10, 10]  # in running order: the last ones are swapped first
+    swapped = memory.swapped_row(row, blocks, goal_bytes=100)
+    # two swapped: 20 bytes leave, the larger of them (10) is back while it runs: 100 - 20 + 10 + 10 = 100
+    assert swapped.mode == "lora-bf16 swap 2" and swapped.parameters == 90 and swapped.total == 100
+    assert memory.swapped_row(row, blocks, goal_bytes=200) is None  # already under the goal
+    assert memory.swapped_row(row, [30, 30], goal_bytes=5) is None  # no count gets there
 
 
 @pytest.mark.parametrize("precision", ["no_change", "int8-quanto", "nf4-bnb"])

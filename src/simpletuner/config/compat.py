@@ -47,7 +47,6 @@ CURRENT_RELEASE_UNSUPPORTED: dict[str, Unsupported] = {
         "ramtorch": None, "ramtorch_target_modules": None, "ramtorch_text_encoder": None, "ramtorch_vae": None,
         "ramtorch_controlnet": None, "ramtorch_transformer_percent": 100, "ramtorch_text_encoder_percent": 100,
         "ramtorch_disable_sync_hooks": None, "ramtorch_disable_extensions": None}),
-    **_group("block swapping is not built", {"musubi_blocks_to_swap": 0, "musubi_block_swap_device": "cpu"}),
     **_group("activations are recomputed by PyTorch's checkpointing", {"gradient_checkpointing_backend": "torch"}),
     **_group("video models are not supported", {
         "enable_chunked_feed_forward": None, "feed_forward_chunk_size": None, "wan_force_2_1_time_embedding": None,

@@ -31,6 +31,8 @@ ADAPTER_MODEL_TYPES = ("lora", "deepfloyd-lora", "deepfloyd-stage2-lora")
 
 # the families whose model has a ControlNet (models.*: controlnet_loader); config check refuses the others
 CONTROLNET_FAMILIES = ("flux", "hunyuan_dit", "legacy", "sd1x", "sd2x", "sd3", "sdxl")
+# the families whose denoiser names its repeated blocks (models.*: block_lists); block swap takes only these
+BLOCK_SWAP_FAMILIES = ("flux", "hunyuan_dit", "pixart_sigma", "sd3")
 
 
 def trains_adapter(cfg: "TrainingConfig") -> bool:
@@ -435,6 +437,14 @@ class TrainingConfig(StrictModel):
                                                         "recompute only every n-th block of the denoiser (1 or "
                                                         "unset: every block); larger n keeps more activations and "
                                                         "recomputes less.")
+    musubi_blocks_to_swap: int = Field(0, ge=0, description="Block swap, for a LoRA or LyCORIS on flux, sd3, "
+                                       "pixart_sigma or hunyuan_dit: the frozen weights of the denoiser's last N "
+                                       "blocks wait in CPU memory and are copied to the accelerator each time their "
+                                       "block runs (the forward, and again in the backward, which recomputes those "
+                                       "blocks). Saves their weights' accelerator memory for two copies per block "
+                                       "per step (docs/MEMORY.md). 0: off.")
+    musubi_block_swap_device: Literal["cpu"] = Field("cpu", description="Where swapped blocks' weights wait: cpu "
+                                                     "(the only place built).")
     torch_compile: bool | Literal["auto"] = Field("auto", description="torch.compile the denoiser's repeated "
                                                   "blocks (regional). auto: on CUDA, off on CPU (docs/SPEED.md).")
     channels_last: bool | Literal["auto"] = Field("auto", description="UNets: weights in channels_last memory "
@@ -735,6 +745,23 @@ class TrainingConfig(StrictModel):
         problems = sharding_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _block_swap(self) -> "TrainingConfig":
+        if not self.musubi_blocks_to_swap:
+            return self
+        refused = [(not trains_adapter(self), f"model_type {self.model_type!r} (it trains the weights block swap "
+                    "keeps on the CPU; use model_type 'lora')"),
+                   (self.controlnet, "controlnet=true (its frozen denoiser's blocks are not swapped yet)"),
+                   (self.model_family not in BLOCK_SWAP_FAMILIES, f"model_family {self.model_family!r} (block swap "
+                    f"takes the transformer families {', '.join(BLOCK_SWAP_FAMILIES)})"),
+                   (self.fsdp_enable or bool(self.deepspeed_config), "fsdp_enable or deepspeed_config (they place "
+                    "the weights themselves)")]
+        for hit, what in refused:
+            if hit:
+                raise ValueError(f"musubi_blocks_to_swap={self.musubi_blocks_to_swap} cannot be combined with {what}; "
+                                 "set musubi_blocks_to_swap=0")
         return self
 
     @model_validator(mode="after")

@@ -179,6 +179,7 @@ class ModelFamily(ABC):
     modelspec_architecture: ClassVar[str] = ""  # the base model's modelspec.architecture id
     lora_loader: ClassVar[bool] = True  # its pipeline loads LoRAs with diffusers' load_lora_weights
     control_as_latents: ClassVar[bool] = False  # its ControlNet takes the control image as VAE latents
+    block_lists: ClassVar[tuple[str, ...]] = ()  # the denoiser's lists of repeated blocks, in running order (block swap)
     controlnet_loader: ClassVar[str | None] = None  # "package:Class" of its ControlNet; None: it has none
     control_latents: ClassVar[bool] = False  # its ControlNet takes VAE latents of the control image (else pixels)
 

@@ -118,6 +118,7 @@ class FluxFamily(FlowMatchingFamily):
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = FLUX_ADAPTER_PRESETS
     lycoris_targets: ClassVar[tuple[str, ...]] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
     controlnet_loader: ClassVar[str | None] = "diffusers:FluxControlNetModel"
     control_latents: ClassVar[bool] = True
     controlnet_layers: ClassVar[tuple[int, int]] = (4, 10)  # FluxControlNetModel.from_transformer's defaults

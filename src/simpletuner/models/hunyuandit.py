@@ -88,6 +88,7 @@ class HunyuanDiTFamily(ModelFamily):
     controlnet_loader: ClassVar[str | None] = "diffusers:HunyuanDiT2DControlNetModel"
     control_latents: ClassVar[bool] = True
     lycoris_targets: ClassVar[tuple[str, ...]] = ("HunyuanDiTBlock",)
+    block_lists: ClassVar[tuple[str, ...]] = ("blocks",)
     # HunyuanDiTPipeline has no diffusers LoRA loader (diffusers 0.42): its LoRA is saved in peft's format
     lora_loader: ClassVar[bool] = False
     flavours: ClassVar[Flavours] = flavour_tables.HUNYUAN_DIT  # model_flavour -> Hub checkpoint

@@ -58,6 +58,7 @@ class PixArtSigmaFamily(ModelFamily):
         ComponentSpec("scheduler", "diffusers:DPMSolverMultistepScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = UNET_ADAPTER_PRESETS  # same module names
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
 
     def adapter_preset_name(self, cfg: TrainingConfig) -> str:
         return unet_preset_name(cfg)

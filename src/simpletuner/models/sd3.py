@@ -141,6 +141,7 @@ class SD3Family(FlowMatchingFamily):
         ComponentSpec("scheduler", "diffusers:FlowMatchEulerDiscreteScheduler", kind="scheduler"),
     )
     adapter_presets: ClassVar[dict[str, tuple[str, ...]]] = SD3_ADAPTER_PRESETS
+    block_lists: ClassVar[tuple[str, ...]] = ("transformer_blocks",)
     modelspec_architecture: ClassVar[str] = "stable-diffusion-v3"
     lycoris_targets: ClassVar[tuple[str, ...]] = ("Attention", "FeedForward")
     skip_layer_guidance: ClassVar[bool] = True

@@ -15,6 +15,7 @@ only where it is known to help and to work:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
@@ -52,12 +53,20 @@ def resolve_levers(cfg: Any, model: nn.Module, device: torch.device) -> Levers:
                   attention=attention)
 
 
-def apply_levers(model: nn.Module, levers: Levers) -> None:
-    """Put the model in channels_last and compile its repeated blocks, as `levers` says."""
+def apply_levers(model: nn.Module, levers: Levers, skip: Collection[nn.Module] = ()) -> None:
+    """Put the model in channels_last and compile its repeated blocks, as `levers` says. Blocks in `skip`
+    (under block swap, which swaps their weights while they run) are not compiled, nor is the whole model."""
     if levers.channels_last:
         model.to(memory_format=torch.channels_last)
     if levers.compile:
-        if getattr(model, "_repeated_blocks", None) and hasattr(model, "compile_repeated_blocks"):
+        repeated = getattr(model, "_repeated_blocks", None)
+        if skip:  # diffusers' compile_repeated_blocks (the classes of the swapped blocks too), less the skipped
+            classes = set(repeated or ()) | {type(block).__name__ for block in skip}
+            for block in model.modules():
+                if type(block).__name__ in classes and block not in skip:
+                    block.compile()
+            logger.info("torch.compile: the blocks %s but the swapped ones", ", ".join(sorted(classes)))
+        elif repeated and hasattr(model, "compile_repeated_blocks"):
             model.compile_repeated_blocks()
             logger.info("torch.compile: the repeated blocks %s", ", ".join(model._repeated_blocks))
         else:

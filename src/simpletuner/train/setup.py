@@ -9,11 +9,13 @@ and tracker are built. The trainer never branches on a family's name.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from simpletuner.errors import UserError
 from simpletuner.log import get_logger
@@ -286,12 +288,19 @@ def prepare_model(cfg: Any, family: ModelFamily, components: Components, device:
         from simpletuner.train.fusion import fuse_qkv
 
         logger.info("fused the attention projections of %d layers", fuse_qkv(denoiser))
+    swapped: Collection[nn.Module] = ()
+    if cfg.musubi_blocks_to_swap:  # after the adapter is attached and on the device, before the optimiser
+        from simpletuner.train.block_swap import swap_blocks
+
+        swapped = swap_blocks(denoiser, family.block_lists, cfg.musubi_blocks_to_swap, device)
+        logger.info("block swap: %d blocks' frozen weights (%.2f GiB) wait on the CPU", len(swapped),
+                    swapped.frozen_bytes / 2**30)
     if cfg.gradient_checkpointing:  # the trained model's blocks (a ControlNet's; its frozen denoiser is not)
         from simpletuner.train.checkpointing import enable_checkpointing
 
-        enable_checkpointing(trains, cfg.gradient_checkpointing_interval)
+        enable_checkpointing(trains, cfg.gradient_checkpointing_interval, self_checkpointed=swapped)
     levers = resolve_levers(cfg, denoiser, device)
-    apply_levers(denoiser, levers)
+    apply_levers(denoiser, levers, skip=swapped)
     trains.train()
     return trained, levers
 
