@@ -155,20 +155,25 @@ ON_CUDA = pytest.param(True, marks=[pytest.mark.gpu, pytest.mark.skipif(not torc
 
 @pytest.mark.parametrize("cuda", [False, ON_CUDA], ids=["cpu", "cuda"])
 def test_deepspeed_zero3_matches_the_plain_run_and_resumes_exactly(tmp_path, tiny_model, cuda):
-    """ZeRO-3 (weights partitioned too) on 2 processes: CPU processes over gloo, or CUDA ones."""
+    """ZeRO-3 (weights partitioned too) on 2 processes, CPU processes over gloo or CUDA ones, with EMA: each
+    process averages its partition of the weights, saved with its rank; the export holds the averaged weights."""
     pytest.importorskip("deepspeed")
     model = tiny_model("sd1x")
     processes = min(2, torch.cuda.device_count()) if cuda else 2
+    ema = {"use_ema": True, "ema_decay": 0.9}
     options = {"deepspeed_config": json.dumps({"zero_optimization": {"stage": 3}}), "processes": processes,
-               "cuda": cuda}
+               "cuda": cuda, **ema}
     trained = run(tmp_path / "zero3", model, **options)
 
-    assert (trained / "output" / "checkpoints" / "step-000002" / "deepspeed").is_dir()
+    checkpoint = trained / "output" / "checkpoints" / "step-000002"
+    assert (checkpoint / "deepspeed").is_dir() and not (checkpoint / "ema.pt").exists()
+    for rank in range(processes):  # each process's partition of the average
+        assert torch.load(checkpoint / f"rank-{rank:05d}.pt", weights_only=False)["states"]["ema"]["updates"] == 2
     before = load_file(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")
     got = exported(trained)
     assert any(not torch.equal(before[name], tensor) for name, tensor in got.items())
-    if not cuda:  # the same updates as the plain 2-process run, gradients summed in another order
-        plain = run(tmp_path / "plain", model)
+    if not cuda:  # the same updates and average as the plain 2-process run, gradients summed in another order
+        plain = run(tmp_path / "plain", model, **ema)
         expected = exported(plain)
         assert expected.keys() == got.keys()
         for name in expected:

@@ -99,16 +99,17 @@ def sharding_problems(cfg: Any) -> list[str]:
         sharding = "fsdp_enable=true" if cfg.fsdp_enable else "deepspeed_config"
         problems.append(f"train_text_encoder=true with {sharding} is not built yet: a sharded checkpoint holds the "
                         "sharded module only, so the trained text encoders would not be saved; remove one of them")
-    if cfg.deepspeed_config and cfg.use_ema and _stage_or_none(cfg.deepspeed_config) == 3:
-        problems.append("use_ema=true with DeepSpeed ZeRO-3 is not built yet: the EMA would average the engine's "
-                        "empty placeholders of partitioned weights; set use_ema=false, or use ZeRO stage 1 or 2 or "
-                        "fsdp_enable")
+    if cfg.deepspeed_config and cfg.use_ema and _parameter_offload(cfg.deepspeed_config) == "nvme":
+        problems.append("use_ema=true with zero_optimization.offload_param.device 'nvme': the EMA averages each "
+                        "process's partition of the weights, which would lie on NVMe; offload the parameters to "
+                        "'cpu' or set use_ema=false")
     return problems
 
 
-def _stage_or_none(value: Any) -> int | None:
-    """The ZeRO stage `deepspeed_config` names; None when it cannot be read (reported on its own)."""
+def _parameter_offload(value: Any) -> str | None:
+    """Where `deepspeed_config` offloads ZeRO-3's parameters; None when it cannot be read (reported on its own)."""
     try:
-        return zero_stage(read_deepspeed_config(value))
+        offload = read_deepspeed_config(value)["zero_optimization"].get("offload_param") or {}
     except ValueError:
         return None
+    return offload.get("device", "none") if isinstance(offload, Mapping) else str(offload)

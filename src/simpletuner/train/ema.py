@@ -3,7 +3,8 @@
 The average starts as a copy of the weights and moves towards them by `1 - decay` every
 `update_every` optimiser steps. It may live on another device than the weights (the CPU, to
 save accelerator memory); it is kept in float32 whatever the weights' precision. Of weights
-sharded over the processes (FSDP2's DTensors) each process averages its own shard.
+sharded over the processes (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions) each process averages
+its own shard.
 """
 
 from __future__ import annotations
@@ -83,5 +84,8 @@ class EMA:
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's part of a sharded (DTensor) weight, sharing its storage; a plain tensor as it is."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    """This process's part of a sharded weight (FSDP2's DTensor, DeepSpeed ZeRO-3's flat partition `ds_tensor`),
+    sharing its storage; a plain tensor as it is."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    return tensor.ds_tensor if hasattr(tensor, "ds_tensor") else tensor

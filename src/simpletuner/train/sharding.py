@@ -21,7 +21,7 @@ calls the same methods whichever is used.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -369,7 +369,10 @@ class DeepSpeed(Sharding):
 
     def checkpoint_parts(self, modules: Mapping[str, nn.Module], states: Mapping[str, Any],
                          rank_states: Mapping[str, Any], loading: Path | None = None) -> dict[str, Any]:
-        return {"modules": {}, "states": _without_optimizer(states), "rank_states": dict(rank_states),
+        shared, per_rank = _without_optimizer(states), dict(rank_states)
+        if self.stage == 3 and "ema" in shared:  # each process averages its partition: saved with its rank
+            per_rank["ema"] = shared.pop("ema")
+        return {"modules": {}, "states": shared, "rank_states": per_rank,
                 "collective": self}  # save/load below, on every process
 
     def save(self, folder: Path, is_main: bool) -> None:
@@ -388,7 +391,24 @@ class DeepSpeed(Sharding):
 
             context = deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
         with context:
+            if self.stage == 3:
+                _regather_persistent(self.module.parameters())
             yield components, trained
+
+
+def _regather_persistent(parameters: Iterable[nn.Parameter]) -> None:
+    """ZeRO-3 keeps small weights whole on every process (`ds_persist`) beside their partitions, and gathering
+    leaves them as they are: rebuild them from their partitions, which the optimiser and the EMA's `copy_to`
+    write (collective: every process calls it)."""
+    import torch.distributed as dist
+
+    for param in parameters:
+        if not getattr(param, "ds_persist", False):
+            continue
+        parts = [torch.empty_like(param.ds_tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, param.ds_tensor.contiguous())
+        with torch.no_grad():
+            param.data.copy_(torch.cat(parts)[:param.ds_numel].view(param.ds_shape))
 
 
 def _gathered(shard: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
