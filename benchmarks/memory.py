@@ -39,8 +39,8 @@ Method (CPU, no GPU needed):
   training), temporary buffers inside kernels. UNet families (SD 1.x, SDXL) are not covered: their
   depth does not reduce to a count of equal blocks.
 
-With CUDA, `--gpu` builds the full model on the device, runs one real LoRA step and reports
-`torch.cuda.max_memory_allocated` beside the estimate.
+With CUDA, `--gpu` builds the full model on the device, runs one real LoRA step per LoRA row (block swap rows
+with their blocks swapped) and reports `torch.cuda.max_memory_allocated` beside the estimate.
 """
 
 from __future__ import annotations
@@ -328,11 +328,16 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
     return rows
 
 
-def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda", tiny: bool = False) -> float:
-    """One real LoRA step (bf16 base, quantised as `precision`; fp32 LoRA; AdamW) of the whole model on
-    `device`; on CUDA returns torch.cuda.max_memory_allocated in bytes, elsewhere the loss."""
+def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda", tiny: bool = False,
+              swap: int = 0) -> float:
+    """One real LoRA step (bf16 base, quantised as `precision`; fp32 LoRA; AdamW; every block checkpointed where
+    the model has diffusers' checkpointing, as the estimate's total assumes; the last `swap` blocks under block
+    swap) of the whole model on `device`; on CUDA returns torch.cuda.max_memory_allocated in bytes, elsewhere
+    the loss."""
     from peft import LoraConfig
 
+    from simpletuner.train.block_swap import swap_blocks
+    from simpletuner.train.checkpointing import enable_checkpointing
     from simpletuner.train.quantize import quantize_module
 
     arch = ARCHITECTURES[name]
@@ -343,6 +348,11 @@ def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda
     trained = [p for p in model.parameters() if p.requires_grad]
     for p in trained:
         p.data = p.data.float()
+    swapped = swap_blocks(model, tuple(attribute for attribute, _ in BLOCK_LISTS[name]), swap, torch.device(device))
+    if swap and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the swapped weights' device copies are gone
+    enable_checkpointing(model, self_checkpointed=swapped)
+    model.train()
     optimizer = torch.optim.AdamW(trained, lr=1e-4)
     batch = {k: v.to(device, torch.bfloat16 if v.is_floating_point() else v.dtype)
              for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
@@ -395,11 +405,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(text)
     peaks = []
     if args.gpu and torch.cuda.is_available():
-        for name in args.model or list(BLOCK_LISTS):
-            for precision in ("no_change", "int8-quanto", "nf4-bnb"):
-                peak = lora_step(name, args.resolution, precision)
-                peaks.append(f"| {name} | {precision} | {peak / GIB:.2f} GiB |")
-        print("\n".join(["| model | base | max_memory_allocated |", "|---|---|---|", *peaks]))
+        precisions = {"lora-bf16": "no_change", "lora-int8": "int8-quanto", "lora-nf4": "nf4-bnb"}
+        for row in rows:
+            mode, _, swap = row.mode.partition(" swap ")
+            if mode in precisions:
+                peak = lora_step(row.model, args.resolution, precisions[mode], swap=int(swap or 0))
+                peaks.append(f"| {row.model} | {row.mode} | {peak / GIB:.2f} GiB | {row.total / GIB:.2f} GiB |")
+                torch.cuda.empty_cache()
+        print("\n".join(["| model | mode | max_memory_allocated | estimate |", "|---|---|---|---|", *peaks]))
     if args.record:
         record(text, peaks, args)
     return rows
@@ -422,7 +435,7 @@ def record(text: str, peaks: list[str], args: argparse.Namespace) -> None:
              "(see the script's docstring). SimpleTuner's column is its published Flux LoRA figure at 1024 px "
              "(whole process on a GPU), not measured here.\n", text]
     if peaks:
-        lines += ["", "| model | base | max_memory_allocated |", "|---|---|---|", *peaks]
+        lines += ["", "| model | mode | max_memory_allocated | estimate |", "|---|---|---|---|", *peaks]
     with args.results.open("a") as handle:
         handle.write("\n".join(lines) + "\n")
 
