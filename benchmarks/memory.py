@@ -1,6 +1,6 @@
 """Training memory per family and mode: parameters, gradients, optimiser state and activations.
 
-    python benchmarks/memory.py                       # Flux, SD3, PixArt Sigma, Hunyuan-DiT at 1024 px
+    python benchmarks/memory.py                       # Flux, SD3, PixArt Sigma, Hunyuan-DiT, SD 1.5, SDXL
     python benchmarks/memory.py --model flux --record # append the table to benchmarks/RESULTS.md
 
 Method (CPU, no GPU needed):
@@ -35,9 +35,15 @@ Method (CPU, no GPU needed):
   Their bytes leave the parameters column, and the largest swapped block's come back: one swapped block's
   weights are on the accelerator while it runs (train/block_swap.py). Swapped blocks are always
   checkpointed, so the checkpointed activations are unchanged.
+- UNets (SD 1.5 at 512 px, SDXL at 1024 px), whose depth is no count of equal blocks, are measured whole:
+  the full model is made in bf16 on the CPU (and quantised the same way) for the weights, and runs forward
+  on the meta device for the activations, counted as above. With checkpointing, the step keeps what is
+  saved outside diffusers' checkpointed units (its ResnetBlock2D and BasicTransformerBlock modules: the
+  convolutions and attention projections between them, up- and downsamplers), every unit's inputs, and
+  the largest unit's own saves (recomputed in backward). bitsandbytes quantises linear layers only, so
+  nf4 leaves the UNets' convolutions in bf16, where optimum-quanto's int8 quantises them too.
 - Not counted: the CUDA context, allocator fragmentation, text encoders and VAE (cached before
-  training), temporary buffers inside kernels. UNet families (SD 1.x, SDXL) are not covered: their
-  depth does not reduce to a count of equal blocks.
+  training), temporary buffers inside kernels.
 
 With CUDA, `--gpu` builds the full model on the device, runs one real LoRA step per LoRA row (block swap rows
 with their blocks swapped) and reports `torch.cuda.max_memory_allocated` beside the estimate.
@@ -51,7 +57,7 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from unittest import mock
 
 import torch
@@ -74,6 +80,8 @@ BLOCK_LISTS = {
 # blocks of other layouts: Hunyuan-DiT's past the middle have skip projections (paired with earlier ones), SD3's
 # last block has no context branch
 BUILT_BLOCKS = {"hunyuan_dit": 4, "sd3": 2}
+# UNets, measured whole: their depth is no count of equal blocks
+WHOLE = ("sd15", "sdxl")
 LORA_RANK = 16
 # SimpleTuner's published Flux LoRA figures at 1024 px, and this issue's goals
 ANCHORS = {"lora-bf16": (30, 24), "lora-int8": (18, 14), "lora-nf4": (9, 9)}
@@ -319,13 +327,116 @@ def measure(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, .
         rows += [row for row in (swapped_row(row, blocks[row.mode], ANCHORS[row.mode][1] * 1e9)
                                  for row in list(rows)) if row is not None]
     del model
-    rows.append(Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *trained_all))
+    return rows + full_rows(name, parameters, trained_all, world_sizes)
+
+
+def full_rows(name: str, parameters: float, activations: tuple[float, float], world_sizes: tuple[int, ...]
+              ) -> list[Row]:
+    """Full training of `parameters` weights: fp32 weights and gradients, AdamW; alone and sharded per rank."""
+    rows = [Row(name, "full", 4 * parameters, 4 * parameters, 8 * parameters, *activations)]
     for world in world_sizes:
         rows.append(Row(name, f"full-zero2 x{world}", 4 * parameters, 4 * parameters / world,
-                        8 * parameters / world, *trained_all))
+                        8 * parameters / world, *activations))
         rows.append(Row(name, f"full-zero3/fsdp x{world}", 4 * parameters / world, 4 * parameters / world,
-                        8 * parameters / world, *trained_all))
+                        8 * parameters / world, *activations))
     return rows
+
+
+def _build_whole(arch: Architecture, config: dict) -> nn.Module:
+    """The whole model on the CPU, made in bf16 (at full size a UNet never exists in fp32 here)."""
+    import diffusers
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = getattr(diffusers, arch.model_class)(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.bfloat16).requires_grad_(False)
+
+
+def unit_activations(arch: Architecture, config: dict, resolution: int, tiny: bool,
+                     trains: str = "lora") -> tuple[float, float]:
+    """One forward of the whole model on the meta device (batch 1, bf16): the bytes autograd saves for
+    backward, and what the step keeps when diffusers' gradient checkpointing recomputes its units (modules of
+    the classes `arch.block_classes`): the tensors saved outside the units, the units' inputs, and the largest
+    unit's own saves (recomputed in backward). `trains` as for `activation_bytes`."""
+    model = _build(arch, config, "meta")
+    if trains == "full":
+        model.requires_grad_(True)
+    batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
+             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
+    weights = {id(p) for p in model.parameters()}
+    saved: dict[int, tuple[torch.Tensor, int | None]] = {}  # id -> (tensor, the unit running when it was saved)
+    inputs: dict[int, torch.Tensor] = {}
+    extra: dict[int | None, float] = {}  # LoRA's rank-r intermediates, by unit
+    running: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(base) not in weights and id(tensor) not in weights and id(tensor) not in saved:
+            saved[id(tensor)] = (tensor, running[0] if running else None)
+        return tensor
+
+    def adapted(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        pack(args[0])  # lora_A's weight gradient needs the layer's input
+        unit = running[0] if running else None
+        extra[unit] = extra.get(unit, 0.0) + (args[0].numel() // module.in_features * LORA_RANK
+                                              * args[0].element_size())
+
+    def enter(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            for value in [*args, *kwargs.values()]:
+                if isinstance(value, torch.Tensor) and not running:
+                    inputs.setdefault(id(value), value)
+            running.append(index)
+        return hook
+
+    def leave(*_: Any) -> None:  # returns None: a forward hook's value would replace the unit's output
+        running.pop()
+
+    for index, unit in enumerate(m for m in model.modules() if type(m).__name__ in arch.block_classes):
+        unit.register_forward_pre_hook(enter(index), with_kwargs=True)
+        unit.register_forward_hook(leave)
+    if trains == "lora":
+        for name, layer in model.named_modules():
+            if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
+                layer.register_forward_hook(adapted)
+    noisy = batch["latents"].requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_like):
+        arch.call(model, noisy, torch.ones(1, device="meta"), batch)
+    per_unit: dict[int | None, float] = dict(extra)
+    for tensor, unit in saved.values():
+        per_unit[unit] = per_unit.get(unit, 0.0) + tensor.numel() * tensor.element_size()
+    outside = per_unit.pop(None, 0.0)
+    counted = {key for key, (_, unit) in saved.items() if unit is None}
+    kept = sum(t.numel() * t.element_size() for key, t in inputs.items() if key not in counted)
+    return outside + sum(per_unit.values()), outside + kept + max(per_unit.values(), default=0.0)
+
+
+def measure_whole(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[int, ...]) -> list[Row]:
+    """Every mode of a UNet family, measured on the whole model (see the module's text)."""
+    from simpletuner.train.quantize import quantize_module
+
+    arch = ARCHITECTURES[name]
+    config = dict(arch.model_config(tiny))
+    activations = unit_activations(arch, config, resolution, tiny)
+    trained_all = unit_activations(arch, config, resolution, tiny, "full")
+    model = _build_whole(arch, config)
+    bf16 = float(tensor_bytes(model))
+    lora = float(sum(LORA_RANK * (layer.in_features + layer.out_features) for n, layer in model.named_modules()
+                     if isinstance(layer, nn.Linear) and any(n.endswith(t) for t in arch.lora_targets)))
+    rows = [Row(name, "lora-bf16", bf16 + 4 * lora, 4 * lora, 8 * lora, *activations)]
+    state = model.state_dict()
+    del model
+    for precision, mode in (("int8-quanto", "lora-int8"), ("nf4-bnb", "lora-nf4")):
+        quantised = _build_whole(arch, config)
+        quantised.load_state_dict(state)
+        quantize_module(quantised, precision)
+        rows.append(Row(name, mode, tensor_bytes(quantised) + 4 * lora, 4 * lora, 8 * lora, *activations))
+        del quantised
+    return rows + full_rows(name, bf16 / 2, trained_all, world_sizes)
 
 
 def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda", tiny: bool = False,
@@ -348,7 +459,7 @@ def lora_step(name: str, resolution: int, precision: str, *, device: str = "cuda
     trained = [p for p in model.parameters() if p.requires_grad]
     for p in trained:
         p.data = p.data.float()
-    swapped = swap_blocks(model, tuple(attribute for attribute, _ in BLOCK_LISTS[name]), swap, torch.device(device))
+    swapped = swap_blocks(model, tuple(a for a, _ in BLOCK_LISTS[name]), swap, torch.device(device)) if swap else ()
     if swap and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the swapped weights' device copies are gone
     enable_checkpointing(model, self_checkpointed=swapped)
@@ -385,7 +496,8 @@ def table(rows: list[Row], anchors: bool = True, unit: tuple[str, int] = ("GiB",
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", choices=sorted(BLOCK_LISTS), help="repeatable (default: all)")
+    parser.add_argument("--model", action="append", choices=sorted([*BLOCK_LISTS, *WHOLE]),
+                        help="repeatable (default: all)")
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--world-sizes", default="2,8", help="ranks for the sharded rows (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="the tiny configurations (a check of the script)")
@@ -399,8 +511,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     worlds = tuple(int(w) for w in args.world_sizes.split(","))
     rows: list[Row] = []
-    for name in args.model or list(BLOCK_LISTS):
-        rows += measure(name, tiny=args.tiny, resolution=args.resolution, world_sizes=worlds)
+    for name in args.model or [*BLOCK_LISTS, *WHOLE]:
+        method = measure_whole if name in WHOLE else measure
+        rows += method(name, tiny=args.tiny, resolution=args.resolution, world_sizes=worlds)
     text = table(rows, unit=("MiB", 1024**2) if args.tiny else ("GiB", GIB))
     print(text)
     peaks = []
@@ -431,7 +544,8 @@ def record(text: str, peaks: list[str], args: argparse.Namespace) -> None:
              "output and log-sum-exp, no probability matrix); LoRA "
              f"rank {LORA_RANK} in fp32 with AdamW; full training fp32 + AdamW; sharded rows per rank, computed; "
              "'swap N' rows: the last N blocks' frozen weights in CPU memory (musubi_blocks_to_swap), the largest "
-             "swapped block counted back as the one on the accelerator while it runs "
+             "swapped block counted back as the one on the accelerator while it runs; UNets (sd15, sdxl) measured "
+             "whole, checkpointing diffusers' ResnetBlock2D and BasicTransformerBlock units "
              "(see the script's docstring). SimpleTuner's column is its published Flux LoRA figure at 1024 px "
              "(whole process on a GPU), not measured here.\n", text]
     if peaks:

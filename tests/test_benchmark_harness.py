@@ -328,6 +328,22 @@ def test_memory_script_prints_every_mode_and_records(tmp_path, capsys):
     assert "Training memory per family and mode" in text and "python benchmarks/memory.py" in text
 
 
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_memory_of_a_unet_is_measured_on_the_whole_model(name):
+    from benchmarks import memory
+
+    arch = ARCHITECTURES[name]
+    rows = {row.mode: row for row in memory.measure_whole(name, tiny=True, resolution=64, world_sizes=(2,))}
+    assert set(rows) == {"lora-bf16", "lora-int8", "lora-nf4", "full", "full-zero2 x2", "full-zero3/fsdp x2"}
+    whole = memory._build(arch, arch.model_config(True), "meta")
+    weights = sum(p.numel() for p in whole.parameters())
+    assert rows["full"].parameters == 4 * weights  # fp32: every weight of the model, none extrapolated
+    assert rows["lora-int8"].parameters < rows["lora-bf16"].parameters
+    plain, checkpointed = memory.unit_activations(arch, arch.model_config(True), 64, True)
+    assert rows["lora-bf16"].activations == plain and rows["lora-bf16"].checkpointed == checkpointed
+    assert 0 < checkpointed < plain  # checkpointing diffusers' units keeps their inputs, not their insides
+
+
 def test_memory_swap_rows_take_the_fewest_last_blocks_that_meet_the_goal():
     from benchmarks import memory
 
