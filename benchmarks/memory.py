@@ -35,7 +35,7 @@ Method (CPU, no GPU needed):
   Their bytes leave the parameters column, and the largest swapped block's come back: one swapped block's
   weights are on the accelerator while it runs (train/block_swap.py). Swapped blocks are always
   checkpointed, so the checkpointed activations are unchanged.
-- UNets (SD 1.5 at 512 px, SDXL at 1024 px), whose depth is no count of equal blocks, are measured whole:
+- UNets (SD 1.5, SDXL), whose depth is no count of equal blocks, are measured whole:
   the full model is made in bf16 on the CPU (and quantised the same way) for the weights, and runs forward
   on the meta device for the activations, counted as above. With checkpointing, the step keeps what is
   saved outside diffusers' checkpointed units (its ResnetBlock2D and BasicTransformerBlock modules: the
