@@ -103,6 +103,20 @@ def test_swapped_blocks_give_the_same_gradients_and_keep_no_copies(tiny_model, d
     assert len(copies.made) == 3 * frozen and copies.alive() == 0
 
 
+def test_every_block_swapped_trains_the_first_one_too(tiny_model) -> None:
+    # the first block's inputs require no gradient (nothing before it trains): its LoRA still gets one
+    plain, swapped = _flux(tiny_model), _flux(tiny_model)
+    blocks = len(swapped.transformer_blocks) + len(swapped.single_transformer_blocks)
+    swap_blocks(swapped, get_family("flux").block_lists, blocks, torch.device("cpu"))
+    for model in (plain, swapped):
+        model(**_inputs(model)).sample.pow(2).mean().backward()
+    first = [name for name, p in swapped.named_parameters() if p.requires_grad and ".transformer_blocks.0." in
+             f".{name}"]
+    assert first
+    grads = [dict(m.named_parameters()) for m in (plain, swapped)]
+    assert all(grads[1][n].grad is not None and torch.equal(grads[0][n].grad, grads[1][n].grad) for n in first)
+
+
 def test_more_blocks_than_the_model_has_is_refused(tiny_model) -> None:
     from simpletuner.errors import ConfigError
 

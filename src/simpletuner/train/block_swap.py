@@ -95,13 +95,12 @@ class SwappedBlock:
             return self._run(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         call = _Call(self, spec, leaves)
-        outputs = Recompute.apply(call, _ANCHOR, *call.tensors)
-        return call.rebuild_outputs(outputs)
+        # an input that requires a gradient, so that the output joins the graph (and its backward runs) even when
+        # no input of the block requires one: the block's trained weights are not inputs of the Function
+        anchor = torch.empty(0, requires_grad=True)
+        return call.rebuild_outputs(Recompute.apply(call, anchor, *call.tensors))
 
 
-# An input that requires a gradient, so that a swapped block's output joins the graph (and its backward runs)
-# even when none of its inputs requires one: its trained weights are not inputs of the Function.
-_ANCHOR = torch.empty(0, requires_grad=True)
 _TENSOR = object()  # marks where a tensor stood in a block's output (which may hold None, as SD3's last block's does)
 
 
