@@ -234,18 +234,25 @@ def _flash_like(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *ar
     return _FlashLike.apply(query, key, value)
 
 
+def _on_meta(arch: Architecture, config: dict, resolution: int, tiny: bool, trains: str
+             ) -> tuple[nn.Module, dict[str, torch.Tensor], set[int]]:
+    """The model (its weights trainable when `trains` is "full") and a batch on the meta device, and the ids of
+    the weights (not counted as activations)."""
+    model = _build(arch, config, "meta")
+    if trains == "full":
+        model.requires_grad_(True)
+    batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
+             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
+    return model, batch, {id(p) for p in model.parameters()}
+
+
 def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bool,
                      trains: str = "lora") -> tuple[float, float]:
     """One forward of `config` on the meta device (batch 1, bf16): the bytes autograd saves for backward, and
     the bytes of the blocks' distinct inputs (what checkpointing every block keeps instead). `trains`: "lora"
     (frozen weights; each adapted layer also keeps its input and its rank-r intermediate) or "full" (every
     weight trains, so every layer keeps its input). A tensor saved by several operations counts once."""
-    model = _build(arch, config, "meta")
-    if trains == "full":
-        model.requires_grad_(True)
-    batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
-             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
-    weights = {id(p) for p in model.parameters()}
+    model, batch, weights = _on_meta(arch, config, resolution, tiny, trains)
     saved: dict[int, torch.Tensor] = {}  # by id; holding the tensors keeps their ids from being reused
     intermediates = 0
     inputs: dict[int, torch.Tensor] = {}
@@ -361,12 +368,7 @@ def unit_activations(arch: Architecture, config: dict, resolution: int, tiny: bo
     backward, and what the step keeps when diffusers' gradient checkpointing recomputes its units (modules of
     the classes `arch.block_classes`): the tensors saved outside the units, the units' inputs, and the largest
     unit's own saves (recomputed in backward). `trains` as for `activation_bytes`."""
-    model = _build(arch, config, "meta")
-    if trains == "full":
-        model.requires_grad_(True)
-    batch = {k: v.to("meta", torch.bfloat16 if v.is_floating_point() else v.dtype)
-             for k, v in make_batch(arch, batch=1, resolution=resolution, tiny=tiny).items()}
-    weights = {id(p) for p in model.parameters()}
+    model, batch, weights = _on_meta(arch, config, resolution, tiny, trains)
     saved: dict[int, tuple[torch.Tensor, int | None]] = {}  # id -> (tensor, the unit running when it was saved)
     inputs: dict[int, torch.Tensor] = {}
     extra: dict[int | None, float] = {}  # LoRA's rank-r intermediates, by unit
