@@ -177,9 +177,29 @@ def test_a_run_with_block_swap_trains_as_the_plain_run_and_resumes_exactly(tmp_p
         step: losses[step] for step in (3, 4)}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny", ["flux", "sd3", "hunyuan_dit"])
+def test_a_controlnet_trains_on_a_swapped_frozen_base_as_on_the_plain_one(tmp_path, tiny_model, tiny) -> None:
+    # the ControlNet's residuals join the swapped base between its blocks (Hunyuan-DiT: in a block's `skip`)
+    from test_controlnet import controlnet_run
+
+    options = dict(model_type="lora", max_train_steps=2, checkpointing_steps=2, validation_steps=2,
+                   learning_rate=1e-2, **({} if tiny == "hunyuan_dit" else {"tokenizer_max_length": 32}))
+    runs = {}
+    for name, swap in (("swapped", 2), ("plain", 0)):
+        config = controlnet_run(tmp_path / name, tiny_model(tiny), tiny, musubi_blocks_to_swap=swap, **options)
+        assert main(["train", str(config)]) == 0
+        runs[name] = tmp_path / name / "output"
+    assert metrics(runs["swapped"]) == pytest.approx(metrics(runs["plain"]), rel=1e-6)
+    weights = [load_file(runs[name] / "pytorch_lora_weights.safetensors") for name in ("swapped", "plain")]
+    assert weights[0].keys() == weights[1].keys() and any(key.startswith("controlnet.") for key in weights[0])
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-7)
+    assert list((runs["swapped"] / "validation" / "step-2").glob("*-control.png"))
+
+
 @pytest.mark.parametrize("options, refused", [
     (dict(model_type="full"), "model_type 'full'"),
-    (dict(controlnet=True), "controlnet=true"),
     (dict(model_family="sdxl"), "model_family 'sdxl'"),
     (dict(model_type="full", fsdp_enable=True), "model_type 'full'"),
 ])

@@ -437,12 +437,12 @@ class TrainingConfig(StrictModel):
                                                         "recompute only every n-th block of the denoiser (1 or "
                                                         "unset: every block); larger n keeps more activations and "
                                                         "recomputes less.")
-    musubi_blocks_to_swap: int = Field(0, ge=0, description="Block swap, for a LoRA or LyCORIS on flux, sd3, "
-                                       "pixart_sigma or hunyuan_dit: the frozen weights of the denoiser's last N "
-                                       "blocks wait in CPU memory and are copied to the accelerator each time their "
-                                       "block runs (the forward, and again in the backward, which recomputes those "
-                                       "blocks). Saves their weights' accelerator memory for two copies per block "
-                                       "per step (docs/MEMORY.md). 0: off.")
+    musubi_blocks_to_swap: int = Field(0, ge=0, description="Block swap, for a LoRA, LyCORIS or ControlNet on "
+                                       "flux, sd3, pixart_sigma or hunyuan_dit: the frozen weights of the denoiser's "
+                                       "last N blocks wait in CPU memory and are copied to the accelerator each time "
+                                       "their block runs (the forward, and again in the backward, which recomputes "
+                                       "those blocks). Saves their weights' accelerator memory for two copies per "
+                                       "block per step (docs/MEMORY.md). 0: off.")
     musubi_block_swap_device: Literal["cpu"] = Field("cpu", description="Where swapped blocks' weights wait: cpu "
                                                      "(the only place built).")
     torch_compile: bool | Literal["auto"] = Field("auto", description="torch.compile the denoiser's repeated "
@@ -751,9 +751,9 @@ class TrainingConfig(StrictModel):
     def _block_swap(self) -> "TrainingConfig":
         if not self.musubi_blocks_to_swap:
             return self
-        refused = [(not trains_adapter(self), f"model_type {self.model_type!r} (it trains the weights block swap "
-                    "keeps on the CPU; use model_type 'lora')"),
-                   (self.controlnet, "controlnet=true (its frozen denoiser's blocks are not swapped yet)"),
+        refused = [(not trains_adapter(self) and not self.controlnet, f"model_type {self.model_type!r} (it trains "
+                    "the weights block swap keeps on the CPU; use model_type 'lora', or a ControlNet, whose base "
+                    "stays frozen)"),
                    (self.model_family not in BLOCK_SWAP_FAMILIES, f"model_family {self.model_family!r} (block swap "
                     f"takes the transformer families {', '.join(BLOCK_SWAP_FAMILIES)})"),
                    (self.fsdp_enable or bool(self.deepspeed_config), "fsdp_enable or deepspeed_config (they place "
