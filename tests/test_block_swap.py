@@ -178,12 +178,14 @@ def test_a_run_with_block_swap_trains_as_the_plain_run_and_resumes_exactly(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tiny", ["flux", "sd3", "hunyuan_dit"])
-def test_a_controlnet_trains_on_a_swapped_frozen_base_as_on_the_plain_one(tmp_path, tiny_model, tiny) -> None:
+@pytest.mark.parametrize("tiny, model_type", [("flux", "lora"), ("sd3", "lora"), ("hunyuan_dit", "lora"),
+                                              ("flux", "full")])
+def test_a_controlnet_trains_on_a_swapped_frozen_base_as_on_the_plain_one(tmp_path, tiny_model, tiny,
+                                                                          model_type) -> None:
     # the ControlNet's residuals join the swapped base between its blocks (Hunyuan-DiT: in a block's `skip`)
     from test_controlnet import controlnet_run
 
-    options = dict(model_type="lora", max_train_steps=2, checkpointing_steps=2, validation_steps=2,
+    options = dict(model_type=model_type, max_train_steps=2, checkpointing_steps=2, validation_steps=2,
                    learning_rate=1e-2, **({} if tiny == "hunyuan_dit" else {"tokenizer_max_length": 32}))
     runs = {}
     for name, swap in (("swapped", 2), ("plain", 0)):
@@ -191,8 +193,11 @@ def test_a_controlnet_trains_on_a_swapped_frozen_base_as_on_the_plain_one(tmp_pa
         assert main(["train", str(config)]) == 0
         runs[name] = tmp_path / name / "output"
     assert metrics(runs["swapped"]) == pytest.approx(metrics(runs["plain"]), rel=1e-6)
-    weights = [load_file(runs[name] / "pytorch_lora_weights.safetensors") for name in ("swapped", "plain")]
-    assert weights[0].keys() == weights[1].keys() and any(key.startswith("controlnet.") for key in weights[0])
+    exported = ("pytorch_lora_weights.safetensors" if model_type == "lora"
+                else "controlnet/diffusion_pytorch_model.safetensors")
+    weights = [load_file(runs[name] / exported) for name in ("swapped", "plain")]
+    assert weights[0].keys() == weights[1].keys()
+    assert model_type == "full" or any(key.startswith("controlnet.") for key in weights[0])
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-7)
     assert list((runs["swapped"] / "validation" / "step-2").glob("*-control.png"))
