@@ -77,9 +77,9 @@ def zero_stage(config: Mapping[str, Any]) -> int:
     return int(config["zero_optimization"]["stage"])
 
 
-def optimizer_offload(config: Mapping[str, Any]) -> str:
-    """Where DeepSpeed keeps the optimiser state: 'none', 'cpu' or 'nvme'."""
-    offload = config["zero_optimization"].get("offload_optimizer") or {}
+def offload_device(config: Mapping[str, Any], key: str) -> str:
+    """Where DeepSpeed's `key` (offload_optimizer, offload_param) puts its tensors: 'none', 'cpu' or 'nvme'."""
+    offload = config["zero_optimization"].get(key) or {}
     return offload.get("device", "none") if isinstance(offload, Mapping) else str(offload)
 
 
@@ -109,7 +109,6 @@ def sharding_problems(cfg: Any) -> list[str]:
 def _parameter_offload(value: Any) -> str | None:
     """Where `deepspeed_config` offloads ZeRO-3's parameters; None when it cannot be read (reported on its own)."""
     try:
-        offload = read_deepspeed_config(value)["zero_optimization"].get("offload_param") or {}
+        return offload_device(read_deepspeed_config(value), "offload_param")
     except ValueError:
         return None
-    return offload.get("device", "none") if isinstance(offload, Mapping) else str(offload)
