@@ -55,9 +55,10 @@ import argparse
 import datetime
 import platform
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from unittest import mock
 
 import torch
@@ -197,18 +198,28 @@ def swapped_row(row: Row, blocks: list[int], goal_bytes: float) -> Row | None:
     return None
 
 
+def adapted_layers(model: nn.Module, arch: Architecture) -> Iterator[tuple[str, nn.Linear]]:
+    """The linear layers a LoRA on the family's targets adapts, with their names."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
+            yield name, layer
+
+
+def lora_layer_weights(layer: nn.Linear) -> int:
+    """Weights of a rank-LORA_RANK LoRA on `layer`."""
+    return LORA_RANK * (layer.in_features + layer.out_features)
+
+
 def lora_weights(model: nn.Module, arch: Architecture, full: dict, built: dict) -> float:
     """Trained LoRA weights of the full model (rank LORA_RANK on the family's targets)."""
     per_list = {attribute: 0 for attribute, _ in BLOCK_LISTS[arch.name]}
     rest = 0
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
-            weights = LORA_RANK * (layer.in_features + layer.out_features)
-            attribute = name.split(".")[0]
-            if attribute in per_list:
-                per_list[attribute] += weights
-            else:
-                rest += weights
+    for name, layer in adapted_layers(model, arch):
+        attribute = name.split(".")[0]
+        if attribute in per_list:
+            per_list[attribute] += lora_layer_weights(layer)
+        else:
+            rest += lora_layer_weights(layer)
     return rest + sum(per_list[a] * full[k] / built[k] for a, k in BLOCK_LISTS[arch.name])
 
 
@@ -269,9 +280,8 @@ def activation_bytes(arch: Architecture, config: dict, resolution: int, tiny: bo
         intermediates += args[0].numel() // module.in_features * LORA_RANK * args[0].element_size()
 
     if trains == "lora":
-        for name, layer in model.named_modules():
-            if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
-                layer.register_forward_hook(adapted)
+        for _, layer in adapted_layers(model, arch):
+            layer.register_forward_hook(adapted)
 
     def keep_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         for value in [*args, *kwargs.values()]:
@@ -401,9 +411,8 @@ def unit_activations(arch: Architecture, config: dict, resolution: int, tiny: bo
         unit.register_forward_pre_hook(enter(index), with_kwargs=True)
         unit.register_forward_hook(leave)
     if trains == "lora":
-        for name, layer in model.named_modules():
-            if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in arch.lora_targets):
-                layer.register_forward_hook(adapted)
+        for _, layer in adapted_layers(model, arch):
+            layer.register_forward_hook(adapted)
     noisy = batch["latents"].requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _flash_like):
@@ -427,8 +436,7 @@ def measure_whole(name: str, *, tiny: bool, resolution: int, world_sizes: tuple[
     trained_all = unit_activations(arch, config, resolution, tiny, "full")
     model = _build_whole(arch, config)
     bf16 = float(tensor_bytes(model))
-    lora = float(sum(LORA_RANK * (layer.in_features + layer.out_features) for n, layer in model.named_modules()
-                     if isinstance(layer, nn.Linear) and any(n.endswith(t) for t in arch.lora_targets)))
+    lora = float(sum(lora_layer_weights(layer) for _, layer in adapted_layers(model, arch)))
     rows = [Row(name, "lora-bf16", bf16 + 4 * lora, 4 * lora, 8 * lora, *activations)]
     state = model.state_dict()
     del model
