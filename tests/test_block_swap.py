@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import metrics, resumed_losses, write_run
+from train_helpers import flux_inputs, metrics, resumed_losses, write_run
 
 from simpletuner.cli import main
 from simpletuner.config.quantisation import LIBRARY
@@ -36,16 +36,6 @@ def _flux(tiny_model, precision: str = "no_change"):
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                  target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_mlp"]))
     return model.train()
-
-
-def _inputs(model) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    config, tokens, text_tokens = model.config, 16, 8
-    return dict(hidden_states=torch.randn(1, tokens, config.in_channels, generator=generator),
-                encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, generator=generator),
-                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator),
-                timestep=torch.tensor([0.5]), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
-                guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
 
 
 class Copies:
@@ -87,7 +77,7 @@ def test_swapped_blocks_give_the_same_gradients_and_keep_no_copies(tiny_model, d
 
     losses = []
     for model in (plain, swapped):
-        loss = model(**_inputs(model)).sample.pow(2).mean()
+        loss = model(**flux_inputs(model)).sample.pow(2).mean()
         if model is swapped:
             assert len(copies.made) == frozen and copies.alive() == 0  # forward: nothing kept for backward
         loss.backward()
@@ -100,7 +90,7 @@ def test_swapped_blocks_give_the_same_gradients_and_keep_no_copies(tiny_model, d
     assert all(m._parameters[n] is homes[(id(m), n)] for block in swap.blocks for m, n in block.frozen)
 
     with torch.no_grad():  # validation: the copies live for the block's run only
-        assert torch.equal(plain(**_inputs(plain)).sample, swapped(**_inputs(swapped)).sample)
+        assert torch.equal(plain(**flux_inputs(plain)).sample, swapped(**flux_inputs(swapped)).sample)
     assert len(copies.made) == 3 * frozen and copies.alive() == 0
 
 
@@ -110,7 +100,7 @@ def test_every_block_swapped_trains_the_first_one_too(tiny_model) -> None:
     blocks = len(swapped.transformer_blocks) + len(swapped.single_transformer_blocks)
     swap_blocks(swapped, get_family("flux").block_lists, blocks, torch.device("cpu"))
     for model in (plain, swapped):
-        model(**_inputs(model)).sample.pow(2).mean().backward()
+        model(**flux_inputs(model)).sample.pow(2).mean().backward()
     first = [name for name, p in swapped.named_parameters() if p.requires_grad and ".transformer_blocks.0." in
              f".{name}"]
     assert first
@@ -248,7 +238,7 @@ def test_block_swap_lowers_the_peak_accelerator_memory_of_a_step(tiny_model) -> 
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"]))
         swap = swap_blocks(model, get_family("flux").block_lists, count, torch.device("cuda"))
-        inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _inputs(model).items()}
+        inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in flux_inputs(model).items()}
         torch.cuda.reset_peak_memory_stats()
         model(**inputs).sample.pow(2).mean().backward()
         largest = max((block.frozen_bytes for block in swap.blocks), default=0)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import flux_inputs
 
 from simpletuner.config.load import load_config
 from simpletuner.errors import ConfigError
@@ -24,15 +25,7 @@ def _transformer(tiny_model):
 def _step(model, interval: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Loss, gradients and tensors kept for backward of one forward/backward on a fixed batch."""
     function = enable_checkpointing(model, interval) if interval else None
-    generator = torch.Generator().manual_seed(0)
-    config = model.config
-    tokens, text_tokens = 16, 8
-    inputs = dict(
-        hidden_states=torch.randn(1, tokens, config.in_channels, generator=generator),
-        encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, generator=generator),
-        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator),
-        timestep=torch.tensor([0.5]), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
-        guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+    inputs = flux_inputs(model)
     kept = 0
 
     def pack(tensor):

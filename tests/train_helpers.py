@@ -119,3 +119,16 @@ def assert_epoch_uses_own_latents(config: Path, left_out: set[str]) -> int:
         assert torch.equal(batch["latent_mean"], torch.stack([entry["mean"] for entry in entries]))
     data.close()
     return checked
+
+
+def flux_inputs(model: Any) -> dict[str, Any]:
+    """A fixed batch for a Flux transformer's forward: 16 image and 8 text tokens, seeded."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    config, tokens, text_tokens = model.config, 16, 8
+    return dict(hidden_states=torch.randn(1, tokens, config.in_channels, generator=generator),
+                encoder_hidden_states=torch.randn(1, text_tokens, config.joint_attention_dim, generator=generator),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator),
+                timestep=torch.tensor([0.5]), img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text_tokens, 3),
+                guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
